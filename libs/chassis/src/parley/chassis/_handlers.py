@@ -1,0 +1,155 @@
+"""Wraps any gRPC method handler, of all four call patterns, in a per-call scope.
+
+Both chassis interceptors (observability and auth) need the same thing: run code before
+the call, see every message in and out, and run code after the call however it ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+__all__ = ["CallScope", "wrap_handler"]
+
+
+class CallScope:
+    """Entered before a call's behaviour runs and exited when it ends; override what you need.
+
+    `__aexit__` may raise to replace the call's exception (for example to abort with a status).
+    """
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    def received(self) -> None:
+        """One request message was read."""
+
+    def sent(self) -> None:
+        """One response message was written."""
+
+
+ScopeFactory = Callable[[grpc.aio.ServicerContext[Any, Any]], CallScope]
+
+
+async def _counted(requests: AsyncIterator[Any], scope: CallScope) -> AsyncIterator[Any]:
+    async for request in requests:
+        scope.received()
+        yield request
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, make_scope: ScopeFactory) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose behaviour runs inside `make_scope(context)`."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            scope = make_scope(context)
+            async with _Entered(scope):
+                scope.received()
+                response = await inner_uu(request, context)
+                scope.sent()
+                return response
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            scope = make_scope(context)
+            async with _Entered(scope):
+                response = await inner_su(_counted(requests, scope), context)
+                scope.sent()
+                return response
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+        if inspect.isasyncgenfunction(inner_us):
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                scope = make_scope(context)
+                async with _Entered(scope):
+                    scope.received()
+                    async for response in inner_us(request, context):
+                        scope.sent()
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+
+        async def unary_stream_writer(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> None:
+            # Handlers that call context.write() (such as health Watch) are not generators.
+            scope = make_scope(context)
+            async with _Entered(scope):
+                scope.received()
+                await inner_us(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream_writer, **kwargs)
+
+    inner_ss = handler.stream_stream
+    assert inner_ss is not None
+    if inspect.isasyncgenfunction(inner_ss):
+
+        async def stream_stream(
+            requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            scope = make_scope(context)
+            async with _Entered(scope):
+                async for response in inner_ss(_counted(requests, scope), context):
+                    scope.sent()
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+    async def stream_stream_writer(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        scope = make_scope(context)
+        async with _Entered(scope):
+            await inner_ss(_counted(requests, scope), context)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream_writer, **kwargs)
+
+
+class _Entered:
+    """Async context manager over a CallScope whose __aenter__ failure is also seen by __aexit__."""
+
+    def __init__(self, scope: CallScope) -> None:
+        self._scope = scope
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._scope.__aenter__()
+        except BaseException as exc:
+            await self._scope.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        await self._scope.__aexit__(exc_type, exc, tb)
+        return False

@@ -1,0 +1,234 @@
+"""Bearer-token authentication: JWT verification and the server interceptor that requires it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+
+from parley.chassis._handlers import CallScope, wrap_handler
+from parley.chassis.config import ConfigError, Env
+from parley.chassis.errors import PermissionDenied, Unauthenticated
+
+__all__ = [
+    "PUBLIC_SERVICES",
+    "AuthInterceptor",
+    "AuthSettings",
+    "Identity",
+    "TokenVerifier",
+    "current_identity",
+    "require_scope",
+]
+
+# Probes and tooling must work without a token.
+PUBLIC_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: the token's subject (a user id) and its scopes."""
+
+    subject: str
+    scopes: frozenset[str]
+
+    @property
+    def user_id(self) -> int | None:
+        return int(self.subject) if self.subject.isdigit() else None
+
+
+_identity_var: ContextVar[Identity | None] = ContextVar("parley_identity", default=None)
+
+
+def current_identity() -> Identity:
+    """The caller of the RPC being handled; only valid inside an authenticated handler."""
+    identity = _identity_var.get()
+    if identity is None:
+        raise Unauthenticated("no authenticated caller for this call")
+    return identity
+
+
+def require_scope(scope: str) -> Identity:
+    """The caller's identity, or PERMISSION_DENIED when the token lacks `scope`."""
+    identity = current_identity()
+    if scope not in identity.scopes:
+        raise PermissionDenied(
+            f"this call needs the {scope!r} scope, which the token does not grant",
+            reason="MISSING_SCOPE",
+            metadata={"scope": scope},
+        )
+    return identity
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """How tokens are checked: HS256 with a shared secret, or RS256 with a public key or JWKS."""
+
+    algorithm: str
+    issuer: str
+    audience: str
+    leeway: float
+    secret: str | None = None
+    public_key: str | None = None
+    jwks: jwt.PyJWKSet | None = None
+
+    @classmethod
+    def from_env(cls, env: Env) -> AuthSettings:
+        algorithm = env.choice("PARLEY_JWT_ALGORITHM", "HS256", ("HS256", "RS256"))
+        common: dict[str, Any] = {
+            "algorithm": algorithm,
+            "issuer": env.string("PARLEY_JWT_ISSUER", "parley"),
+            "audience": env.string("PARLEY_JWT_AUDIENCE", "parley"),
+            "leeway": env.seconds("PARLEY_JWT_LEEWAY", 30.0, maximum=600),
+        }
+        if algorithm == "HS256":
+            secret = env.string("PARLEY_JWT_SECRET")
+            if len(secret.encode()) < 32:
+                raise ConfigError("PARLEY_JWT_SECRET", "must be at least 32 bytes long for HS256")
+            return cls(secret=secret, **common)
+        key_file = env.optional("PARLEY_JWT_PUBLIC_KEY_FILE")
+        jwks_file = env.optional("PARLEY_JWT_JWKS_FILE")
+        if (key_file is None) == (jwks_file is None):
+            raise ConfigError(
+                "PARLEY_JWT_PUBLIC_KEY_FILE",
+                "RS256 needs exactly one of PARLEY_JWT_PUBLIC_KEY_FILE or PARLEY_JWT_JWKS_FILE",
+            )
+        if key_file is not None:
+            text = _read("PARLEY_JWT_PUBLIC_KEY_FILE", key_file)
+            if "PUBLIC KEY" not in text:
+                raise ConfigError(
+                    "PARLEY_JWT_PUBLIC_KEY_FILE", f"{key_file} is not a PEM public key"
+                )
+            return cls(public_key=text, **common)
+        assert jwks_file is not None
+        text = _read("PARLEY_JWT_JWKS_FILE", jwks_file)
+        try:
+            jwks = jwt.PyJWKSet.from_json(text)
+        except (jwt.PyJWKSetError, ValueError) as exc:
+            raise ConfigError("PARLEY_JWT_JWKS_FILE", f"{jwks_file} is not a JWKS: {exc}") from None
+        return cls(jwks=jwks, **common)
+
+
+def _read(variable: str, path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {path}: {exc.strerror}") from None
+
+
+class TokenVerifier:
+    """Checks a JWT's signature, exp, nbf, iss and aud, and returns the caller's identity."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self._settings = settings
+
+    def _key(self, token: str) -> Any:
+        settings = self._settings
+        if settings.secret is not None:
+            return settings.secret
+        if settings.public_key is not None:
+            return settings.public_key
+        assert settings.jwks is not None
+        kid = jwt.get_unverified_header(token).get("kid")
+        if kid is None:
+            if len(settings.jwks.keys) != 1:
+                raise Unauthenticated("token has no key id (kid) and the JWKS has several keys")
+            return settings.jwks.keys[0]
+        try:
+            return settings.jwks[kid]
+        except KeyError:
+            raise Unauthenticated(f"token key id {kid!r} is not in the JWKS") from None
+
+    def verify(self, token: str) -> Identity:
+        settings = self._settings
+        try:
+            claims = jwt.decode(
+                token,
+                self._key(token),
+                algorithms=[settings.algorithm],
+                audience=settings.audience,
+                issuer=settings.issuer,
+                leeway=settings.leeway,
+                options={"require": ["exp", "sub", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated(
+                "token is not valid yet (nbf)", reason="TOKEN_NOT_YET_VALID"
+            ) from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"invalid token: {exc}", reason="TOKEN_INVALID") from None
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject:
+            raise Unauthenticated(
+                "invalid token: sub must be a non-empty string", reason="TOKEN_INVALID"
+            )
+        return Identity(subject=subject, scopes=_scopes(claims))
+
+
+def _scopes(claims: dict[str, Any]) -> frozenset[str]:
+    """Scopes from the `scope` claim (space-separated, RFC 8693) or a `scp` list."""
+    scope = claims.get("scope", "")
+    scp = claims.get("scp", [])
+    found: set[str] = set(scope.split()) if isinstance(scope, str) else set()
+    if isinstance(scp, list):
+        found.update(s for s in scp if isinstance(s, str))
+    return frozenset(found)
+
+
+def _bearer_token(metadata: Collection[tuple[str, str | bytes]] | None) -> str:
+    values = [v for k, v in metadata or () if k == "authorization"]
+    if not values:
+        raise Unauthenticated(
+            "missing authorization metadata; send 'authorization: Bearer <token>'",
+            reason="TOKEN_MISSING",
+        )
+    value = values[0]
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    scheme, _, token = text.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated(
+            "malformed authorization metadata; expected 'Bearer <token>'", reason="TOKEN_MALFORMED"
+        )
+    return token.strip()
+
+
+class _AuthScope(CallScope):
+    def __init__(self, verifier: TokenVerifier, metadata: Any) -> None:
+        self._verifier = verifier
+        self._metadata = metadata
+
+    async def __aenter__(self) -> None:
+        identity = self._verifier.verify(_bearer_token(self._metadata))
+        _identity_var.set(identity)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires a valid bearer token on every RPC except health and reflection."""
+
+    def __init__(self, verifier: TokenVerifier, public_services: Collection[str] = PUBLIC_SERVICES):
+        self._verifier = verifier
+        self._public = frozenset(public_services)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").partition("/")[0]
+        if handler is None or service in self._public:
+            return handler
+        metadata = handler_call_details.invocation_metadata
+        return wrap_handler(handler, lambda _context: _AuthScope(self._verifier, metadata))

@@ -1,0 +1,159 @@
+"""Settings from PARLEY_* environment variables, validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "ConfigError",
+    "DatabaseSettings",
+    "Env",
+    "ServerSettings",
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+class Env:
+    """Typed reads of environment variables; every failure is a one-line ConfigError."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._environ = os.environ if environ is None else environ
+
+    def raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def string(self, name: str, default: str | None = None) -> str:
+        value = self.raw(name)
+        if value is not None:
+            return value
+        if default is None:
+            raise ConfigError(name, "is required but not set")
+        return default
+
+    def optional(self, name: str) -> str | None:
+        return self.raw(name)
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.string(name, default)
+        if value not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(name, f"must be an integer, got {value!r}") from None
+        if not minimum <= number <= maximum:
+            raise ConfigError(name, f"must be between {minimum} and {maximum}, got {number}")
+        return number
+
+    def port(self, name: str, default: int) -> int:
+        return self.integer(name, default, minimum=0, maximum=65535)
+
+    def seconds(
+        self, name: str, default: float, *, minimum: float = 0.0, maximum: float = 86400.0
+    ) -> float:
+        """A duration such as `10`, `10s`, `500ms`, `5m` or `1h`, returned in seconds."""
+        value = self.raw(name)
+        if value is None:
+            return default
+        match = _DURATION.match(value)
+        if match is None:
+            raise ConfigError(name, f"must be a duration such as 10s, 500ms or 5m, got {value!r}")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        if not minimum <= seconds <= maximum:
+            raise ConfigError(name, f"must be between {minimum:g}s and {maximum:g}s, got {value!r}")
+        return seconds
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where a service listens and how its connections and shutdown behave."""
+
+    host: str
+    port: int
+    metrics_host: str
+    metrics_port: int
+    shutdown_grace: float
+    shutdown_delay: float
+    keepalive_time: float
+    keepalive_timeout: float
+    max_connection_age: float
+    max_connection_age_grace: float
+    health_check_interval: float
+    log_format: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Env, *, default_port: int, default_metrics_port: int) -> ServerSettings:
+        return cls(
+            host=env.string("PARLEY_GRPC_HOST", "0.0.0.0"),
+            port=env.port("PARLEY_GRPC_PORT", default_port),
+            metrics_host=env.string("PARLEY_METRICS_HOST", "0.0.0.0"),
+            metrics_port=env.port("PARLEY_METRICS_PORT", default_metrics_port),
+            shutdown_grace=env.seconds("PARLEY_SHUTDOWN_GRACE", 10.0, maximum=3600),
+            shutdown_delay=env.seconds("PARLEY_SHUTDOWN_DELAY", 0.0, maximum=300),
+            keepalive_time=env.seconds("PARLEY_KEEPALIVE_TIME", 30.0, minimum=1.0),
+            keepalive_timeout=env.seconds("PARLEY_KEEPALIVE_TIMEOUT", 10.0, minimum=1.0),
+            # 0 disables it; in Kubernetes a few minutes makes long-lived clients rebalance.
+            max_connection_age=env.seconds("PARLEY_MAX_CONNECTION_AGE", 0.0),
+            max_connection_age_grace=env.seconds("PARLEY_MAX_CONNECTION_AGE_GRACE", 30.0),
+            health_check_interval=env.seconds(
+                "PARLEY_HEALTH_CHECK_INTERVAL", 5.0, minimum=0.05, maximum=300
+            ),
+            log_format=env.choice("PARLEY_LOG_FORMAT", "plain", ("plain", "json")),
+            log_level=env.choice("PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """The Postgres connection pool of a service."""
+
+    url: str
+    pool_min: int
+    pool_max: int
+    pool_timeout: float
+
+    @classmethod
+    def from_env(cls, env: Env) -> DatabaseSettings:
+        url = env.string("PARLEY_DATABASE_URL")
+        if not url.startswith(("postgresql://", "postgres://")) and "=" not in url:
+            raise ConfigError(
+                "PARLEY_DATABASE_URL",
+                "must be a postgresql:// URL or a libpq key=value string",
+            )
+        pool_min = env.integer("PARLEY_DB_POOL_MIN", 1, minimum=0, maximum=1000)
+        pool_max = env.integer("PARLEY_DB_POOL_MAX", 10, minimum=1, maximum=1000)
+        if pool_max < pool_min:
+            raise ConfigError(
+                "PARLEY_DB_POOL_MAX", f"must be at least PARLEY_DB_POOL_MIN ({pool_min})"
+            )
+        return cls(
+            url=url,
+            pool_min=pool_min,
+            pool_max=pool_max,
+            pool_timeout=env.seconds("PARLEY_DB_POOL_TIMEOUT", 5.0, minimum=0.01, maximum=600),
+        )

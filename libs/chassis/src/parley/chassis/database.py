@@ -1,0 +1,131 @@
+"""Postgres through a psycopg 3 async pool: creation, health probe, metrics and error mapping."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from psycopg import errors as pg_errors
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from parley.chassis.config import DatabaseSettings
+from parley.chassis.errors import DeadlineExceeded, Unavailable
+
+__all__ = ["Database", "redact_url"]
+
+DEPENDENCY = "postgres"
+
+
+def redact_url(url: str) -> str:
+    """The connection string with any password removed, safe to log."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable database url>"
+    params.pop("password", None)
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
+class Database:
+    """A service's connection pool; opens in the background so the service starts without it."""
+
+    def __init__(self, settings: DatabaseSettings, *, application_name: str) -> None:
+        self.settings = settings
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
+            settings.url,
+            min_size=settings.pool_min,
+            max_size=settings.pool_max,
+            timeout=settings.pool_timeout,
+            open=False,
+            name=application_name,
+            check=AsyncConnectionPool.check_connection,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": 5,
+                "application_name": application_name,
+            },
+        )
+
+    async def open(self) -> None:
+        await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def connection(
+        self, timeout: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
+        """A pooled connection; failures become UNAVAILABLE or DEADLINE_EXCEEDED errors."""
+        wait = (
+            self.settings.pool_timeout
+            if timeout is None
+            else min(timeout, self.settings.pool_timeout)
+        )
+        try:
+            async with self.pool.connection(timeout=max(wait, 0.001)) as conn:
+                yield conn
+        except PoolTimeout:
+            raise Unavailable(
+                DEPENDENCY, f"no database connection could be had within {wait:.1f}s"
+            ) from None
+        except pg_errors.QueryCanceled:
+            raise DeadlineExceeded(
+                "the database query was cancelled at the call's deadline"
+            ) from None
+        except psycopg.OperationalError as exc:
+            raise Unavailable(DEPENDENCY, _first_line(exc)) from None
+
+    async def probe(self) -> None:
+        """Raises unless a connection can run a trivial query."""
+        async with self.connection() as conn:
+            await conn.execute("SELECT 1")
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        registry.register(_PoolCollector(self.pool))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+class _PoolCollector(Collector):
+    """Reads the pool's statistics at scrape time."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._pool.get_stats()
+        gauges = {
+            "pool_size": ("parley_db_pool_connections", "Connections held by the pool."),
+            "pool_available": ("parley_db_pool_idle_connections", "Idle connections in the pool."),
+            "pool_max": ("parley_db_pool_max_connections", "Most connections the pool may hold."),
+            "requests_waiting": (
+                "parley_db_pool_waiting_requests",
+                "Requests waiting for a connection.",
+            ),
+        }
+        counters = {
+            "requests_num": ("parley_db_pool_requests", "Connections requested from the pool."),
+            "requests_errors": (
+                "parley_db_pool_request_errors",
+                "Requests that got no connection.",
+            ),
+            "connections_errors": (
+                "parley_db_pool_connection_errors",
+                "Failed connection attempts.",
+            ),
+            "connections_lost": ("parley_db_pool_connections_lost", "Connections found broken."),
+        }
+        for key, (name, doc) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=stats.get(key, 0))
+        for key, (name, doc) in counters.items():
+            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))

@@ -1,0 +1,108 @@
+"""grpc.health.v1 statuses driven by background dependency checks, not by the probes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from grpc_health.v1 import health, health_pb2
+
+from parley.chassis.metrics import GrpcServerMetrics
+
+__all__ = ["DependencyCheck", "DependencyMonitor"]
+
+_log = logging.getLogger("parley.health")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class DependencyCheck:
+    """A named probe of one dependency; it raises (or times out) when the dependency is down."""
+
+    name: str
+    probe: Callable[[], Awaitable[None]]
+
+
+class DependencyMonitor:
+    """Checks every dependency on an interval and sets the services' readiness from the results.
+
+    The overall service "" stays SERVING while the process runs (liveness); each named
+    service is SERVING only while every dependency passes (readiness).
+    """
+
+    def __init__(
+        self,
+        servicer: health.aio.HealthServicer,
+        service_names: Sequence[str],
+        checks: Sequence[DependencyCheck],
+        metrics: GrpcServerMetrics,
+        interval: float,
+    ) -> None:
+        self._servicer = servicer
+        self._service_names = list(service_names)
+        self._checks = list(checks)
+        self._metrics = metrics
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._failures: dict[str, str] = {}
+        self._ready: bool | None = None
+
+    @property
+    def failures(self) -> dict[str, str]:
+        """Dependency name to the last error, for each dependency that is down."""
+        return dict(self._failures)
+
+    async def start(self) -> None:
+        await self._servicer.set("", SERVING)
+        for name in self._service_names:
+            await self._servicer.set(name, NOT_SERVING)
+        await self.check_once()
+        self._task = asyncio.create_task(self._loop(), name="dependency-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.check_once()
+
+    async def check_once(self) -> bool:
+        results = await asyncio.gather(*(self._run(check) for check in self._checks))
+        ready = all(results)
+        if ready != self._ready:
+            status = SERVING if ready else NOT_SERVING
+            for name in self._service_names:
+                await self._servicer.set(name, status)
+            if ready:
+                _log.info("ready: every dependency is reachable")
+            else:
+                _log.warning(
+                    "not ready: %s", "; ".join(f"{k}: {v}" for k, v in self._failures.items())
+                )
+            self._ready = ready
+        return ready
+
+    async def _run(self, check: DependencyCheck) -> bool:
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(check.probe(), timeout=max(self._interval, 1.0))
+        except Exception as exc:  # any failure of a probe means the dependency is down
+            self._failures[check.name] = str(exc) or type(exc).__name__
+            ok = False
+        else:
+            self._failures.pop(check.name, None)
+            ok = True
+        self._metrics.dependency_check_seconds.labels(check.name).observe(
+            time.perf_counter() - start
+        )
+        self._metrics.dependency_up.labels(check.name).set(1 if ok else 0)
+        return ok

@@ -1,0 +1,141 @@
+"""The outermost server interceptor: request ids, access logs, metrics and error statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from parley.chassis._handlers import CallScope, wrap_handler
+from parley.chassis.errors import ServiceError, to_status
+from parley.chassis.logs import request_id_var
+from parley.chassis.metrics import GO_CODE_NAMES, GrpcServerMetrics, grpc_type
+
+__all__ = ["REQUEST_ID_KEY", "ObservabilityInterceptor"]
+
+REQUEST_ID_KEY = "x-request-id"
+
+_log = logging.getLogger("parley.rpc")
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+class _ObservedCall(CallScope):
+    def __init__(
+        self,
+        metrics: GrpcServerMetrics,
+        labels: tuple[str, str, str],
+        request_id: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        self._metrics = metrics
+        self._labels = labels
+        self._request_id = request_id
+        self._context = context
+        self._start = 0.0
+
+    async def __aenter__(self) -> None:
+        request_id_var.set(self._request_id)
+        self._start = time.perf_counter()
+        self._metrics.started.labels(*self._labels).inc()
+        await self._context.send_initial_metadata(((REQUEST_ID_KEY, self._request_id),))
+
+    def received(self) -> None:
+        self._metrics.msg_received.labels(*self._labels).inc()
+
+    def sent(self) -> None:
+        self._metrics.msg_sent.labels(*self._labels).inc()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        context = self._context
+        if exc is None:
+            self._finish(context.code() or grpc.StatusCode.OK, "")
+            return
+        if isinstance(exc, ServiceError):
+            self._finish(exc.code, exc.message)
+            status = to_status(exc)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            self._finish(code, "call ended by the client or its deadline")
+            return
+        if isinstance(exc, grpc.aio.AbortError):
+            # The handler aborted by itself with an explicit status.
+            self._finish(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
+            return
+        if isinstance(exc, Exception):
+            _log.error("unhandled error in %s", self._labels[2], exc_info=exc)
+            self._finish(grpc.StatusCode.INTERNAL, "internal error")
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error; see the server log for request id {self._request_id}",
+            )
+
+    def _finish(self, code: grpc.StatusCode, message: str) -> None:
+        elapsed = time.perf_counter() - self._start
+        self._metrics.handled.labels(*self._labels, GO_CODE_NAMES[code]).inc()
+        self._metrics.handling_seconds.labels(*self._labels).observe(elapsed)
+        level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
+        _log.log(
+            level,
+            "rpc /%s/%s %s %.1fms%s",
+            self._labels[1],
+            self._labels[2],
+            code.name,
+            elapsed * 1000,
+            f" {message}" if message else "",
+        )
+
+
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Tags each call with a request id, logs it, counts it and maps domain errors to statuses."""
+
+    def __init__(self, metrics: GrpcServerMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").partition("/")
+        labels = (
+            grpc_type(handler.request_streaming, handler.response_streaming),
+            service,
+            method,
+        )
+        request_id = _request_id(handler_call_details.invocation_metadata)
+        return wrap_handler(
+            handler, lambda context: _ObservedCall(self._metrics, labels, request_id, context)
+        )
