@@ -1,0 +1,41 @@
+"""Builds the UserService gRPC server on the chassis."""
+
+from __future__ import annotations
+
+from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier
+from parley.proto import user_pb2, user_pb2_grpc
+
+from .migrations import latest_version, schema_version
+from .servicer import UserServicer
+from .settings import UserSettings
+from .store import UserStore
+
+__all__ = ["SERVICE_NAME", "create_server"]
+
+SERVICE_NAME = "user.UserService"
+
+
+def create_server(settings: UserSettings) -> GrpcApp:
+    """A ready-to-start server bound to its port (read `.port`; port 0 picks a free one)."""
+    db = Database(settings.database, application_name="parley-user")
+    expected = latest_version()
+
+    async def postgres_ready() -> None:
+        async with db.connection() as conn:
+            version = await schema_version(conn)
+        if version < expected:
+            raise RuntimeError(
+                f"schema is at version {version}, expected {expected}: run `parley-user migrate`"
+            )
+
+    app = GrpcApp(
+        settings.server,
+        services=[user_pb2.DESCRIPTOR.services_by_name["UserService"]],
+        verifier=TokenVerifier(settings.auth),
+        checks=[DependencyCheck("postgres", postgres_ready)],
+    )
+    user_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(UserStore(db)), app.server)
+    db.register_metrics(app.metrics.registry)
+    app.on_start(db.open)
+    app.on_stop(db.close)
+    return app

@@ -1,0 +1,158 @@
+"""UserService: the RPCs of user.proto, served from Postgres."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from parley.chassis import (
+    InvalidArgument,
+    ServiceError,
+    require_scope,
+)
+from parley.proto import user_pb2, user_pb2_grpc
+
+from .paging import NEXT_PAGE_TOKEN_KEY, encode_token, resolve_page
+from .store import UPDATABLE_FIELDS, UserStore
+from .validation import age_problem, check, email_problem, id_problem, name_problem
+
+__all__ = ["MAX_IMPORT_ERRORS", "WRITE_SCOPE", "UserServicer"]
+
+WRITE_SCOPE = "users:write"
+MAX_IMPORT_ERRORS = 1000
+
+_log = logging.getLogger("parley.user")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _validated_create(request: user_pb2.CreateUserRequest) -> tuple[str, str, int]:
+    check(
+        ("name", name_problem(request.name)),
+        ("email", email_problem(request.email)),
+        ("age", age_problem(request.age)),
+    )
+    return request.name.strip(), request.email.strip(), request.age
+
+
+class UserServicer(user_pb2_grpc.UserServiceServicer):
+    """Validates requests, checks scopes, and leaves storage to UserStore."""
+
+    def __init__(self, store: UserStore) -> None:
+        self._store = store
+
+    async def GetUser(
+        self, request: user_pb2.GetUserRequest, context: Context
+    ) -> user_pb2.GetUserResponse:
+        check(("id", id_problem(request.id)))
+        user = await self._store.get(request.id, timeout=context.time_remaining())
+        return user_pb2.GetUserResponse(user=user)
+
+    async def ListUsers(
+        self, request: user_pb2.ListUsersRequest, context: Context
+    ) -> AsyncIterator[user_pb2.User]:
+        page = resolve_page(request.page, request.page_size, request.page_token)
+        sent = 0
+        last_id = 0
+        more = False
+        rows = self._store.stream(page, timeout=context.time_remaining())
+        async with contextlib.aclosing(rows):
+            async for user in rows:
+                if sent == page.size:
+                    more = True
+                    break
+                yield user
+                sent += 1
+                last_id = user.id
+        next_token = encode_token(last_id) if more else ""
+        context.set_trailing_metadata(((NEXT_PAGE_TOKEN_KEY, next_token),))
+
+    async def CreateUser(
+        self, request: user_pb2.CreateUserRequest, context: Context
+    ) -> user_pb2.CreateUserResponse:
+        require_scope(WRITE_SCOPE)
+        name, email, age = _validated_create(request)
+        user = await self._store.create(name, email, age, timeout=context.time_remaining())
+        _log.info("created user %d", user.id)
+        return user_pb2.CreateUserResponse(user=user, success=True)
+
+    async def UpdateUser(
+        self, request: user_pb2.UpdateUserRequest, context: Context
+    ) -> user_pb2.UpdateUserResponse:
+        require_scope(WRITE_SCOPE)
+        changes = _changes(request)
+        user = await self._store.update(request.user.id, changes, timeout=context.time_remaining())
+        return user_pb2.UpdateUserResponse(user=user)
+
+    async def DeleteUser(
+        self, request: user_pb2.DeleteUserRequest, context: Context
+    ) -> user_pb2.DeleteUserResponse:
+        require_scope(WRITE_SCOPE)
+        check(("id", id_problem(request.id)))
+        await self._store.delete(request.id, timeout=context.time_remaining())
+        _log.info("deleted user %d", request.id)
+        return user_pb2.DeleteUserResponse()
+
+    async def ImportUsers(
+        self, request_iterator: AsyncIterator[user_pb2.CreateUserRequest], context: Context
+    ) -> user_pb2.ImportUsersResponse:
+        require_scope(WRITE_SCOPE)
+        response = user_pb2.ImportUsersResponse()
+        async with self._store.importing(timeout=context.time_remaining()) as insert:
+            index = 0
+            async for request in request_iterator:
+                try:
+                    await insert(*_validated_create(request))
+                except ServiceError as error:
+                    response.failed_count += 1
+                    if len(response.errors) < MAX_IMPORT_ERRORS:
+                        response.errors.append(_import_error(index, error))
+                else:
+                    response.created_count += 1
+                index += 1
+        _log.info(
+            "imported users: %d created, %d failed", response.created_count, response.failed_count
+        )
+        return response
+
+
+def _changes(request: user_pb2.UpdateUserRequest) -> dict[str, object]:
+    """The validated column values that the update mask selects."""
+    user = request.user
+    paths = list(request.update_mask.paths)
+    problems: list[tuple[str, str | None]] = [("user.id", id_problem(user.id))]
+    unknown = [p for p in paths if p not in UPDATABLE_FIELDS]
+    if unknown:
+        problems.append(
+            (
+                "update_mask",
+                f"unknown or read-only field(s) {', '.join(sorted(unknown))}; "
+                f"updatable: {', '.join(UPDATABLE_FIELDS)}",
+            )
+        )
+    if not paths:
+        # AIP-134: an empty mask means every field the request sets.
+        paths = [f for f in UPDATABLE_FIELDS if getattr(user, f)]
+        if not paths:
+            problems.append(("update_mask", "names no field to update"))
+    values = {f: getattr(user, f) for f in UPDATABLE_FIELDS if f in paths}
+    rules = {"name": name_problem, "email": email_problem, "age": age_problem}
+    for field, value in values.items():
+        problems.append((f"user.{field}", rules[field](value)))
+    check(*problems)
+    return {f: v.strip() if isinstance(v, str) else v for f, v in values.items()}
+
+
+def _import_error(index: int, error: ServiceError) -> user_pb2.ImportUserError:
+    field = ""
+    if isinstance(error, InvalidArgument):
+        field = ",".join(v.field for v in error.violations)
+    elif "field" in error.metadata:
+        field = error.metadata["field"]
+    return user_pb2.ImportUserError(
+        index=index, code=error.code.name, message=error.message, field=field
+    )
