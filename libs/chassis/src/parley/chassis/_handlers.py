@@ -49,14 +49,16 @@ async def _counted(requests: AsyncIterator[Any], scope: CallScope) -> AsyncItera
         yield request
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, make_scope: ScopeFactory) -> grpc.RpcMethodHandler:
+def wrap_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], make_scope: ScopeFactory
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A copy of `handler` whose behaviour runs inside `make_scope(context)`."""
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
+        inner_uu: Any = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             scope = make_scope(context)
@@ -69,7 +71,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, make_scope: ScopeFactory) -> gr
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
 
     if handler.stream_unary is not None:
-        inner_su = handler.stream_unary
+        inner_su: Any = handler.stream_unary
 
         async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             scope = make_scope(context)
@@ -81,7 +83,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, make_scope: ScopeFactory) -> gr
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 
     if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
+        inner_us: Any = handler.unary_stream
         if inspect.isasyncgenfunction(inner_us):
 
             async def unary_stream(
@@ -107,7 +109,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, make_scope: ScopeFactory) -> gr
 
         return grpc.unary_stream_rpc_method_handler(unary_stream_writer, **kwargs)
 
-    inner_ss = handler.stream_stream
+    inner_ss: Any = handler.stream_stream
     assert inner_ss is not None
     if inspect.isasyncgenfunction(inner_ss):
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = ["GO_CODE_NAMES", "GrpcServerMetrics", "grpc_type", "start_metrics_server"]
 
 # The `_created` series of every counter would double the series count for no dashboard's use.
-prometheus_client.disable_created_metrics()
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # grpc_code label values, spelled as Go's codes.Code.String() spells them.
 GO_CODE_NAMES: dict[grpc.StatusCode, str] = {

@@ -7,7 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from threading import Thread
-from typing import Any
+from typing import Any, cast
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -152,4 +152,5 @@ class GrpcApp:
 
 
 def _chassis_services() -> list[ServiceDescriptor]:
-    return [health_pb2.DESCRIPTOR.services_by_name["Health"]]
+    # The health stubs type descriptors as the upb class; it is the same object at run time.
+    return [cast(ServiceDescriptor, health_pb2.DESCRIPTOR.services_by_name["Health"])]

@@ -1,1 +1,1 @@
-"""placeholder."""
+"""The Parley Python SDK and the `parley` command line."""

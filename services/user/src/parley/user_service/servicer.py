@@ -139,12 +139,18 @@ def _changes(request: user_pb2.UpdateUserRequest) -> dict[str, object]:
         paths = [f for f in UPDATABLE_FIELDS if getattr(user, f)]
         if not paths:
             problems.append(("update_mask", "names no field to update"))
-    values = {f: getattr(user, f) for f in UPDATABLE_FIELDS if f in paths}
-    rules = {"name": name_problem, "email": email_problem, "age": age_problem}
-    for field, value in values.items():
-        problems.append((f"user.{field}", rules[field](value)))
+    changes: dict[str, object] = {}
+    if "name" in paths:
+        problems.append(("user.name", name_problem(user.name)))
+        changes["name"] = user.name.strip()
+    if "email" in paths:
+        problems.append(("user.email", email_problem(user.email)))
+        changes["email"] = user.email.strip()
+    if "age" in paths:
+        problems.append(("user.age", age_problem(user.age)))
+        changes["age"] = user.age
     check(*problems)
-    return {f: v.strip() if isinstance(v, str) else v for f, v in values.items()}
+    return changes
 
 
 def _import_error(index: int, error: ServiceError) -> user_pb2.ImportUserError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -57,7 +57,9 @@ class UserStore:
             raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
         return _user(row)
 
-    async def stream(self, page: Page, *, timeout: float | None) -> AsyncIterator[user_pb2.User]:
+    async def stream(
+        self, page: Page, *, timeout: float | None
+    ) -> AsyncGenerator[user_pb2.User, None]:
         """Yields up to `page.size + 1` users in id order; an extra one means more pages follow.
 
         Rows come from the server one at a time (single-row mode), never collected in memory.

@@ -1,0 +1,58 @@
+"""The stack's JWT signing secret, and the tokens it hands to commands run against the stack."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import jwt
+
+__all__ = ["SECRET_FILE_NAME", "load_or_create_secret", "mint_token"]
+
+# `parley token` looks for this file under `.parley/` in the current directory and its parents.
+SECRET_FILE_NAME = "jwt-secret"
+
+
+def load_or_create_secret(path: Path) -> str:
+    """The secret stored in `path`; on first use, a new random one written with mode 0600."""
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    secret = secrets.token_urlsafe(48)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
+    path.chmod(0o600)
+    return secret
+
+
+def mint_token(
+    secret: str,
+    subject: str,
+    scopes: Iterable[str] = (),
+    *,
+    ttl: int = 3600,
+    issuer: str = "parley",
+    audience: str = "parley",
+) -> str:
+    """An HS256 JWT with the claims Parley's services check, like `parley token` prints."""
+    now = int(time.time())
+    claims: dict[str, str | int] = {
+        "sub": subject,
+        "iss": issuer,
+        "aud": audience,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl,
+    }
+    scope = " ".join(scopes)
+    if scope:
+        claims["scope"] = scope
+    return jwt.encode(claims, secret, algorithm="HS256")

@@ -1,0 +1,195 @@
+"""Child processes of the stack: starting them, waiting on conditions, stopping them."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from parley.devstack.errors import DevstackError
+
+__all__ = [
+    "POLL_INTERVAL",
+    "Process",
+    "ProcessExited",
+    "RunAs",
+    "make_traversable",
+    "stop_all",
+    "unprivileged_user",
+    "wait_until",
+]
+
+POLL_INTERVAL = 0.05
+
+UNPRIVILEGED_USER = "nobody"
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """A user (and its primary group) to run a child process as."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def unprivileged_user() -> RunAs | None:
+    """The user to run servers as that refuse to run as root, or None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError:
+        raise DevstackError(
+            f"running as root, but there is no {UNPRIVILEGED_USER!r} user to run Postgres as"
+        ) from None
+    return RunAs(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def make_traversable(path: Path) -> list[Path]:
+    """Let every user search (not list) each directory above `path`, so another user reaches it.
+
+    Returns the directories whose mode had to change.
+    """
+    changed = []
+    for directory in reversed(path.resolve().parents):
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            changed.append(directory)
+    return changed
+
+
+class ProcessExited(DevstackError):
+    """A child process ended while the stack still needed it."""
+
+    def __init__(self, process: Process) -> None:
+        super().__init__(f"{process.name} exited with {process.describe_exit()}")
+        self.process = process
+
+
+class Process:
+    """A named child process, started in its own process group.
+
+    Its own group keeps a terminal's Ctrl-C away from it: the stack decides the order in which
+    its children stop.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: Path | None = None,
+        output: IO[bytes] | None = None,
+        run_as: RunAs | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        try:
+            self._popen = subprocess.Popen(
+                self.argv,
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT if output is not None else None,
+                process_group=0,
+                user=run_as.uid if run_as else None,
+                group=run_as.gid if run_as else None,
+                extra_groups=[] if run_as else None,
+            )
+        except OSError as exc:
+            raise DevstackError(f"cannot start {name} ({self.argv[0]}): {exc.strerror}") from None
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    def running(self) -> bool:
+        return self._popen.poll() is None
+
+    def describe_exit(self) -> str:
+        code = self._popen.poll()
+        if code is None:
+            return "no exit yet"
+        if code < 0:
+            try:
+                return f"signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"signal {-code}"
+        return f"code {code}"
+
+    def send(self, signum: signal.Signals) -> None:
+        if self.running():
+            try:
+                self._popen.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the process to end; True when it has."""
+        try:
+            self._popen.wait(timeout=max(timeout, 0.0))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def stop(
+        self,
+        signum: signal.Signals = signal.SIGTERM,
+        timeout: float = 15.0,
+        escalate: Sequence[tuple[signal.Signals, float]] = (),
+    ) -> None:
+        """Send `signum` and wait; then each further (signal, timeout) step; then SIGKILL."""
+        stop_all([self], signum, timeout, escalate)
+
+
+def stop_all(
+    processes: Iterable[Process],
+    signum: signal.Signals = signal.SIGTERM,
+    timeout: float = 15.0,
+    escalate: Sequence[tuple[signal.Signals, float]] = (),
+) -> None:
+    """Stop several processes at once, sharing each step's deadline; SIGKILL whatever remains."""
+    remaining = [p for p in processes if p.running()]
+    for step_signal, step_timeout in ((signum, timeout), *escalate, (signal.SIGKILL, 10.0)):
+        for process in remaining:
+            process.send(step_signal)
+        deadline = time.monotonic() + step_timeout
+        remaining = [p for p in remaining if not p.wait(deadline - time.monotonic())]
+        if not remaining:
+            return
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    watch: Iterable[Process] = (),
+) -> None:
+    """Poll `condition` until it holds; fail when `timeout` passes or a watched process ends."""
+    watched = list(watch)
+    deadline = time.monotonic() + timeout
+    while True:
+        for process in watched:
+            if not process.running():
+                raise ProcessExited(process)
+        if condition():
+            return
+        if time.monotonic() >= deadline:
+            raise DevstackError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(POLL_INTERVAL)
