@@ -21,6 +21,9 @@ UPDATABLE_FIELDS = ("name", "email", "age")
 # Inserts one user inside an import; raises AlreadyExists when the email is taken.
 RowInserter = Callable[[str, str, int], Awaitable[None]]
 
+# Rows are fetched from Postgres in chunks of this many, so memory stays bounded on any page.
+_STREAM_CHUNK = 100
+
 _COLUMNS = sql.SQL("id, name, email, age, create_time, update_time")
 
 
@@ -73,7 +76,7 @@ class UserStore:
             query = sql.SQL("SELECT {} FROM users ORDER BY id LIMIT %s OFFSET %s").format(_COLUMNS)
             params = (page.size + 1, page.offset)
         async with self._db.connection(timeout) as conn, conn.cursor() as cur:
-            async for row in cur.stream(query, params):
+            async for row in cur.stream(query, params, size=_STREAM_CHUNK):
                 yield _user(row)
 
     async def create(
