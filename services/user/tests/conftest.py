@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import jwt
 import psycopg
 import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from parley.chassis import Env, GrpcApp
 from parley.proto import user_pb2_grpc
 from parley.user_service import UserSettings, create_server
 from parley.user_service.migrations import apply_migrations
 
-ADMIN_URL = os.environ.get("PARLEY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_URL = os.environ.get(
+    "PARLEY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 JWT_SECRET = "test-secret-" + "s" * 32
+DETAILS_KEY = "grpc-status-details-bin"
 
 
 def make_token(sub: str = "1", scope: str = "users:write", ttl: float = 600, **claims: Any) -> str:
@@ -117,3 +126,147 @@ def auth() -> list[tuple[str, str]]:
 def read_auth() -> list[tuple[str, str]]:
     """Call metadata with a token that has no scopes."""
     return [("authorization", f"Bearer {make_token(sub='2', scope='')}")]
+
+
+# --- Helpers shared by the test modules, handed out as fixtures. ---------------------------
+
+
+@dataclass
+class RichError:
+    """A failed call's status as the server sent it, rich details decoded."""
+
+    code: grpc.StatusCode
+    message: str
+    status: status_pb2.Status | None
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    violations: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def fields(self) -> list[str]:
+        return [f for f, _ in self.violations]
+
+
+def rich_error(error: grpc.RpcError) -> RichError:
+    """Decodes `grpc-status-details-bin` (google.rpc.Status) of a sync or aio call error."""
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    message: str = error.details() or ""  # type: ignore[attr-defined]
+    status = None
+    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == DETAILS_KEY:
+            status = status_pb2.Status.FromString(value)
+    found = RichError(code=code, message=message, status=status)
+    if status is None:
+        return found
+    assert status.code == code.value[0], "status details disagree with the call's code"
+    assert status.message == message, "status details disagree with the call's message"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            found.reason = info.reason
+            found.metadata = dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found.violations = [(v.field, v.description) for v in bad.field_violations]
+    return found
+
+
+@pytest.fixture
+def details() -> Callable[[grpc.RpcError], RichError]:
+    """`details(error)`: the decoded status of a failed call."""
+    return rich_error
+
+
+Condition = Callable[[], Any]
+
+
+async def wait_until(condition: Condition, timeout: float = 10.0, what: str = "") -> Any:
+    """Polls `condition` (sync or async) until it returns a truthy value; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def wait_for() -> Callable[..., Awaitable[Any]]:
+    """`await wait_for(condition, timeout, what)`: poll a condition, fail on timeout."""
+    return wait_until
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 with nothing listening on it (at the time of the call)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
+
+
+async def health_status(port: int, service: str) -> int:
+    """The grpc.health.v1 status the server on `port` reports for `service`."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(response.status)
+
+
+@pytest.fixture
+def health() -> Callable[[int, str], Awaitable[int]]:
+    """`await health(port, service)`: the health status of a service."""
+    return health_status
+
+
+def pool_stats(app: GrpcApp) -> dict[str, float]:
+    """The Postgres pool gauges of a running server, read from its metrics registry."""
+    names = {
+        "size": "parley_db_pool_connections",
+        "idle": "parley_db_pool_idle_connections",
+        "waiting": "parley_db_pool_waiting_requests",
+        "requests": "parley_db_pool_requests_total",
+    }
+    registry = app.metrics.registry
+    return {key: registry.get_sample_value(name) or 0.0 for key, name in names.items()}
+
+
+@pytest.fixture
+def pool() -> Callable[[GrpcApp], dict[str, float]]:
+    """`pool(app)`: the server's connection-pool statistics."""
+    return pool_stats
+
+
+@pytest.fixture
+async def pg(database: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A direct autocommit connection to the test's database, beside the server's pool."""
+    async with await psycopg.AsyncConnection.connect(
+        database, autocommit=True, application_name="parley-user-test"
+    ) as conn:
+        yield conn
+
+
+async def insert_users(conn: psycopg.AsyncConnection[Any], count: int, prefix: str = "u") -> None:
+    """Inserts `count` valid users straight into the table, in one statement."""
+    await conn.execute(
+        "INSERT INTO users (name, email, age)"
+        " SELECT %(p)s || ' ' || g, %(p)s || g || '@example.com', g %% 151"
+        " FROM generate_series(1, %(n)s) AS g",
+        {"p": prefix, "n": count},
+    )
+
+
+@pytest.fixture
+def bulk_insert() -> Callable[..., Awaitable[None]]:
+    """`await bulk_insert(conn, count, prefix)`: many valid users at once, through SQL."""
+    return insert_users

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class Identity:
 
     @property
     def user_id(self) -> int | None:
-        return int(self.subject) if self.subject.isdigit() else None
+        subject = self.subject
+        return int(subject) if subject.isascii() and subject.isdigit() else None
 
 
 _identity_var: ContextVar[Identity | None] = ContextVar("parley_identity", default=None)
@@ -109,11 +111,20 @@ class AuthSettings:
                 raise ConfigError(
                     "PARLEY_JWT_PUBLIC_KEY_FILE", f"{key_file} is not a PEM public key"
                 )
+            try:
+                jwt.algorithms.RSAAlgorithm(jwt.algorithms.RSAAlgorithm.SHA256).prepare_key(text)
+            except jwt.InvalidKeyError:
+                raise ConfigError(
+                    "PARLEY_JWT_PUBLIC_KEY_FILE", f"{key_file} is not a usable RSA public key"
+                ) from None
             return cls(public_key=text, **common)
         assert jwks_file is not None
         text = _read("PARLEY_JWT_JWKS_FILE", jwks_file)
         try:
-            jwks = jwt.PyJWKSet.from_json(text)
+            document = json.loads(text)
+            if not isinstance(document, dict):
+                raise ValueError("expected a JSON object with a keys list")
+            jwks = jwt.PyJWKSet.from_dict(document)
         except (jwt.PyJWKSetError, ValueError) as exc:
             raise ConfigError("PARLEY_JWT_JWKS_FILE", f"{jwks_file} is not a JWKS: {exc}") from None
         return cls(jwks=jwks, **common)
@@ -124,6 +135,8 @@ def _read(variable: str, path: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise ConfigError(variable, f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(variable, f"cannot read {path}: not a text file") from None
 
 
 class TokenVerifier:

