@@ -1,0 +1,183 @@
+"""End-to-end tests: they talk to running Parley processes over gRPC and nothing else.
+
+Where the processes are comes from the environment (set by `parley-devstack run --ephemeral`
+locally and in CI, or by hand against a cluster):
+
+- PARLEY_USER_ADDR          host:port of the UserService (without it the suite is skipped)
+- PARLEY_CHAT_ADDR          host:port of the ChatService (its tests skip without it)
+- PARLEY_USER_METRICS_ADDR  host:port of the UserService's /metrics (its test skips without it)
+- PARLEY_TOKEN              a bearer token with the `users:write` scope
+- PARLEY_TOKEN_READONLY     a bearer token with no scopes
+
+The tests assume nothing about existing data: each creates the users it needs, with unique
+emails, and deletes them afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from parley.proto import user_pb2, user_pb2_grpc
+
+E2E_DIR = Path(__file__).resolve().parent
+READY_TIMEOUT = 30.0
+# Every call in the suite has a deadline, so a stuck server fails a test instead of hanging it.
+CALL_TIMEOUT = 10.0
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(
+        reason="PARLEY_USER_ADDR is not set; the e2e suite needs running services "
+        "(for example `parley-devstack run --ephemeral -- pytest tests/e2e`)"
+    )
+    for item in items:
+        if E2E_DIR in item.path.resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+            if not os.environ.get("PARLEY_USER_ADDR"):
+                item.add_marker(skip)
+
+
+def _required(name: str, what: str) -> str:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        pytest.fail(f"{name} must be set to {what} when PARLEY_USER_ADDR is set", pytrace=False)
+    return value
+
+
+@pytest.fixture(scope="session")
+def user_addr() -> str:
+    return _required("PARLEY_USER_ADDR", "the UserService's host:port")
+
+
+@pytest.fixture(scope="session")
+def token() -> str:
+    return _required("PARLEY_TOKEN", "a bearer token with the users:write scope")
+
+
+@pytest.fixture(scope="session")
+def readonly_token() -> str:
+    return _required("PARLEY_TOKEN_READONLY", "a bearer token without scopes")
+
+
+def bearer(token: str) -> Metadata:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture(scope="session")
+def auth(token: str) -> Metadata:
+    """Call metadata that may read and write users."""
+    return bearer(token)
+
+
+@pytest.fixture(scope="session")
+def readonly_auth(readonly_token: str) -> Metadata:
+    """Call metadata that may only read users."""
+    return bearer(readonly_token)
+
+
+def _wait_until_serving(addr: str, service: str) -> None:
+    """Waits, by watching grpc.health.v1, until `service` at `addr` reports SERVING."""
+    with grpc.insecure_channel(addr) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=READY_TIMEOUT)
+        except grpc.FutureTimeoutError:
+            pytest.fail(f"cannot connect to {service} at {addr}", pytrace=False)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=READY_TIMEOUT
+        )
+        last = None
+        try:
+            for response in watch:
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as error:
+            pytest.fail(
+                f"{service} at {addr} did not become SERVING within {READY_TIMEOUT:g}s "
+                f"(last status {last}): {error.code().name} {error.details()}",
+                pytrace=False,
+            )
+        finally:
+            watch.cancel()
+
+
+@pytest.fixture(scope="session")
+def user_service_ready(user_addr: str) -> None:
+    _wait_until_serving(user_addr, "user.UserService")
+
+
+@pytest.fixture
+def user_channel(user_addr: str, user_service_ready: None) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(user_addr) as channel:
+        yield channel
+
+
+@pytest.fixture
+def users(user_channel: grpc.Channel) -> user_pb2_grpc.UserServiceStub:
+    return user_pb2_grpc.UserServiceStub(user_channel)
+
+
+@pytest.fixture
+def new_email() -> Callable[[], str]:
+    """A factory of emails that no other test, run or client has used."""
+    return lambda: f"e2e-{uuid.uuid4().hex}@example.com"
+
+
+@pytest.fixture
+def created_ids(users: user_pb2_grpc.UserServiceStub, auth: Metadata) -> Iterator[list[int]]:
+    """Ids of users a test created; each is deleted after the test unless already gone."""
+    ids: list[int] = []
+    yield ids
+    for user_id in ids:
+        try:
+            users.DeleteUser(
+                user_pb2.DeleteUserRequest(id=user_id), metadata=auth, timeout=CALL_TIMEOUT
+            )
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
+
+@pytest.fixture
+def create_user(
+    users: user_pb2_grpc.UserServiceStub,
+    auth: Metadata,
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> Callable[..., user_pb2.User]:
+    """A factory: creates a user with a unique email over gRPC, deleted after the test."""
+
+    def create(name: str = "E2E User", age: int = 30, email: str | None = None) -> user_pb2.User:
+        response = users.CreateUser(
+            user_pb2.CreateUserRequest(name=name, email=email or new_email(), age=age),
+            metadata=auth,
+            timeout=CALL_TIMEOUT,
+        )
+        created_ids.append(response.user.id)
+        return response.user
+
+    return create
+
+
+@pytest.fixture(scope="session")
+def chat_addr() -> str:
+    addr = os.environ.get("PARLEY_CHAT_ADDR", "").strip()
+    if not addr:
+        pytest.skip("PARLEY_CHAT_ADDR is not set; the ChatService is not checked")
+    _wait_until_serving(addr, "chat.ChatService")
+    return addr
+
+
+@pytest.fixture
+def chat_channel(chat_addr: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(chat_addr) as channel:
+        yield channel

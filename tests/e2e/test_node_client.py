@@ -1,0 +1,106 @@
+"""A Node.js client (@grpc/grpc-js, @grpc/proto-loader on proto/user.proto) uses the service."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from parley.proto import user_pb2, user_pb2_grpc
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+CALL_TIMEOUT = 10.0
+NPM_TIMEOUT = 300.0
+RUN_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="session")
+def node_client() -> Path:
+    """The client script, with its locked dependencies installed by `npm ci` when missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm must be on PATH to run the Node.js client")
+    installed = all(
+        (NODE_DIR / "node_modules" / "@grpc" / package / "package.json").is_file()
+        for package in ("grpc-js", "proto-loader")
+    )
+    if not installed:
+        # --ignore-scripts: the client needs no install-time build steps of its dependencies.
+        result = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=NPM_TIMEOUT,
+        )
+        assert result.returncode == 0, (
+            f"npm ci failed in {NODE_DIR}:\n{result.stdout}{result.stderr}"
+        )
+    return NODE_DIR / "client.js"
+
+
+def _run(client: Path, addr: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    node = shutil.which("node")
+    assert node is not None
+    return subprocess.run(
+        [node, str(client), *args],
+        cwd=client.parent,
+        env={**os.environ, "PARLEY_USER_ADDR": addr, "PARLEY_TOKEN": token},
+        capture_output=True,
+        encoding="utf-8",
+        timeout=RUN_TIMEOUT,
+    )
+
+
+def _fields(user: dict[str, Any]) -> tuple[int, str, str, int]:
+    return user["id"], user["name"], user["email"], user["age"]
+
+
+def test_node_client_creates_gets_and_lists_a_user(
+    node_client: Path,
+    user_addr: str,
+    token: str,
+    users: user_pb2_grpc.UserServiceStub,
+    auth: tuple[tuple[str, str], ...],
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> None:
+    email = new_email()
+
+    result = _run(node_client, user_addr, token, "Zoë Node", email, "41")
+
+    assert result.returncode == 0, f"the Node.js client failed:\n{result.stdout}{result.stderr}"
+    output = json.loads(result.stdout)
+    created = output["created"]
+    assert created["success"] is True
+    user_id = created["user"]["id"]
+    created_ids.append(user_id)
+    assert _fields(created["user"]) == (user_id, "Zoë Node", email, 41)
+    assert int(created["user"]["create_time"]["seconds"]) > 0
+    assert output["got"] == created["user"]
+    assert output["listed"]["user"] == created["user"]
+    assert output["listed"]["pages"] >= 1
+
+    # The Python stub sees exactly what the Node.js client stored.
+    stored = users.GetUser(
+        user_pb2.GetUserRequest(id=user_id), metadata=auth, timeout=CALL_TIMEOUT
+    ).user
+    assert (stored.id, stored.name, stored.email, stored.age) == _fields(created["user"])
+
+
+def test_node_client_reports_the_status_of_a_refused_call(
+    node_client: Path, user_addr: str, readonly_token: str, new_email: Callable[[], str]
+) -> None:
+    result = _run(node_client, user_addr, readonly_token, "Read Only", new_email(), "20")
+
+    assert result.returncode == 1, result.stdout
+    assert result.stdout == ""
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "PERMISSION_DENIED"
+    assert "users:write" in error["details"]
