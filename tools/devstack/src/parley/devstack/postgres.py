@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ from parley.devstack.processes import (
 )
 
 __all__ = ["SUPERUSER", "EmbeddedPostgres"]
+
+_log = logging.getLogger("parley.devstack")
 
 SUPERUSER = "postgres"
 
@@ -126,7 +129,13 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self._run_as is None:
             return
-        make_traversable(self.data_dir)
+        for directory in make_traversable(self.data_dir):
+            _log.info(
+                "allowed other users to search %s, so that Postgres (running as %s) reaches %s",
+                directory,
+                self._run_as.name,
+                self.data_dir,
+            )
         if self.data_dir.stat().st_uid != self._run_as.uid:
             self._give_away(self.data_dir, recursive=True)
 
