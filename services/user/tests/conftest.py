@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,17 +53,68 @@ def database_url(name: str) -> str:
     return psycopg.conninfo.make_conninfo("", **params)
 
 
-@pytest.fixture
-def empty_database() -> Iterator[str]:
-    """A new, empty database on the shared Postgres, dropped afterwards."""
+def _create_database() -> str:
     name = f"parley_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def _drop_database(name: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class DatabaseFactory:
+    """Hands out new, empty databases, creating the next ones and dropping used ones meanwhile.
+
+    CREATE DATABASE costs a few hundred milliseconds of fsync; doing it on worker threads
+    while the previous test runs keeps one private database per test affordable. A used
+    database is dropped only when the next one is taken, after its test's servers stopped.
+    """
+
+    def __init__(self, ahead: int = 4) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-database")
+        self._ahead = ahead
+        self._ready: deque[Future[str]] = deque()
+        self._used: list[str] = []
+        self._drops: list[Future[None]] = []
+
+    def take(self) -> str:
+        self._drops += [self._executor.submit(_drop_database, name) for name in self._used]
+        self._used.clear()
+        while len(self._ready) <= self._ahead:
+            self._ready.append(self._executor.submit(_create_database))
+        return self._ready.popleft().result()
+
+    def give_back(self, name: str) -> None:
+        self._used.append(name)
+
+    def close(self) -> None:
+        names = self._used + [f.result() for f in self._ready]
+        self._drops += [self._executor.submit(_drop_database, name) for name in names]
+        for drop in self._drops:
+            drop.result()
+        self._executor.shutdown()
+
+
+@pytest.fixture(scope="session")
+def database_factory() -> Iterator[DatabaseFactory]:
+    factory = DatabaseFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def empty_database(database_factory: DatabaseFactory) -> Iterator[str]:
+    """A new, empty database on the shared Postgres, dropped afterwards."""
+    name = database_factory.take()
     try:
         yield database_url(name)
     finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        database_factory.give_back(name)
 
 
 @pytest.fixture
@@ -84,8 +142,16 @@ def server_env(database: str, **overrides: str) -> dict[str, str]:
 StartServer = Callable[..., Awaitable[GrpcApp]]
 
 
+@pytest.fixture(scope="session")
+def _background_stops() -> Iterator[list[threading.Thread]]:
+    threads: list[threading.Thread] = []
+    yield threads
+    for thread in threads:
+        thread.join(timeout=10)
+
+
 @pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
+async def start_server(_background_stops: list[threading.Thread]) -> AsyncIterator[StartServer]:
     """Factory: start a UserService in this process for a database; stopped after the test."""
     apps: list[GrpcApp] = []
 
@@ -97,7 +163,24 @@ async def start_server() -> AsyncIterator[StartServer]:
 
     yield start
     for app in apps:
+        # The metrics HTTP server polls for shutdown every 0.5 s; let that wait happen on a
+        # thread so the next test can start meanwhile. Everything else stops as usual.
+        metrics = getattr(app, "_metrics_server", None)
+        if metrics is not None:
+            app._metrics_server = None
+            _background_stops.append(_stop_metrics_in_background(*metrics))
         await app.stop()
+
+
+def _stop_metrics_in_background(server: Any, thread: threading.Thread) -> threading.Thread:
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    stopper = threading.Thread(target=stop, name="metrics-stop", daemon=True)
+    stopper.start()
+    return stopper
 
 
 @pytest.fixture
@@ -270,3 +353,73 @@ async def insert_users(conn: psycopg.AsyncConnection[Any], count: int, prefix: s
 def bulk_insert() -> Callable[..., Awaitable[None]]:
     """`await bulk_insert(conn, count, prefix)`: many valid users at once, through SQL."""
     return insert_users
+
+
+@pytest.fixture
+def token() -> Callable[..., str]:
+    """`token(sub=..., scope=..., ttl=..., **claims)`: a signed JWT the test server accepts."""
+    return make_token
+
+
+@dataclass
+class ServerProcess:
+    """A `parley-user serve` process: its gRPC port and where its log goes."""
+
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _wait_until_ready(server: ServerProcess, timeout: float) -> bool:
+    """Whether the process reports its service SERVING before `timeout`; False if it exited."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="user.UserService")
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                return False
+            try:
+                if stub.Check(request, timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    pytest.fail(f"parley-user serve was not ready after {timeout}s:\n{server.log_text()}")
+
+
+@pytest.fixture
+def start_server_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: run `parley-user serve` as a child process on a free port; stopped afterwards."""
+    servers: list[ServerProcess] = []
+
+    def start(database: str, **overrides: str) -> ServerProcess:
+        for _ in range(3):
+            port = free_port()  # another process may take it before the server binds: retry
+            env = {**os.environ, **server_env(database, PARLEY_GRPC_PORT=str(port), **overrides)}
+            log = tmp_path / f"parley-user-{port}.log"
+            with open(log, "wb") as out:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "parley.user_service.cli", "serve"],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            server = ServerProcess(port, log, process)
+            servers.append(server)
+            if _wait_until_ready(server, timeout=20):
+                return server
+        pytest.fail(f"parley-user serve did not start:\n{server.log_text()}")
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+            try:
+                server.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+                server.process.wait()

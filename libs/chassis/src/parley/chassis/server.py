@@ -78,7 +78,11 @@ class GrpcApp:
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(settings.address)
+        try:
+            # grpcio raises RuntimeError when the bind fails (for example, the port is taken).
+            self.port = self.server.add_insecure_port(settings.address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.address}")
         self.metrics_port = 0

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 
+import psycopg
+
 from parley.chassis import ConfigError, DatabaseSettings, Env, configure_logging
 from parley.chassis.database import redact_url
 
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"configuration error: {error}")
     except OSError as error:
         return _fail(str(error))
+    except psycopg.OperationalError as error:
+        # Such as an unreachable database: one line, no traceback.
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return _fail(f"postgres is unavailable: {lines[0]}")
     except KeyboardInterrupt:
         return 130
 

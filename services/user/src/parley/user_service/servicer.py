@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from typing import Any
 import grpc
 
 from parley.chassis import (
+    DeadlineExceeded,
     InvalidArgument,
     ServiceError,
     require_scope,
@@ -114,10 +116,26 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
                 else:
                     response.created_count += 1
                 index += 1
+            await _ensure_half_closed(context)
         _log.info(
             "imported users: %d created, %d failed", response.created_count, response.failed_count
         )
         return response
+
+
+async def _ensure_half_closed(context: Context) -> None:
+    """Raises unless the request stream ended because the client finished sending.
+
+    gRPC also ends the request stream when the call is cancelled or its deadline passes,
+    and delivers the cancellation to the handler only a moment later. Checked before the
+    import commits, so that a call cut short stores nothing.
+    """
+    await asyncio.sleep(0)  # lets a pending cancellation of this call reach the handler
+    if context.cancelled():
+        raise asyncio.CancelledError()
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("the call's deadline passed before the import was committed")
 
 
 def _changes(request: user_pb2.UpdateUserRequest) -> dict[str, object]:
