@@ -413,3 +413,10 @@ def test_rs256_public_key_file_with_an_ec_key(tmp_path: Path) -> None:
             Env({"PARLEY_JWT_ALGORITHM": "RS256", "PARLEY_JWT_PUBLIC_KEY_FILE": str(path)})
         )
     assert_one_line_error(info.value, "PARLEY_JWT_PUBLIC_KEY_FILE", "RSA")
+
+
+def test_log_level_ignores_case() -> None:
+    settings = ServerSettings.from_env(
+        Env({"PARLEY_LOG_LEVEL": "debug"}), default_port=1, default_metrics_port=2
+    )
+    assert settings.log_level == "DEBUG"

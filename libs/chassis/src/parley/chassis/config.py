@@ -47,8 +47,12 @@ class Env:
     def optional(self, name: str) -> str | None:
         return self.raw(name)
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(
+        self, name: str, default: str, choices: tuple[str, ...], *, ignore_case: bool = False
+    ) -> str:
         value = self.string(name, default)
+        if ignore_case:
+            value = {c.lower(): c for c in choices}.get(value.lower(), value)
         if value not in choices:
             raise ConfigError(name, f"must be one of {', '.join(choices)}, got {value!r}")
         return value
@@ -120,7 +124,9 @@ class ServerSettings:
                 "PARLEY_HEALTH_CHECK_INTERVAL", 5.0, minimum=0.05, maximum=300
             ),
             log_format=env.choice("PARLEY_LOG_FORMAT", "plain", ("plain", "json")),
-            log_level=env.choice("PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            log_level=env.choice(
+                "PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), ignore_case=True
+            ),
         )
 
     @property

@@ -129,7 +129,8 @@ class GrpcApp:
             await hook()
         if self._metrics_server is not None:
             server, thread = self._metrics_server
-            server.shutdown()
+            # shutdown() blocks for up to its 0.5 s poll interval; keep the event loop free.
+            await asyncio.to_thread(server.shutdown)
             server.server_close()
             thread.join(timeout=5)
             self._metrics_server = None

@@ -40,7 +40,9 @@ async def _migrate() -> int:
     database = DatabaseSettings.from_env(env)
     configure_logging(
         env.choice("PARLEY_LOG_FORMAT", "plain", ("plain", "json")),
-        env.choice("PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        env.choice(
+            "PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), ignore_case=True
+        ),
     )
     applied = await apply_migrations(database.url)
     _log.info(
