@@ -5,7 +5,7 @@ from __future__ import annotations
 from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier
 from parley.proto import user_pb2, user_pb2_grpc
 
-from .migrations import latest_version, schema_version
+from .migrations import MIGRATIONS
 from .servicer import UserServicer
 from .settings import UserSettings
 from .store import UserStore
@@ -18,15 +18,10 @@ SERVICE_NAME = "user.UserService"
 def create_server(settings: UserSettings) -> GrpcApp:
     """A ready-to-start server bound to its port (read `.port`; port 0 picks a free one)."""
     db = Database(settings.database, application_name="parley-user")
-    expected = latest_version()
 
     async def postgres_ready() -> None:
         async with db.connection() as conn:
-            version = await schema_version(conn)
-        if version < expected:
-            raise RuntimeError(
-                f"schema is at version {version}, expected {expected}: run `parley-user migrate`"
-            )
+            await MIGRATIONS.require_current(conn)
 
     app = GrpcApp(
         settings.server,
