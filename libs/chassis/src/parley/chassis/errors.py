@@ -20,6 +20,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "FieldViolation",
+    "Internal",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
@@ -126,6 +127,13 @@ class FailedPrecondition(ServiceError):
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     default_reason = "DEADLINE_EXCEEDED"
+
+
+class Internal(ServiceError):
+    """A fault of the server itself; the message must not leak internals."""
+
+    code = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
 
 
 class Unavailable(ServiceError):

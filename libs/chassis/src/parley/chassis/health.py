@@ -26,13 +26,16 @@ class DependencyCheck:
 
     name: str
     probe: Callable[[], Awaitable[None]]
+    # A failing non-critical dependency leaves the service ready but degraded: the health
+    # service "dependency/<name>" goes NOT_SERVING and the log says what is degraded.
+    critical: bool = True
 
 
 class DependencyMonitor:
     """Checks every dependency on an interval and sets the services' readiness from the results.
 
     The overall service "" stays SERVING while the process runs (liveness); each named
-    service is SERVING only while every dependency passes (readiness).
+    service is SERVING only while every critical dependency passes (readiness).
     """
 
     def __init__(
@@ -51,6 +54,11 @@ class DependencyMonitor:
         self._task: asyncio.Task[None] | None = None
         self._failures: dict[str, str] = {}
         self._ready: bool | None = None
+        self._degraded: dict[str, int] = {}
+
+    def add(self, check: DependencyCheck) -> None:
+        """Adds a check before `start()`."""
+        self._checks.append(check)
 
     @property
     def failures(self) -> dict[str, str]:
@@ -77,7 +85,16 @@ class DependencyMonitor:
 
     async def check_once(self) -> bool:
         results = await asyncio.gather(*(self._run(check) for check in self._checks))
-        ready = all(results)
+        for check, ok in zip(self._checks, results, strict=True):
+            if check.critical:
+                continue
+            status = SERVING if ok else NOT_SERVING
+            if self._degraded.get(check.name) != status:
+                self._degraded[check.name] = status
+                await self._servicer.set(f"dependency/{check.name}", status)
+                if not ok:
+                    _log.warning("degraded: %s: %s", check.name, self._failures.get(check.name))
+        ready = all(ok for check, ok in zip(self._checks, results, strict=True) if check.critical)
         if ready != self._ready:
             status = SERVING if ready else NOT_SERVING
             for name in self._service_names:

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17parley/proto/chat.proto\x12\x04\x63hat\")\n\x0b\x43hatMessage\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t2E\n\x0b\x43hatService\x12\x36\n\nStreamChat\x12\x11.chat.ChatMessage\x1a\x11.chat.ChatMessage(\x01\x30\x01\x42\x32\n\x0f\x64\x65v.parley.chatP\x01Z\x1dparley.dev/gen/go/chat;chatpbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17parley/proto/chat.proto\x12\x04\x63hat\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x0b\x43hatMessage\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x06 \x01(\x05\x12\x19\n\x11\x63lient_message_id\x18\x07 \x01(\t\"g\n\x13ListMessagesRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0f\x62\x65\x66ore_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"d\n\x14ListMessagesResponse\x12#\n\x08messages\x18\x01 \x03(\x0b\x32\x11.chat.ChatMessage\x12\x10\n\x08has_more\x18\x02 \x01(\x08\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"#\n\x13ListPresenceRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"9\n\x14ListPresenceResponse\x12!\n\x07members\x18\x01 \x03(\x0b\x32\x10.chat.RoomMember\"A\n\nRoomMember\x12\x0f\n\x07user_id\x18\x01 \x01(\x05\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x14\n\x0cstream_count\x18\x03 \x01(\x05\x32\xd3\x01\n\x0b\x43hatService\x12\x36\n\nStreamChat\x12\x11.chat.ChatMessage\x1a\x11.chat.ChatMessage(\x01\x30\x01\x12\x45\n\x0cListMessages\x12\x19.chat.ListMessagesRequest\x1a\x1a.chat.ListMessagesResponse\x12\x45\n\x0cListPresence\x12\x19.chat.ListPresenceRequest\x1a\x1a.chat.ListPresenceResponseB2\n\x0f\x64\x65v.parley.chatP\x01Z\x1dparley.dev/gen/go/chat;chatpbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,8 +33,18 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'parley.proto.chat_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.parley.chatP\001Z\035parley.dev/gen/go/chat;chatpb'
-  _globals['_CHATMESSAGE']._serialized_start=33
-  _globals['_CHATMESSAGE']._serialized_end=74
-  _globals['_CHATSERVICE']._serialized_start=76
-  _globals['_CHATSERVICE']._serialized_end=145
+  _globals['_CHATMESSAGE']._serialized_start=67
+  _globals['_CHATMESSAGE']._serialized_end=233
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=235
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=338
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=340
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=440
+  _globals['_LISTPRESENCEREQUEST']._serialized_start=442
+  _globals['_LISTPRESENCEREQUEST']._serialized_end=477
+  _globals['_LISTPRESENCERESPONSE']._serialized_start=479
+  _globals['_LISTPRESENCERESPONSE']._serialized_end=536
+  _globals['_ROOMMEMBER']._serialized_start=538
+  _globals['_ROOMMEMBER']._serialized_end=603
+  _globals['_CHATSERVICE']._serialized_start=606
+  _globals['_CHATSERVICE']._serialized_end=817
 # @@protoc_insertion_point(module_scope)

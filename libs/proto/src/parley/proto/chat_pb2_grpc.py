@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class ChatServiceStub:
-    """ChatService carries conversations between connected users.
+    """ChatService carries conversations between connected users, across every replica.
+
+    Every RPC needs an `authorization: Bearer <JWT>` header; the sender of a message is
+    always the token's subject, whatever the client puts in `user`.
     """
 
     def __init__(self, channel):
@@ -40,14 +43,51 @@ class ChatServiceStub:
                 request_serializer=parley_dot_proto_dot_chat__pb2.ChatMessage.SerializeToString,
                 response_deserializer=parley_dot_proto_dot_chat__pb2.ChatMessage.FromString,
                 _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/chat.ChatService/ListMessages',
+                request_serializer=parley_dot_proto_dot_chat__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.ListMessagesResponse.FromString,
+                _registered_method=True)
+        self.ListPresence = channel.unary_unary(
+                '/chat.ChatService/ListPresence',
+                request_serializer=parley_dot_proto_dot_chat__pb2.ListPresenceRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.ListPresenceResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
-    """ChatService carries conversations between connected users.
+    """ChatService carries conversations between connected users, across every replica.
+
+    Every RPC needs an `authorization: Bearer <JWT>` header; the sender of a message is
+    always the token's subject, whatever the client puts in `user`.
     """
 
     def StreamChat(self, request_iterator, context):
-        """StreamChat is a bidirectional stream of chat messages.
+        """StreamChat joins one room: the client sends messages, the server streams every
+        message of the room (the client's own included, as its acknowledgement), each exactly
+        once and in `sequence` order.
+
+        The room and the resume point are request metadata, so a client can listen without
+        sending anything:
+        - `x-chat-room`: the room name; absent or empty means `general`. A name is 1 to 64
+        characters of `a-z`, `0-9`, `-` and `_`, starting with a letter or digit.
+        - `x-chat-resume-after`: a sequence number. The stream first replays every message of
+        the room with a greater sequence, then goes on live without a gap or a duplicate.
+        Absent means live messages only. A reconnecting client sends the last sequence it saw.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMessages(self, request, context):
+        """ListMessages returns a page of a room's stored messages, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPresence(self, request, context):
+        """ListPresence returns who is connected to a room right now, on any replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -61,6 +101,16 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     request_deserializer=parley_dot_proto_dot_chat__pb2.ChatMessage.FromString,
                     response_serializer=parley_dot_proto_dot_chat__pb2.ChatMessage.SerializeToString,
             ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.ListMessagesRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'ListPresence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPresence,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.ListPresenceRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.ListPresenceResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'chat.ChatService', rpc_method_handlers)
@@ -70,7 +120,10 @@ def add_ChatServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ChatService:
-    """ChatService carries conversations between connected users.
+    """ChatService carries conversations between connected users, across every replica.
+
+    Every RPC needs an `authorization: Bearer <JWT>` header; the sender of a message is
+    always the token's subject, whatever the client puts in `user`.
     """
 
     @staticmethod
@@ -90,6 +143,60 @@ class ChatService:
             '/chat.ChatService/StreamChat',
             parley_dot_proto_dot_chat__pb2.ChatMessage.SerializeToString,
             parley_dot_proto_dot_chat__pb2.ChatMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/ListMessages',
+            parley_dot_proto_dot_chat__pb2.ListMessagesRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPresence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/ListPresence',
+            parley_dot_proto_dot_chat__pb2.ListPresenceRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.ListPresenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,9 @@ isort:skip_file
 ChatService: Parley's chat rooms.
 
 Wire-compatible with the tutorial's chat.proto: the package, service, method and
-message names and every original field number and type are unchanged.
+message names and every original field number and type are unchanged. A client that
+only ever sends `ChatMessage{user, text}` joins the default room and talks to everyone
+in it.
 """
 
 from collections import abc as _abc
@@ -31,25 +33,67 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ChatServiceStub:
-    """ChatService carries conversations between connected users."""
+    """ChatService carries conversations between connected users, across every replica.
+
+    Every RPC needs an `authorization: Bearer <JWT>` header; the sender of a message is
+    always the token's subject, whatever the client puts in `user`.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ChatServiceAsyncStub: ...
     StreamChat: _grpc.StreamStreamMultiCallable[_chat_pb2.ChatMessage, _chat_pb2.ChatMessage]
-    """StreamChat is a bidirectional stream of chat messages."""
+    """StreamChat joins one room: the client sends messages, the server streams every
+    message of the room (the client's own included, as its acknowledgement), each exactly
+    once and in `sequence` order.
+
+    The room and the resume point are request metadata, so a client can listen without
+    sending anything:
+    - `x-chat-room`: the room name; absent or empty means `general`. A name is 1 to 64
+      characters of `a-z`, `0-9`, `-` and `_`, starting with a letter or digit.
+    - `x-chat-resume-after`: a sequence number. The stream first replays every message of
+      the room with a greater sequence, then goes on live without a gap or a duplicate.
+      Absent means live messages only. A reconnecting client sends the last sequence it saw.
+    """
+    ListMessages: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]
+    """ListMessages returns a page of a room's stored messages, oldest first."""
+    ListPresence: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListPresenceRequest, _chat_pb2.ListPresenceResponse]
+    """ListPresence returns who is connected to a room right now, on any replica."""
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
-    """ChatService carries conversations between connected users."""
+    """ChatService carries conversations between connected users, across every replica.
+
+    Every RPC needs an `authorization: Bearer <JWT>` header; the sender of a message is
+    always the token's subject, whatever the client puts in `user`.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StreamChat: _aio.StreamStreamMultiCallable[_chat_pb2.ChatMessage, _chat_pb2.ChatMessage]  # type: ignore[assignment]
-    """StreamChat is a bidirectional stream of chat messages."""
+    """StreamChat joins one room: the client sends messages, the server streams every
+    message of the room (the client's own included, as its acknowledgement), each exactly
+    once and in `sequence` order.
+
+    The room and the resume point are request metadata, so a client can listen without
+    sending anything:
+    - `x-chat-room`: the room name; absent or empty means `general`. A name is 1 to 64
+      characters of `a-z`, `0-9`, `-` and `_`, starting with a letter or digit.
+    - `x-chat-resume-after`: a sequence number. The stream first replays every message of
+      the room with a greater sequence, then goes on live without a gap or a duplicate.
+      Absent means live messages only. A reconnecting client sends the last sequence it saw.
+    """
+    ListMessages: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]  # type: ignore[assignment]
+    """ListMessages returns a page of a room's stored messages, oldest first."""
+    ListPresence: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListPresenceRequest, _chat_pb2.ListPresenceResponse]  # type: ignore[assignment]
+    """ListPresence returns who is connected to a room right now, on any replica."""
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ChatService carries conversations between connected users."""
+    """ChatService carries conversations between connected users, across every replica.
+
+    Every RPC needs an `authorization: Bearer <JWT>` header; the sender of a message is
+    always the token's subject, whatever the client puts in `user`.
+    """
 
     @_abc_1.abstractmethod
     def StreamChat(
@@ -57,6 +101,33 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_chat_pb2.ChatMessage],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_chat_pb2.ChatMessage], _abc.AsyncIterator[_chat_pb2.ChatMessage]]:
-        """StreamChat is a bidirectional stream of chat messages."""
+        """StreamChat joins one room: the client sends messages, the server streams every
+        message of the room (the client's own included, as its acknowledgement), each exactly
+        once and in `sequence` order.
+
+        The room and the resume point are request metadata, so a client can listen without
+        sending anything:
+        - `x-chat-room`: the room name; absent or empty means `general`. A name is 1 to 64
+          characters of `a-z`, `0-9`, `-` and `_`, starting with a letter or digit.
+        - `x-chat-resume-after`: a sequence number. The stream first replays every message of
+          the room with a greater sequence, then goes on live without a gap or a duplicate.
+          Absent means live messages only. A reconnecting client sends the last sequence it saw.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMessages(
+        self,
+        request: _chat_pb2.ListMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ListMessagesResponse, _abc.Awaitable[_chat_pb2.ListMessagesResponse]]:
+        """ListMessages returns a page of a room's stored messages, oldest first."""
+
+    @_abc_1.abstractmethod
+    def ListPresence(
+        self,
+        request: _chat_pb2.ListPresenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ListPresenceResponse, _abc.Awaitable[_chat_pb2.ListPresenceResponse]]:
+        """ListPresence returns who is connected to a room right now, on any replica."""
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import redis.asyncio as redis
+import os
+import socket
+import uuid
 
-from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier
+from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier, Unavailable
 from parley.proto import chat_pb2, chat_pb2_grpc
 
+from .bus import RedisBus
+from .hub import RoomHub
+from .metrics import ChatMetrics
+from .migrations import MIGRATIONS
+from .presence import Presence
 from .servicer import ChatServicer
 from .settings import ChatSettings
+from .store import MessageStore
+from .users import USER_SERVICE, UserDirectory
 
 __all__ = ["SERVICE_NAME", "create_server"]
 
@@ -18,20 +27,62 @@ SERVICE_NAME = "chat.ChatService"
 def create_server(settings: ChatSettings) -> GrpcApp:
     """A ready-to-start server bound to its port (read `.port`; port 0 picks a free one)."""
     db = Database(settings.database, application_name="parley-chat")
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    store = MessageStore(db)
+    users = UserDirectory(
+        settings.user_service, timeout=settings.user_timeout, cache_ttl=settings.user_cache_ttl
+    )
 
-    async def redis_ready() -> None:
-        await client.ping()
+    async def postgres_ready() -> None:
+        async with db.connection() as conn:
+            await MIGRATIONS.require_current(conn)
 
+    async def last_sequence(room: str) -> int:
+        return await store.last_sequence(room)
+
+    # The app owns the metrics registry, so it is built before the parts that count.
     app = GrpcApp(
         settings.server,
         services=[chat_pb2.DESCRIPTOR.services_by_name["ChatService"]],
         verifier=TokenVerifier(settings.auth),
-        checks=[DependencyCheck("postgres", db.probe), DependencyCheck("redis", redis_ready)],
     )
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(), app.server)
+    metrics = ChatMetrics(app.metrics.registry)
+    hub = RoomHub(metrics, settings.queue_limit)
+    bus = RedisBus(
+        settings.redis_url,
+        settings.redis_prefix,
+        hub,
+        metrics,
+        last_sequence,
+        settings.resync_interval,
+    )
+    replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    presence = Presence(bus.client, settings.redis_prefix, replica, hub, settings.presence_ttl)
+    app.monitor.add(DependencyCheck("postgres", postgres_ready))
+    app.monitor.add(DependencyCheck("redis", bus.ping))
+    app.monitor.add(DependencyCheck(USER_SERVICE, users.probe, critical=False))
+    servicer = ChatServicer(
+        store,
+        hub,
+        bus,
+        presence,
+        users,
+        metrics,
+        rate_limit=settings.rate_limit,
+        rate_burst=settings.rate_burst,
+    )
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, app.server)
     db.register_metrics(app.metrics.registry)
+
+    async def drain() -> None:
+        # Ends every stream so its client reconnects to another replica and resumes.
+        hub.close_all(Unavailable("this chat replica", "it is shutting down; reconnect and resume"))
+
     app.on_start(db.open)
+    app.on_start(bus.start)
+    app.on_start(presence.start)
+    app.on_drain(drain)
+    app.on_stop(presence.stop)
+    app.on_stop(bus.stop)
+    app.on_stop(users.close)
     app.on_stop(db.close)
-    app.on_stop(client.aclose)
     return app

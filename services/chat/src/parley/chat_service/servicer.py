@@ -1,22 +1,261 @@
-"""ChatService: StreamChat is served from its own release; until then it says so clearly."""
+"""ChatService: StreamChat, ListMessages and ListPresence."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from redis.exceptions import RedisError
 
+from parley.chassis import (
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    current_identity,
+)
 from parley.proto import chat_pb2, chat_pb2_grpc
 
-__all__ = ["ChatServicer"]
+from .bus import RedisBus
+from .hub import RoomHub, Subscriber
+from .metrics import ChatMetrics
+from .presence import Presence
+from .rooms import check_client_message_id, check_room, check_text
+from .store import MessageStore
+from .users import UserDirectory
+
+__all__ = ["RESUME_KEY", "ROOM_KEY", "ChatServicer"]
+
+ROOM_KEY = "x-chat-room"
+RESUME_KEY = "x-chat-resume-after"
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# Catch-up reads from Postgres go in pages of this many messages.
+_CATCH_UP_PAGE = 200
+
+_log = logging.getLogger("parley.chat")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _metadata(context: Context) -> dict[str, str]:
+    return {
+        key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
+    }
+
+
+def _resume_point(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or not value.isascii() or int(value) > 2**63 - 1:
+        raise InvalidArgument(
+            [FieldViolation(RESUME_KEY, "must be a sequence number (a non-negative integer)")]
+        )
+    return int(value)
+
+
+def _sender_id() -> int:
+    user_id = current_identity().user_id
+    if user_id is None or not 0 < user_id < 2**31:
+        raise PermissionDenied(
+            "chat needs a token whose subject is a user id", reason="SUBJECT_NOT_A_USER"
+        )
+    return user_id
+
+
+class _RateLimit:
+    """A token bucket: `rate` messages a second on average, bursts of up to `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    async def StreamChat(
+    def __init__(
         self,
-        request_iterator: AsyncIterator[chat_pb2.ChatMessage],
-        context: grpc.aio.ServicerContext[Any, Any],
+        store: MessageStore,
+        hub: RoomHub,
+        bus: RedisBus,
+        presence: Presence,
+        users: UserDirectory,
+        metrics: ChatMetrics,
+        *,
+        rate_limit: float,
+        rate_burst: int,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._bus = bus
+        self._presence = presence
+        self._users = users
+        self._metrics = metrics
+        self._rate_limit = rate_limit
+        self._rate_burst = rate_burst
+
+    async def StreamChat(
+        self, request_iterator: AsyncIterator[chat_pb2.ChatMessage], context: Context
     ) -> AsyncIterator[chat_pb2.ChatMessage]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "StreamChat is not implemented yet")
-        yield chat_pb2.ChatMessage()  # never reached; makes this a server-streaming generator
+        user_id = _sender_id()
+        metadata = _metadata(context)
+        room = check_room(metadata.get(ROOM_KEY, ""), field=ROOM_KEY)
+        resume_after = _resume_point(metadata.get(RESUME_KEY))
+        token = metadata.get("authorization", "").partition(" ")[2].strip()
+
+        # Join first, then read the starting point: nothing published in between is missed.
+        subscriber = self._hub.join(room, user_id)
+        reader: asyncio.Task[None] | None = None
+        try:
+            if resume_after is None:
+                last = await self._store.last_sequence(room, timeout=context.time_remaining())
+            else:
+                last = resume_after
+                subscriber.catch_up()
+            subscriber.user_name = await self._users.display_name(user_id, token)
+            await self._presence.announce(room, subscriber.id, user_id, subscriber.user_name)
+            reader = asyncio.create_task(self._read(request_iterator, subscriber, token))
+            while True:
+                message = await subscriber.next()
+                if message is None:
+                    async for stored in self._catch_up(room, last):
+                        last = stored.sequence
+                        yield self._delivered(stored)
+                    continue
+                if message.sequence <= last:
+                    continue  # already delivered
+                if message.sequence > last + 1:
+                    async for stored in self._catch_up(room, last, message.sequence - 1):
+                        last = stored.sequence
+                        yield self._delivered(stored)
+                last = message.sequence
+                yield self._delivered(message)
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+            self._hub.leave(subscriber)
+            await self._presence.withdraw(room, subscriber.id, user_id, subscriber.user_name)
+
+    def _delivered(self, message: chat_pb2.ChatMessage) -> chat_pb2.ChatMessage:
+        self._metrics.delivered.inc()
+        self._metrics.latency.observe(
+            max(0.0, time.time() - message.create_time.ToNanoseconds() / 1e9)
+        )
+        return message
+
+    async def _catch_up(
+        self, room: str, after: int, until: int | None = None
+    ) -> AsyncIterator[chat_pb2.ChatMessage]:
+        """Stored messages after `after` (up to `until`, else to the end), oldest first."""
+        while until is None or after < until:
+            page = await self._store.after(room, after, _CATCH_UP_PAGE)
+            for message in page:
+                if until is not None and message.sequence > until:
+                    return
+                self._metrics.backfilled.inc()
+                after = message.sequence
+                yield message
+            if len(page) < _CATCH_UP_PAGE:
+                return
+
+    async def _read(
+        self,
+        requests: AsyncIterator[chat_pb2.ChatMessage],
+        subscriber: Subscriber,
+        token: str,
+    ) -> None:
+        """Stores and publishes what the client sends; an error ends the whole stream."""
+        limit = _RateLimit(self._rate_limit, self._rate_burst)
+        try:
+            async for request in requests:
+                check_text(request.text)
+                check_client_message_id(request.client_message_id)
+                if not limit.take():
+                    raise ResourceExhausted(
+                        f"more than {self._rate_limit:g} messages a second; slow down",
+                        reason="RATE_LIMITED",
+                    )
+                name = await self._users.display_name(subscriber.user_id, token)
+                message, new = await self._store.append(
+                    subscriber.room,
+                    subscriber.user_id,
+                    name,
+                    request.text,
+                    request.client_message_id,
+                    timeout=None,
+                )
+                self._metrics.received.inc()
+                self._hub.deliver(message)
+                if new:
+                    await self._bus.publish(message)
+        except ServiceError as error:
+            subscriber.close(error)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _log.exception("reading a chat stream failed")
+            subscriber.close(Internal("internal error while reading the stream"))
+
+    async def ListMessages(
+        self, request: chat_pb2.ListMessagesRequest, context: Context
+    ) -> chat_pb2.ListMessagesResponse:
+        room = check_room(request.room)
+        problems = []
+        if request.page_size < 0:
+            problems.append(FieldViolation("page_size", "must not be negative"))
+        if request.after_sequence < 0:
+            problems.append(FieldViolation("after_sequence", "must not be negative"))
+        if request.before_sequence < 0:
+            problems.append(FieldViolation("before_sequence", "must not be negative"))
+        if problems:
+            raise InvalidArgument(problems)
+        size = (
+            DEFAULT_PAGE_SIZE if request.page_size == 0 else min(request.page_size, MAX_PAGE_SIZE)
+        )
+        timeout = context.time_remaining()
+        last = await self._store.last_sequence(room, timeout=timeout)
+        if request.before_sequence > 0:
+            messages = await self._store.before(
+                room, request.before_sequence, size + 1, timeout=timeout
+            )
+            has_more = len(messages) > size
+            messages = messages[1:] if has_more else messages
+        else:
+            messages = await self._store.after(
+                room, request.after_sequence, size + 1, timeout=timeout
+            )
+            has_more = len(messages) > size
+            messages = messages[:size]
+        return chat_pb2.ListMessagesResponse(
+            messages=messages, has_more=has_more, last_sequence=last
+        )
+
+    async def ListPresence(
+        self, request: chat_pb2.ListPresenceRequest, context: Context
+    ) -> chat_pb2.ListPresenceResponse:
+        room = check_room(request.room)
+        try:
+            members = await self._presence.members(room)
+        except (RedisError, OSError) as exc:
+            raise Unavailable("redis", str(exc)) from None
+        return chat_pb2.ListPresenceResponse(members=members)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env, ServerSettings
@@ -18,6 +19,15 @@ class ChatSettings:
     database: DatabaseSettings
     auth: AuthSettings
     redis_url: str
+    redis_prefix: str
+    user_service: str
+    user_timeout: float
+    user_cache_ttl: float
+    rate_limit: float
+    rate_burst: int
+    queue_limit: int
+    resync_interval: float
+    presence_ttl: float
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ChatSettings:
@@ -25,6 +35,9 @@ class ChatSettings:
         redis_url = env.string("PARLEY_REDIS_URL")
         if not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("PARLEY_REDIS_URL", "must be a redis://, rediss:// or unix:// URL")
+        prefix = env.string("PARLEY_REDIS_PREFIX", "parley")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", prefix):
+            raise ConfigError("PARLEY_REDIS_PREFIX", "must be 1 to 64 of A-Z a-z 0-9 _ . -")
         return cls(
             server=ServerSettings.from_env(
                 env, default_port=DEFAULT_GRPC_PORT, default_metrics_port=DEFAULT_METRICS_PORT
@@ -32,4 +45,15 @@ class ChatSettings:
             database=DatabaseSettings.from_env(env),
             auth=AuthSettings.from_env(env),
             redis_url=redis_url,
+            redis_prefix=prefix,
+            user_service=env.string("PARLEY_USER_SERVICE_ADDR", "127.0.0.1:50051"),
+            user_timeout=env.seconds("PARLEY_USER_SERVICE_TIMEOUT", 2.0, minimum=0.01, maximum=60),
+            user_cache_ttl=env.seconds("PARLEY_USER_CACHE_TTL", 60.0, maximum=86400),
+            rate_limit=float(env.integer("PARLEY_CHAT_RATE_LIMIT", 20, minimum=1, maximum=100000)),
+            rate_burst=env.integer("PARLEY_CHAT_RATE_BURST", 40, minimum=1, maximum=100000),
+            queue_limit=env.integer("PARLEY_CHAT_QUEUE_LIMIT", 256, minimum=1, maximum=100000),
+            resync_interval=env.seconds(
+                "PARLEY_CHAT_RESYNC_INTERVAL", 5.0, minimum=0.05, maximum=3600
+            ),
+            presence_ttl=env.seconds("PARLEY_CHAT_PRESENCE_TTL", 30.0, minimum=0.3, maximum=3600),
         )

@@ -1,0 +1,119 @@
+"""In-process fan-out: each replica's streams, by room, with bounded per-stream buffers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict, deque
+
+from parley.chassis import ServiceError
+from parley.proto import chat_pb2
+
+from .metrics import ChatMetrics
+
+__all__ = ["RoomHub", "Subscriber"]
+
+_ids = itertools.count(1)
+
+
+class Subscriber:
+    """One stream's inbox. It never holds more than `limit` messages: on overflow it drops
+    them all and becomes `lagging`, and its stream catches up from Postgres instead."""
+
+    def __init__(self, room: str, user_id: int, limit: int, metrics: ChatMetrics) -> None:
+        self.id = next(_ids)
+        self.room = room
+        self.user_id = user_id
+        self.user_name = ""
+        self._limit = limit
+        self._metrics = metrics
+        self._buffer: deque[chat_pb2.ChatMessage] = deque()
+        self._ready = asyncio.Event()
+        self._lagging = False
+        self._error: ServiceError | None = None
+
+    def offer(self, message: chat_pb2.ChatMessage) -> None:
+        if self._lagging or self._error is not None:
+            return
+        if len(self._buffer) >= self._limit:
+            self._buffer.clear()
+            self._lagging = True
+            self._metrics.slow_readers.inc()
+        else:
+            self._buffer.append(message)
+        self._ready.set()
+
+    def catch_up(self) -> None:
+        """Makes the stream re-read the room from Postgres (after a gap it cannot see)."""
+        self._buffer.clear()
+        self._lagging = True
+        self._ready.set()
+
+    def close(self, error: ServiceError) -> None:
+        """Ends the stream with `error` as soon as its delivery loop wakes up."""
+        self._error = error
+        self._ready.set()
+
+    async def next(self) -> chat_pb2.ChatMessage | None:
+        """The next buffered message, or None when the stream must catch up from Postgres."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._lagging:
+                self._lagging = False
+                self._buffer.clear()
+                return None
+            if self._buffer:
+                return self._buffer.popleft()
+            self._ready.clear()
+            await self._ready.wait()
+
+
+class RoomHub:
+    """The rooms of this replica and their subscribers."""
+
+    def __init__(self, metrics: ChatMetrics, queue_limit: int) -> None:
+        self._metrics = metrics
+        self._queue_limit = queue_limit
+        self._rooms: dict[str, set[Subscriber]] = defaultdict(set)
+        self._heads: dict[str, int] = {}
+
+    def join(self, room: str, user_id: int) -> Subscriber:
+        subscriber = Subscriber(room, user_id, self._queue_limit, self._metrics)
+        self._rooms[room].add(subscriber)
+        self._metrics.streams.inc()
+        return subscriber
+
+    def leave(self, subscriber: Subscriber) -> None:
+        members = self._rooms.get(subscriber.room)
+        if members is not None and subscriber in members:
+            members.discard(subscriber)
+            self._metrics.streams.dec()
+            if not members:
+                del self._rooms[subscriber.room]
+                self._heads.pop(subscriber.room, None)
+
+    def deliver(self, message: chat_pb2.ChatMessage) -> None:
+        """Offers a stored message to every local stream of its room."""
+        room = message.room
+        if message.sequence > self._heads.get(room, 0):
+            self._heads[room] = message.sequence
+        for subscriber in self._rooms.get(room, ()):
+            subscriber.offer(message)
+
+    def rooms(self) -> dict[str, int]:
+        """Each room with local streams, and the highest sequence seen in it."""
+        return {room: self._heads.get(room, 0) for room in self._rooms}
+
+    def subscribers(self) -> list[Subscriber]:
+        return [s for members in self._rooms.values() for s in members]
+
+    def catch_up(self, room: str | None = None) -> None:
+        """Makes every stream (of one room, or of all) re-read its room from Postgres."""
+        for subscriber in self.subscribers():
+            if room is None or subscriber.room == room:
+                subscriber.catch_up()
+
+    def close_all(self, error: ServiceError) -> None:
+        for subscriber in self.subscribers():
+            subscriber.close(error)

@@ -1,0 +1,52 @@
+"""ChatService metrics, registered in the server's own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["ChatMetrics"]
+
+
+class ChatMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.streams = Gauge(
+            "parley_chat_streams",
+            "StreamChat streams connected to this replica.",
+            registry=registry,
+        )
+        self.received = Counter(
+            "parley_chat_messages_received_total",
+            "Chat messages received from clients and stored.",
+            registry=registry,
+        )
+        self.delivered = Counter(
+            "parley_chat_messages_delivered_total",
+            "Chat messages written to streams.",
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "parley_chat_delivery_latency_seconds",
+            "Time from a message being stored to its delivery on a stream.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.redis_reconnects = Counter(
+            "parley_chat_redis_reconnects_total",
+            "Times the Redis subscription was lost and set up again.",
+            registry=registry,
+        )
+        self.publish_errors = Counter(
+            "parley_chat_publish_errors_total",
+            "Messages stored but not published to Redis (other replicas catch up from Postgres).",
+            registry=registry,
+        )
+        self.backfilled = Counter(
+            "parley_chat_backfilled_messages_total",
+            "Messages delivered from Postgres to fill a gap or catch up a stream.",
+            registry=registry,
+        )
+        self.slow_readers = Counter(
+            "parley_chat_slow_readers_total",
+            "Times a stream's queue overflowed and it fell back to catching up from Postgres.",
+            registry=registry,
+        )

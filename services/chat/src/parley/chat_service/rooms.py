@@ -1,0 +1,60 @@
+"""Room names and message rules."""
+
+from __future__ import annotations
+
+import re
+
+from parley.chassis import FieldViolation, InvalidArgument
+
+__all__ = [
+    "DEFAULT_ROOM",
+    "MAX_CLIENT_MESSAGE_ID",
+    "MAX_TEXT_BYTES",
+    "check_client_message_id",
+    "check_room",
+    "check_text",
+]
+
+DEFAULT_ROOM = "general"
+MAX_TEXT_BYTES = 4096
+MAX_CLIENT_MESSAGE_ID = 64
+_ROOM = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def check_room(name: str, field: str = "room") -> str:
+    """The room name to use (`general` when empty); INVALID_ARGUMENT when malformed."""
+    if not name:
+        return DEFAULT_ROOM
+    if not _ROOM.match(name):
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    field,
+                    "must be 1 to 64 characters of a-z, 0-9, '-' and '_', "
+                    "starting with a letter or digit",
+                )
+            ],
+            reason="INVALID_ROOM",
+        )
+    return name
+
+
+def check_text(text: str) -> None:
+    size = len(text.encode())
+    if not text.strip():
+        raise InvalidArgument([FieldViolation("text", "must not be empty")])
+    if size > MAX_TEXT_BYTES:
+        raise InvalidArgument(
+            [FieldViolation("text", f"must be at most {MAX_TEXT_BYTES} bytes, got {size}")]
+        )
+
+
+def check_client_message_id(value: str) -> None:
+    if len(value) > MAX_CLIENT_MESSAGE_ID:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "client_message_id", f"must be at most {MAX_CLIENT_MESSAGE_ID} characters"
+                )
+            ]
+        )

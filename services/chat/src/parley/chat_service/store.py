@@ -1,0 +1,130 @@
+"""Chat messages in Postgres: the durable log every delivery and every resume reads from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import errors as pg_errors
+from psycopg import sql
+
+from parley.chassis import Database
+from parley.proto import chat_pb2
+
+__all__ = ["MessageStore"]
+
+_COLUMNS = sql.SQL("room, sequence, user_id, user_name, text, client_message_id, create_time")
+
+
+def _message(row: tuple[Any, ...]) -> chat_pb2.ChatMessage:
+    message = chat_pb2.ChatMessage(
+        room=row[0],
+        sequence=row[1],
+        user_id=row[2],
+        user=row[3],
+        text=row[4],
+        client_message_id=row[5],
+    )
+    message.create_time.FromDatetime(row[6])
+    return message
+
+
+class MessageStore:
+    """Appends messages with the room's next sequence number and reads them back."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def append(
+        self,
+        room: str,
+        user_id: int,
+        user_name: str,
+        text: str,
+        client_message_id: str,
+        *,
+        timeout: float | None,
+    ) -> tuple[chat_pb2.ChatMessage, bool]:
+        """Stores a message; returns it and whether it is new (False for a resent client id)."""
+        if client_message_id:
+            existing = await self._by_client_id(room, user_id, client_message_id, timeout)
+            if existing is not None:
+                return existing, False
+        try:
+            async with self._db.connection(timeout) as conn, conn.transaction():
+                # The row lock on the room serialises writers, so sequences have no gaps.
+                cur = await conn.execute(
+                    "INSERT INTO chat_rooms AS r (name, last_sequence) VALUES (%s, 1)"
+                    " ON CONFLICT (name) DO UPDATE SET last_sequence = r.last_sequence + 1"
+                    " RETURNING last_sequence",
+                    (room,),
+                )
+                seq_row = await cur.fetchone()
+                assert seq_row is not None
+                cur = await conn.execute(
+                    sql.SQL(
+                        "INSERT INTO chat_messages"
+                        " (room, sequence, user_id, user_name, text, client_message_id)"
+                        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING {}"
+                    ).format(_COLUMNS),
+                    (room, seq_row[0], user_id, user_name, text, client_message_id),
+                )
+                row = await cur.fetchone()
+        except pg_errors.UniqueViolation:
+            # The same client id raced in from another stream (a retry); it is stored once.
+            existing = await self._by_client_id(room, user_id, client_message_id, timeout)
+            assert existing is not None
+            return existing, False
+        assert row is not None
+        return _message(row), True
+
+    async def _by_client_id(
+        self, room: str, user_id: int, client_message_id: str, timeout: float | None
+    ) -> chat_pb2.ChatMessage | None:
+        async with self._db.connection(timeout) as conn:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT {} FROM chat_messages"
+                    " WHERE room = %s AND user_id = %s AND client_message_id = %s"
+                ).format(_COLUMNS),
+                (room, user_id, client_message_id),
+            )
+            row = await cur.fetchone()
+        return None if row is None else _message(row)
+
+    async def last_sequence(self, room: str, *, timeout: float | None = None) -> int:
+        async with self._db.connection(timeout) as conn:
+            cur = await conn.execute(
+                "SELECT last_sequence FROM chat_rooms WHERE name = %s", (room,)
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def after(
+        self, room: str, after_sequence: int, limit: int, *, timeout: float | None = None
+    ) -> list[chat_pb2.ChatMessage]:
+        """Up to `limit` messages with a sequence above `after_sequence`, oldest first."""
+        async with self._db.connection(timeout) as conn:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT {} FROM chat_messages WHERE room = %s AND sequence > %s"
+                    " ORDER BY sequence LIMIT %s"
+                ).format(_COLUMNS),
+                (room, after_sequence, limit),
+            )
+            rows = await cur.fetchall()
+        return [_message(row) for row in rows]
+
+    async def before(
+        self, room: str, before_sequence: int, limit: int, *, timeout: float | None = None
+    ) -> list[chat_pb2.ChatMessage]:
+        """Up to `limit` messages just below `before_sequence`, oldest first."""
+        async with self._db.connection(timeout) as conn:
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT {} FROM chat_messages WHERE room = %s AND sequence < %s"
+                    " ORDER BY sequence DESC LIMIT %s"
+                ).format(_COLUMNS),
+                (room, before_sequence, limit),
+            )
+            rows = await cur.fetchall()
+        return [_message(row) for row in reversed(rows)]

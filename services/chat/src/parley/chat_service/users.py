@@ -1,0 +1,96 @@
+"""Sender names from UserService, over gRPC: the service-to-service call of Parley.
+
+Deadlines on every call, retries on UNAVAILABLE through the service config, client-side
+round_robin (give a `dns:///` target, such as a Kubernetes headless service), and a short
+cache whose stale entries keep the chat going for known users while UserService is down.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from parley.chassis import FailedPrecondition, Unavailable
+from parley.proto import user_pb2, user_pb2_grpc
+
+__all__ = ["USER_SERVICE", "UserDirectory", "service_config"]
+
+USER_SERVICE = "user-service"
+
+
+def service_config(timeout: float) -> str:
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": "user.UserService"}, {"service": "grpc.health.v1.Health"}],
+                    "timeout": f"{timeout:.3f}s",
+                    "retryPolicy": {
+                        "maxAttempts": 3,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
+
+
+class UserDirectory:
+    def __init__(self, target: str, *, timeout: float, cache_ttl: float) -> None:
+        self._timeout = timeout
+        self._cache_ttl = cache_ttl
+        self._cache: dict[int, tuple[str, float]] = {}
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.service_config", service_config(timeout)),
+                ("grpc.enable_retries", 1),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+            ],
+        )
+        self._stub = user_pb2_grpc.UserServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def probe(self) -> None:
+        """Raises unless UserService reports itself ready."""
+        reply = await self._channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )(health_pb2.HealthCheckRequest(service="user.UserService"), timeout=self._timeout)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError("UserService is not serving")
+
+    async def display_name(self, user_id: int, token: str) -> str:
+        """The user's name, looked up with the caller's own token."""
+        cached = self._cache.get(user_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < self._cache_ttl:
+            return cached[0]
+        try:
+            reply = await self._stub.GetUser(
+                user_pb2.GetUserRequest(id=user_id),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise FailedPrecondition(
+                    f"user {user_id} of the token does not exist in UserService",
+                    reason="UNKNOWN_SENDER",
+                ) from None
+            if cached is not None:
+                return cached[0]  # degraded: a stale name beats no chat
+            raise Unavailable(USER_SERVICE, f"{error.code().name}: {error.details()}") from None
+        self._cache[user_id] = (reply.user.name, now)
+        return reply.user.name
