@@ -95,10 +95,12 @@ class RoomHub:
 
     def deliver(self, message: chat_pb2.ChatMessage) -> None:
         """Offers a stored message to every local stream of its room."""
-        room = message.room
-        if message.sequence > self._heads.get(room, 0):
-            self._heads[room] = message.sequence
-        for subscriber in self._rooms.get(room, ()):
+        members = self._rooms.get(message.room)
+        if not members:
+            return
+        if message.sequence > self._heads.get(message.room, 0):
+            self._heads[message.room] = message.sequence
+        for subscriber in members:
             subscriber.offer(message)
 
     def rooms(self) -> dict[str, int]:

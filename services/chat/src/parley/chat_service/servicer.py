@@ -138,16 +138,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 if message is None:
                     async for stored in self._catch_up(room, last):
                         last = stored.sequence
-                        yield self._delivered(stored)
+                        yield self._delivered(stored, live=False)
                     continue
                 if message.sequence <= last:
                     continue  # already delivered
                 if message.sequence > last + 1:
                     async for stored in self._catch_up(room, last, message.sequence - 1):
                         last = stored.sequence
-                        yield self._delivered(stored)
+                        yield self._delivered(stored, live=False)
                 last = message.sequence
-                yield self._delivered(message)
+                yield self._delivered(message, live=True)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -156,11 +156,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             self._hub.leave(subscriber)
             await self._presence.withdraw(room, subscriber.id, user_id, subscriber.user_name)
 
-    def _delivered(self, message: chat_pb2.ChatMessage) -> chat_pb2.ChatMessage:
+    def _delivered(self, message: chat_pb2.ChatMessage, *, live: bool) -> chat_pb2.ChatMessage:
         self._metrics.delivered.inc()
-        self._metrics.latency.observe(
-            max(0.0, time.time() - message.create_time.ToNanoseconds() / 1e9)
-        )
+        if live:  # replays would measure their age, not the delivery path
+            stored_at = message.create_time.ToNanoseconds() / 1e9
+            self._metrics.latency.observe(max(0.0, time.time() - stored_at))
         return message
 
     async def _catch_up(
