@@ -14,31 +14,64 @@ from parley.devstack.stack import redact
 
 DEVSTACK = Path(sys.executable).parent / "parley-devstack"
 
-# Runs inside the stack: checks the variables it gets and that both services answer.
+# Runs inside the stack: checks the variables it gets and that every service answers.
 PROBE = """
-import os, sys
-import grpc, jwt
+import os, re, sys, time
+import grpc, jwt, psycopg, redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
 env = os.environ
-for name in ("PARLEY_USER_ADDR", "PARLEY_CHAT_ADDR"):
+grpc_addrs = ("PARLEY_USER_ADDR", "PARLEY_CHAT_ADDR", "PARLEY_CHAT2_ADDR")
+metrics_addrs = ("PARLEY_USER_METRICS_ADDR", "PARLEY_CHAT_METRICS_ADDR",
+                 "PARLEY_CHAT2_METRICS_ADDR")
+for name in grpc_addrs + metrics_addrs:
     host, port = env[name].split(":")
-    assert host == "127.0.0.1" and port not in ("50051", "50052"), env[name]
-for name in ("PARLEY_USER_METRICS_ADDR", "PARLEY_CHAT_METRICS_ADDR"):
-    assert env[name].startswith("127.0.0.1:"), env[name]
+    assert host == "127.0.0.1", env[name]
+    assert port not in ("50051", "50052", "50053", "9101", "9102", "9103"), env[name]
+assert len({env[name] for name in grpc_addrs + metrics_addrs}) == 6
 assert env["PARLEY_DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:")
 assert env["PARLEY_DATABASE_URL"].endswith("/parley")
+prefix = env["PARLEY_REDIS_PREFIX"]
+assert re.fullmatch("parley-e2e-[0-9a-f]{12}", prefix), prefix
 options = {"audience": "parley", "issuer": "parley", "algorithms": ["HS256"]}
 write = jwt.decode(env["PARLEY_TOKEN"], env["PARLEY_JWT_SECRET"], **options)
 assert (write["sub"], write["scope"]) == ("1", "users:write"), write
 readonly = jwt.decode(env["PARLEY_TOKEN_READONLY"], env["PARLEY_JWT_SECRET"], **options)
 assert readonly["sub"] == "2" and not readonly.get("scope"), readonly
+
+with psycopg.connect(env["PARLEY_DATABASE_URL"], connect_timeout=5) as conn:
+    rows = conn.execute("SELECT DISTINCT component FROM parley_schema_migrations").fetchall()
+assert sorted(rows) == [("chat",), ("user",)], rows
+
+def watch_until_serving(channel, service, timeout=20):
+    # Health.Watch sends the current status, then every change; its deadline bounds the wait.
+    watch = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    try:
+        for reply in watch:
+            if reply.status == SERVING:
+                return
+    finally:
+        watch.cancel()
+
 for name, service in (("PARLEY_USER_ADDR", "user.UserService"),
-                      ("PARLEY_CHAT_ADDR", "chat.ChatService")):
+                      ("PARLEY_CHAT_ADDR", "chat.ChatService"),
+                      ("PARLEY_CHAT2_ADDR", "chat.ChatService")):
     with grpc.insecure_channel(env[name]) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING, (service, reply)
+        assert reply.status == SERVING, (name, service, reply)
+        if service == "chat.ChatService":
+            # The replica reaches the stack's UserService (a non-critical dependency).
+            watch_until_serving(channel, "dependency/user-service")
+
+# Both replicas listen on the stack's Redis under the run's prefix.
+with redis.Redis.from_url(env["PARLEY_REDIS_URL"], socket_timeout=5) as client:
+    deadline = time.monotonic() + 20
+    while client.publish(f"{prefix}:chat:room:devstack-probe", b"") != 2:
+        assert time.monotonic() < deadline, "the chat replicas did not subscribe under the prefix"
+        time.sleep(0.05)
 print(env["PARLEY_USER_ADDR"])
 sys.exit(7)
 """
@@ -61,29 +94,44 @@ def test_ephemeral_runs_a_command_against_the_stack_and_cleans_up(
     assert "stopping Postgres" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("busy_field", "what", "by_variable"),
+    [
+        ("user", "UserService", False),
+        ("chat2", "ChatService 2", False),
+        ("chat2_metrics", "ChatService 2 metrics", True),
+    ],
+)
 def test_a_busy_port_fails_the_start_with_one_line(
-    data_dir: Path, clean_env: dict[str, str]
+    data_dir: Path, clean_env: dict[str, str], busy_field: str, what: str, by_variable: bool
 ) -> None:
-    postgres, redis, chat, user_metrics, chat_metrics = free_ports(5)
+    fields = ["postgres", "redis", "user", "chat", "chat2",
+              "user_metrics", "chat_metrics", "chat2_metrics"]  # fmt: skip
+    env = dict(clean_env)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        user = busy.getsockname()[1]
+        ports = dict(zip(fields, free_ports(len(fields)), strict=True))
+        ports[busy_field] = busy.getsockname()[1]
+        flags = []
+        for field, port in ports.items():
+            if field == busy_field and by_variable:
+                env[f"PARLEY_DEVSTACK_{field.upper()}_PORT"] = str(port)
+            else:
+                flags += [f"--{field.replace('_', '-')}-port", str(port)]
         result = subprocess.run(
-            [str(DEVSTACK), "run",
-             "--postgres-port", str(postgres), "--redis-port", str(redis),
-             "--user-port", str(user), "--chat-port", str(chat),
-             "--user-metrics-port", str(user_metrics), "--chat-metrics-port", str(chat_metrics)],
+            [str(DEVSTACK), "run", *flags],
             cwd=data_dir,
-            env=clean_env,
+            env=env,
             capture_output=True,
             text=True,
             timeout=30,
-        )  # fmt: skip
+        )
+    flag = f"--{busy_field.replace('_', '-')}-port"
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"parley-devstack: error: port {user} for UserService is not available on 127.0.0.1 "
-        "(Address already in use); stop what uses it or choose another with --user-port"
+        f"parley-devstack: error: port {ports[busy_field]} for {what} is not available on "
+        f"127.0.0.1 (Address already in use); stop what uses it or choose another with {flag}"
     ]
     assert list(data_dir.iterdir()) == []
 

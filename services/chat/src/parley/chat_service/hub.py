@@ -31,6 +31,7 @@ class Subscriber:
         self._ready = asyncio.Event()
         self._lagging = False
         self._error: ServiceError | None = None
+        self.active = True
 
     def offer(self, message: chat_pb2.ChatMessage) -> None:
         if self._lagging or self._error is not None:
@@ -86,6 +87,7 @@ class RoomHub:
 
     def leave(self, subscriber: Subscriber) -> None:
         members = self._rooms.get(subscriber.room)
+        subscriber.active = False
         if members is not None and subscriber in members:
             members.discard(subscriber)
             self._metrics.streams.dec()

@@ -77,6 +77,8 @@ class Presence:
         while True:
             await asyncio.sleep(self._ttl / 3)
             for subscriber in self._hub.subscribers():
-                await self.announce(
-                    subscriber.room, subscriber.id, subscriber.user_id, subscriber.user_name
-                )
+                # Skip streams not yet named, or that left while earlier ones were announced.
+                if subscriber.user_name and subscriber.active:
+                    await self.announce(
+                        subscriber.room, subscriber.id, subscriber.user_id, subscriber.user_name
+                    )

@@ -34,16 +34,21 @@ def _token_hint(data_dir: Path, secret_from_env: bool) -> str:
 
 def banner(endpoints: Endpoints, data_dir: Path, *, secret_from_env: bool) -> str:
     """The addresses of the running stack and how to get a token for it."""
+    redis = redact(endpoints.redis_url)
+    if endpoints.redis_prefix is not None:
+        redis += f"    prefix {endpoints.redis_prefix}"
     rows = [
         ("UserService", f"{endpoints.user}    metrics {endpoints.user_metrics}"),
         ("ChatService", f"{endpoints.chat}    metrics {endpoints.chat_metrics}"),
+        ("ChatService 2", f"{endpoints.chat2}    metrics {endpoints.chat2_metrics}"),
         ("Postgres", redact(endpoints.database_url)),
-        ("Redis", redact(endpoints.redis_url)),
+        ("Redis", redis),
     ]
     logs = data_dir / "logs"
     where = f" (server logs in {_shown(logs)})" if logs.is_dir() else ""
     rows.append(("Data", f"{_shown(data_dir)}{os.sep}{where}"))
+    width = max(len(name) for name, _ in rows) + 1
     lines = ["", "Parley is running. Ctrl-C stops it.", ""]
-    lines += [f"  {name:<12} {value}" for name, value in rows]
+    lines += [f"  {name:<{width}} {value}" for name, value in rows]
     lines += ["", "A token for the API:", f"  {_token_hint(data_dir, secret_from_env)}", ""]
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from types import FrameType
 from parley.devstack.banner import banner
 from parley.devstack.errors import DevstackError
 from parley.devstack.ports import free_ports
-from parley.devstack.stack import DEFAULT_PORTS, Ports, Stack, StackConfig
+from parley.devstack.stack import DEFAULT_PORTS, Ports, Stack, StackConfig, unique_redis_prefix
 
 __all__ = ["main"]
 
@@ -31,8 +31,10 @@ _PORT_HELP = {
     "redis": "embedded Redis",
     "user": "UserService gRPC",
     "chat": "ChatService gRPC",
+    "chat2": "second ChatService replica gRPC",
     "user_metrics": "UserService metrics",
     "chat_metrics": "ChatService metrics",
+    "chat2_metrics": "second ChatService replica metrics",
 }
 
 _SUPERVISE_INTERVAL = 0.2
@@ -83,14 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         usage="parley-devstack run [options] [-- COMMAND [ARG ...]]",
-        help="start Postgres, Redis, UserService and ChatService; stop them on Ctrl-C",
+        help=(
+            "start Postgres, Redis, UserService and two ChatService replicas; stop them on Ctrl-C"
+        ),
         description=(
             "Start the stack and keep it running until Ctrl-C or SIGTERM. Postgres and Redis "
             "are embedded unless PARLEY_DATABASE_URL or PARLEY_REDIS_URL is set. With "
             "'-- COMMAND', run COMMAND against the stack instead, then stop the stack and exit "
             "with COMMAND's exit code; COMMAND gets PARLEY_USER_ADDR, PARLEY_CHAT_ADDR, "
-            "PARLEY_USER_METRICS_ADDR, PARLEY_CHAT_METRICS_ADDR, PARLEY_DATABASE_URL, "
-            "PARLEY_REDIS_URL, PARLEY_JWT_SECRET, PARLEY_TOKEN and PARLEY_TOKEN_READONLY."
+            "PARLEY_CHAT2_ADDR, PARLEY_USER_METRICS_ADDR, PARLEY_CHAT_METRICS_ADDR, "
+            "PARLEY_CHAT2_METRICS_ADDR, PARLEY_DATABASE_URL, PARLEY_REDIS_URL, "
+            "PARLEY_REDIS_PREFIX (when set), PARLEY_JWT_SECRET, PARLEY_TOKEN and "
+            "PARLEY_TOKEN_READONLY."
         ),
     )
     where = run.add_mutually_exclusive_group()
@@ -104,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--ephemeral",
         action="store_true",
-        help="use a fresh temporary data dir and free ports; remove it all afterwards",
+        help=(
+            "use a fresh temporary data dir, free ports and a Redis key prefix of its own "
+            "(PARLEY_REDIS_PREFIX=parley-e2e-<random>); remove the data dir afterwards"
+        ),
     )
     for field in (f.name for f in fields(Ports)):
         default = getattr(DEFAULT_PORTS, field)
@@ -223,6 +232,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, command: lis
             environ=dict(os.environ),
             durable=not ephemeral,
             start_timeout=args.start_timeout,
+            redis_prefix=unique_redis_prefix() if ephemeral else None,
         )
     )
     with _signal_handlers(_raise_interrupted):

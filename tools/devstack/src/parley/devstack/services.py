@@ -35,9 +35,10 @@ def find_script(name: str) -> Path:
     return path
 
 
-def migrate(environ: Mapping[str, str], *, timeout: float = 120.0) -> None:
-    """Bring the database schema up to date with `parley-user migrate`."""
-    command = [str(find_script("parley-user")), "migrate"]
+def migrate(script: str, environ: Mapping[str, str], *, timeout: float = 120.0) -> None:
+    """Bring one service's database schema up to date with `<script> migrate`."""
+    what = f"{script} migrate"
+    command = [str(find_script(script)), "migrate"]
     try:
         result = subprocess.run(
             command,
@@ -49,12 +50,11 @@ def migrate(environ: Mapping[str, str], *, timeout: float = 120.0) -> None:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        raise DevstackError(f"parley-user migrate did not finish within {timeout:g}s") from None
+        raise DevstackError(f"{what} did not finish within {timeout:g}s") from None
     output = result.stdout + result.stderr
     if result.returncode != 0:
         raise DevstackError(
-            f"parley-user migrate failed with code {result.returncode}:\n"
-            + (output.strip() or "(no output)")
+            f"{what} failed with code {result.returncode}:\n" + (output.strip() or "(no output)")
         )
     sys.stderr.write(output)
 

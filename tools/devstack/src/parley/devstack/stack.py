@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,11 +19,26 @@ from parley.devstack.processes import Process, stop_all, unprivileged_user
 from parley.devstack.redis import EmbeddedRedis
 from parley.devstack.services import Service, ServiceSpec, migrate
 
-__all__ = ["DEFAULT_PORTS", "DATABASE", "Endpoints", "Ports", "Stack", "StackConfig", "redact"]
+__all__ = [
+    "DATABASE",
+    "DEFAULT_PORTS",
+    "MIGRATING_SCRIPTS",
+    "Endpoints",
+    "Ports",
+    "Stack",
+    "StackConfig",
+    "redact",
+    "unique_redis_prefix",
+]
 
 _log = logging.getLogger("parley.devstack")
 
 DATABASE = "parley"
+
+# The services that own a part of the schema, migrated in this order before any of them starts.
+MIGRATING_SCRIPTS = ("parley-user", "parley-chat")
+
+CHAT_HEALTH_NAME = "chat.ChatService"
 
 _KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
@@ -35,13 +51,27 @@ class Ports:
     redis: int
     user: int
     chat: int
+    chat2: int
     user_metrics: int
     chat_metrics: int
+    chat2_metrics: int
 
 
 DEFAULT_PORTS = Ports(
-    postgres=54329, redis=63790, user=50051, chat=50052, user_metrics=9101, chat_metrics=9102
+    postgres=54329,
+    redis=63790,
+    user=50051,
+    chat=50052,
+    chat2=50053,
+    user_metrics=9101,
+    chat_metrics=9102,
+    chat2_metrics=9103,
 )
+
+
+def unique_redis_prefix() -> str:
+    """A Redis key prefix no other run uses, so runs sharing a Redis never see each other."""
+    return f"parley-e2e-{secrets.token_hex(6)}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +84,8 @@ class StackConfig:
     durable: bool = True
     start_timeout: float = 60.0
     stop_timeout: float = 20.0
+    # The services' PARLEY_REDIS_PREFIX; None leaves it to `environ` (the services default it).
+    redis_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,13 +94,16 @@ class Endpoints:
 
     user: str
     chat: str
+    chat2: str
     user_metrics: str
     chat_metrics: str
+    chat2_metrics: str
     database_url: str
     redis_url: str
     jwt_secret: str
     jwt_issuer: str
     jwt_audience: str
+    redis_prefix: str | None = None
 
     def token(self, subject: str, scopes: tuple[str, ...] = ()) -> str:
         return mint_token(
@@ -81,17 +116,22 @@ class Endpoints:
 
     def command_env(self) -> dict[str, str]:
         """The variables a command run against the stack gets, e.g. an e2e test suite."""
-        return {
+        env = {
             "PARLEY_USER_ADDR": self.user,
             "PARLEY_CHAT_ADDR": self.chat,
+            "PARLEY_CHAT2_ADDR": self.chat2,
             "PARLEY_USER_METRICS_ADDR": self.user_metrics,
             "PARLEY_CHAT_METRICS_ADDR": self.chat_metrics,
+            "PARLEY_CHAT2_METRICS_ADDR": self.chat2_metrics,
             "PARLEY_DATABASE_URL": self.database_url,
             "PARLEY_REDIS_URL": self.redis_url,
             "PARLEY_JWT_SECRET": self.jwt_secret,
             "PARLEY_TOKEN": self.token("1", ("users:write",)),
             "PARLEY_TOKEN_READONLY": self.token("2"),
         }
+        if self.redis_prefix is not None:
+            env["PARLEY_REDIS_PREFIX"] = self.redis_prefix
+        return env
 
 
 def redact(url: str) -> str:
@@ -114,7 +154,7 @@ def _configured(environ: Mapping[str, str], name: str) -> str | None:
 
 
 class Stack:
-    """Starts Postgres, Redis, migrations, UserService and ChatService; stops them in reverse."""
+    """Starts Postgres, Redis, the migrations and the services; stops them in reverse."""
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
@@ -165,32 +205,45 @@ class Stack:
             PARLEY_REDIS_URL=redis_url,
             PARLEY_JWT_SECRET=secret,
         )
-        _log.info("migrating the database")
-        migrate(env, timeout=config.start_timeout)
+        if config.redis_prefix is not None:
+            env["PARLEY_REDIS_PREFIX"] = config.redis_prefix
+        redis_prefix = config.redis_prefix or _configured(environ, "PARLEY_REDIS_PREFIX")
+        for script in MIGRATING_SCRIPTS:
+            _log.info("migrating the database (%s migrate)", script)
+            migrate(script, env, timeout=config.start_timeout)
 
-        specs = [
-            ServiceSpec("UserService", "parley-user", "user.UserService", ports.user,
-                        ports.user_metrics),
-            ServiceSpec("ChatService", "parley-chat", "chat.ChatService", ports.chat,
+        user = ServiceSpec(
+            "UserService", "parley-user", "user.UserService", ports.user, ports.user_metrics
+        )
+        chats = [
+            ServiceSpec("ChatService", "parley-chat", CHAT_HEALTH_NAME, ports.chat,
                         ports.chat_metrics),
+            ServiceSpec("ChatService 2", "parley-chat", CHAT_HEALTH_NAME, ports.chat2,
+                        ports.chat2_metrics),
         ]  # fmt: skip
-        for spec in specs:
+        # Every chat replica finds the stack's own UserService, whatever the environment says.
+        chat_env = {**env, "PARLEY_USER_SERVICE_ADDR": f"dns:///{user.address}"}
+        launches = [(user, env)] + [(chat, chat_env) for chat in chats]
+        for spec, spec_env in launches:
             _log.info("starting %s on %s", spec.title, spec.address)
-            self.services.append(Service(spec, env))
+            self.services.append(Service(spec, spec_env))
         for service in self.services:
             service.wait_serving(config.start_timeout)
 
-        user, chat = (service.spec for service in self.services)
+        chat, chat2 = chats
         return Endpoints(
             user=user.address,
             chat=chat.address,
+            chat2=chat2.address,
             user_metrics=user.metrics_address,
             chat_metrics=chat.metrics_address,
+            chat2_metrics=chat2.metrics_address,
             database_url=database_url,
             redis_url=redis_url,
             jwt_secret=secret,
             jwt_issuer=_configured(environ, "PARLEY_JWT_ISSUER") or "parley",
             jwt_audience=_configured(environ, "PARLEY_JWT_AUDIENCE") or "parley",
+            redis_prefix=redis_prefix,
         )
 
     def processes(self) -> list[Process]:
@@ -235,8 +288,10 @@ class Stack:
         wanted += [
             (ports.user, "UserService", grpc_host, "--user-port"),
             (ports.chat, "ChatService", grpc_host, "--chat-port"),
+            (ports.chat2, "ChatService 2", grpc_host, "--chat2-port"),
             (ports.user_metrics, "UserService metrics", metrics_host, "--user-metrics-port"),
             (ports.chat_metrics, "ChatService metrics", metrics_host, "--chat-metrics-port"),
+            (ports.chat2_metrics, "ChatService 2 metrics", metrics_host, "--chat2-metrics-port"),
         ]
         seen: dict[int, str] = {}
         for port, what, host, flag in wanted:
