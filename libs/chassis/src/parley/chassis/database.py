@@ -75,6 +75,10 @@ class Database:
             raise Unavailable(
                 DEPENDENCY, f"no database connection could be had within {wait:.1f}s"
             ) from None
+        except pg_errors.UndefinedTable:
+            raise Unavailable(
+                DEPENDENCY, "the database schema is missing; run the service's migrate command"
+            ) from None
         except pg_errors.QueryCanceled:
             raise DeadlineExceeded(
                 "the database query was cancelled at the call's deadline"

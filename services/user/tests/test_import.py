@@ -1,0 +1,148 @@
+"""ImportUsers: per-row results, all-or-nothing on cancellation, and the error list limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from parley.proto import user_pb2
+
+OPEN_TRANSACTION = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'parley-user'
+  AND backend_xid IS NOT NULL
+"""
+
+
+def row(name="Row", email="row@example.com", age=30):
+    return user_pb2.CreateUserRequest(name=name, email=email, age=age)
+
+
+async def stored(pg) -> list[tuple[str, str, int]]:
+    cur = await pg.execute("SELECT name, email, age FROM users ORDER BY id")
+    return await cur.fetchall()
+
+
+async def test_import_creates_good_rows_and_reports_each_bad_one(stub, auth, pg):
+    await stub.CreateUser(row("Existing", "taken@example.com"), metadata=auth)
+    rows = [
+        row("Ada", "ada@example.com", 36),  # 0 ok
+        row("   ", "blank@example.com", 1),  # 1 bad name
+        row("Grace", "grace@example.com", 45),  # 2 ok
+        row("Copy", "TAKEN@example.com", 2),  # 3 taken before the import
+        row("Ada again", "Ada@Example.com", 3),  # 4 taken earlier in this stream
+        row("", "not-an-email", 200),  # 5 three bad fields
+        row("Linus", "linus@example.com", 0),  # 6 ok
+        row("Ken", "ken@example.com", -1),  # 7 bad age
+    ]
+
+    response = await stub.ImportUsers(iter(rows), metadata=auth)
+
+    assert (response.created_count, response.failed_count) == (3, 5)
+    errors = [(e.index, e.code, e.field) for e in response.errors]
+    assert errors == [
+        (1, "INVALID_ARGUMENT", "name"),
+        (3, "ALREADY_EXISTS", "email"),
+        (4, "ALREADY_EXISTS", "email"),
+        (5, "INVALID_ARGUMENT", "name,email,age"),
+        (7, "INVALID_ARGUMENT", "age"),
+    ]
+    assert all(e.message for e in response.errors)
+    assert "TAKEN@example.com" in response.errors[1].message
+    assert await stored(pg) == [
+        ("Existing", "taken@example.com", 30),
+        ("Ada", "ada@example.com", 36),
+        ("Grace", "grace@example.com", 45),
+        ("Linus", "linus@example.com", 0),
+    ]
+
+
+async def test_imported_rows_are_trimmed_and_readable(stub, auth):
+    response = await stub.ImportUsers(iter([row("  Ada  ", " ada@example.com ")]), metadata=auth)
+    assert response.created_count == 1
+
+    users = [u async for u in stub.ListUsers(user_pb2.ListUsersRequest(), metadata=auth)]
+    assert [(u.name, u.email) for u in users] == [("Ada", "ada@example.com")]
+
+
+async def test_an_empty_import_creates_nothing(stub, auth, pg):
+    response = await stub.ImportUsers(iter([]), metadata=auth)
+
+    assert response == user_pb2.ImportUsersResponse(created_count=0, failed_count=0)
+    assert await stored(pg) == []
+
+
+async def test_an_import_of_only_bad_rows_stores_nothing(stub, auth, pg):
+    response = await stub.ImportUsers(iter([row(name=""), row(email="x")]), metadata=auth)
+
+    assert (response.created_count, response.failed_count) == (0, 2)
+    assert await stored(pg) == []
+
+
+async def test_the_error_list_stops_at_1000_but_failures_are_all_counted(stub, auth, pg):
+    rows = [row(f"User {i}", f"u{i}@example.com", age=-1) for i in range(1005)]
+    rows.append(row("Last", "last@example.com"))
+
+    response = await stub.ImportUsers(iter(rows), metadata=auth)
+
+    assert (response.created_count, response.failed_count) == (1, 1005)
+    assert len(response.errors) == 1000
+    assert [e.index for e in response.errors] == list(range(1000))
+    assert await stored(pg) == [("Last", "last@example.com", 30)]
+
+
+async def _stream_until_rows_are_written(stub, auth, pg, wait_for, **call_options):
+    """Starts an import, writes rows, and returns once the server holds them uncommitted."""
+    call = stub.ImportUsers(metadata=auth, **call_options)
+    for i in range(5):
+        await call.write(row(f"User {i}", f"user{i}@example.com"))
+
+    async def server_inserted() -> bool:
+        cur = await pg.execute(OPEN_TRANSACTION)
+        (count,) = await cur.fetchone()
+        return count == 1
+
+    await wait_for(server_inserted, 10, "the import's transaction to hold rows")
+    assert await stored(pg) == []  # not visible before commit
+    return call
+
+
+async def _transaction_gone(pg) -> bool:
+    cur = await pg.execute(OPEN_TRANSACTION)
+    (count,) = await cur.fetchone()
+    return count == 0
+
+
+async def test_a_cancelled_import_stores_nothing(stub, auth, pg, wait_for, server, pool):
+    call = await _stream_until_rows_are_written(stub, auth, pg, wait_for)
+
+    assert call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    await wait_for(lambda: _transaction_gone(pg), 10, "the import's transaction to end")
+    assert await stored(pg) == []
+    await wait_for(
+        lambda: (s := pool(server))["idle"] == s["size"] and s["waiting"] == 0,
+        10,
+        "every pooled connection to be returned",
+    )
+    # The same emails are free and the service still imports.
+    response = await stub.ImportUsers(
+        iter([row(f"User {i}", f"user{i}@example.com") for i in range(5)]), metadata=auth
+    )
+    assert response.created_count == 5
+    assert len(await stored(pg)) == 5
+
+
+async def test_an_import_past_its_deadline_stores_nothing(stub, auth, pg, wait_for):
+    call = await _stream_until_rows_are_written(stub, auth, pg, wait_for, timeout=1.0)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    await wait_for(lambda: _transaction_gone(pg), 10, "the import's transaction to end")
+    assert await stored(pg) == []
