@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import grpc
+import pytest
 from grpc_health.v1 import health_pb2
 
+from parley.proto import user_pb2, user_pb2_grpc
 from parley.user_service import SERVICE_NAME
 from parley.user_service.migrations import apply_migrations
 
@@ -34,3 +37,15 @@ async def test_an_unmigrated_database_is_not_ready_until_migrated(
 
     await wait_for(ready, 5, "readiness after migrating")
     assert app.monitor.failures == {}
+
+
+async def test_calls_on_an_unmigrated_database_are_unavailable_not_internal(
+    start_server, empty_database, auth
+):
+    app = await start_server(empty_database)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = user_pb2_grpc.UserServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetUser(user_pb2.GetUserRequest(id=1), metadata=auth, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "schema is missing" in (info.value.details() or "")
