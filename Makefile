@@ -19,9 +19,19 @@ PYTEST_OK := || [ $$? -eq 5 ]
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
+# A venv where python3 has one; else pip --target; else say which package is missing.
 $(UV):
-	python3 -m venv $(TOOLS)/uv
-	$(TOOLS)/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	@rm -rf $(TOOLS)/uv
+	@if python3 -m venv $(TOOLS)/uv >/dev/null 2>&1; then \
+		$(TOOLS)/uv/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION); \
+	elif python3 -m pip --version >/dev/null 2>&1; then \
+		python3 -m pip install --quiet --disable-pip-version-check \
+			--target $(TOOLS)/uv/lib uv==$(UV_VERSION) && \
+		mkdir -p $(TOOLS)/uv/bin && ln -sf ../lib/bin/uv $(UV); \
+	else \
+		echo "python3 has neither venv nor pip: install python3-venv (Debian, Ubuntu) and retry"; \
+		exit 1; \
+	fi
 
 sync: $(UV) ## Install the workspace into .venv from uv.lock
 	$(UV) sync --locked
