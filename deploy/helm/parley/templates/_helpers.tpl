@@ -1,0 +1,174 @@
+{{/*
+Names, labels, images and secrets shared by every template of the chart.
+*/}}
+
+{{- define "parley.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every resource name: the release name, with the chart name unless the release
+name already contains it. Truncated to 63 characters because some fields are DNS labels.
+*/}}
+{{- define "parley.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "parley.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The name of one component's resources: call with (dict "root" $ "component" "user").
+*/}}
+{{- define "parley.componentName" -}}
+{{- printf "%s-%s" (include "parley.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "parley.user.fullname" -}}
+{{- include "parley.componentName" (dict "root" . "component" "user") }}
+{{- end }}
+
+{{/*
+The headless Service of UserService: its DNS name resolves to every ready pod, so chat can
+balance calls with round_robin over dns:///.
+*/}}
+{{- define "parley.user.headlessName" -}}
+{{- printf "%s-headless" (include "parley.user.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "parley.chat.fullname" -}}
+{{- include "parley.componentName" (dict "root" . "component" "chat") }}
+{{- end }}
+
+{{- define "parley.migrations.fullname" -}}
+{{- include "parley.componentName" (dict "root" . "component" "migrations") }}
+{{- end }}
+
+{{- define "parley.postgresql.fullname" -}}
+{{- include "parley.componentName" (dict "root" . "component" "postgresql") }}
+{{- end }}
+
+{{- define "parley.redis.fullname" -}}
+{{- include "parley.componentName" (dict "root" . "component" "redis") }}
+{{- end }}
+
+{{/*
+Labels every resource carries.
+*/}}
+{{- define "parley.labels" -}}
+helm.sh/chart: {{ include "parley.chart" . }}
+{{ include "parley.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: parley
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels that identify the release's pods; never change them, Deployments select on them.
+*/}}
+{{- define "parley.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "parley.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels and selector labels of one component: call with (dict "root" $ "component" "chat").
+*/}}
+{{- define "parley.componentLabels" -}}
+{{ include "parley.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "parley.componentSelectorLabels" -}}
+{{ include "parley.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+An image reference from {repository, tag}; an empty tag means the chart's appVersion.
+Call with (dict "root" $ "image" .Values.user.image).
+*/}}
+{{- define "parley.image" -}}
+{{- printf "%s:%s" .image.repository (.image.tag | default .root.Chart.AppVersion | toString) }}
+{{- end }}
+
+{{- define "parley.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "parley.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding PARLEY_JWT_SECRET, PARLEY_DATABASE_URL and PARLEY_REDIS_URL: the user's
+existingSecret, or the one this chart makes.
+*/}}
+{{- define "parley.secretName" -}}
+{{- if .Values.secret.existingSecret }}
+{{- .Values.secret.existingSecret }}
+{{- else }}
+{{- include "parley.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+One env entry read from the Secret: call with (dict "root" $ "env" "PARLEY_JWT_SECRET" "key" "jwtSecret").
+*/}}
+{{- define "parley.secretEnv" -}}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "parley.secretName" .root }}
+      key: {{ index .root.Values.secret.keys .key }}
+{{- end }}
+
+{{/*
+Whether migrations run as init containers of the Deployments rather than as a hook Job.
+"auto" picks init containers with the in-chart Postgres, because pre-install hooks run
+before any of the chart's other resources, the database included, exist.
+*/}}
+{{- define "parley.migrations.initContainers" -}}
+{{- $m := .Values.migrations }}
+{{- if and $m.enabled (or (eq $m.mode "initContainer") (and (eq $m.mode "auto") .Values.postgresql.enabled)) }}true{{ end }}
+{{- end }}
+
+{{- define "parley.migrations.hookJob" -}}
+{{- $m := .Values.migrations }}
+{{- if and $m.enabled (not (include "parley.migrations.initContainers" .)) }}true{{ end }}
+{{- end }}
+
+{{/*
+The Postgres address the services use: the in-chart StatefulSet when it is enabled.
+*/}}
+{{- define "parley.postgresql.host" -}}
+{{- printf "%s.%s.svc.%s" (include "parley.postgresql.fullname" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{- define "parley.redis.host" -}}
+{{- printf "%s.%s.svc.%s" (include "parley.redis.fullname" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{/*
+The target chat dials for UserService: round_robin over the headless Service's pod addresses.
+*/}}
+{{- define "parley.chat.userServiceAddr" -}}
+{{- if .Values.chat.config.userServiceAddr }}
+{{- .Values.chat.config.userServiceAddr }}
+{{- else }}
+{{- printf "dns:///%s.%s.svc.%s:%d" (include "parley.user.headlessName" .) .Release.Namespace .Values.clusterDomain (int .Values.user.ports.grpc) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,380 @@
+{{/*
+The pieces UserService and ChatService share. Each is called with a dict:
+  root:        the top-level context ($)
+  component:   "user" or "chat"
+  values:      .Values.user or .Values.chat
+  healthName:  the readiness service name, e.g. "user.UserService"
+  secretEnv:   list of [ENV_NAME, key of .Values.secret.keys] pairs the container reads
+  config:      the rendered ConfigMap data (its checksum rolls the pods when it changes)
+*/}}
+
+{{/*
+Settings both services read, as ConfigMap data.
+*/}}
+{{- define "parley.commonConfig" -}}
+{{- $c := .root.Values.config }}
+{{- $v := .values -}}
+PARLEY_GRPC_PORT: {{ $v.ports.grpc | quote }}
+PARLEY_METRICS_PORT: {{ $v.ports.metrics | quote }}
+PARLEY_LOG_FORMAT: {{ $c.logFormat | quote }}
+PARLEY_LOG_LEVEL: {{ $c.logLevel | quote }}
+PARLEY_SHUTDOWN_DELAY: {{ printf "%ds" (int $v.shutdown.delaySeconds) | quote }}
+PARLEY_SHUTDOWN_GRACE: {{ printf "%ds" (int $v.shutdown.graceSeconds) | quote }}
+PARLEY_MAX_CONNECTION_AGE: {{ $c.maxConnectionAge | quote }}
+PARLEY_MAX_CONNECTION_AGE_GRACE: {{ $c.maxConnectionAgeGrace | quote }}
+PARLEY_KEEPALIVE_TIME: {{ $c.keepaliveTime | quote }}
+PARLEY_KEEPALIVE_TIMEOUT: {{ $c.keepaliveTimeout | quote }}
+PARLEY_HEALTH_CHECK_INTERVAL: {{ $c.healthCheckInterval | quote }}
+PARLEY_JWT_ISSUER: {{ $c.jwtIssuer | quote }}
+PARLEY_JWT_AUDIENCE: {{ $c.jwtAudience | quote }}
+PARLEY_JWT_LEEWAY: {{ $c.jwtLeeway | quote }}
+PARLEY_DB_POOL_MIN: {{ $v.config.dbPoolMin | quote }}
+PARLEY_DB_POOL_MAX: {{ $v.config.dbPoolMax | quote }}
+PARLEY_DB_POOL_TIMEOUT: {{ $v.config.dbPoolTimeout | quote }}
+{{- end }}
+
+{{- define "parley.configMap" -}}
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: {{ include "parley.componentName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "parley.componentLabels" . | nindent 4 }}
+data:
+  {{- .config | nindent 2 }}
+{{- end }}
+
+{{- define "parley.deployment" -}}
+{{- $root := .root }}
+{{- $v := .values }}
+{{- $name := include "parley.componentName" . }}
+{{- $sh := $v.shutdown }}
+{{- $needed := add $sh.preStopSleepSeconds $sh.delaySeconds $sh.graceSeconds }}
+{{- if le (int $v.terminationGracePeriodSeconds) (int $needed) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be greater than shutdown.preStopSleepSeconds + shutdown.delaySeconds + shutdown.graceSeconds (%d)" .component (int $v.terminationGracePeriodSeconds) (int $needed)) }}
+{{- end }}
+{{- $image := include "parley.image" (dict "root" $root "image" $v.image) }}
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {{ $name }}
+  namespace: {{ $root.Release.Namespace }}
+  labels:
+    {{- include "parley.componentLabels" . | nindent 4 }}
+spec:
+  {{- if not $v.autoscaling.enabled }}
+  replicas: {{ $v.replicaCount }}
+  {{- end }}
+  revisionHistoryLimit: 5
+  # Surge first so a rollout never drops below the wanted number of ready replicas.
+  strategy:
+    type: RollingUpdate
+    rollingUpdate:
+      maxSurge: 25%
+      maxUnavailable: 0
+  selector:
+    matchLabels:
+      {{- include "parley.componentSelectorLabels" . | nindent 6 }}
+  template:
+    metadata:
+      annotations:
+        checksum/config: {{ .config | sha256sum }}
+        checksum/secret: {{ toJson $root.Values.secret | sha256sum }}
+        {{- with $v.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      labels:
+        {{- include "parley.componentLabels" . | nindent 8 }}
+        {{- with $v.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      serviceAccountName: {{ include "parley.serviceAccountName" $root }}
+      automountServiceAccountToken: false
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.priorityClassName }}
+      priorityClassName: {{ . }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
+      terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+      {{- if include "parley.migrations.initContainers" $root }}
+      initContainers:
+        - name: migrate
+          image: {{ $image }}
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          args: ["migrate"]
+          envFrom:
+            - configMapRef:
+                name: {{ $name }}
+          env:
+            {{- include "parley.secretEnv" (dict "root" $root "env" "PARLEY_DATABASE_URL" "key" "databaseUrl") | nindent 12 }}
+          {{- with $root.Values.migrations.resources }}
+          resources:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+      {{- end }}
+      containers:
+        - name: {{ .component }}
+          image: {{ $image }}
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          args: ["serve"]
+          ports:
+            - name: grpc
+              containerPort: {{ $v.ports.grpc }}
+              protocol: TCP
+            - name: metrics
+              containerPort: {{ $v.ports.metrics }}
+              protocol: TCP
+          envFrom:
+            - configMapRef:
+                name: {{ $name }}
+          env:
+            {{- range .secretEnv }}
+            {{- include "parley.secretEnv" (dict "root" $root "env" (index . 0) "key" (index . 1)) | nindent 12 }}
+            {{- end }}
+            {{- with $v.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          startupProbe:
+            grpc:
+              port: {{ $v.ports.grpc }}
+              service: ""
+            periodSeconds: {{ $v.probes.startup.periodSeconds }}
+            timeoutSeconds: {{ $v.probes.startup.timeoutSeconds }}
+            failureThreshold: {{ $v.probes.startup.failureThreshold }}
+          livenessProbe:
+            grpc:
+              port: {{ $v.ports.grpc }}
+              service: ""
+            periodSeconds: {{ $v.probes.liveness.periodSeconds }}
+            timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
+            failureThreshold: {{ $v.probes.liveness.failureThreshold }}
+          readinessProbe:
+            grpc:
+              port: {{ $v.ports.grpc }}
+              service: {{ .healthName | quote }}
+            periodSeconds: {{ $v.probes.readiness.periodSeconds }}
+            timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
+            failureThreshold: {{ $v.probes.readiness.failureThreshold }}
+            successThreshold: {{ $v.probes.readiness.successThreshold }}
+          lifecycle:
+            # Endpoints drop the pod while it sleeps; SIGTERM comes after.
+            preStop:
+              exec:
+                command: ["sleep", "{{ $sh.preStopSleepSeconds }}"]
+          {{- with $v.resources }}
+          resources:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          volumeMounts:
+            - name: tmp
+              mountPath: /tmp
+      volumes:
+        - name: tmp
+          emptyDir:
+            sizeLimit: 64Mi
+      {{- if $v.affinity }}
+      affinity:
+        {{- toYaml $v.affinity | nindent 8 }}
+      {{- else if eq $v.podAntiAffinity "preferred" }}
+      affinity:
+        podAntiAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+            - weight: 100
+              podAffinityTerm:
+                topologyKey: kubernetes.io/hostname
+                labelSelector:
+                  matchLabels:
+                    {{- include "parley.componentSelectorLabels" . | nindent 20 }}
+      {{- else if eq $v.podAntiAffinity "required" }}
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+            - topologyKey: kubernetes.io/hostname
+              labelSelector:
+                matchLabels:
+                  {{- include "parley.componentSelectorLabels" . | nindent 18 }}
+      {{- end }}
+      {{- with $v.topologySpreadConstraints }}
+      {{- $selector := dict "matchLabels" (include "parley.componentSelectorLabels" $ | fromYaml) }}
+      topologySpreadConstraints:
+        {{- range . }}
+        - {{- toYaml (merge (deepCopy .) (dict "labelSelector" $selector)) | nindent 10 }}
+        {{- end }}
+      {{- end }}
+      {{- with $v.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end }}
+
+{{/*
+The ClusterIP Service of a component, with named ports grpc and metrics.
+*/}}
+{{- define "parley.service" -}}
+{{- $v := .values }}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "parley.componentName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "parley.componentLabels" . | nindent 4 }}
+  {{- with $v.service.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  type: {{ $v.service.type }}
+  selector:
+    {{- include "parley.componentSelectorLabels" . | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ $v.ports.grpc }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: kubernetes.io/h2c
+    - name: metrics
+      port: {{ $v.ports.metrics }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
+{{- end }}
+
+{{- define "parley.hpa" -}}
+{{- $a := .values.autoscaling }}
+{{- if $a.enabled }}
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ include "parley.componentName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "parley.componentLabels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: Deployment
+    name: {{ include "parley.componentName" . }}
+  minReplicas: {{ $a.minReplicas }}
+  maxReplicas: {{ $a.maxReplicas }}
+  metrics:
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ $a.targetCPUUtilizationPercentage }}
+    {{- if $a.targetMemoryUtilizationPercentage }}
+    - type: Resource
+      resource:
+        name: memory
+        target:
+          type: Utilization
+          averageUtilization: {{ $a.targetMemoryUtilizationPercentage }}
+    {{- end }}
+  {{- with $a.behavior }}
+  behavior:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "parley.pdb" -}}
+{{- $p := .values.pdb }}
+{{- if $p.enabled }}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "parley.componentName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "parley.componentLabels" . | nindent 4 }}
+spec:
+  {{- if not (eq (toString $p.minAvailable) "") }}
+  minAvailable: {{ $p.minAvailable }}
+  {{- else }}
+  maxUnavailable: {{ $p.maxUnavailable }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "parley.componentSelectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/*
+NetworkPolicy egress rules every Parley workload needs: kube DNS and Postgres.
+Call with the top-level context.
+*/}}
+{{- define "parley.networkPolicy.baseEgress" -}}
+{{- $np := .Values.networkPolicy }}
+{{- $dns := include "parley.networkPolicy.peer" $np.dns -}}
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  {{- with $dns }}
+  to:
+    {{- . | nindent 4 }}
+  {{- end }}
+{{- if .Values.postgresql.enabled }}
+- ports:
+    - port: 5432
+      protocol: TCP
+  to:
+    - podSelector:
+        matchLabels:
+          {{- include "parley.componentSelectorLabels" (dict "root" . "component" "postgresql") | nindent 10 }}
+{{- else }}
+- ports:
+    - port: {{ $np.postgres.port }}
+      protocol: TCP
+  {{- with $np.postgres.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ingress rule that lets Prometheus scrape a metrics port. Call with the top-level context.
+*/}}
+{{- define "parley.networkPolicy.metricsIngress" -}}
+{{- $prometheus := include "parley.networkPolicy.peer" .Values.networkPolicy.prometheus -}}
+- ports:
+    - port: metrics
+      protocol: TCP
+  {{- with $prometheus }}
+  from:
+    {{- . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+A one-peer list from {namespaceSelector, podSelector}; empty when both are empty.
+*/}}
+{{- define "parley.networkPolicy.peer" -}}
+{{- $peer := dict }}
+{{- with .namespaceSelector }}{{ $_ := set $peer "namespaceSelector" . }}{{ end }}
+{{- with .podSelector }}{{ $_ := set $peer "podSelector" . }}{{ end }}
+{{- if $peer }}
+{{- toYaml (list $peer) }}
+{{- end }}
+{{- end }}
