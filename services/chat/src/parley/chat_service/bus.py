@@ -121,4 +121,4 @@ class RedisBus:
                     _log.debug("resync of %s skipped: %s", room, exc)
                     continue
                 if stored > seen:
-                    self._hub.catch_up(room)
+                    self._hub.catch_up(room, through=stored)

@@ -112,11 +112,17 @@ class RoomHub:
     def subscribers(self) -> list[Subscriber]:
         return [s for members in self._rooms.values() for s in members]
 
-    def catch_up(self, room: str | None = None) -> None:
-        """Makes every stream (of one room, or of all) re-read its room from Postgres."""
+    def catch_up(self, room: str | None = None, *, through: int = 0) -> None:
+        """Makes every stream (of one room, or of all) re-read its room from Postgres.
+
+        `through` is the room's stored sequence when known: the re-read covers it, so it
+        counts as seen and the next periodic check does not send every stream back again.
+        """
         for subscriber in self.subscribers():
             if room is None or subscriber.room == room:
                 subscriber.catch_up()
+        if room is not None and room in self._rooms and through > self._heads.get(room, 0):
+            self._heads[room] = through
 
     def close_all(self, error: ServiceError) -> None:
         for subscriber in self.subscribers():

@@ -18,14 +18,14 @@ __all__ = [
 DEFAULT_ROOM = "general"
 MAX_TEXT_BYTES = 4096
 MAX_CLIENT_MESSAGE_ID = 64
-_ROOM = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 def check_room(name: str, field: str = "room") -> str:
     """The room name to use (`general` when empty); INVALID_ARGUMENT when malformed."""
     if not name:
         return DEFAULT_ROOM
-    if not _ROOM.match(name):
+    if not _ROOM.fullmatch(name):  # unlike match() with $, no trailing newline slips through
         raise InvalidArgument(
             [
                 FieldViolation(

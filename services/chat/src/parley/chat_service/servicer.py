@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -150,9 +149,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 yield self._delivered(message, live=True)
         finally:
             if reader is not None:
+                # Not awaited: a read from gRPC can outlast its task's cancellation until the
+                # call itself ends, which this stream's end brings about. Waiting for it here
+                # held a draining replica for its whole grace period.
                 reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
+                try:
                     await reader
+                except BaseException:
+                    pass
             self._hub.leave(subscriber)
             await self._presence.withdraw(room, subscriber.id, user_id, subscriber.user_name)
 

@@ -21,14 +21,16 @@ __all__ = ["USER_SERVICE", "UserDirectory", "service_config"]
 USER_SERVICE = "user-service"
 
 
-def service_config(timeout: float) -> str:
+def service_config() -> str:
+    # No per-method "timeout" here: grpcio starts that clock one to two seconds before the
+    # call (grpc/grpc#34547), so a 2 s timeout expired within milliseconds and a 1 s one at
+    # once. Every call passes its own deadline instead.
     return json.dumps(
         {
             "loadBalancingConfig": [{"round_robin": {}}],
             "methodConfig": [
                 {
                     "name": [{"service": "user.UserService"}, {"service": "grpc.health.v1.Health"}],
-                    "timeout": f"{timeout:.3f}s",
                     "retryPolicy": {
                         "maxAttempts": 3,
                         "initialBackoff": "0.05s",
@@ -50,7 +52,7 @@ class UserDirectory:
         self._channel = grpc.aio.insecure_channel(
             target,
             options=[
-                ("grpc.service_config", service_config(timeout)),
+                ("grpc.service_config", service_config()),
                 ("grpc.enable_retries", 1),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
