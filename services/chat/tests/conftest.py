@@ -602,8 +602,10 @@ class Launcher:
 
 @pytest.fixture
 async def launcher(
-    tmp_path: Path, _background_stops: list[threading.Thread]
+    tmp_path: Path, _background_stops: list[threading.Thread], chat: Chat
 ) -> AsyncIterator[Launcher]:
+    """Starts servers for the test; after it, they stop first (draining the streams still
+    open, as in production) and only then are the clients closed."""
     launcher = Launcher(tmp_path, _background_stops)
     try:
         yield launcher

@@ -4,6 +4,7 @@ sit out its grace period."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import grpc
@@ -47,3 +48,27 @@ async def test_a_replica_drained_mid_conversation_ends_its_streams_at_once(
         if client.service is a:
             assert await client.wait_until_ended(5) == grpc.StatusCode.UNAVAILABLE
             assert "shutting down; reconnect and resume" in client.error.details()
+
+
+async def test_a_task_that_drops_its_cancellation_is_still_stopped():
+    """As redis-py's and psycopg_pool's calls do on Python 3.11: `asyncio.wait_for` returns
+    normally when the cancellation lands just as the operation it waits for completes."""
+    from parley.chat_service.tasks import cancel_and_wait
+
+    operation = asyncio.get_running_loop().create_future()
+    waiting = asyncio.Event()
+    carried_on = asyncio.Event()
+
+    async def reader() -> None:
+        waiting.set()
+        await asyncio.wait_for(operation, timeout=60)
+        carried_on.set()  # on 3.11 the cancellation was dropped: on to the next read
+        await asyncio.Event().wait()
+
+    task = asyncio.create_task(reader())
+    await waiting.wait()
+    operation.set_result(None)  # completes, and the cancellation follows in the same turn
+    await asyncio.wait_for(cancel_and_wait(task), timeout=5)
+    assert task.cancelled()
+    if sys.version_info < (3, 12):
+        assert carried_on.is_set(), "the first cancellation was expected to be dropped"

@@ -19,6 +19,7 @@ from parley.proto import chat_pb2
 
 from .hub import RoomHub
 from .metrics import ChatMetrics
+from .tasks import cancel_and_wait
 
 __all__ = ["RedisBus"]
 
@@ -68,9 +69,7 @@ class RedisBus:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         await self.client.aclose()
         await self._subscriber_client.aclose()
 

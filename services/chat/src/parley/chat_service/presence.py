@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from parley.proto import chat_pb2
 
 from .hub import RoomHub
+from .tasks import cancel_and_wait
 
 __all__ = ["Presence"]
 
@@ -70,8 +71,7 @@ class Presence:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
 
     async def _refresh_forever(self) -> None:
         while True:

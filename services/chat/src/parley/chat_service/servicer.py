@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from .metrics import ChatMetrics
 from .presence import Presence
 from .rooms import check_client_message_id, check_room, check_text
 from .store import MessageStore
+from .tasks import cancel_and_wait
 from .users import UserDirectory
 
 __all__ = ["RESUME_KEY", "ROOM_KEY", "ChatServicer"]
@@ -149,14 +151,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 yield self._delivered(message, live=True)
         finally:
             if reader is not None:
-                # Not awaited: a read from gRPC can outlast its task's cancellation until the
-                # call itself ends, which this stream's end brings about. Waiting for it here
-                # held a draining replica for its whole grace period.
-                reader.cancel()
-                try:
-                    await reader
-                except BaseException:
-                    pass
+                # Cancelled until it stops (see cancel_and_wait): a reader that shrugged off
+                # one cancellation kept its stream, and a draining replica, waiting for the
+                # client's next message, up to the whole grace period.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await cancel_and_wait(reader)
             self._hub.leave(subscriber)
             await self._presence.withdraw(room, subscriber.id, user_id, subscriber.user_name)
 
