@@ -8,6 +8,9 @@ locally and in CI, or by hand against a cluster):
 - PARLEY_USER_METRICS_ADDR  host:port of the UserService's /metrics (its test skips without it)
 - PARLEY_TOKEN              a bearer token with the `users:write` scope
 - PARLEY_TOKEN_READONLY     a bearer token with no scopes
+- PARLEY_CHAT2_ADDR         host:port of a second ChatService replica (its tests skip without it)
+- PARLEY_JWT_SECRET         the HS256 secret the chat tests sign a token with for each user they
+                            create (PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE default to `parley`)
 
 The tests assume nothing about existing data: each creates the users it needs, with unique
 emails, and deletes them afterwards.
@@ -16,6 +19,8 @@ emails, and deletes them afterwards.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from parley.proto import user_pb2, user_pb2_grpc
 
 E2E_DIR = Path(__file__).resolve().parent
+NODE_DIR = E2E_DIR / "node"
+NPM_TIMEOUT = 300.0
 READY_TIMEOUT = 30.0
 # Every call in the suite has a deadline, so a stuck server fails a test instead of hanging it.
 CALL_TIMEOUT = 10.0
@@ -181,3 +188,29 @@ def chat_addr() -> str:
 def chat_channel(chat_addr: str) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(chat_addr) as channel:
         yield channel
+
+
+@pytest.fixture(scope="session")
+def node_dir() -> Path:
+    """The Node.js clients' folder, with their locked dependencies installed by `npm ci` when
+    missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm must be on PATH to run the Node.js client")
+    installed = all(
+        (NODE_DIR / "node_modules" / "@grpc" / package / "package.json").is_file()
+        for package in ("grpc-js", "proto-loader")
+    )
+    if not installed:
+        # --ignore-scripts: the client needs no install-time build steps of its dependencies.
+        result = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=NPM_TIMEOUT,
+        )
+        assert result.returncode == 0, (
+            f"npm ci failed in {NODE_DIR}:\n{result.stdout}{result.stderr}"
+        )
+    return NODE_DIR

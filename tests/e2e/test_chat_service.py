@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -526,3 +528,83 @@ async def test_a_token_whose_subject_is_not_a_user_id_is_refused(
     async with ChatStream(chat1, robot, room) as stream:
         error = await stream.error()
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
+
+
+class NodeChat:
+    """tests/e2e/node/chat.js in a child process: lines in on stdin, messages out on stdout,
+    as a person would run it in a terminal."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+
+    @classmethod
+    async def start(cls, script: Path, addr: str, person: Chatter, room: str) -> NodeChat:
+        node = shutil.which("node")
+        assert node is not None
+        process = await asyncio.create_subprocess_exec(
+            node,
+            str(script),
+            room,
+            cwd=script.parent,
+            env={**os.environ, "PARLEY_CHAT_ADDR": addr, "PARLEY_TOKEN": person.token},
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        return cls(process)
+
+    async def type(self, text: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{text}\n".encode())
+        await self.process.stdin.drain()
+
+    async def wait_for_line(self, line: str) -> None:
+        """Reads the output until `line` shows up, within CALL_TIMEOUT."""
+        assert self.process.stdout is not None
+        async with asyncio.timeout(CALL_TIMEOUT):
+            while line not in self.lines:
+                raw = await self.process.stdout.readline()
+                assert raw, f"the chat ended before printing {line!r}; it printed {self.lines}"
+                self.lines.append(raw.decode().rstrip("\n"))
+
+    async def close(self) -> int:
+        if self.process.returncode is None and self.process.stdin is not None:
+            self.process.stdin.close()  # end of input ends the chat
+        async with asyncio.timeout(CALL_TIMEOUT):
+            return await self.process.wait()
+
+
+async def test_two_node_terminals_chat_through_different_replicas(
+    node_dir: Path,
+    chat_addr: str,
+    chat2_addr: str,
+    chatter: Callable[[str], Chatter],
+    room: str,
+) -> None:
+    ada, bob = chatter("Ada"), chatter("Bob")
+    script = node_dir / "chat.js"
+    first = await NodeChat.start(script, chat_addr, ada, room)
+    second: NodeChat | None = None
+    try:
+        # Seeing its own message back means a terminal's stream is in the room.
+        await first.type("hello from replica one")
+        await first.wait_for_line(f"#1 {ada.name}: hello from replica one")
+        # The second terminal joins later: without a resume point it gets live messages only.
+        second = await NodeChat.start(script, chat2_addr, bob, room)
+        await second.type("hello from replica two")
+        await second.wait_for_line(f"#2 {bob.name}: hello from replica two")
+        await first.wait_for_line(f"#2 {bob.name}: hello from replica two")
+        await first.type("see you")
+        await second.wait_for_line(f"#3 {ada.name}: see you")
+        await first.wait_for_line(f"#3 {ada.name}: see you")
+    finally:
+        codes = [await first.close()] + ([await second.close()] if second else [])
+    assert first.lines == [
+        f"#1 {ada.name}: hello from replica one",
+        f"#2 {bob.name}: hello from replica two",
+        f"#3 {ada.name}: see you",
+    ]
+    assert second is not None
+    assert second.lines == first.lines[1:]
+    assert codes == [0, 0]

@@ -14,35 +14,13 @@ import pytest
 
 from parley.proto import user_pb2, user_pb2_grpc
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 CALL_TIMEOUT = 10.0
-NPM_TIMEOUT = 300.0
 RUN_TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="session")
-def node_client() -> Path:
-    """The client script, with its locked dependencies installed by `npm ci` when missing."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm must be on PATH to run the Node.js client")
-    installed = all(
-        (NODE_DIR / "node_modules" / "@grpc" / package / "package.json").is_file()
-        for package in ("grpc-js", "proto-loader")
-    )
-    if not installed:
-        # --ignore-scripts: the client needs no install-time build steps of its dependencies.
-        result = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
-            cwd=NODE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=NPM_TIMEOUT,
-        )
-        assert result.returncode == 0, (
-            f"npm ci failed in {NODE_DIR}:\n{result.stdout}{result.stderr}"
-        )
-    return NODE_DIR / "client.js"
+def node_client(node_dir: Path) -> Path:
+    return node_dir / "client.js"
 
 
 def _run(client: Path, addr: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
