@@ -166,7 +166,7 @@ async def test_not_ready_when_postgres_is_unreachable(
 
 
 async def test_user_service_down_degrades_but_keeps_the_chat_ready(
-    make_stack, launcher, chat, health, wait_for, details
+    make_stack, launcher, chat, health, wait_for, details, server_env
 ):
     # No name cache: every lookup goes to UserService, so its outage is felt at once.
     stack = await make_stack(
@@ -202,6 +202,19 @@ async def test_user_service_down_degrades_but_keeps_the_chat_ready(
     assert await stranger.wait_until_ended() == grpc.StatusCode.UNAVAILABLE
     assert details(stranger.error).metadata == {"dependency": "user-service"}
     assert await health(replica.port, CHAT) == SERVING
+
+    # UserService comes back at the same address: the replica notices within seconds (its
+    # channel's reconnect backoff is capped at 5 s, not grpcio's two minutes).
+    await launcher.start_app(
+        "user", server_env(stack.database, PARLEY_GRPC_PORT=str(stack.users.port))
+    )
+
+    async def recovered() -> bool:
+        return await health(replica.port, USER_DEPENDENCY) == SERVING
+
+    await wait_for(recovered, 15, "dependency/user-service to be SERVING again")
+    newcomer = await chat(grace, replica, room="ops", resume_after=0)
+    await wait_for(lambda: len(newcomer.received) == 2, 10, "history for a sender now known")
 
 
 async def test_a_one_second_user_service_timeout_leaves_time_for_the_lookup(

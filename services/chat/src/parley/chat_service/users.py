@@ -56,6 +56,10 @@ class UserDirectory:
                 ("grpc.enable_retries", 1),
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.keepalive_timeout_ms", 10_000),
+                # grpcio's reconnect backoff grows to two minutes by default: a chat replica
+                # would keep reporting UserService down long after it came back.
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 5_000),
             ],
         )
         self._stub = user_pb2_grpc.UserServiceStub(self._channel)
