@@ -8,51 +8,50 @@ serve` child processes, which tests can kill. Helpers are handed out as fixtures
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import os
-import random
 import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import jwt
 import psycopg
 import pytest
 import redis
-from google.rpc import error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from parley import testing
 from parley.chassis import Env, GrpcApp
 from parley.chat_service import ChatSettings
 from parley.chat_service import create_server as create_chat_server
 from parley.chat_service.migrations import MIGRATIONS as CHAT_MIGRATIONS
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
+from parley.testing import (
+    DatabaseFactory,
+    RichError,
+    bearer,
+    free_port,
+    health_status,
+    rich_error,
+    wait_until,
+)
 from parley.user_service import UserSettings
 from parley.user_service import create_server as create_user_server
 from parley.user_service.migrations import apply_migrations
 
-ADMIN_URL = os.environ.get(
-    "PARLEY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 SHARED_REDIS_URL = os.environ.get("PARLEY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_SERVER = os.environ.get("PARLEY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 JWT_SECRET = "chat-test-secret-" + "c" * 32
-DETAILS_KEY = "grpc-status-details-bin"
 BIN = Path(sys.executable).parent
 CHAT_SERVICE = "chat.ChatService"
 USER_SERVICE = "user.UserService"
@@ -66,58 +65,13 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def make_token(sub: str, scope: str = "", ttl: float = 600, **claims: Any) -> str:
     """An HS256 JWT the test servers accept."""
-    now = int(time.time())
-    payload: dict[str, Any] = {
-        "sub": sub,
-        "iss": "parley",
-        "aud": "parley",
-        "iat": now,
-        "exp": now + ttl,
-    }
-    if scope:
-        payload["scope"] = scope
-    payload.update(claims)
-    return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
-
-
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 with nothing listening on it (at the time of the call).
-
-    It is taken below the kernel's ephemeral range (32768 and up on Linux), so no outgoing
-    connection can take it as its local port before the server that is to use it listens.
-    """
-    while True:
-        port = random.randrange(20000, 32000)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
+    return testing.make_token(JWT_SECRET, sub, scope, ttl, **claims)
 
 
 @pytest.fixture
 def unused_port() -> int:
     """A port with nothing listening on it."""
     return free_port()
-
-
-async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Polls `condition` (sync or async) until it returns a truthy value; fails after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -132,52 +86,10 @@ def token() -> Callable[..., str]:
     return make_token
 
 
-@dataclass
-class RichError:
-    """A failed call's status as the server sent it, with the rich details decoded."""
-
-    code: grpc.StatusCode
-    message: str
-    reason: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-    violations: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def fields(self) -> list[str]:
-        return [f for f, _ in self.violations]
-
-
-def rich_error(error: grpc.aio.AioRpcError) -> RichError:
-    found = RichError(code=error.code(), message=error.details() or "")
-    for key, value in error.trailing_metadata() or ():
-        if key != DETAILS_KEY:
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                found.reason = info.reason
-                found.metadata = dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                found.violations = [(v.field, v.description) for v in bad.field_violations]
-    return found
-
-
 @pytest.fixture
-def details() -> Callable[[grpc.aio.AioRpcError], RichError]:
+def details() -> Callable[[grpc.RpcError], RichError]:
     """`details(error)`: the decoded status of a failed call."""
     return rich_error
-
-
-async def health_status(port: int, service: str) -> int:
-    """The grpc.health.v1 status the server on `port` reports for `service`."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        return int(response.status)
 
 
 @pytest.fixture
@@ -225,67 +137,18 @@ def rss() -> Callable[[int], int]:
 # --- Databases ------------------------------------------------------------------------------
 
 
-def database_url(name: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(ADMIN_URL)
-    params["dbname"] = name
-    return psycopg.conninfo.make_conninfo("", **params)
-
-
 async def migrate(url: str) -> None:
     await apply_migrations(url)
     await CHAT_MIGRATIONS.apply(url)
 
 
-def _create_database(migrated: bool) -> str:
-    name = f"parley_chat_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    if migrated:
-        asyncio.run(migrate(database_url(name)))
-    return name
-
-
-def _drop_database(name: str) -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-class DatabaseFactory:
-    """Hands out new databases with both components migrated, prepared ahead on threads.
-
-    A used database is dropped when the next one is taken, after its test's servers stopped.
-    """
-
-    def __init__(self, ahead: int = 2) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="test-database")
-        self._ahead = ahead
-        self._ready: deque[Future[str]] = deque()
-        self._used: list[str] = []
-        self._drops: list[Future[None]] = []
-
-    def take(self, migrated: bool = True) -> str:
-        self._drops += [self._executor.submit(_drop_database, name) for name in self._used]
-        self._used.clear()
-        if not migrated:
-            name = self._executor.submit(_create_database, False).result()
-        else:
-            while len(self._ready) <= self._ahead:
-                self._ready.append(self._executor.submit(_create_database, True))
-            name = self._ready.popleft().result()
-        self._used.append(name)
-        return database_url(name)
-
-    def close(self) -> None:
-        names = self._used + [f.result() for f in self._ready]
-        self._drops += [self._executor.submit(_drop_database, name) for name in names]
-        for drop in self._drops:
-            drop.result()
-        self._executor.shutdown()
+def _migrate(url: str) -> None:
+    asyncio.run(migrate(url))
 
 
 @pytest.fixture(scope="session")
 def database_factory() -> Iterator[DatabaseFactory]:
-    factory = DatabaseFactory()
+    factory = DatabaseFactory("parley_chat_test", _migrate)
     try:
         yield factory
     finally:
@@ -301,7 +164,7 @@ def database(database_factory: DatabaseFactory) -> str:
 @pytest.fixture
 def unmigrated_database(database_factory: DatabaseFactory) -> str:
     """The URL of a private, empty database."""
-    return database_factory.take(migrated=False)
+    return database_factory.take(prepared=False)
 
 
 @dataclass(frozen=True)

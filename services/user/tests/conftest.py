@@ -2,105 +2,47 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import jwt
 import psycopg
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from parley import testing
 from parley.chassis import Env, GrpcApp
 from parley.proto import user_pb2_grpc
+from parley.testing import (
+    DatabaseFactory,
+    RichError,
+    free_port,
+    health_status,
+    rich_error,
+    wait_until,
+)
 from parley.user_service import UserSettings, create_server
 from parley.user_service.migrations import apply_migrations
 
-ADMIN_URL = os.environ.get(
-    "PARLEY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 JWT_SECRET = "test-secret-" + "s" * 32
-DETAILS_KEY = "grpc-status-details-bin"
 
 
 def make_token(sub: str = "1", scope: str = "users:write", ttl: float = 600, **claims: Any) -> str:
-    now = int(time.time())
-    payload = {"sub": sub, "iss": "parley", "aud": "parley", "iat": now, "exp": now + ttl}
-    if scope:
-        payload["scope"] = scope
-    payload.update(claims)
-    return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
-
-
-def database_url(name: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(ADMIN_URL)
-    params["dbname"] = name
-    return psycopg.conninfo.make_conninfo("", **params)
-
-
-def _create_database() -> str:
-    name = f"parley_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name
-
-
-def _drop_database(name: str) -> None:
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-class DatabaseFactory:
-    """Hands out new, empty databases, creating the next ones and dropping used ones meanwhile.
-
-    CREATE DATABASE costs a few hundred milliseconds of fsync; doing it on worker threads
-    while the previous test runs keeps one private database per test affordable. A used
-    database is dropped only when the next one is taken, after its test's servers stopped.
-    """
-
-    def __init__(self, ahead: int = 4) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-database")
-        self._ahead = ahead
-        self._ready: deque[Future[str]] = deque()
-        self._used: list[str] = []
-        self._drops: list[Future[None]] = []
-
-    def take(self) -> str:
-        self._drops += [self._executor.submit(_drop_database, name) for name in self._used]
-        self._used.clear()
-        while len(self._ready) <= self._ahead:
-            self._ready.append(self._executor.submit(_create_database))
-        return self._ready.popleft().result()
-
-    def give_back(self, name: str) -> None:
-        self._used.append(name)
-
-    def close(self) -> None:
-        names = self._used + [f.result() for f in self._ready]
-        self._drops += [self._executor.submit(_drop_database, name) for name in names]
-        for drop in self._drops:
-            drop.result()
-        self._executor.shutdown()
+    """A token the test servers accept; by default it may read and write."""
+    return testing.make_token(JWT_SECRET, sub, scope, ttl, **claims)
 
 
 @pytest.fixture(scope="session")
 def database_factory() -> Iterator[DatabaseFactory]:
-    factory = DatabaseFactory()
+    factory = DatabaseFactory("parley_test", ahead=4)
     try:
         yield factory
     finally:
@@ -108,13 +50,9 @@ def database_factory() -> Iterator[DatabaseFactory]:
 
 
 @pytest.fixture
-def empty_database(database_factory: DatabaseFactory) -> Iterator[str]:
+def empty_database(database_factory: DatabaseFactory) -> str:
     """A new, empty database on the shared Postgres, dropped afterwards."""
-    name = database_factory.take()
-    try:
-        yield database_url(name)
-    finally:
-        database_factory.give_back(name)
+    return database_factory.take()
 
 
 @pytest.fixture
@@ -214,69 +152,10 @@ def read_auth() -> list[tuple[str, str]]:
 # --- Helpers shared by the test modules, handed out as fixtures. ---------------------------
 
 
-@dataclass
-class RichError:
-    """A failed call's status as the server sent it, rich details decoded."""
-
-    code: grpc.StatusCode
-    message: str
-    status: status_pb2.Status | None
-    reason: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-    violations: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def fields(self) -> list[str]:
-        return [f for f, _ in self.violations]
-
-
-def rich_error(error: grpc.RpcError) -> RichError:
-    """Decodes `grpc-status-details-bin` (google.rpc.Status) of a sync or aio call error."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or ""  # type: ignore[attr-defined]
-    status = None
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if key == DETAILS_KEY:
-            status = status_pb2.Status.FromString(value)
-    found = RichError(code=code, message=message, status=status)
-    if status is None:
-        return found
-    assert status.code == code.value[0], "status details disagree with the call's code"
-    assert status.message == message, "status details disagree with the call's message"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            found.reason = info.reason
-            found.metadata = dict(info.metadata)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            found.violations = [(v.field, v.description) for v in bad.field_violations]
-    return found
-
-
 @pytest.fixture
 def details() -> Callable[[grpc.RpcError], RichError]:
     """`details(error)`: the decoded status of a failed call."""
     return rich_error
-
-
-Condition = Callable[[], Any]
-
-
-async def wait_until(condition: Condition, timeout: float = 10.0, what: str = "") -> Any:
-    """Polls `condition` (sync or async) until it returns a truthy value; fails after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -285,25 +164,9 @@ def wait_for() -> Callable[..., Awaitable[Any]]:
     return wait_until
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 with nothing listening on it (at the time of the call)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def unused_port() -> int:
     return free_port()
-
-
-async def health_status(port: int, service: str) -> int:
-    """The grpc.health.v1 status the server on `port` reports for `service`."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        return int(response.status)
 
 
 @pytest.fixture

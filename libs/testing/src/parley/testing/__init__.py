@@ -1,0 +1,24 @@
+"""What Parley's test suites share: private databases, tokens, free ports, waiting on a
+condition with a timeout, and failed calls' status details decoded.
+
+Only tests import this package; no service depends on it.
+"""
+
+from parley.testing.databases import ADMIN_URL, DatabaseFactory, database_url
+from parley.testing.errors import RichError, rich_error
+from parley.testing.network import free_port, health_status
+from parley.testing.tokens import bearer, make_token
+from parley.testing.waiting import wait_until
+
+__all__ = [
+    "ADMIN_URL",
+    "DatabaseFactory",
+    "RichError",
+    "bearer",
+    "database_url",
+    "free_port",
+    "health_status",
+    "make_token",
+    "rich_error",
+    "wait_until",
+]
