@@ -1,0 +1,257 @@
+"""ChatSession against real replicas: fan-out, history, resume, a killed replica, rate limits."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from parley.client import (
+    AsyncChatClient,
+    ConnectionEvent,
+    ConnectionState,
+    FailedPrecondition,
+    PermissionDenied,
+    ReconnectPolicy,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from parley.proto import chat_pb2
+
+if TYPE_CHECKING:
+    from conftest import ExtraReplica, Person, RunningStack
+
+Messages = list[chat_pb2.ChatMessage]
+
+
+def contiguous(messages: Messages, first: int = 1) -> bool:
+    return [m.sequence for m in messages] == list(range(first, first + len(messages)))
+
+
+async def test_two_sessions_see_each_other(
+    stack: RunningStack, person: Callable[[str], Person], room: str, collector: Any
+) -> None:
+    ada, bob = person("Ada"), person("Bob")
+    async with (
+        AsyncChatClient(stack.chat, token=ada.token) as ada_chat,
+        AsyncChatClient(stack.chat2, token=bob.token) as bob_chat,
+        ada_chat.session(room) as ada_session,
+        bob_chat.session(room) as bob_session,
+    ):
+        assert ada_session.state is ConnectionState.CONNECTED
+        assert ada_session.last_sequence == 0
+        ada_id = await ada_session.send("hello Bob")
+        bob_id = await bob_session.send("hello Ada")
+        await ada_session.wait_acknowledged(timeout=10)
+        await bob_session.wait_acknowledged(timeout=10)
+        assert ada_session.pending == () and bob_session.pending == ()
+
+        ada_seen: Messages = []
+        bob_seen: Messages = []
+        await collector(ada_session, ada_seen, lambda ms: len(ms) >= 2)
+        await collector(bob_session, bob_seen, lambda ms: len(ms) >= 2)
+        assert ada_seen == bob_seen, "both see the same messages in the same order"
+        assert contiguous(ada_seen)
+        by_id = {m.client_message_id: m for m in ada_seen}
+        assert (by_id[ada_id].user, by_id[ada_id].text) == ("Ada", "hello Bob")
+        assert (by_id[bob_id].user, by_id[bob_id].text) == ("Bob", "hello Ada")
+        assert ada_session.last_sequence == 2
+        stored = await ada_session.wait_stored(ada_id)
+        assert stored.sequence == by_id[ada_id].sequence
+
+
+async def test_history_on_join_then_live(
+    stack: RunningStack, person: Callable[[str], Person], room: str, collector: Any
+) -> None:
+    ada = person("Ada")
+    async with AsyncChatClient(stack.chat, token=ada.token) as chat:
+        await chat.post(room, *(f"old {i}" for i in range(5)))
+        async with chat.session(room, history=3) as session:
+            assert session.last_sequence == 2
+            seen: Messages = []
+            await collector(session, seen, lambda ms: len(ms) >= 3)
+            assert [m.text for m in seen] == ["old 2", "old 3", "old 4"]
+            await session.send("new")
+            await collector(session, seen, lambda ms: len(ms) >= 4)
+            assert [m.text for m in seen][-1] == "new"
+            assert contiguous(seen, first=3)
+
+        # Continue where the last session stopped.
+        await chat.post(room, "while away")
+        async with chat.session(room, resume_after=session.last_sequence) as later:
+            caught_up: Messages = []
+            await collector(later, caught_up, lambda ms: len(ms) >= 1)
+            assert [(m.sequence, m.text) for m in caught_up] == [(7, "while away")]
+
+        with pytest.raises(ValueError):
+            chat.session(room, history=2, resume_after=1)
+
+
+async def test_messages_sent_just_before_leaving_are_flushed(
+    stack: RunningStack, person: Callable[[str], Person], room: str
+) -> None:
+    ada = person("Ada")
+    async with AsyncChatClient(stack.chat, token=ada.token) as chat:
+        async with chat.session(room) as session:
+            for i in range(5):
+                await session.send(f"bye {i}")
+        assert session.state is ConnectionState.CLOSED
+        assert session.pending == ()
+        assert [m.text for m in await chat.recent_messages(room, 10)] == [
+            f"bye {i}" for i in range(5)
+        ]
+        with pytest.raises(RuntimeError):
+            await session.send("after close")
+
+
+async def test_session_survives_a_killed_replica(
+    stack: RunningStack,
+    extra_chat: ExtraReplica,
+    person: Callable[[str], Person],
+    room: str,
+    collector: Any,
+) -> None:
+    ada, bob = person("Ada"), person("Bob")
+    events: list[ConnectionEvent] = []
+    # Ada's session starts on the extra replica (the first target) and has the stack's first
+    # replica to move on to; `localhost` makes it a list of names tried in turn.
+    targets = f"localhost:{extra_chat.port},{stack.chat}"
+    async with (
+        AsyncChatClient(targets, token=ada.token) as ada_chat,
+        AsyncChatClient(stack.chat2, token=bob.token) as bob_chat,
+        ada_chat.session(room, on_state=events.append) as ada_session,
+        bob_chat.session(room) as bob_session,
+    ):
+        assert ada_session.target == f"localhost:{extra_chat.port}"
+        seen: Messages = []
+        for i in range(3):
+            await ada_session.send(f"before {i}")
+        await ada_session.wait_acknowledged(timeout=10)
+        await collector(ada_session, seen, lambda ms: len(ms) >= 3)
+
+        # Freeze the replica, send (the message reaches its socket, never its code), kill it.
+        extra_chat.signal(signal.SIGSTOP)
+        unacked = await ada_session.send("sent into a frozen replica")
+        extra_chat.kill()
+        assert ada_session.pending == (unacked,)
+        for i in range(3):
+            await bob_session.send(f"meanwhile {i}")
+
+        await ada_session.wait_acknowledged(timeout=30)
+        await collector(ada_session, seen, lambda ms: len(ms) >= 7)
+        assert ada_session.target == stack.chat
+        assert ada_session.reconnects == 1
+
+    assert contiguous(seen), f"gap or duplicate: {[m.sequence for m in seen]}"
+    texts = [m.text for m in seen]
+    assert texts[:3] == ["before 0", "before 1", "before 2"]
+    expected = ["sent into a frozen replica", *(f"meanwhile {i}" for i in range(3))]
+    assert sorted(texts[3:]) == sorted(expected)
+    states = [e.state for e in events]
+    assert states[:3] == [
+        ConnectionState.CONNECTED,
+        ConnectionState.RECONNECTING,
+        ConnectionState.CONNECTED,
+    ]
+    lost = events[1]
+    assert isinstance(lost.error, Unavailable) and lost.delay > 0
+    assert lost.describe().startswith("reconnecting in ")
+    assert events[2].resent == 1 and events[2].target == stack.chat
+    async with AsyncChatClient(stack.chat, token=ada.token) as chat:
+        stored = [m async for m in chat.list_messages(room)]
+    assert [m.client_message_id for m in stored].count(unacked) == 1, "resent exactly once"
+    assert [m.sequence for m in stored] == [m.sequence for m in seen]
+
+
+async def test_rate_limited_sends_slow_down_instead_of_failing(
+    stack: RunningStack, person: Callable[[str], Person], room: str, collector: Any
+) -> None:
+    ada = person("Ada")
+    events: list[ConnectionEvent] = []
+    async with (
+        AsyncChatClient(stack.chat, token=ada.token) as chat,
+        chat.session(room, on_state=events.append) as session,
+    ):
+        # Far more than the burst of 40 the server allows, even on a slow machine.
+        sent = [await session.send(f"burst {i}") for i in range(150)]
+        await session.wait_acknowledged(timeout=60)
+        seen: Messages = []
+        await collector(session, seen, lambda ms: len(ms) >= 150)
+    assert contiguous(seen)
+    assert [m.client_message_id for m in seen] == sent, "all delivered once, in order"
+    limited = [e for e in events if isinstance(e.error, ResourceExhausted)]
+    assert limited, "the server's rate limit was hit"
+    assert all(e.delay >= 1.0 for e in limited), "waits for the rate limit to refill"
+
+
+async def test_rate_limit_can_end_the_session(
+    stack: RunningStack, person: Callable[[str], Person], room: str
+) -> None:
+    ada = person("Ada")
+    policy = ReconnectPolicy(retry_rate_limited=False)
+    async with (
+        AsyncChatClient(stack.chat, token=ada.token) as chat,
+        chat.session(room, policy=policy) as session,
+    ):
+        with pytest.raises(ResourceExhausted) as caught:
+            for i in range(200):
+                await session.send(f"flood {i}")
+            async for _ in session:
+                pass
+        assert caught.value.reason == "RATE_LIMITED"
+        assert session.state is ConnectionState.FAILED
+        assert session.error is caught.value
+
+
+async def test_errors_that_end_a_session(stack: RunningStack, room: str, closed_port: int) -> None:
+    # A token for a user that does not exist: the stream itself is refused.
+    async with AsyncChatClient(stack.chat, token=stack.token("1999999999")) as chat:
+        events: list[ConnectionEvent] = []
+        async with chat.session(room, on_state=events.append) as session:
+            with pytest.raises(FailedPrecondition) as caught:
+                async for _ in session:
+                    pass
+            assert "create the user" in caught.value.hint
+            with pytest.raises(FailedPrecondition):
+                await session.send("too late")
+        assert events[-1].state is ConnectionState.FAILED
+        assert events[-1].describe().startswith("disconnected: FAILED_PRECONDITION")
+
+    async with AsyncChatClient(stack.chat, token=stack.token("not-a-number")) as chat:
+        async with chat.session(room) as session:
+            with pytest.raises(PermissionDenied):
+                async for _ in session:
+                    pass
+
+    async with AsyncChatClient(f"127.0.0.1:{closed_port}", token="t") as chat:
+        with pytest.raises(Unavailable) as unreachable:
+            async with chat.session(room):
+                pass
+        assert f"127.0.0.1:{closed_port}" in unreachable.value.hint
+
+
+async def test_a_refused_stream_ends_with_the_servers_status(
+    stack: RunningStack, room: str
+) -> None:
+    # Writing on a stream the server has just refused makes grpcio report INTERNAL "Internal
+    # error from Core" in place of the server's status (about one run in three here). The
+    # session must still end with the server's own status.
+    for attempt in range(3):
+        events: list[ConnectionEvent] = []
+        # No token, and resume_after so that no ListMessages call fails first.
+        # The refusal may come before the session is open, or after some sends.
+        async with AsyncChatClient(stack.chat) as chat:
+            with pytest.raises(Unauthenticated):
+                async with chat.session(
+                    f"{room}-{attempt}", resume_after=0, on_state=events.append
+                ) as session:
+                    for i in range(2000):
+                        await session.send(f"doomed {i}")
+                    await session.wait_acknowledged(timeout=20)
+        assert events[-1].state is ConnectionState.FAILED
+        assert isinstance(events[-1].error, Unauthenticated)
+        for event in events[1:-1]:
+            assert event.state in (ConnectionState.RECONNECTING, ConnectionState.CONNECTED)
