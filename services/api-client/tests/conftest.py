@@ -14,14 +14,12 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from parley.client import ChatSession, UserClient
@@ -29,21 +27,13 @@ from parley.devstack.ports import free_ports
 from parley.devstack.services import Service, ServiceSpec
 from parley.devstack.stack import Endpoints, Ports, Stack, StackConfig, unique_redis_prefix
 from parley.proto import chat_pb2, user_pb2
+from parley.testing import DatabaseFactory, wait_until
 
-ADMIN_URL = os.environ.get(
-    "PARLEY_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 REDIS_URL = os.environ.get("PARLEY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WRITE = ("users:write",)
 
 # Variables a developer's shell may carry that would change what a client talks to.
 _CLIENT_ENV = ("PARLEY_TOKEN", "PARLEY_USER_ADDR", "PARLEY_CHAT_ADDR")
-
-
-def _database_url(name: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(ADMIN_URL)
-    params["dbname"] = name
-    return psycopg.conninfo.make_conninfo("", **params)
 
 
 @dataclass
@@ -93,13 +83,12 @@ class RunningStack:
 @pytest.fixture(scope="session")
 def stack() -> Iterator[RunningStack]:
     """A running stack: UserService, two ChatService replicas, a database of its own."""
-    name = f"parley_client_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    databases = DatabaseFactory("parley_client_test", ahead=0)
+    database = databases.take(prepared=False)
     data_dir = Path(tempfile.mkdtemp(prefix="parley-client-test-"))
     environ = {k: v for k, v in os.environ.items() if k not in _CLIENT_ENV}
     environ.update(
-        PARLEY_DATABASE_URL=_database_url(name),
+        PARLEY_DATABASE_URL=database,
         PARLEY_REDIS_URL=REDIS_URL,
         PARLEY_LOG_LEVEL="WARNING",
     )
@@ -118,8 +107,7 @@ def stack() -> Iterator[RunningStack]:
     finally:
         running.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        databases.close()
 
 
 @pytest.fixture(autouse=True)
@@ -238,20 +226,6 @@ async def collect(
 def collector() -> Callable[..., Any]:
     """`await collector(session, into, until, timeout=20)`: see `collect`."""
     return collect
-
-
-async def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    """Poll `condition` (sync or async) until it returns something truthy; fail on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

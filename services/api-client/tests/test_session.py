@@ -208,22 +208,25 @@ async def test_rate_limit_can_end_the_session(
 
 async def test_errors_that_end_a_session(stack: RunningStack, room: str, closed_port: int) -> None:
     # A token for a user that does not exist: the stream itself is refused.
+    # The refusal may arrive before `open()` returns (it raises there) or after (the
+    # iteration raises): both are the session failing with the server's status.
     async with AsyncChatClient(stack.chat, token=stack.token("1999999999")) as chat:
         events: list[ConnectionEvent] = []
-        async with chat.session(room, on_state=events.append) as session:
-            with pytest.raises(FailedPrecondition) as caught:
+        session = chat.session(room, on_state=events.append)
+        with pytest.raises(FailedPrecondition) as caught:
+            async with session:
                 async for _ in session:
                     pass
-            assert "create the user" in caught.value.hint
-            with pytest.raises(FailedPrecondition):
-                await session.send("too late")
+        assert "create the user" in caught.value.hint
+        with pytest.raises(FailedPrecondition):
+            await session.send("too late")
         assert events[-1].state is ConnectionState.FAILED
         assert events[-1].describe().startswith("disconnected: FAILED_PRECONDITION")
 
     async with AsyncChatClient(stack.chat, token=stack.token("not-a-number")) as chat:
-        async with chat.session(room) as session:
-            with pytest.raises(PermissionDenied):
-                async for _ in session:
+        with pytest.raises(PermissionDenied):
+            async with chat.session(room) as refused:
+                async for _ in refused:
                     pass
 
     async with AsyncChatClient(f"127.0.0.1:{closed_port}", token="t") as chat:
