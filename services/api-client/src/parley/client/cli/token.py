@@ -1,4 +1,4 @@
-"""The `parley` command line."""
+"""`parley token`: mint an access token for local development and tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from parley.client.cli.context import examples
 from parley.client.tokens import (
     DEFAULT_AUDIENCE,
     DEFAULT_ISSUER,
@@ -15,19 +16,16 @@ from parley.client.tokens import (
     parse_ttl,
 )
 
-__all__ = ["app"]
+__all__ = ["token"]
 
-app = typer.Typer(
-    name="parley",
-    help="Talk to a Parley deployment from the command line.",
-    no_args_is_help=True,
-    add_completion=False,
+TOKEN_EXAMPLES = examples(
+    "export PARLEY_TOKEN=$(parley token --sub 1 --scope users:write)",
+    "parley token --sub 2 --ttl 15m",
+    note=(
+        "Chat needs a token whose --sub is the id of an existing user; user writes need the "
+        "users:write scope."
+    ),
 )
-
-
-@app.callback()
-def main() -> None:
-    """Talk to a Parley deployment from the command line."""
 
 
 def _ttl(value: str) -> int:
@@ -37,7 +35,6 @@ def _ttl(value: str) -> int:
         raise typer.BadParameter(str(exc)) from None
 
 
-@app.command()
 def token(
     sub: Annotated[str, typer.Option("--sub", help="Subject: the user id the token speaks for.")],
     scope: Annotated[

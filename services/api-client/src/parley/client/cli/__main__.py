@@ -1,0 +1,5 @@
+"""`python -m parley.client.cli`: the same as the `parley` command."""
+
+from parley.client.cli import app
+
+app(prog_name="parley")

@@ -1,0 +1,143 @@
+"""How results are printed: rich tables and lines for people, JSON Lines for scripts.
+
+JSON output is one object per line (JSON Lines), whatever the command, so that `jq` and
+line-by-line readers handle a single user and a stream of messages alike. The keys of each
+kind of object are fixed and in a fixed order; timestamps are RFC 3339 / ISO-8601 strings in
+UTC (`2025-05-01T12:00:00.123456Z`), or null when unset.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import UTC
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from parley.proto import chat_pb2, user_pb2
+
+__all__ = [
+    "emit_json",
+    "member_json",
+    "message_json",
+    "message_line",
+    "notice",
+    "print_table",
+    "stderr_console",
+    "stdout_console",
+    "user_json",
+    "users_table",
+]
+
+
+def stdout_console() -> Console:
+    """A console on the current sys.stdout (looked up now, so test runners can capture it)."""
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+
+
+def stderr_console() -> Console:
+    """A console on the current sys.stderr, for progress bars and notices."""
+    return Console(file=sys.stderr, highlight=False, soft_wrap=False)
+
+
+def timestamp(value: timestamp_pb2.Timestamp, present: bool) -> str | None:
+    """RFC 3339 in UTC, or None for a field the server did not set."""
+    return value.ToJsonString() if present else None
+
+
+def _local_time(value: timestamp_pb2.Timestamp, fmt: str) -> str:
+    return value.ToDatetime(tzinfo=UTC).astimezone().strftime(fmt)
+
+
+def user_json(user: user_pb2.User) -> dict[str, Any]:
+    """The JSON form of a user."""
+    return {
+        "id": user.id,
+        "name": user.name,
+        "email": user.email,
+        "age": user.age,
+        "create_time": timestamp(user.create_time, user.HasField("create_time")),
+        "update_time": timestamp(user.update_time, user.HasField("update_time")),
+    }
+
+
+def message_json(message: chat_pb2.ChatMessage) -> dict[str, Any]:
+    """The JSON form of a chat message."""
+    return {
+        "room": message.room,
+        "sequence": message.sequence,
+        "user_id": message.user_id,
+        "user": message.user,
+        "text": message.text,
+        "create_time": timestamp(message.create_time, message.HasField("create_time")),
+        "client_message_id": message.client_message_id,
+    }
+
+
+def member_json(member: chat_pb2.RoomMember) -> dict[str, Any]:
+    """The JSON form of a room member (presence)."""
+    return {"user_id": member.user_id, "user": member.user, "stream_count": member.stream_count}
+
+
+def emit_json(value: Mapping[str, Any]) -> None:
+    """Print one JSON object on its own line, flushed at once (streams are read live)."""
+    sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def users_table(users: Iterable[user_pb2.User], title: str | None = None) -> Table:
+    """Users as a table: id, name, email, age, creation time (local)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("ID", justify="right", no_wrap=True)
+    table.add_column("Name", overflow="fold")
+    table.add_column("Email", overflow="fold")
+    table.add_column("Age", justify="right", no_wrap=True)
+    table.add_column("Created", no_wrap=True)
+    for user in users:
+        created = (
+            _local_time(user.create_time, "%Y-%m-%d %H:%M:%S")
+            if user.HasField("create_time")
+            else ""
+        )
+        table.add_row(str(user.id), user.name, user.email, str(user.age), created)
+    return table
+
+
+def print_table(table: Table) -> None:
+    stdout_console().print(table)
+
+
+def message_parts(message: chat_pb2.ChatMessage) -> list[tuple[str, str]]:
+    """A message as (style, text) parts: `#12 10:04:05 Ada: hello`.
+
+    Shared by the rich output of `chat tail`/`history`/`send` and the interactive chat, which
+    maps the styles onto its own.
+    """
+    when = _local_time(message.create_time, "%H:%M:%S") if message.HasField("create_time") else ""
+    return [
+        ("seq", f"#{message.sequence} "),
+        ("time", f"{when} " if when else ""),
+        ("user", message.user or f"user {message.user_id}"),
+        ("text", f": {message.text}"),
+    ]
+
+
+_RICH_STYLES = {"seq": "dim", "time": "dim", "user": "bold", "text": ""}
+
+
+def message_line(message: chat_pb2.ChatMessage) -> Text:
+    """A message as one rich line; its text is never read as markup."""
+    line = Text()
+    for style, text in message_parts(message):
+        line.append(text, style=_RICH_STYLES[style])
+    return line
+
+
+def notice(text: str) -> None:
+    """A dim one-line notice on stderr (reconnects and the like)."""
+    stderr_console().print(Text(f"parley: {text}", style="dim"))
