@@ -21,11 +21,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -37,6 +40,8 @@ NPM_TIMEOUT = 300.0
 READY_TIMEOUT = 30.0
 # Every call in the suite has a deadline, so a stuck server fails a test instead of hanging it.
 CALL_TIMEOUT = 10.0
+# Lifetime of the tokens the suite signs for the users it creates.
+TOKEN_TTL = 600
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -214,3 +219,33 @@ def node_dir() -> Path:
             f"npm ci failed in {NODE_DIR}:\n{result.stdout}{result.stderr}"
         )
     return NODE_DIR
+
+
+@pytest.fixture(scope="session")
+def jwt_secret() -> str:
+    secret = os.environ.get("PARLEY_JWT_SECRET", "").strip()
+    if not secret:
+        pytest.skip(
+            "PARLEY_JWT_SECRET is not set; the chat-message tests need it to sign a token for "
+            "each user they create (parley-devstack run exports it)"
+        )
+    return secret
+
+
+@pytest.fixture(scope="session")
+def sign_token(jwt_secret: str) -> Callable[[str], str]:
+    """`sign_token(subject)`: a token for `subject` signed with PARLEY_JWT_SECRET."""
+    return lambda subject: _sign(jwt_secret, subject)
+
+
+def _sign(secret: str, subject: str) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "iss": os.environ.get("PARLEY_JWT_ISSUER", "").strip() or "parley",
+        "aud": os.environ.get("PARLEY_JWT_AUDIENCE", "").strip() or "parley",
+        "iat": now,
+        "nbf": now,
+        "exp": now + TOKEN_TTL,
+    }
+    return jwt.encode(claims, secret, algorithm="HS256")

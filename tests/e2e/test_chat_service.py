@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -36,7 +34,6 @@ CALL_TIMEOUT = 10.0
 READY_TIMEOUT = 30.0
 # The whole life of one StreamChat call; each read and write on it has CALL_TIMEOUT.
 STREAM_DEADLINE = 60.0
-TOKEN_TTL = 600
 ROOM_KEY = "x-chat-room"
 RESUME_KEY = "x-chat-resume-after"
 
@@ -129,37 +126,15 @@ def chat2_addr() -> str:
     return addr
 
 
-@pytest.fixture(scope="session")
-def jwt_secret() -> str:
-    secret = os.environ.get("PARLEY_JWT_SECRET", "").strip()
-    if not secret:
-        pytest.skip(
-            "PARLEY_JWT_SECRET is not set; the chat-message tests need it to sign a token for "
-            "each user they create (parley-devstack run exports it)"
-        )
-    return secret
-
-
-def _sign(secret: str, subject: str) -> str:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "sub": subject,
-        "iss": os.environ.get("PARLEY_JWT_ISSUER", "").strip() or "parley",
-        "aud": os.environ.get("PARLEY_JWT_AUDIENCE", "").strip() or "parley",
-        "iat": now,
-        "nbf": now,
-        "exp": now + TOKEN_TTL,
-    }
-    return jwt.encode(claims, secret, algorithm="HS256")
-
-
 @pytest.fixture
-def chatter(jwt_secret: str, create_user: Callable[..., user_pb2.User]) -> Callable[[str], Chatter]:
+def chatter(
+    sign_token: Callable[[str], str], create_user: Callable[..., user_pb2.User]
+) -> Callable[[str], Chatter]:
     """A factory: a new user (deleted after the test) named `<first name> <random>`."""
 
     def make(first_name: str) -> Chatter:
         user = create_user(name=f"{first_name} {uuid.uuid4().hex[:8]}")
-        return Chatter(user.id, user.name, _sign(jwt_secret, str(user.id)))
+        return Chatter(user.id, user.name, sign_token(str(user.id)))
 
     return make
 
@@ -522,9 +497,9 @@ async def test_a_sender_unknown_to_the_user_service_is_refused(
 
 
 async def test_a_token_whose_subject_is_not_a_user_id_is_refused(
-    chat1: chat_pb2_grpc.ChatServiceAsyncStub, jwt_secret: str, room: str
+    chat1: chat_pb2_grpc.ChatServiceAsyncStub, sign_token: Callable[[str], str], room: str
 ) -> None:
-    robot = Chatter(0, "robot", _sign(jwt_secret, "build-robot"))
+    robot = Chatter(0, "robot", sign_token("build-robot"))
     async with ChatStream(chat1, robot, room) as stream:
         error = await stream.error()
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error

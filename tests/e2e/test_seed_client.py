@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,3 +162,87 @@ def test_the_seed_tutorial_client_gets_and_creates_users(
         user_pb2.GetUserRequest(id=int(new_id)), metadata=auth, timeout=CALL_TIMEOUT
     ).user
     assert (stored.name, stored.email, stored.age) == ("李四", email, 30)
+
+
+# A client of the tutorial's chat.proto: the tutorial shows only the service, so this is the
+# usual grpcio pattern for a bidirectional stream, with the seed's interceptor idea (a bearer
+# token on the call). It knows only `user` and `text`, so it chats in the default room.
+SEED_CHAT_CLIENT = """\
+import os
+import sys
+
+import grpc
+import chat_pb2
+import chat_pb2_grpc
+
+
+def messages():
+    yield chat_pb2.ChatMessage(user="冒名顶替", text=sys.argv[1])
+
+
+def run():
+    channel = grpc.insecure_channel(os.environ['PARLEY_CHAT_ADDR'])
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    metadata = [('authorization', 'Bearer ' + os.environ['PARLEY_TOKEN'])]
+    replies = stub.StreamChat(messages(), metadata=metadata, timeout=30)
+    for reply in replies:
+        print(f"{reply.user}: {reply.text}")
+        if reply.text == sys.argv[1]:
+            replies.cancel()
+            break
+
+if __name__ == '__main__':
+    run()
+"""
+
+
+@pytest.fixture
+def seed_chat_client_dir(seed_dir: Path, tmp_path: Path) -> Path:
+    """A directory with chat_pb2 modules generated from the seed's chat.proto, and a client."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "--python_out=.",
+            "--grpc_python_out=.",
+            f"--proto_path={seed_dir}",
+            "chat.proto",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 0, f"protoc failed on the seed's chat.proto:\n{result.stderr}"
+    (tmp_path / "chat_client.py").write_text(SEED_CHAT_CLIENT, encoding="utf-8")
+    return tmp_path
+
+
+def test_a_client_of_the_seed_chat_proto_chats_in_the_default_room(
+    seed_chat_client_dir: Path,
+    chat_addr: str,
+    create_user: Callable[..., user_pb2.User],
+    sign_token: Callable[[str], str],
+) -> None:
+    speaker = create_user(name="王五")
+    text = f"大家好 {uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "PARLEY_CHAT_ADDR": chat_addr,
+        "PARLEY_TOKEN": sign_token(str(speaker.id)),
+        "PYTHONIOENCODING": "utf-8",
+    }
+
+    result = subprocess.run(
+        [sys.executable, "chat_client.py", text],
+        cwd=seed_chat_client_dir,
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        timeout=RUN_TIMEOUT,
+    )
+
+    assert result.returncode == 0, f"the seed chat client failed:\n{result.stdout}{result.stderr}"
+    # Its own message comes back under the name UserService has, not the one it claimed.
+    assert result.stdout.splitlines()[-1] == f"王五: {text}"
