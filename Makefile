@@ -137,6 +137,7 @@ kind-down: ## Delete the kind cluster
 
 bench: sync ## Benchmarks, each a ratio against a baseline in the same run
 	$(UV) run --locked python benchmarks/paging.py
+	$(UV) run --locked python benchmarks/chat_fanout.py
 
 clean: ## Remove caches and the local stack's data (.parley/)
 	rm -rf .parley .pytest_cache .mypy_cache .ruff_cache .hypothesis

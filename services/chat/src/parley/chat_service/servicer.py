@@ -208,9 +208,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     timeout=None,
                 )
                 self._metrics.received.inc()
-                self._hub.deliver(message)
+                # Publish before the local fan-out: the streams it wakes would otherwise run
+                # first, and the other replicas would wait for this one's delivery work.
                 if new:
                     await self._bus.publish(message)
+                self._hub.deliver(message)
         except ServiceError as error:
             subscriber.close(error)
         except asyncio.CancelledError:
