@@ -8,12 +8,14 @@ their images start them to see that they answer the probes and drain on SIGTERM.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import tomllib
 from collections.abc import Callable, Iterator
@@ -30,6 +32,7 @@ from parley.chat_service import server as chat_server
 from parley.chat_service import settings as chat_settings
 from parley.chat_service.settings import ChatSettings
 from parley.chat_service.users import service_config
+from parley.testing.certificates import CertificateAuthority
 from parley.user_service import server as user_server
 from parley.user_service import settings as user_settings
 from parley.user_service.settings import UserSettings
@@ -128,11 +131,28 @@ _EXTERNAL_SECRETS = {
 }
 
 
+@functools.cache
+def _tls_stand_ins() -> dict[str, str]:
+    """PEM files standing in for the mounted TLS Secret, by the name of the key."""
+    directory = Path(tempfile.mkdtemp(prefix="parley-chart-tls-"))
+    ca = CertificateAuthority(directory, "chart")
+    pair = ca.server()
+    return {
+        "tls.crt": str(pair.cert_file),
+        "tls.key": str(pair.key_file),
+        "ca.crt": str(ca.cert_file),
+    }
+
+
 def _resolved_env(manifests: list[Any], deploy: Any, spec: dict[str, Any]) -> dict[str, str]:
     values, secrets = _container_env(manifests, deploy, spec)
     for variable, (name, key) in secrets.items():
         value = _secret_value(manifests, deploy, name, key)
         values[variable] = _EXTERNAL_SECRETS[variable] if value is None else value
+    # Files from the TLS Secret exist only in a pod: point the settings at real stand-ins.
+    for variable, value in values.items():
+        if variable.endswith("_FILE") and Path(value).name in _tls_stand_ins():
+            values[variable] = _tls_stand_ins()[Path(value).name]
     return values
 
 
@@ -143,16 +163,20 @@ def test_ports_are_the_services_own(
     deployment = _deployment(manifests, deploy, service)
     spec = deploy.container(_pod_spec(deployment), service.name)
     ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
-    assert ports == {"grpc": service.grpc_port, "metrics": service.metrics_port}
-
     # What the process will listen on, as its settings code reads the chart's variables.
     settings = service.settings(Env(_resolved_env(manifests, deploy, spec)))
+    expected = {"grpc": service.grpc_port, "metrics": service.metrics_port}
+    if settings.server.health_port is not None:
+        # TLS: the probes go to the plain-text health-only port.
+        expected["health"] = settings.server.health_port
+    assert ports == expected
     assert (settings.server.port, settings.server.metrics_port) == (
         ports["grpc"],
         ports["metrics"],
     )
+    probed = ports.get("health", ports["grpc"])
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert spec[probe]["grpc"]["port"] == ports["grpc"], probe
+        assert spec[probe]["grpc"]["port"] == probed, probe
 
     services = deploy.component(manifests, "Service", service.name)
     cluster_ip = [s for s in services if s["spec"].get("clusterIP") != "None"]

@@ -31,6 +31,30 @@ PARLEY_JWT_LEEWAY: {{ $c.jwtLeeway | quote }}
 PARLEY_DB_POOL_MIN: {{ $v.config.dbPoolMin | quote }}
 PARLEY_DB_POOL_MAX: {{ $v.config.dbPoolMax | quote }}
 PARLEY_DB_POOL_TIMEOUT: {{ $v.config.dbPoolTimeout | quote }}
+{{- $t := .root.Values.tls }}
+{{- if $t.enabled }}
+PARLEY_TLS_CERT_FILE: {{ include "parley.tls.file" "tls.crt" | quote }}
+PARLEY_TLS_KEY_FILE: {{ include "parley.tls.file" "tls.key" | quote }}
+{{- if $t.clientAuth }}
+PARLEY_TLS_CLIENT_CA_FILE: {{ include "parley.tls.file" "ca.crt" | quote }}
+{{- end }}
+PARLEY_HEALTH_PORT: {{ $t.healthPort | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where a key of the TLS Secret is mounted; call with the key name.
+*/}}
+{{- define "parley.tls.file" -}}
+{{- printf "/etc/parley/tls/%s" . }}
+{{- end }}
+
+{{/*
+The port the kubelet probes: the plain-text health-only port while TLS is on (the native
+gRPC probe cannot speak TLS), else the gRPC port.
+*/}}
+{{- define "parley.probePort" -}}
+{{- if .root.Values.tls.enabled }}{{ .root.Values.tls.healthPort }}{{ else }}{{ .values.ports.grpc }}{{ end }}
 {{- end }}
 
 {{- define "parley.configMap" -}}
@@ -55,6 +79,13 @@ data:
 {{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be greater than shutdown.preStopSleepSeconds + shutdown.delaySeconds + shutdown.graceSeconds (%d)" .component (int $v.terminationGracePeriodSeconds) (int $needed)) }}
 {{- end }}
 {{- $image := include "parley.image" (dict "root" $root "image" $v.image) }}
+{{- $tls := $root.Values.tls }}
+{{- if and $tls.enabled (not $tls.existingSecret) }}
+{{- fail "tls.existingSecret must name a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) when tls.enabled is true" }}
+{{- end }}
+{{- if and $tls.enabled (or (eq (int $tls.healthPort) (int $v.ports.grpc)) (eq (int $tls.healthPort) (int $v.ports.metrics))) }}
+{{- fail (printf "tls.healthPort (%d) must differ from %s.ports.grpc and %s.ports.metrics" (int $tls.healthPort) .component .component) }}
+{{- end }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -135,6 +166,11 @@ spec:
             - name: metrics
               containerPort: {{ $v.ports.metrics }}
               protocol: TCP
+            {{- if $tls.enabled }}
+            - name: health
+              containerPort: {{ $tls.healthPort }}
+              protocol: TCP
+            {{- end }}
           envFrom:
             - configMapRef:
                 name: {{ $name }}
@@ -147,21 +183,21 @@ spec:
             {{- end }}
           startupProbe:
             grpc:
-              port: {{ $v.ports.grpc }}
+              port: {{ include "parley.probePort" . }}
               service: ""
             periodSeconds: {{ $v.probes.startup.periodSeconds }}
             timeoutSeconds: {{ $v.probes.startup.timeoutSeconds }}
             failureThreshold: {{ $v.probes.startup.failureThreshold }}
           livenessProbe:
             grpc:
-              port: {{ $v.ports.grpc }}
+              port: {{ include "parley.probePort" . }}
               service: ""
             periodSeconds: {{ $v.probes.liveness.periodSeconds }}
             timeoutSeconds: {{ $v.probes.liveness.timeoutSeconds }}
             failureThreshold: {{ $v.probes.liveness.failureThreshold }}
           readinessProbe:
             grpc:
-              port: {{ $v.ports.grpc }}
+              port: {{ include "parley.probePort" . }}
               service: {{ .healthName | quote }}
             periodSeconds: {{ $v.probes.readiness.periodSeconds }}
             timeoutSeconds: {{ $v.probes.readiness.timeoutSeconds }}
@@ -181,10 +217,21 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- if $tls.enabled }}
+            - name: tls
+              mountPath: {{ include "parley.tls.file" "" | trimSuffix "/" }}
+              readOnly: true
+            {{- end }}
       volumes:
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        {{- if $tls.enabled }}
+        - name: tls
+          secret:
+            secretName: {{ $tls.existingSecret }}
+            defaultMode: 0440
+        {{- end }}
       {{- if $v.affinity }}
       affinity:
         {{- toYaml $v.affinity | nindent 8 }}
@@ -249,7 +296,8 @@ spec:
       port: {{ $v.ports.grpc }}
       targetPort: grpc
       protocol: TCP
-      appProtocol: kubernetes.io/h2c
+      # HTTP/2 over TLS when tls.enabled, else cleartext HTTP/2.
+      appProtocol: {{ if .root.Values.tls.enabled }}https{{ else }}kubernetes.io/h2c{{ end }}
     - name: metrics
       port: {{ $v.ports.metrics }}
       targetPort: metrics

@@ -12,6 +12,8 @@ __all__ = [
     "DatabaseSettings",
     "Env",
     "ServerSettings",
+    "TlsSettings",
+    "read_pem",
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -88,6 +90,49 @@ class Env:
         return seconds
 
 
+def read_pem(variable: str, path: str) -> bytes:
+    """The PEM file at `path`, named by `variable`; a one-line ConfigError if unreadable."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise ConfigError(variable, f"cannot read {path!r}: {error.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(variable, f"{path!r} is not a PEM file")
+    return data
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """PEM contents for TLS on the gRPC port; `client_ca` set means mutual TLS."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+
+    @classmethod
+    def from_env(cls, env: Env) -> TlsSettings | None:
+        cert_file = env.optional("PARLEY_TLS_CERT_FILE")
+        key_file = env.optional("PARLEY_TLS_KEY_FILE")
+        ca_file = env.optional("PARLEY_TLS_CLIENT_CA_FILE")
+        if cert_file is None and key_file is None:
+            if ca_file is not None:
+                raise ConfigError(
+                    "PARLEY_TLS_CLIENT_CA_FILE",
+                    "needs PARLEY_TLS_CERT_FILE and PARLEY_TLS_KEY_FILE as well",
+                )
+            return None
+        if cert_file is None:
+            raise ConfigError("PARLEY_TLS_CERT_FILE", "must be set when PARLEY_TLS_KEY_FILE is")
+        if key_file is None:
+            raise ConfigError("PARLEY_TLS_KEY_FILE", "must be set when PARLEY_TLS_CERT_FILE is")
+        return cls(
+            cert=read_pem("PARLEY_TLS_CERT_FILE", cert_file),
+            key=read_pem("PARLEY_TLS_KEY_FILE", key_file),
+            client_ca=None if ca_file is None else read_pem("PARLEY_TLS_CLIENT_CA_FILE", ca_file),
+        )
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Where a service listens and how its connections and shutdown behave."""
@@ -105,6 +150,13 @@ class ServerSettings:
     health_check_interval: float
     log_format: str
     log_level: str
+    tls: TlsSettings | None = None
+    # A plain-text port that serves only grpc.health.v1 (None: no such port), for the probes
+    # of a TLS port: the kubelet's gRPC probe cannot speak TLS.
+    health_port: int | None = None
+    # The largest request message accepted (grpc.max_receive_message_length); a larger one
+    # gets RESOURCE_EXHAUSTED before any handler runs.
+    max_message_bytes: int = 1024 * 1024
 
     @classmethod
     def from_env(cls, env: Env, *, default_port: int, default_metrics_port: int) -> ServerSettings:
@@ -126,6 +178,13 @@ class ServerSettings:
             log_format=env.choice("PARLEY_LOG_FORMAT", "plain", ("plain", "json")),
             log_level=env.choice(
                 "PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), ignore_case=True
+            ),
+            tls=TlsSettings.from_env(env),
+            health_port=(
+                None if env.raw("PARLEY_HEALTH_PORT") is None else env.port("PARLEY_HEALTH_PORT", 0)
+            ),
+            max_message_bytes=env.integer(
+                "PARLEY_MAX_MESSAGE_BYTES", 1024 * 1024, minimum=16 * 1024, maximum=64 * 1024 * 1024
             ),
         )
 

@@ -38,6 +38,8 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),
+        # Requests only: a ListMessages page of long texts may be a few MB, and is bounded.
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
     ]
     if settings.max_connection_age > 0:
         options += [
@@ -78,13 +80,27 @@ class GrpcApp:
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        try:
-            # grpcio raises RuntimeError when the bind fails (for example, the port is taken).
-            self.port = self.server.add_insecure_port(settings.address)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.address}")
+        tls = settings.tls
+        if tls is None:
+            self.port = _bind(settings.address, self.server.add_insecure_port)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key, tls.cert)],
+                root_certificates=tls.client_ca,
+                require_client_auth=tls.client_ca is not None,
+            )
+            self.port = _bind(
+                settings.address, lambda address: self.server.add_secure_port(address, credentials)
+            )
+        # The kubelet's gRPC probe has no TLS: a plain-text port with nothing but health on it.
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if settings.health_port is not None:
+            self.health_server = grpc.aio.server(options=server_options(settings))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = _bind(
+                f"{settings.host}:{settings.health_port}", self.health_server.add_insecure_port
+            )
         self.metrics_port = 0
         self._metrics_server: tuple[WSGIServer, Thread] | None = None
         self._on_start: list[ShutdownHook] = []
@@ -111,6 +127,8 @@ class GrpcApp:
         )
         self._metrics_server = (server, thread)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         await self.monitor.start()
 
     async def stop(self) -> None:
@@ -125,6 +143,8 @@ class GrpcApp:
         for hook in self._on_drain:
             await hook()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for hook in self._on_stop:
             await hook()
         if self._metrics_server is not None:
@@ -144,16 +164,37 @@ class GrpcApp:
             loop.add_signal_handler(signum, stopping.set)
         await self.start()
         _log.info(
-            "serving gRPC on %s:%d, metrics on %s:%d",
+            "serving gRPC on %s:%d, metrics on %s:%d%s%s",
             self.settings.host,
             self.port,
             self.settings.metrics_host,
             self.metrics_port,
+            _tls_mode(self.settings),
+            f", health only on {self.settings.host}:{self.health_port}"
+            if self.health_server is not None
+            else "",
         )
         await stopping.wait()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await self.stop()
+
+
+def _bind(address: str, add_port: Callable[[str], int]) -> int:
+    try:
+        # grpcio raises RuntimeError when the bind fails (for example, the port is taken).
+        port = add_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+def _tls_mode(settings: ServerSettings) -> str:
+    if settings.tls is None:
+        return ", plain text"
+    return ", TLS" if settings.tls.client_ca is None else ", mutual TLS"
 
 
 def _chassis_services() -> list[ServiceDescriptor]:

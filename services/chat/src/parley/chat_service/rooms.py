@@ -47,6 +47,8 @@ def check_text(text: str) -> None:
         raise InvalidArgument(
             [FieldViolation("text", f"must be at most {MAX_TEXT_BYTES} bytes, got {size}")]
         )
+    if "\x00" in text:  # Postgres text cannot hold NUL; storing it would fail as INTERNAL
+        raise InvalidArgument([FieldViolation("text", "must not contain NUL characters")])
 
 
 def check_client_message_id(value: str) -> None:
@@ -57,4 +59,8 @@ def check_client_message_id(value: str) -> None:
                     "client_message_id", f"must be at most {MAX_CLIENT_MESSAGE_ID} characters"
                 )
             ]
+        )
+    if "\x00" in value:
+        raise InvalidArgument(
+            [FieldViolation("client_message_id", "must not contain NUL characters")]
         )

@@ -6,6 +6,8 @@ import os
 import socket
 import uuid
 
+import grpc
+
 from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier, Unavailable
 from parley.proto import chat_pb2, chat_pb2_grpc
 
@@ -15,7 +17,7 @@ from .metrics import ChatMetrics
 from .migrations import MIGRATIONS
 from .presence import Presence
 from .servicer import ChatServicer
-from .settings import ChatSettings
+from .settings import ChatSettings, UserServiceTls
 from .store import MessageStore
 from .users import USER_SERVICE, UserDirectory
 
@@ -29,7 +31,10 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     db = Database(settings.database, application_name="parley-chat")
     store = MessageStore(db)
     users = UserDirectory(
-        settings.user_service, timeout=settings.user_timeout, cache_ttl=settings.user_cache_ttl
+        settings.user_service,
+        timeout=settings.user_timeout,
+        cache_ttl=settings.user_cache_ttl,
+        credentials=_user_credentials(settings.user_tls),
     )
 
     async def postgres_ready() -> None:
@@ -86,3 +91,11 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     app.on_stop(users.close)
     app.on_stop(db.close)
     return app
+
+
+def _user_credentials(tls: UserServiceTls | None) -> grpc.ChannelCredentials | None:
+    if tls is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.root_ca, private_key=tls.key, certificate_chain=tls.cert
+    )

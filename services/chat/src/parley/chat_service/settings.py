@@ -6,11 +6,48 @@ import re
 from dataclasses import dataclass
 
 from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env, ServerSettings
+from parley.chassis.config import read_pem
 
-__all__ = ["DEFAULT_GRPC_PORT", "DEFAULT_METRICS_PORT", "ChatSettings"]
+__all__ = ["DEFAULT_GRPC_PORT", "DEFAULT_METRICS_PORT", "ChatSettings", "UserServiceTls"]
 
 DEFAULT_GRPC_PORT = 50052
 DEFAULT_METRICS_PORT = 9102
+
+
+@dataclass(frozen=True)
+class UserServiceTls:
+    """TLS for the channel to UserService: a CA to trust, and a certificate for mutual TLS."""
+
+    root_ca: bytes | None
+    """None: the system's root certificates."""
+    cert: bytes | None
+    key: bytes | None
+
+    @classmethod
+    def from_env(cls, env: Env) -> UserServiceTls | None:
+        ca_file = env.optional("PARLEY_USER_SERVICE_TLS_CA_FILE")
+        cert_file = env.optional("PARLEY_USER_SERVICE_TLS_CERT_FILE")
+        key_file = env.optional("PARLEY_USER_SERVICE_TLS_KEY_FILE")
+        if (cert_file is None) != (key_file is None):
+            missing, given = (
+                ("PARLEY_USER_SERVICE_TLS_CERT_FILE", "PARLEY_USER_SERVICE_TLS_KEY_FILE")
+                if cert_file is None
+                else ("PARLEY_USER_SERVICE_TLS_KEY_FILE", "PARLEY_USER_SERVICE_TLS_CERT_FILE")
+            )
+            raise ConfigError(missing, f"must be set when {given} is")
+        if ca_file is None and cert_file is None:
+            return None
+        return cls(
+            root_ca=None
+            if ca_file is None
+            else read_pem("PARLEY_USER_SERVICE_TLS_CA_FILE", ca_file),
+            cert=None
+            if cert_file is None
+            else read_pem("PARLEY_USER_SERVICE_TLS_CERT_FILE", cert_file),
+            key=None
+            if key_file is None
+            else read_pem("PARLEY_USER_SERVICE_TLS_KEY_FILE", key_file),
+        )
 
 
 @dataclass(frozen=True)
@@ -28,6 +65,7 @@ class ChatSettings:
     queue_limit: int
     resync_interval: float
     presence_ttl: float
+    user_tls: UserServiceTls | None = None
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ChatSettings:
@@ -56,4 +94,5 @@ class ChatSettings:
                 "PARLEY_CHAT_RESYNC_INTERVAL", 5.0, minimum=0.05, maximum=3600
             ),
             presence_ttl=env.seconds("PARLEY_CHAT_PRESENCE_TTL", 30.0, minimum=0.3, maximum=3600),
+            user_tls=UserServiceTls.from_env(env),
         )

@@ -45,22 +45,31 @@ def service_config() -> str:
 
 
 class UserDirectory:
-    def __init__(self, target: str, *, timeout: float, cache_ttl: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float,
+        cache_ttl: float,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self._timeout = timeout
         self._cache_ttl = cache_ttl
         self._cache: dict[int, tuple[str, float]] = {}
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.service_config", service_config()),
-                ("grpc.enable_retries", 1),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.keepalive_timeout_ms", 10_000),
-                # grpcio's reconnect backoff grows to two minutes by default: a chat replica
-                # would keep reporting UserService down long after it came back.
-                ("grpc.initial_reconnect_backoff_ms", 250),
-                ("grpc.max_reconnect_backoff_ms", 5_000),
-            ],
+        options: list[tuple[str, str | int]] = [
+            ("grpc.service_config", service_config()),
+            ("grpc.enable_retries", 1),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            # grpcio's reconnect backoff grows to two minutes by default: a chat replica
+            # would keep reporting UserService down long after it came back.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
+        ]
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials, options=options)
         )
         self._stub = user_pb2_grpc.UserServiceStub(self._channel)
 

@@ -1,0 +1,176 @@
+"""No secret reaches a log line or a metric: the JWT secret, tokens (good, expired, forged),
+and the passwords in the Postgres and Redis URLs. Both services run as `parley-* serve`
+processes at DEBUG level; their whole output and /metrics are searched afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+import redis
+
+from parley import testing
+from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
+from parley.testing import free_port, wait_until
+
+from .conftest import BIN, JWT_SECRET, USER_DEPENDENCY, Person, base_env, chat_env, make_token
+
+DB_PASSWORD = "s3cret-pw-" + uuid.uuid4().hex[:8]
+REDIS_PASSWORD = "r3dis-pw-" + uuid.uuid4().hex[:8]
+
+
+def with_password(url: str) -> str:
+    """The same database as `url`, as a postgresql:// URL with a password (trust auth on the
+    test server ignores it; the point is that the services never print it)."""
+    params = psycopg.conninfo.conninfo_to_dict(url)
+    host = params.get("host", "127.0.0.1")
+    port = params.get("port", "5432")
+    user = params.get("user", "postgres")
+    return f"postgresql://{user}:{DB_PASSWORD}@{host}:{port}/{params['dbname']}"
+
+
+def fetch_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+async def test_no_secret_or_token_in_logs_or_metrics(
+    launcher: Any, database: str, private_redis: Any, redis_prefix: str, chat: Any, wait_for: Any
+) -> None:
+    server = await private_redis()
+    admin = redis.Redis(port=server.port)
+    with admin:
+        admin.config_set("requirepass", REDIS_PASSWORD)
+    redis_url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{server.port}/0"
+    db_url = with_password(database)
+    debug = {"PARLEY_LOG_LEVEL": "DEBUG"}
+
+    users = await launcher.start_process("user", base_env(db_url, **debug))
+    replica = await launcher.start_process(
+        "chat", chat_env(db_url, redis_url, redis_prefix, users.target, **debug)
+    )
+    await launcher.wait_ready(replica, name=USER_DEPENDENCY)
+
+    writer = make_token("admin", scope="users:write")
+    expired = make_token("admin", scope="users:write", ttl=-120)
+    forged = testing.make_token("x" * 40, "admin", "users:write", 600)
+    async with grpc.aio.insecure_channel(users.target) as channel:
+        stub = user_pb2_grpc.UserServiceStub(channel)
+        created = await stub.CreateUser(
+            user_pb2.CreateUserRequest(name="Ada", email=f"ada.{uuid.uuid4().hex[:6]}@x.org"),
+            metadata=bearer(writer),
+            timeout=10,
+        )
+        for bad in (expired, forged, "not-a-jwt-" + DB_PASSWORD):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.GetUser(
+                    user_pb2.GetUserRequest(id=created.user.id), metadata=bearer(bad), timeout=5
+                )
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ada_token = make_token(str(created.user.id))
+    ada = Person(created.user.id, "Ada", ada_token)
+
+    sender = await chat(ada, replica, room="lobby", resume_after=0)
+    await sender.send("hello")
+    await wait_for(lambda: sender.received, 10, "the message")
+    async with grpc.aio.insecure_channel(replica.target) as channel:
+        stub_chat = chat_pb2_grpc.ChatServiceStub(channel)
+        for bad in (expired, forged):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub_chat.ListMessages(
+                    chat_pb2.ListMessagesRequest(room="lobby"), metadata=bearer(bad), timeout=5
+                )
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    scraped = {
+        f"{service.kind} metrics": await asyncio.to_thread(fetch_metrics, service.metrics_port)
+        for service in (users, replica)
+    }
+    for service in (users, replica):
+        await launcher.stop(service)
+    texts = {
+        **scraped,
+        **{f"{service.kind} log": service.log_text() for service in (users, replica)},
+    }
+    # The logs said something about the calls, so the search below searched real output.
+    assert "UNAUTHENTICATED" in texts["user log"] or "Unauthenticated" in texts["user log"], texts[
+        "user log"
+    ][-2000:]
+
+    secrets = {
+        "JWT secret": JWT_SECRET,
+        "database password": DB_PASSWORD,
+        "Redis password": REDIS_PASSWORD,
+    }
+    for name, token in (
+        ("good token", writer),
+        ("expired token", expired),
+        ("forged token", forged),
+        ("chat token", ada_token),
+    ):
+        secrets[name] = token
+        # Part of a token is as bad: its signature.
+        secrets[f"{name} signature"] = token.rsplit(".", 1)[1]
+    leaks = [
+        f"{name} in {where}"
+        for where, text in texts.items()
+        for name, secret in secrets.items()
+        if secret in text
+    ]
+    assert leaks == []
+
+
+async def test_no_password_in_the_errors_of_unreachable_dependencies(tmp_path: Path) -> None:
+    """Failing Postgres and Redis connections are logged with their errors: not their URLs'
+    passwords, nor the JWT secret."""
+    dead_db, dead_redis = free_port(), free_port()
+    env = chat_env(
+        f"postgresql://parley:{DB_PASSWORD}@127.0.0.1:{dead_db}/parley",
+        f"redis://:{REDIS_PASSWORD}@127.0.0.1:{dead_redis}/0",
+        "secrets-test",
+        "127.0.0.1:1",
+        PARLEY_LOG_LEVEL="DEBUG",
+    )
+    log = tmp_path / "parley-chat.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "parley-chat"), "serve"],
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def reported() -> bool:
+            assert process.poll() is None, log.read_text(errors="replace")
+            return "not ready:" in log.read_text(errors="replace")
+
+        await wait_until(reported, 30, "the chat service to report its dependencies down")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+    text = log.read_text(errors="replace")
+    assert str(dead_db) in text or "postgres" in text, text
+    for name, secret in (
+        ("JWT secret", JWT_SECRET),
+        ("database password", DB_PASSWORD),
+        ("Redis password", REDIS_PASSWORD),
+    ):
+        assert secret not in text, f"{name} in the log:\n{text}"

@@ -1,0 +1,161 @@
+"""Postgres stops (fast shutdown) and comes back while UserService and a chat replica run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+import psycopg
+
+from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
+from parley.testing import bearer, wait_until
+
+from .conftest import (
+    ADMIN_TOKEN,
+    NOT_SERVING,
+    SERVING,
+    Cluster,
+    Fleet,
+    create_people,
+    stored_rows,
+)
+
+DEADLINE = 5.0
+
+
+async def timed(call: object) -> tuple[float, grpc.StatusCode]:
+    """Awaits a unary call; returns (seconds, status code)."""
+    started = time.monotonic()
+    try:
+        await call  # type: ignore[misc]
+        code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+    return time.monotonic() - started, code
+
+
+async def chat_write(channel: grpc.aio.Channel, token: str, text: str) -> tuple[float, object]:
+    """Opens a stream, writes one message and waits for its echo or the stream's end;
+    returns (seconds, the stored message or the status code that ended the stream)."""
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    started = time.monotonic()
+    call = stub.StreamChat(metadata=[*bearer(token), ("x-chat-room", "pg")], timeout=DEADLINE)
+    client_id = uuid.uuid4().hex
+    try:
+        await call.write(chat_pb2.ChatMessage(text=text, client_message_id=client_id))
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                return time.monotonic() - started, "EOF"
+            if message.client_message_id == client_id:
+                return time.monotonic() - started, message
+    except grpc.aio.AioRpcError as error:
+        return time.monotonic() - started, error.code()
+    except asyncio.InvalidStateError:
+        return time.monotonic() - started, (await call.code())
+    finally:
+        call.cancel()
+
+
+async def test_postgres_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> None:
+    users = await fleet.add("user")
+    chat = await fleet.add("chat", PARLEY_USER_SERVICE_ADDR=users.target)
+    await fleet.wait_health(chat, SERVING, 20, name="dependency/user-service")
+    (ada,) = await create_people(users.target, ["Ada"])
+    pids = (users.process.pid, chat.process.pid)  # type: ignore[union-attr]
+    admin = bearer(ADMIN_TOKEN)
+    created: dict[str, int] = {}  # email -> id, of CreateUser calls that succeeded
+    failed_emails: list[str] = []
+
+    async with (
+        grpc.aio.insecure_channel(users.target) as user_channel,
+        grpc.aio.insecure_channel(chat.target) as chat_channel,
+    ):
+        user_stub = user_pb2_grpc.UserServiceStub(user_channel)
+
+        async def create(email: str) -> tuple[float, grpc.StatusCode]:
+            request = user_pb2.CreateUserRequest(name="Pat", email=email, age=40)
+            started = time.monotonic()
+            try:
+                reply = await user_stub.CreateUser(request, metadata=admin, timeout=DEADLINE)
+                created[email] = reply.user.id
+                return time.monotonic() - started, grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as error:
+                failed_emails.append(email)
+                return time.monotonic() - started, error.code()
+
+        before = await create("before@example.com")
+        assert before[1] == grpc.StatusCode.OK, f"CreateUser before the fault: {before}"
+        ok_before = await chat_write(chat_channel, ada.token, "before")
+        assert isinstance(ok_before[1], chat_pb2.ChatMessage), f"chat write before: {ok_before}"
+
+        stopped_at = time.monotonic()
+        await cluster.postgres.stop()
+        stop_took = time.monotonic() - stopped_at
+
+        # Readiness goes NOT_SERVING on both services.
+        user_down, chat_down = await asyncio.gather(
+            fleet.wait_health(users, NOT_SERVING, 10), fleet.wait_health(chat, NOT_SERVING, 10)
+        )
+
+        # Calls fail fast with UNAVAILABLE (not a hang until the deadline).
+        get = await timed(
+            user_stub.GetUser(user_pb2.GetUserRequest(id=ada.id), metadata=admin, timeout=DEADLINE)
+        )
+        writes = [await create(f"down-{i}@example.com") for i in range(3)]
+        chat_down_write = await chat_write(chat_channel, ada.token, "while down")
+
+        print(
+            f"\npostgres stop took {stop_took:.2f}s; NOT_SERVING after user {user_down:.2f}s,"
+            f" chat {chat_down:.2f}s; GetUser {get}; CreateUser {writes};"
+            f" chat write {chat_down_write}"
+        )
+        assert get[1] == grpc.StatusCode.UNAVAILABLE, f"GetUser with Postgres down: {get}"
+        assert get[0] < DEADLINE - 1, f"GetUser took {get[0]:.2f}s to fail (deadline {DEADLINE})"
+        for took, code in writes:
+            assert code == grpc.StatusCode.UNAVAILABLE, f"CreateUser with Postgres down: {code}"
+            assert took < DEADLINE - 1, f"CreateUser took {took:.2f}s to fail"
+        took, outcome = chat_down_write
+        assert outcome == grpc.StatusCode.UNAVAILABLE, f"chat write with Postgres down: {outcome}"
+        assert took < DEADLINE - 1, f"chat write took {took:.2f}s to fail"
+
+        # Postgres comes back on the same port and data: no restart of the services needed.
+        await cluster.postgres.start()
+        user_up, chat_up = await asyncio.gather(
+            fleet.wait_health(users, SERVING, 15), fleet.wait_health(chat, SERVING, 15)
+        )
+        first_ok = time.monotonic()
+
+        async def create_works() -> bool:
+            return (await create(f"after-{uuid.uuid4().hex[:6]}@example.com"))[1] == (
+                grpc.StatusCode.OK
+            )
+
+        await wait_until(create_works, 10, "CreateUser to succeed after Postgres came back")
+        create_after = time.monotonic() - first_ok
+        after = await chat_write(chat_channel, ada.token, "after")
+        print(
+            f"SERVING again after user {user_up:.2f}s, chat {chat_up:.2f}s; first CreateUser"
+            f" after SERVING in {create_after:.2f}s; chat write after: {after[0]:.2f}s"
+        )
+        assert isinstance(after[1], chat_pb2.ChatMessage), f"chat write after: {after}"
+        get_after = await timed(
+            user_stub.GetUser(user_pb2.GetUserRequest(id=ada.id), metadata=admin, timeout=DEADLINE)
+        )
+        assert get_after[1] == grpc.StatusCode.OK, f"GetUser after recovery: {get_after}"
+
+    assert (users.process.pid, chat.process.pid) == pids, "a service process was replaced"  # type: ignore[union-attr]
+    assert users.process.poll() is None and chat.process.poll() is None, "a service exited"  # type: ignore[union-attr]
+
+    # Nothing half-written: exactly the successful creates exist, none of the failed ones.
+    async with await psycopg.AsyncConnection.connect(cluster.database, autocommit=True) as conn:
+        cur = await conn.execute("SELECT email, id FROM users WHERE email LIKE '%%@example.com'")
+        rows = {email: user_id for email, user_id in await cur.fetchall()}
+    extra = [email for email in failed_emails if email in rows]
+    assert not extra, f"CreateUser failed but the row exists: {extra}"
+    missing = [email for email in created if rows.get(email) != created[email]]
+    assert not missing, f"CreateUser succeeded but the row is missing: {missing}"
+    texts = [row[2] for row in await stored_rows(cluster.database, "pg")]
+    assert texts == ["before", "after"], f"stored chat messages in room pg: {texts}"
