@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from parley.chat_service.migrations import MIGRATIONS as CHAT_MIGRATIONS
 from parley.client import AsyncChatClient, AsyncUserClient, ChatSession, ReconnectPolicy
 from parley.devstack.postgres import EmbeddedPostgres
-from parley.testing import free_port, health_status, make_token, wait_until
+from parley.testing import RedisServer, free_port, health_status, make_token, wait_until
 from parley.user_service.migrations import apply_migrations
 
 JWT_SECRET = "faults-test-secret-" + "f" * 32
-REDIS_SERVER = os.environ.get("PARLEY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 BIN = Path(sys.executable).parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -56,58 +54,6 @@ ADMIN_TOKEN = token("faults-admin", "users:write")
 
 
 # --- Postgres and Redis ---------------------------------------------------------------------
-
-
-def _redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class Redis:
-    """A redis-server of the test's own on a fixed port: stop() and start() again."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        assert self.process is None, "redis-server is already running"
-        log = self.directory / "redis.log"
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-                + ["--appendonly", "no", "--dir", str(self.directory)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        process = self.process
-
-        async def up() -> bool:
-            if process.poll() is not None:
-                pytest.fail(f"redis-server exited:\n{log.read_text(errors='replace')}")
-            return await asyncio.to_thread(_redis_answers, self.port)
-
-        await wait_until(up, 10, f"redis-server on port {self.port} to answer PING")
-
-    async def stop(self) -> None:
-        if self.process is None:
-            return
-        process, self.process = self.process, None
-        process.terminate()
-        try:
-            await asyncio.to_thread(process.wait, 10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
 
 
 class Postgres:
@@ -134,7 +80,7 @@ class Postgres:
 @dataclass
 class Cluster:
     postgres: Postgres
-    redis: Redis
+    redis: RedisServer
     database: str  # URL of the migrated database
     prefix: str  # Redis key prefix
 
@@ -147,7 +93,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     (own / "pg").mkdir()
     (tmp_path / "redis").mkdir()
     postgres = Postgres(own / "pg")
-    redis = Redis(tmp_path / "redis")
+    redis = RedisServer(tmp_path / "redis")
     try:
         await asyncio.gather(postgres.start(), redis.start())
         with psycopg.connect(postgres.url(), autocommit=True) as conn:

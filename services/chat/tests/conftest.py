@@ -12,7 +12,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from parley.chat_service.migrations import MIGRATIONS as CHAT_MIGRATIONS
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
 from parley.testing import (
     DatabaseFactory,
+    RedisServer,
     RichError,
     bearer,
     free_port,
@@ -50,7 +50,6 @@ from parley.user_service import create_server as create_user_server
 from parley.user_service.migrations import apply_migrations
 
 SHARED_REDIS_URL = os.environ.get("PARLEY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REDIS_SERVER = os.environ.get("PARLEY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 JWT_SECRET = "chat-test-secret-" + "c" * 32
 BIN = Path(sys.executable).parent
 CHAT_SERVICE = "chat.ChatService"
@@ -194,72 +193,6 @@ def stored() -> Callable[[str, str], Awaitable[list[StoredMessage]]]:
 
 
 # --- Private Redis servers ------------------------------------------------------------------
-
-
-def _redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """A redis-server of its own on a fixed port, which a test may stop and start again."""
-
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log = directory / f"redis-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        assert self.process is None, "already running"
-        with open(self._log, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    REDIS_SERVER,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.directory),
-                    "--protected-mode",
-                    "no",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        process = self.process
-
-        async def up() -> bool:
-            if process.poll() is not None:
-                pytest.fail(f"redis-server exited:\n{self._log.read_text(errors='replace')}")
-            return await asyncio.to_thread(_redis_answers, self.port)
-
-        await wait_until(up, 10, f"redis-server on port {self.port}")
-
-    async def stop(self) -> None:
-        if self.process is None:
-            return
-        process, self.process = self.process, None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
 
 
 @pytest.fixture

@@ -7,12 +7,14 @@ Only tests import this package; no service depends on it.
 from parley.testing.databases import ADMIN_URL, DatabaseFactory, database_url
 from parley.testing.errors import RichError, rich_error
 from parley.testing.network import free_port, health_status
+from parley.testing.redis_server import RedisServer
 from parley.testing.tokens import bearer, make_token
 from parley.testing.waiting import wait_until
 
 __all__ = [
     "ADMIN_URL",
     "DatabaseFactory",
+    "RedisServer",
     "RichError",
     "bearer",
     "database_url",
