@@ -189,6 +189,16 @@ def chat_addr() -> str:
     return addr
 
 
+@pytest.fixture(scope="session")
+def chat2_addr() -> str:
+    """A second ChatService replica sharing the first one's Postgres and Redis."""
+    addr = os.environ.get("PARLEY_CHAT2_ADDR", "").strip()
+    if not addr:
+        pytest.skip("PARLEY_CHAT2_ADDR is not set; chat across two replicas is not checked")
+    _wait_until_serving(addr, "chat.ChatService")
+    return addr
+
+
 @pytest.fixture
 def chat_channel(chat_addr: str) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(chat_addr) as channel:

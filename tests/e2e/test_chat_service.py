@@ -97,35 +97,6 @@ class Chatter:
         return (("authorization", f"Bearer {self.token}"),)
 
 
-def _wait_until_serving(addr: str, service: str) -> None:
-    """Waits, watching grpc.health.v1 for at most READY_TIMEOUT, until `service` is SERVING."""
-    with grpc.insecure_channel(addr) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=service), timeout=READY_TIMEOUT
-        )
-        try:
-            for response in watch:
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError as error:
-            pytest.fail(
-                f"{service} at {addr} did not become SERVING within {READY_TIMEOUT:g}s: "
-                f"{error.code().name} {error.details()}",
-                pytrace=False,
-            )
-        finally:
-            watch.cancel()
-
-
-@pytest.fixture(scope="session")
-def chat2_addr() -> str:
-    addr = os.environ.get("PARLEY_CHAT2_ADDR", "").strip()
-    if not addr:
-        pytest.skip("PARLEY_CHAT2_ADDR is not set; chat across two replicas is not checked")
-    _wait_until_serving(addr, "chat.ChatService")
-    return addr
-
-
 @pytest.fixture
 def chatter(
     sign_token: Callable[[str], str], create_user: Callable[..., user_pb2.User]

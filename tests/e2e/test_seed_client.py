@@ -96,10 +96,9 @@ def seed_dir() -> Path:
     return SEED_DIR
 
 
-@pytest.fixture
-def seed_client_dir(seed_dir: Path, tmp_path: Path) -> Path:
-    """A directory with the tutorial's generated user_pb2 modules and its client.py."""
-    # The tutorial's command, with the seed directory as the proto path.
+def _generate(seed_dir: Path, proto: str, into: Path) -> None:
+    """The tutorial's protoc command for one of the seed's protos, with the seed directory as
+    the proto path; checks that both generated modules exist."""
     result = subprocess.run(
         [
             sys.executable,
@@ -108,15 +107,22 @@ def seed_client_dir(seed_dir: Path, tmp_path: Path) -> Path:
             "--python_out=.",
             "--grpc_python_out=.",
             f"--proto_path={seed_dir}",
-            "user.proto",
+            proto,
         ],
-        cwd=tmp_path,
+        cwd=into,
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
     )
-    assert result.returncode == 0, f"protoc failed on the seed's user.proto:\n{result.stderr}"
-    assert (tmp_path / "user_pb2.py").is_file() and (tmp_path / "user_pb2_grpc.py").is_file()
+    assert result.returncode == 0, f"protoc failed on the seed's {proto}:\n{result.stderr}"
+    stem = proto.removesuffix(".proto")
+    assert (into / f"{stem}_pb2.py").is_file() and (into / f"{stem}_pb2_grpc.py").is_file()
+
+
+@pytest.fixture
+def seed_client_dir(seed_dir: Path, tmp_path: Path) -> Path:
+    """A directory with the tutorial's generated user_pb2 modules and its client.py."""
+    _generate(seed_dir, "user.proto", tmp_path)
     (tmp_path / "client.py").write_text(SEED_CLIENT, encoding="utf-8")
     return tmp_path
 
@@ -199,22 +205,7 @@ if __name__ == '__main__':
 @pytest.fixture
 def seed_chat_client_dir(seed_dir: Path, tmp_path: Path) -> Path:
     """A directory with chat_pb2 modules generated from the seed's chat.proto, and a client."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "--python_out=.",
-            "--grpc_python_out=.",
-            f"--proto_path={seed_dir}",
-            "chat.proto",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
-    assert result.returncode == 0, f"protoc failed on the seed's chat.proto:\n{result.stderr}"
+    _generate(seed_dir, "chat.proto", tmp_path)
     (tmp_path / "chat_client.py").write_text(SEED_CHAT_CLIENT, encoding="utf-8")
     return tmp_path
 
