@@ -31,7 +31,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
 
 CALL_TIMEOUT = 10.0
-READY_TIMEOUT = 30.0
 # The whole life of one StreamChat call; each read and write on it has CALL_TIMEOUT.
 STREAM_DEADLINE = 60.0
 ROOM_KEY = "x-chat-room"
