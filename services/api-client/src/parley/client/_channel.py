@@ -1,6 +1,7 @@
 """Channels with the defaults a Parley client needs: retries, round_robin, keepalive, auth.
 
-- Retries: idempotent methods are retried on UNAVAILABLE, with exponential back-off, by gRPC
+- Retries: idempotent methods are retried on UNAVAILABLE (and on a CANCELLED sent by a server
+  that is stopping), with exponential back-off, by gRPC
   itself through the `grpc.service_config` channel option. Writes are never retried: a retried
   CreateUser could create the user twice, and a retried DeleteUser would report NOT_FOUND for a
   delete that worked.
@@ -136,7 +137,10 @@ def service_config(spec: ServiceSpec) -> str:
                         "initialBackoff": "0.1s",
                         "maxBackoff": "1s",
                         "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
+                        # A replica that stops while a call is on its way to a handler ends
+                        # it CANCELLED; for a read, trying another replica is as safe as it
+                        # is for UNAVAILABLE. (A cancellation by this client is never retried.)
+                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                     },
                 }
             ],
