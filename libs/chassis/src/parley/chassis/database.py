@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +24,18 @@ __all__ = ["Database", "redact_url"]
 
 DEPENDENCY = "postgres"
 
+_log = logging.getLogger("parley.database")
+
+# While Postgres is known to be unreachable, a call waits this long for a pooled connection
+# (one may have come back) before it fails, instead of the whole pool timeout.
+FAIL_FAST_WAIT = 0.25
+
+# How long the pool keeps retrying one lost connection before it gives up and lets the next
+# request start afresh. psycopg_pool doubles the delay between attempts without a cap, so
+# after a long outage the next attempt could be minutes away; a short give-up keeps the
+# delay after Postgres returns to a few seconds at most.
+RECONNECT_TIMEOUT = 10.0
+
 
 def redact_url(url: str) -> str:
     """The connection string with any password removed, safe to log."""
@@ -33,10 +48,19 @@ def redact_url(url: str) -> str:
 
 
 class Database:
-    """A service's connection pool; opens in the background so the service starts without it."""
+    """A service's connection pool; opens in the background so the service starts without it.
+
+    When a call cannot get a connection, a direct connection attempt outside the pool tells
+    whether Postgres is reachable at all. While it is not, calls fail with UNAVAILABLE after
+    a short wait instead of each waiting the whole pool timeout; the first connection the
+    pool hands out again, or a direct attempt that works, ends that state.
+    """
 
     def __init__(self, settings: DatabaseSettings, *, application_name: str) -> None:
         self.settings = settings
+        self._application_name = application_name
+        self._unreachable: str | None = None
+        self._reachability_check: asyncio.Task[None] | None = None
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             settings.url,
             min_size=settings.pool_min,
@@ -45,6 +69,7 @@ class Database:
             open=False,
             name=application_name,
             check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=RECONNECT_TIMEOUT,
             kwargs={
                 "autocommit": True,
                 "connect_timeout": 5,
@@ -56,7 +81,15 @@ class Database:
         await self.pool.open(wait=False)
 
     async def close(self) -> None:
+        if self._reachability_check is not None:
+            self._reachability_check.cancel()
+            await asyncio.gather(self._reachability_check, return_exceptions=True)
         await self.pool.close()
+
+    @property
+    def unreachable(self) -> str | None:
+        """Why Postgres is known to be unreachable, or None while it is not known to be."""
+        return self._unreachable
 
     @asynccontextmanager
     async def connection(
@@ -68,10 +101,24 @@ class Database:
             if timeout is None
             else min(timeout, self.settings.pool_timeout)
         )
+        if self._unreachable is not None:
+            wait = min(wait, FAIL_FAST_WAIT)
+        asked = time.monotonic()
+        acquired = False
         try:
             async with self.pool.connection(timeout=max(wait, 0.001)) as conn:
+                acquired = True
+                self._unreachable = None
                 yield conn
+        except asyncio.CancelledError:
+            # A caller (a deadline, a health probe's timeout) gave up waiting for a connection.
+            if not acquired and time.monotonic() - asked > FAIL_FAST_WAIT:
+                self._check_reachability()
+            raise
         except PoolTimeout:
+            if self._unreachable is not None:
+                raise Unavailable(DEPENDENCY, self._unreachable) from None
+            self._check_reachability()
             raise Unavailable(
                 DEPENDENCY, f"no database connection could be had within {wait:.1f}s"
             ) from None
@@ -84,12 +131,39 @@ class Database:
                 "the database query was cancelled at the call's deadline"
             ) from None
         except psycopg.OperationalError as exc:
+            self._check_reachability()
             raise Unavailable(DEPENDENCY, _first_line(exc)) from None
 
     async def probe(self) -> None:
         """Raises unless a connection can run a trivial query."""
         async with self.connection() as conn:
             await conn.execute("SELECT 1")
+
+    def _check_reachability(self) -> None:
+        """Starts a direct connection attempt in the background, unless one is under way."""
+        if self._reachability_check is None or self._reachability_check.done():
+            self._reachability_check = asyncio.get_running_loop().create_task(
+                self._connect_directly(), name="postgres-reachability"
+            )
+
+    async def _connect_directly(self) -> None:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.settings.url,
+                autocommit=True,
+                connect_timeout=5,
+                application_name=self._application_name,
+            )
+        except psycopg.Error as exc:
+            if self._unreachable is None:
+                _log.warning("postgres is unreachable; calls fail fast until it is back")
+            self._unreachable = _first_line(exc)
+            return
+        async with conn:
+            await conn.execute("SELECT 1")
+        if self._unreachable is not None:
+            _log.info("postgres is reachable again")
+        self._unreachable = None
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         registry.register(_PoolCollector(self.pool))
