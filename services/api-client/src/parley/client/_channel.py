@@ -123,12 +123,19 @@ def _check_target(target: str) -> None:
 
 
 def service_config(spec: ServiceSpec) -> str:
-    """The JSON service config: round_robin, and retries of the idempotent methods."""
+    """The JSON service config: round_robin with health checking, retries of the idempotent
+    methods."""
     names = [{"service": spec.name, "method": method} for method in spec.idempotent]
     names.append({"service": HEALTH_SERVICE})
     return json.dumps(
         {
             "loadBalancingConfig": [{"round_robin": {}}],
+            # Client-side health checking: each connection watches the server's overall
+            # health (service ""), which a Parley server sets NOT_SERVING as it starts to
+            # drain; round_robin then sends new calls elsewhere before the server stops.
+            # Readiness (a dependency down) does not turn it off, so a replica whose
+            # database is down still answers with the precise error.
+            "healthCheckConfig": {"serviceName": ""},
             "methodConfig": [
                 {
                     "name": names,

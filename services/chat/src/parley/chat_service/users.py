@@ -28,6 +28,9 @@ def service_config() -> str:
     return json.dumps(
         {
             "loadBalancingConfig": [{"round_robin": {}}],
+            # Stop picking a UserService replica once it reports its overall health ("")
+            # NOT_SERVING, which it does as it begins to drain.
+            "healthCheckConfig": {"serviceName": ""},
             "methodConfig": [
                 {
                     "name": [{"service": "user.UserService"}, {"service": "grpc.health.v1.Health"}],
