@@ -40,6 +40,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
         ("grpc.so_reuseport", 0),
         # Requests only: a ListMessages page of long texts may be a few MB, and is bounded.
         ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # grpc.aio takes arriving calls one at a time; a burst waits in grpc's pending queue.
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
     ]
     if settings.max_connection_age > 0:
         options += [
