@@ -71,7 +71,8 @@ test: sync proto-check lint typecheck deploy-check test-unit test-e2e image-chec
 
 # Known vulnerabilities of every locked third-party package (PyPI's advisory data). --strict
 # fails when a package could not be looked up: an audit that skipped packages has not passed.
-# Not part of `test` yet: the CI machines cannot reach PyPI's per-release advisory pages.
+# Runs in .github/workflows/audit.yml. Not part of `test`, which must also pass on build
+# machines that reach PyPI's package downloads but not its advisory pages or api.osv.dev.
 AUDIT_FLAGS ?= --strict
 audit: $(UV) ## pip-audit of the packages pinned in uv.lock
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \

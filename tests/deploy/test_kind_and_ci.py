@@ -204,3 +204,15 @@ def test_kind_e2e_script_forwards_waits_mints_tokens_and_cleans_up(
     for pid in pids:  # every port-forward was stopped
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_audit_workflow_runs_make_audit_strictly() -> None:
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "audit.yml").read_text())
+    (job,) = workflow["jobs"].values()
+    runs = [step.get("run", "") for step in job["steps"]]
+    assert "make audit" in runs, runs
+    makefile = (REPO / "Makefile").read_text()
+    assert "AUDIT_FLAGS ?= --strict" in makefile, "make audit must fail on packages it skipped"
+    # PyYAML reads the bare key `on` as True.
+    triggers = workflow.get("on", workflow.get(True))
+    assert "schedule" in triggers and "pull_request" in triggers, triggers
