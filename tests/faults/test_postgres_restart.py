@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 import uuid
 
@@ -29,7 +30,7 @@ POOL_TIMEOUT = "5"
 # How long Postgres stays down: long enough for psycopg_pool's reconnect back-off to grow
 # (1, 2, 4, 8 s...), so recovery time after a long outage is what is measured.
 OUTAGE = 12.0
-FAST_FAIL = 1.0
+FAST_FAIL = 0.5
 
 
 async def timed(call: object) -> tuple[float, grpc.StatusCode]:
@@ -133,15 +134,18 @@ async def test_postgres_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> 
             f" chat {chat_down:.2f}s; while down: GetUser {slowest(gets)}, CreateUser"
             f" {slowest(writes)}, chat write {slowest(chat_writes)}"  # type: ignore[arg-type]
         )
-        for took, code in gets:
-            assert code == grpc.StatusCode.UNAVAILABLE, f"GetUser with Postgres down: {code}"
-            assert took < FAST_FAIL, f"GetUser took {took:.2f}s to fail (pool timeout 5 s)"
-        for took, code in writes:
-            assert code == grpc.StatusCode.UNAVAILABLE, f"CreateUser with Postgres down: {code}"
-            assert took < FAST_FAIL, f"CreateUser took {took:.2f}s to fail"
-        for took, outcome in chat_writes:
-            assert outcome == grpc.StatusCode.UNAVAILABLE, f"chat write, Postgres down: {outcome}"
-            assert took < FAST_FAIL, f"chat write took {took:.2f}s to fail"
+        # Every call fails UNAVAILABLE before its deadline, and typically after the short wait,
+        # not the pool timeout: the median, since a busy machine can stall any single call.
+        for name, results in (
+            ("GetUser", gets),
+            ("CreateUser", writes),
+            ("chat write", chat_writes),
+        ):
+            for took, outcome in results:
+                assert outcome == grpc.StatusCode.UNAVAILABLE, f"{name}, Postgres down: {outcome}"
+                assert took < DEADLINE - 0.5, f"{name} took {took:.2f}s to fail"
+            median = statistics.median(took for took, _ in results)
+            assert median < FAST_FAIL, f"{name} took {median:.2f}s (median) to fail"
 
         # Postgres comes back on the same port and data: no restart of the services needed.
         await cluster.postgres.start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2
 
+from parley.devstack.processes import switch_user_command, unprivileged_user
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.user_service import SERVICE_NAME
 from parley.user_service.migrations import apply_migrations
@@ -92,11 +92,13 @@ class PrivatePostgres:
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
         self.process: subprocess.Popen[bytes] | None = None
-        self._user: dict[str, int] = {}
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
-            self._user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+        # As root, a setpriv prefix rather than user=/group=, which make subprocess fork()
+        # (see parley.devstack.processes): this process has grpc channels open.
+        self._as: list[str] = []
+        run_as = unprivileged_user()
+        if run_as is not None:
+            os.chown(self.root, run_as.uid, run_as.gid)
+            self._as = switch_user_command(run_as)
 
     @property
     def url(self) -> str:
@@ -104,24 +106,22 @@ class PrivatePostgres:
 
     def initdb(self) -> None:
         subprocess.run(
-            [_binary("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust"]
+            [*self._as, _binary("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust"]
             + ["--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
             check=True,
             capture_output=True,
             timeout=60,
-            **self._user,
         )
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [_binary("postgres"), "-D", str(self.data), "-p", str(self.port)]
+                [*self._as, _binary("postgres"), "-D", str(self.data), "-p", str(self.port)]
                 + ["-k", str(self.root), "-c", "listen_addresses=127.0.0.1"]
                 + ["-c", "fsync=off", "-c", "max_connections=20"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                **self._user,
             )
         deadline = time.monotonic() + 15
         while not self._accepts_connections():

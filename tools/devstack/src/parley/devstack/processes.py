@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -22,6 +23,7 @@ __all__ = [
     "RunAs",
     "make_traversable",
     "stop_all",
+    "switch_user_command",
     "unprivileged_user",
     "wait_until",
 ]
@@ -51,6 +53,22 @@ def unprivileged_user() -> RunAs | None:
             f"running as root, but there is no {UNPRIVILEGED_USER!r} user to run Postgres as"
         ) from None
     return RunAs(name=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def switch_user_command(run_as: RunAs) -> list[str]:
+    """A command prefix that runs the rest as `run_as` with no supplementary groups."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise DevstackError(
+            f"running as root needs setpriv (util-linux) to start Postgres as {run_as.name!r}"
+        )
+    return [
+        setpriv,
+        f"--reuid={run_as.uid}",
+        f"--regid={run_as.gid}",
+        "--clear-groups",
+        "--",
+    ]
 
 
 def make_traversable(path: Path) -> list[Path]:
@@ -94,18 +112,19 @@ class Process:
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        command = self.argv if run_as is None else [*switch_user_command(run_as), *self.argv]
         try:
+            # No user=/group= here: with them subprocess must fork() instead of vfork(), and a
+            # fork() runs grpc's fork handlers, which can hang for good in a process with grpc
+            # channels open (seen as a test run stuck in fork() under EmbeddedPostgres.start).
             self._popen = subprocess.Popen(
-                self.argv,
+                command,
                 env=dict(env),
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT if output is not None else None,
                 process_group=0,
-                user=run_as.uid if run_as else None,
-                group=run_as.gid if run_as else None,
-                extra_groups=[] if run_as else None,
             )
         except OSError as exc:
             raise DevstackError(f"cannot start {name} ({self.argv[0]}): {exc.strerror}") from None
