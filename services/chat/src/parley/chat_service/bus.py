@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from parley.proto import chat_pb2
 
-from .hub import RoomHub
+from .hub import Outgoing, RoomHub, outgoing
 from .metrics import ChatMetrics
 from .tasks import cancel_and_wait
 
@@ -54,10 +54,10 @@ class RedisBus:
     async def ping(self) -> None:
         await self.client.ping()
 
-    async def publish(self, message: chat_pb2.ChatMessage) -> None:
+    async def publish(self, item: Outgoing) -> None:
         """Publishes a stored message; a failure is counted, not raised (Postgres has it)."""
         try:
-            await self.client.publish(self.channel(message.room), message.SerializeToString())
+            await self.client.publish(self.channel(item.message.room), item.payload)
         except (RedisError, OSError) as exc:
             self._metrics.publish_errors.inc()
             _log.warning("publish to redis failed, replicas will catch up: %s", exc)
@@ -107,7 +107,7 @@ class RedisBus:
         except Exception:  # a foreign publisher on our channel; ignore its bytes
             _log.warning("ignored an unreadable message on the chat channel")
             return
-        self._hub.deliver(message)
+        self._hub.deliver(outgoing(message, data))
 
     async def _resync_forever(self) -> None:
         """A safety net for messages that were stored but never published."""

@@ -5,15 +5,33 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict, deque
+from typing import NamedTuple
 
 from parley.chassis import ServiceError
 from parley.proto import chat_pb2
 
 from .metrics import ChatMetrics
 
-__all__ = ["RoomHub", "Subscriber"]
+__all__ = ["Outgoing", "RoomHub", "Subscriber", "outgoing"]
 
 _ids = itertools.count(1)
+
+
+class Outgoing(NamedTuple):
+    """A stored message on its way to the streams of its room, serialized once for all."""
+
+    message: chat_pb2.ChatMessage
+    payload: bytes  # the message's wire form, written as is to every stream
+    stored_at: float  # its create_time, in seconds since the epoch
+
+
+def outgoing(message: chat_pb2.ChatMessage, payload: bytes | None = None) -> Outgoing:
+    """`message` ready for fan-out; `payload` is its serialized form when already at hand."""
+    return Outgoing(
+        message,
+        message.SerializeToString() if payload is None else payload,
+        message.create_time.seconds + message.create_time.nanos / 1e9,
+    )
 
 
 class Subscriber:
@@ -27,13 +45,13 @@ class Subscriber:
         self.user_name = ""
         self._limit = limit
         self._metrics = metrics
-        self._buffer: deque[chat_pb2.ChatMessage] = deque()
+        self._buffer: deque[Outgoing] = deque()
         self._ready = asyncio.Event()
         self._lagging = False
         self._error: ServiceError | None = None
         self.active = True
 
-    def offer(self, message: chat_pb2.ChatMessage) -> None:
+    def offer(self, message: Outgoing) -> None:
         if self._lagging or self._error is not None:
             return
         if len(self._buffer) >= self._limit:
@@ -55,7 +73,7 @@ class Subscriber:
         self._error = error
         self._ready.set()
 
-    async def next(self) -> chat_pb2.ChatMessage | None:
+    async def next(self) -> Outgoing | None:
         """The next buffered message, or None when the stream must catch up from Postgres."""
         while True:
             if self._error is not None:
@@ -95,15 +113,16 @@ class RoomHub:
                 del self._rooms[subscriber.room]
                 self._heads.pop(subscriber.room, None)
 
-    def deliver(self, message: chat_pb2.ChatMessage) -> None:
+    def deliver(self, item: Outgoing) -> None:
         """Offers a stored message to every local stream of its room."""
+        message = item.message
         members = self._rooms.get(message.room)
         if not members:
             return
         if message.sequence > self._heads.get(message.room, 0):
             self._heads[message.room] = message.sequence
         for subscriber in members:
-            subscriber.offer(message)
+            subscriber.offer(item)
 
     def rooms(self) -> dict[str, int]:
         """Each room with local streams, and the highest sequence seen in it."""

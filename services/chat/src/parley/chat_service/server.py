@@ -9,7 +9,7 @@ import uuid
 import grpc
 
 from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier, Unavailable
-from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto import chat_pb2
 
 from .bus import RedisBus
 from .hub import RoomHub
@@ -75,7 +75,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         rate_limit=settings.rate_limit,
         rate_burst=settings.rate_burst,
     )
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, app.server)
+    servicer.add_to_server(app.server)
     db.register_metrics(app.metrics.registry)
 
     async def drain() -> None:

@@ -22,10 +22,10 @@ from parley.chassis import (
     Unavailable,
     current_identity,
 )
-from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto import chat_pb2
 
 from .bus import RedisBus
-from .hub import RoomHub, Subscriber
+from .hub import RoomHub, Subscriber, outgoing
 from .metrics import ChatMetrics
 from .presence import Presence
 from .rooms import check_client_message_id, check_room, check_text
@@ -35,6 +35,7 @@ from .users import UserDirectory
 
 __all__ = ["RESUME_KEY", "ROOM_KEY", "ChatServicer"]
 
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 ROOM_KEY = "x-chat-room"
 RESUME_KEY = "x-chat-resume-after"
 DEFAULT_PAGE_SIZE = 50
@@ -91,7 +92,13 @@ class _RateLimit:
         return True
 
 
-class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+class ChatServicer:
+    """The ChatService methods; `add_to_server` registers them.
+
+    StreamChat yields each message already serialized: a message for a room is serialized
+    once, not once for every stream it goes to.
+    """
+
     def __init__(
         self,
         store: MessageStore,
@@ -115,7 +122,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def StreamChat(
         self, request_iterator: AsyncIterator[chat_pb2.ChatMessage], context: Context
-    ) -> AsyncIterator[chat_pb2.ChatMessage]:
+    ) -> AsyncIterator[bytes]:
         user_id = _sender_id()
         metadata = _metadata(context)
         room = check_room(metadata.get(ROOM_KEY, ""), field=ROOM_KEY)
@@ -125,6 +132,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         # Join first, then read the starting point: nothing published in between is missed.
         subscriber = self._hub.join(room, user_id)
         reader: asyncio.Task[None] | None = None
+        delivered = self._metrics.delivered
+        latency = self._metrics.latency
         try:
             if resume_after is None:
                 last = await self._store.last_sequence(room, timeout=context.time_remaining())
@@ -135,20 +144,26 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await self._presence.announce(room, subscriber.id, user_id, subscriber.user_name)
             reader = asyncio.create_task(self._read(request_iterator, subscriber, token))
             while True:
-                message = await subscriber.next()
-                if message is None:
+                item = await subscriber.next()
+                if item is None:
                     async for stored in self._catch_up(room, last):
                         last = stored.sequence
-                        yield self._delivered(stored, live=False)
+                        delivered.inc()
+                        yield stored.SerializeToString()
                     continue
-                if message.sequence <= last:
+                sequence = item.message.sequence
+                if sequence <= last:
                     continue  # already delivered
-                if message.sequence > last + 1:
-                    async for stored in self._catch_up(room, last, message.sequence - 1):
+                if sequence > last + 1:
+                    async for stored in self._catch_up(room, last, sequence - 1):
                         last = stored.sequence
-                        yield self._delivered(stored, live=False)
-                last = message.sequence
-                yield self._delivered(message, live=True)
+                        delivered.inc()
+                        yield stored.SerializeToString()
+                last = sequence
+                delivered.inc()
+                # Live deliveries only: a replay would measure its age, not the delivery path.
+                latency.observe(max(0.0, time.time() - item.stored_at))
+                yield item.payload
         finally:
             if reader is not None:
                 # Cancelled until it stops (see cancel_and_wait): a reader that shrugged off
@@ -158,13 +173,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     await cancel_and_wait(reader)
             self._hub.leave(subscriber)
             await self._presence.withdraw(room, subscriber.id, user_id, subscriber.user_name)
-
-    def _delivered(self, message: chat_pb2.ChatMessage, *, live: bool) -> chat_pb2.ChatMessage:
-        self._metrics.delivered.inc()
-        if live:  # replays would measure their age, not the delivery path
-            stored_at = message.create_time.ToNanoseconds() / 1e9
-            self._metrics.latency.observe(max(0.0, time.time() - stored_at))
-        return message
 
     async def _catch_up(
         self, room: str, after: int, until: int | None = None
@@ -208,11 +216,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     timeout=None,
                 )
                 self._metrics.received.inc()
+                item = outgoing(message)
                 # Publish before the local fan-out: the streams it wakes would otherwise run
                 # first, and the other replicas would wait for this one's delivery work.
                 if new:
-                    await self._bus.publish(message)
-                self._hub.deliver(message)
+                    await self._bus.publish(item)
+                self._hub.deliver(item)
         except ServiceError as error:
             subscriber.close(error)
         except asyncio.CancelledError:
@@ -254,6 +263,31 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return chat_pb2.ListMessagesResponse(
             messages=messages, has_more=has_more, last_sequence=last
         )
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Registers the service like the generated add_ChatServiceServicer_to_server, but
+        with StreamChat's replies passed through as the bytes it yields."""
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            "StreamChat": grpc.stream_stream_rpc_method_handler(
+                self.StreamChat,
+                request_deserializer=chat_pb2.ChatMessage.FromString,
+                response_serializer=None,
+            ),
+            "ListMessages": grpc.unary_unary_rpc_method_handler(
+                self.ListMessages,
+                request_deserializer=chat_pb2.ListMessagesRequest.FromString,
+                response_serializer=chat_pb2.ListMessagesResponse.SerializeToString,
+            ),
+            "ListPresence": grpc.unary_unary_rpc_method_handler(
+                self.ListPresence,
+                request_deserializer=chat_pb2.ListPresenceRequest.FromString,
+                response_serializer=chat_pb2.ListPresenceResponse.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
     async def ListPresence(
         self, request: chat_pb2.ListPresenceRequest, context: Context
