@@ -14,6 +14,30 @@ __all__ = ["MessageStore"]
 
 _COLUMNS = sql.SQL("room, sequence, user_id, user_name, text, client_message_id, create_time")
 
+# The stored message and whether this call stored it: a resent client id returns the earlier
+# row (false); otherwise the room's counter is bumped and the message inserted (true).
+_APPEND = sql.SQL(
+    """
+WITH existing AS (
+    SELECT {columns} FROM chat_messages
+    WHERE %(client_id)s <> '' AND room = %(room)s AND user_id = %(user_id)s
+      AND client_message_id = %(client_id)s
+), next AS (
+    INSERT INTO chat_rooms AS r (name, last_sequence)
+    SELECT %(room)s, 1 WHERE NOT EXISTS (SELECT FROM existing)
+    ON CONFLICT (name) DO UPDATE SET last_sequence = r.last_sequence + 1
+    RETURNING last_sequence
+), added AS (
+    INSERT INTO chat_messages (room, sequence, user_id, user_name, text, client_message_id)
+    SELECT %(room)s, last_sequence, %(user_id)s, %(name)s, %(text)s, %(client_id)s FROM next
+    RETURNING {columns}
+)
+SELECT {columns}, true FROM added
+UNION ALL
+SELECT {columns}, false FROM existing
+"""
+).format(columns=_COLUMNS)
+
 
 def _message(row: tuple[Any, ...]) -> chat_pb2.ChatMessage:
     message = chat_pb2.ChatMessage(
@@ -44,30 +68,22 @@ class MessageStore:
         *,
         timeout: float | None,
     ) -> tuple[chat_pb2.ChatMessage, bool]:
-        """Stores a message; returns it and whether it is new (False for a resent client id)."""
-        if client_message_id:
-            existing = await self._by_client_id(room, user_id, client_message_id, timeout)
-            if existing is not None:
-                return existing, False
+        """Stores a message; returns it and whether it is new (False for a resent client id).
+
+        One statement, so one round trip and its own transaction: the room's counter row is
+        locked by the upsert until the commit, which serialises writers, so sequences have
+        no gaps; a message already stored under the same client id takes no number.
+        """
+        params = {
+            "room": room,
+            "user_id": user_id,
+            "name": user_name,
+            "text": text,
+            "client_id": client_message_id,
+        }
         try:
-            async with self._db.connection(timeout) as conn, conn.transaction():
-                # The row lock on the room serialises writers, so sequences have no gaps.
-                cur = await conn.execute(
-                    "INSERT INTO chat_rooms AS r (name, last_sequence) VALUES (%s, 1)"
-                    " ON CONFLICT (name) DO UPDATE SET last_sequence = r.last_sequence + 1"
-                    " RETURNING last_sequence",
-                    (room,),
-                )
-                seq_row = await cur.fetchone()
-                assert seq_row is not None
-                cur = await conn.execute(
-                    sql.SQL(
-                        "INSERT INTO chat_messages"
-                        " (room, sequence, user_id, user_name, text, client_message_id)"
-                        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING {}"
-                    ).format(_COLUMNS),
-                    (room, seq_row[0], user_id, user_name, text, client_message_id),
-                )
+            async with self._db.connection(timeout) as conn:
+                cur = await conn.execute(_APPEND, params, prepare=True)
                 row = await cur.fetchone()
         except pg_errors.UniqueViolation:
             # The same client id raced in from another stream (a retry); it is stored once.
@@ -75,7 +91,7 @@ class MessageStore:
             assert existing is not None
             return existing, False
         assert row is not None
-        return _message(row), True
+        return _message(row), bool(row[7])
 
     async def _by_client_id(
         self, room: str, user_id: int, client_message_id: str, timeout: float | None
