@@ -10,11 +10,11 @@ UV := $(TOOLS)/uv/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 
 PACKAGES := libs/proto/src libs/chassis/src libs/testing/src services/user/src services/chat/src \
-	services/api-client/src tools/devstack/src
+	services/api-client/src tools/devstack/src tools/bench/src
 # pytest exits 5 when it collects no tests; that is not a failure here.
 PYTEST_OK := || [ $$? -eq 5 ]
 
-.PHONY: help run test sync proto proto-check fmt lint typecheck test-unit test-e2e bench clean
+.PHONY: help run test sync proto proto-check fmt lint typecheck test-unit test-e2e bench bench-smoke clean
 .PHONY: audit
 .PHONY: helm-tools deploy-check kind-up kind-load kind-deploy kind-e2e kind-down
 
@@ -67,7 +67,7 @@ test-unit: $(UV) ## Unit and integration tests (needs Postgres and Redis)
 test-e2e: $(UV) ## The e2e suite against a freshly started local stack
 	$(UV) run --locked parley-devstack run --ephemeral -- pytest tests/e2e $(PYTEST_OK)
 
-test: sync proto-check lint typecheck deploy-check test-unit test-e2e image-check ## Everything CI runs
+test: sync proto-check lint typecheck deploy-check test-unit test-e2e bench-smoke image-check ## Everything CI runs
 
 # Known vulnerabilities of every locked third-party package (PyPI's advisory data). --strict
 # fails when a package could not be looked up: an audit that skipped packages has not passed.
@@ -148,9 +148,16 @@ kind-e2e: $(UV) ## helm test, then tests/e2e through kubectl port-forward to the
 kind-down: ## Delete the kind cluster
 	$(KIND) delete cluster --name $(KIND_CLUSTER)
 
-bench: sync ## Benchmarks, each a ratio against a baseline in the same run
-	$(UV) run --locked python benchmarks/paging.py
-	$(UV) run --locked python benchmarks/chat_fanout.py
+# The harness starts its own stack (machine Postgres and Redis, as for the tests), measures every
+# row against a baseline of the same run and writes bench/results/latest.md and latest.json.
+# It exits non-zero only when the harness breaks, never on a missed target. BENCH_ARGS adds
+# options, e.g. BENCH_ARGS='--duration 4' (`uv run parley-bench --help`).
+BENCH_ARGS ?=
+bench: sync ## Benchmarks (~3 min), each a ratio to a baseline in the same run: bench/results/
+	$(UV) run --locked parley-bench $(BENCH_ARGS)
+
+bench-smoke: $(UV) ## The benchmark harness at toy sizes (under a minute): does it still work
+	$(UV) run --locked parley-bench --smoke --out bench/results --name smoke
 
 clean: ## Remove caches and the local stack's data (.parley/)
 	rm -rf .parley .pytest_cache .mypy_cache .ruff_cache .hypothesis
