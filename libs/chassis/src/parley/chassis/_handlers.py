@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["CallScope", "wrap_handler"]
+__all__ = ["CallScope", "WrappedHandlers", "wrap_handler"]
 
 
 class CallScope:
@@ -21,6 +21,8 @@ class CallScope:
 
     `__aexit__` may raise to replace the call's exception (for example to abort with a status).
     """
+
+    __slots__ = ()
 
     async def __aenter__(self) -> None:
         return None
@@ -134,8 +136,43 @@ def wrap_handler(
     return grpc.stream_stream_rpc_method_handler(stream_stream_writer, **kwargs)
 
 
+class WrappedHandlers:
+    """An interceptor's wrapped handlers, made once per method instead of once per call.
+
+    An entry is used only while the method's inner handler is the very object it was made
+    from. Bounded: when it holds `limit` methods it starts afresh.
+    """
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._limit = limit
+        self._entries: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
+
+    def get(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        entry = self._entries.get(method)
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        return None
+
+    def put(
+        self,
+        method: str,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        wrapped: grpc.RpcMethodHandler[Any, Any],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[method] = (handler, wrapped)
+        return wrapped
+
+
 class _Entered:
     """Async context manager over a CallScope whose __aenter__ failure is also seen by __aexit__."""
+
+    __slots__ = ("_scope",)
 
     def __init__(self, scope: CallScope) -> None:
         self._scope = scope

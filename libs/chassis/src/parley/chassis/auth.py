@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -12,13 +14,14 @@ from typing import Any
 import grpc
 import jwt
 
-from parley.chassis._handlers import CallScope, wrap_handler
+from parley.chassis._handlers import CallScope, WrappedHandlers, wrap_handler
 from parley.chassis.config import ConfigError, Env
 from parley.chassis.errors import PermissionDenied, Unauthenticated
 
 __all__ = [
     "PUBLIC_SERVICES",
     "AuthInterceptor",
+    "DEFAULT_CACHE_SIZE",
     "AuthSettings",
     "Identity",
     "TokenVerifier",
@@ -139,11 +142,45 @@ def _read(variable: str, path: str) -> str:
         raise ConfigError(variable, f"cannot read {path}: not a text file") from None
 
 
-class TokenVerifier:
-    """Checks a JWT's signature, exp, nbf, iss and aud, and returns the caller's identity."""
+# How many verified tokens a TokenVerifier remembers (least recently used ones go first).
+DEFAULT_CACHE_SIZE = 10_000
 
-    def __init__(self, settings: AuthSettings) -> None:
+
+class _Verified:
+    """A token that passed every check once: who it names and the times bounding its validity."""
+
+    __slots__ = ("expires", "identity", "not_before")
+
+    def __init__(self, identity: Identity, expires: float, not_before: float) -> None:
+        self.identity = identity
+        self.expires = expires
+        self.not_before = not_before
+
+
+class TokenVerifier:
+    """Checks a JWT's signature, exp, nbf, iss and aud, and returns the caller's identity.
+
+    A token that passes is remembered (keyed by its exact text, at most `cache_size` of them,
+    least recently used evicted first) with its exp and nbf, so that the next call with the
+    same token skips parsing and signature verification, the costly part, while its time
+    claims are still checked against the clock on every call: a remembered token is rejected
+    from its exp on, with the same leeway as a fresh one. Only tokens that passed are
+    remembered; any other is checked in full every time. `cache_size=0` turns this off.
+    """
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if cache_size < 0:
+            raise ValueError("cache_size must not be negative")
         self._settings = settings
+        self._cache_size = cache_size
+        self._clock = clock
+        self._cache: OrderedDict[str, _Verified] = OrderedDict()
 
     def _key(self, token: str) -> Any:
         settings = self._settings
@@ -163,6 +200,25 @@ class TokenVerifier:
             raise Unauthenticated(f"token key id {kid!r} is not in the JWKS") from None
 
     def verify(self, token: str) -> Identity:
+        verified = self._cache.get(token)
+        if verified is None:
+            return self._verify_and_remember(token)
+        # The checks PyJWT makes of exp, nbf and iat, against the current time.
+        leeway = self._settings.leeway
+        now = self._clock()
+        if verified.expires <= now - leeway:
+            self._cache.pop(token, None)
+            raise Unauthenticated("token has expired", reason="TOKEN_EXPIRED")
+        if verified.not_before > now + leeway:
+            # Only when the clock went back since the token was verified.
+            raise Unauthenticated("token is not valid yet (nbf)", reason="TOKEN_NOT_YET_VALID")
+        try:
+            self._cache.move_to_end(token)
+        except KeyError:  # evicted meanwhile by another thread; still verified
+            pass
+        return verified.identity
+
+    def _verify_and_remember(self, token: str) -> Identity:
         settings = self._settings
         try:
             claims = jwt.decode(
@@ -187,7 +243,14 @@ class TokenVerifier:
             raise Unauthenticated(
                 "invalid token: sub must be a non-empty string", reason="TOKEN_INVALID"
             )
-        return Identity(subject=subject, scopes=_scopes(claims))
+        identity = Identity(subject=subject, scopes=_scopes(claims))
+        if self._cache_size > 0:
+            # jwt.decode checked that exp, and nbf and iat where present, are integers.
+            not_before = max(int(claims.get("nbf", 0)), int(claims.get("iat", 0)))
+            self._cache[token] = _Verified(identity, float(int(claims["exp"])), not_before)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return identity
 
 
 def _scopes(claims: dict[str, Any]) -> frozenset[str]:
@@ -218,12 +281,17 @@ def _bearer_token(metadata: Collection[tuple[str, str | bytes]] | None) -> str:
 
 
 class _AuthScope(CallScope):
-    def __init__(self, verifier: TokenVerifier, metadata: Any) -> None:
+    __slots__ = ("_context", "_verifier")
+
+    def __init__(
+        self, verifier: TokenVerifier, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         self._verifier = verifier
-        self._metadata = metadata
+        self._context = context
 
     async def __aenter__(self) -> None:
-        identity = self._verifier.verify(_bearer_token(self._metadata))
+        metadata = self._context.invocation_metadata()
+        identity = self._verifier.verify(_bearer_token(metadata))
         _identity_var.set(identity)
 
 
@@ -233,6 +301,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, verifier: TokenVerifier, public_services: Collection[str] = PUBLIC_SERVICES):
         self._verifier = verifier
         self._public = frozenset(public_services)
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -242,8 +311,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").partition("/")[0]
-        if handler is None or service in self._public:
+        if handler is None:
             return handler
-        metadata = handler_call_details.invocation_metadata
-        return wrap_handler(handler, lambda _context: _AuthScope(self._verifier, metadata))
+        name = handler_call_details.method
+        wrapped = self._wrapped.get(name, handler)
+        if wrapped is None:
+            service = name.lstrip("/").partition("/")[0]
+            if service in self._public:
+                wrapped = handler
+            else:
+                verifier = self._verifier
+                wrapped = wrap_handler(handler, lambda context: _AuthScope(verifier, context))
+            self._wrapped.put(name, handler, wrapped)
+        return wrapped

@@ -15,7 +15,13 @@ import prometheus_client
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["GO_CODE_NAMES", "GrpcServerMetrics", "grpc_type", "start_metrics_server"]
+__all__ = [
+    "GO_CODE_NAMES",
+    "GrpcServerMetrics",
+    "MethodMetrics",
+    "grpc_type",
+    "start_metrics_server",
+]
 
 # The `_created` series of every counter would double the series count for no dashboard's use.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -54,6 +60,22 @@ def grpc_type(client_streaming: bool, server_streaming: bool) -> str:
     if server_streaming:
         return "server_stream"
     return "unary"
+
+
+class MethodMetrics:
+    """The grpc_server_* series of one method, bound once so a call does no label lookups."""
+
+    __slots__ = ("handled", "handling_seconds", "labels", "msg_received", "msg_sent", "started")
+
+    def __init__(self, metrics: GrpcServerMetrics, labels: tuple[str, str, str]) -> None:
+        self.labels = labels
+        self.started = metrics.started.labels(*labels)
+        self.msg_received = metrics.msg_received.labels(*labels)
+        self.msg_sent = metrics.msg_sent.labels(*labels)
+        self.handling_seconds = metrics.handling_seconds.labels(*labels)
+        self.handled = {
+            code: metrics.handled.labels(*labels, name) for code, name in GO_CODE_NAMES.items()
+        }
 
 
 class GrpcServerMetrics:
@@ -106,22 +128,25 @@ class GrpcServerMetrics:
             ["dependency"],
             registry=self.registry,
         )
+        self._methods: dict[tuple[str, str, str], MethodMetrics] = {}
+
+    def method(self, grpc_type: str, service: str, method: str) -> MethodMetrics:
+        """The series of one method, with every grpc_code series created."""
+        labels = (grpc_type, service, method)
+        found = self._methods.get(labels)
+        if found is None:
+            found = self._methods[labels] = MethodMetrics(self, labels)
+        return found
 
     def initialize(self, services: Iterable[ServiceDescriptor]) -> None:
         """Pre-create every method x code series so rates are right from the first scrape."""
         for service in services:
             for method in service.methods:
-                labels = (
+                self.method(
                     grpc_type(method.client_streaming, method.server_streaming),
                     service.full_name,
                     method.name,
                 )
-                self.started.labels(*labels)
-                self.msg_received.labels(*labels)
-                self.msg_sent.labels(*labels)
-                self.handling_seconds.labels(*labels)
-                for code_name in GO_CODE_NAMES.values():
-                    self.handled.labels(*labels, code_name)
 
 
 def start_metrics_server(

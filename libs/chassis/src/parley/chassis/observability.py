@@ -12,10 +12,10 @@ from typing import Any
 
 import grpc
 
-from parley.chassis._handlers import CallScope, wrap_handler
+from parley.chassis._handlers import CallScope, WrappedHandlers, wrap_handler
 from parley.chassis.errors import ServiceError, to_status
 from parley.chassis.logs import request_id_var
-from parley.chassis.metrics import GO_CODE_NAMES, GrpcServerMetrics, grpc_type
+from parley.chassis.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
 
 __all__ = ["REQUEST_ID_KEY", "ObservabilityInterceptor"]
 
@@ -32,30 +32,25 @@ def _request_id(metadata: Any) -> str:
 
 
 class _ObservedCall(CallScope):
-    def __init__(
-        self,
-        metrics: GrpcServerMetrics,
-        labels: tuple[str, str, str],
-        request_id: str,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        self._metrics = metrics
-        self._labels = labels
-        self._request_id = request_id
+    __slots__ = ("_context", "_method", "_request_id", "_start")
+
+    def __init__(self, method: MethodMetrics, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._method = method
         self._context = context
+        self._request_id = _request_id(context.invocation_metadata())
         self._start = 0.0
 
     async def __aenter__(self) -> None:
         request_id_var.set(self._request_id)
         self._start = time.perf_counter()
-        self._metrics.started.labels(*self._labels).inc()
+        self._method.started.inc()
         await self._context.send_initial_metadata(((REQUEST_ID_KEY, self._request_id),))
 
     def received(self) -> None:
-        self._metrics.msg_received.labels(*self._labels).inc()
+        self._method.msg_received.inc()
 
     def sent(self) -> None:
-        self._metrics.msg_sent.labels(*self._labels).inc()
+        self._method.msg_sent.inc()
 
     async def __aexit__(
         self,
@@ -82,7 +77,7 @@ class _ObservedCall(CallScope):
             self._finish(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
             return
         if isinstance(exc, Exception):
-            _log.error("unhandled error in %s", self._labels[2], exc_info=exc)
+            _log.error("unhandled error in %s", self._method.labels[2], exc_info=exc)
             self._finish(grpc.StatusCode.INTERNAL, "internal error")
             await context.abort(
                 grpc.StatusCode.INTERNAL,
@@ -91,18 +86,21 @@ class _ObservedCall(CallScope):
 
     def _finish(self, code: grpc.StatusCode, message: str) -> None:
         elapsed = time.perf_counter() - self._start
-        self._metrics.handled.labels(*self._labels, GO_CODE_NAMES[code]).inc()
-        self._metrics.handling_seconds.labels(*self._labels).observe(elapsed)
+        method = self._method
+        method.handled[code].inc()
+        method.handling_seconds.observe(elapsed)
         level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
-        _log.log(
-            level,
-            "rpc /%s/%s %s %.1fms%s",
-            self._labels[1],
-            self._labels[2],
-            code.name,
-            elapsed * 1000,
-            f" {message}" if message else "",
-        )
+        if _log.isEnabledFor(level):
+            labels = method.labels
+            _log.log(
+                level,
+                "rpc /%s/%s %s %.1fms%s",
+                labels[1],
+                labels[2],
+                code.name,
+                elapsed * 1000,
+                f" {message}" if message else "",
+            )
 
 
 _SERVER_FAULTS = frozenset(
@@ -120,6 +118,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: GrpcServerMetrics) -> None:
         self._metrics = metrics
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -131,13 +130,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").partition("/")
-        labels = (
-            grpc_type(handler.request_streaming, handler.response_streaming),
-            service,
-            method,
-        )
-        request_id = _request_id(handler_call_details.invocation_metadata)
-        return wrap_handler(
-            handler, lambda context: _ObservedCall(self._metrics, labels, request_id, context)
-        )
+        name = handler_call_details.method
+        wrapped = self._wrapped.get(name, handler)
+        if wrapped is None:
+            service, _, method = name.lstrip("/").partition("/")
+            method_metrics = self._metrics.method(
+                grpc_type(handler.request_streaming, handler.response_streaming), service, method
+            )
+            wrapped = self._wrapped.put(
+                name,
+                handler,
+                wrap_handler(handler, lambda context: _ObservedCall(method_metrics, context)),
+            )
+        return wrapped

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from psycopg import errors as pg_errors
@@ -24,15 +24,28 @@ RowInserter = Callable[[str, str, int], Awaitable[None]]
 # Rows are fetched from Postgres in chunks of this many, so memory stays bounded on any page.
 _STREAM_CHUNK = 100
 
-_COLUMNS = sql.SQL("id, name, email, age, create_time, update_time")
+_COLUMN_LIST = "id, name, email, age, create_time, update_time"
+_COLUMNS = sql.SQL(_COLUMN_LIST)
+# The hot queries as plain strings: nothing to compose per call, and prepared on first use
+# (prepare=True) instead of after psycopg's default five executions on each connection.
+_GET = "SELECT " + _COLUMN_LIST + " FROM users WHERE id = %s"
+_PAGE_AFTER = "SELECT " + _COLUMN_LIST + " FROM users WHERE id > %s ORDER BY id LIMIT %s"
+_PAGE_OFFSET = "SELECT " + _COLUMN_LIST + " FROM users ORDER BY id LIMIT %s OFFSET %s"
+_INSERT = "INSERT INTO users (name, email, age) VALUES (%s, %s, %s) RETURNING " + _COLUMN_LIST
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _user(row: tuple[Any, ...]) -> user_pb2.User:
     user = user_pb2.User(id=row[0], name=row[1], email=row[2], age=row[3])
-    created: datetime = row[4]
-    updated: datetime = row[5]
-    user.create_time.FromDatetime(created)
-    user.update_time.FromDatetime(updated)
+    # What Timestamp.FromDatetime computes, in half the time (this runs once per user listed).
+    created: timedelta = row[4] - _EPOCH
+    updated: timedelta = row[5] - _EPOCH
+    user.create_time.seconds = created.days * 86400 + created.seconds
+    user.create_time.nanos = created.microseconds * 1000
+    user.update_time.seconds = updated.days * 86400 + updated.seconds
+    user.update_time.nanos = updated.microseconds * 1000
     return user
 
 
@@ -52,9 +65,7 @@ class UserStore:
 
     async def get(self, user_id: int, *, timeout: float | None) -> user_pb2.User:
         async with self._db.connection(timeout) as conn:
-            cur = await conn.execute(
-                sql.SQL("SELECT {} FROM users WHERE id = %s").format(_COLUMNS), (user_id,)
-            )
+            cur = await conn.execute(_GET, (user_id,), prepare=True)
             row = await cur.fetchone()
         if row is None:
             raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
@@ -68,12 +79,10 @@ class UserStore:
         Rows come from the server one at a time (single-row mode), never collected in memory.
         """
         if page.after_id is not None:
-            query = sql.SQL("SELECT {} FROM users WHERE id > %s ORDER BY id LIMIT %s").format(
-                _COLUMNS
-            )
+            query = _PAGE_AFTER
             params: tuple[int, ...] = (page.after_id, page.size + 1)
         else:
-            query = sql.SQL("SELECT {} FROM users ORDER BY id LIMIT %s OFFSET %s").format(_COLUMNS)
+            query = _PAGE_OFFSET
             params = (page.size + 1, page.offset)
         async with self._db.connection(timeout) as conn, conn.cursor() as cur:
             async for row in cur.stream(query, params, size=_STREAM_CHUNK):
@@ -84,12 +93,7 @@ class UserStore:
     ) -> user_pb2.User:
         async with self._db.connection(timeout) as conn:
             try:
-                cur = await conn.execute(
-                    sql.SQL(
-                        "INSERT INTO users (name, email, age) VALUES (%s, %s, %s) RETURNING {}"
-                    ).format(_COLUMNS),
-                    (name, email, age),
-                )
+                cur = await conn.execute(_INSERT, (name, email, age), prepare=True)
             except pg_errors.UniqueViolation:
                 raise _email_taken(email) from None
             row = await cur.fetchone()
