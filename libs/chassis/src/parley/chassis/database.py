@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +37,10 @@ FAIL_FAST_WAIT = 0.25
 # delay after Postgres returns to a few seconds at most.
 RECONNECT_TIMEOUT = 10.0
 
+# A connection handed back to the pool less than this long ago is lent out again without the
+# pool's check (an extra round trip, ~10% of a GetUser's server time); an older one is checked.
+CHECK_IDLE_AFTER = 1.0
+
 
 def redact_url(url: str) -> str:
     """The connection string with any password removed, safe to log."""
@@ -61,6 +66,9 @@ class Database:
         self._application_name = application_name
         self._unreachable: str | None = None
         self._reachability_check: asyncio.Task[None] | None = None
+        self._returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]] = AsyncConnectionPool(
             settings.url,
             min_size=settings.pool_min,
@@ -68,7 +76,8 @@ class Database:
             timeout=settings.pool_timeout,
             open=False,
             name=application_name,
-            check=AsyncConnectionPool.check_connection,
+            check=self._check_if_idle,
+            reset=self._note_return,
             reconnect_timeout=RECONNECT_TIMEOUT,
             kwargs={
                 "autocommit": True,
@@ -76,6 +85,14 @@ class Database:
                 "application_name": application_name,
             },
         )
+
+    async def _note_return(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._returned[conn] = time.monotonic()
+
+    async def _check_if_idle(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        returned = self._returned.get(conn)
+        if returned is None or time.monotonic() - returned > CHECK_IDLE_AFTER:
+            await AsyncConnectionPool.check_connection(conn)
 
     async def open(self) -> None:
         await self.pool.open(wait=False)
