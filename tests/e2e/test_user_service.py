@@ -386,21 +386,49 @@ def test_a_tiny_deadline_fails_fast_with_deadline_exceeded(
 ) -> None:
     user = create_user()
     # Each call gets a channel of its own that is not connected yet (a local subchannel pool, so
-    # it cannot borrow the fixture's connection). On a connected channel a 1 microsecond deadline
-    # is a race that gRPC does not promise to lose: the grpc-timeout sent to the server is rounded
-    # up, and a fast answer can beat the client's own deadline timer.
-    codes = []
+    # it cannot borrow the fixture's connection). gRPC keeps deadlines to the millisecond,
+    # rounded up, and with tokens verified once a GetUser on loopback often comes back within
+    # that millisecond even on a new connection (6 of 10 here): an answer is a correct outcome.
+    # What must never happen is another code, or a wait.
+    calls = {
+        "GetUser": lambda stub: stub.GetUser(
+            user_pb2.GetUserRequest(id=user.id), metadata=auth, timeout=1e-6
+        ),
+        "ListUsers": lambda stub: list(
+            stub.ListUsers(user_pb2.ListUsersRequest(), metadata=auth, timeout=1e-6)
+        ),
+    }
     started = time.monotonic()
-    for call in (
-        lambda stub: stub.GetUser(user_pb2.GetUserRequest(id=user.id), metadata=auth, timeout=1e-6),
-        lambda stub: list(stub.ListUsers(user_pb2.ListUsersRequest(), metadata=auth, timeout=1e-6)),
-    ):
-        with grpc.insecure_channel(user_addr, options=UNSHARED_CHANNEL) as channel:
-            with pytest.raises(grpc.RpcError) as info:
-                call(user_pb2_grpc.UserServiceStub(channel))
-            codes.append(info.value.code())
+    for name, call in calls.items():
+        codes = []
+        for _ in range(5):
+            with grpc.insecure_channel(user_addr, options=UNSHARED_CHANNEL) as channel:
+                try:
+                    call(user_pb2_grpc.UserServiceStub(channel))
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+        allowed = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OK}
+        assert set(codes) <= allowed, f"{name} with a 1 us deadline: {codes}"
+
+    # A call that cannot finish before its deadline: an import whose request stream stays
+    # open. It must end DEADLINE_EXCEEDED at the deadline, not when the stream would close.
+    release = threading.Event()
+
+    def held_open() -> Iterator[user_pb2.CreateUserRequest]:
+        release.wait(CALL_TIMEOUT)
+        return
+        yield
+
+    deadline_started = time.monotonic()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            users.ImportUsers(held_open(), metadata=auth, timeout=0.2)
+    finally:
+        release.set()
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+    assert time.monotonic() - deadline_started < 2.0
     elapsed = time.monotonic() - started
-    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
     assert elapsed < CALL_TIMEOUT
 
     # The service is fine afterwards.
