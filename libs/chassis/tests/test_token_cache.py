@@ -10,6 +10,7 @@ import pytest
 
 from parley.chassis import AuthSettings, TokenVerifier
 from parley.chassis.errors import Unauthenticated
+from parley.testing import make_token
 
 SECRET = "token-cache-test-secret-" + "s" * 32
 
@@ -29,17 +30,8 @@ def settings(leeway: float = 0.0) -> AuthSettings:
 
 
 def token(sub: str = "42", *, ttl: int = 600, key: str = SECRET, **claims: Any) -> str:
-    now = int(time.time())
-    payload: dict[str, Any] = {
-        "sub": sub,
-        "iss": "parley",
-        "aud": "parley",
-        "iat": now,
-        "exp": now + ttl,
-        "scope": "users:read",
-        **claims,
-    }
-    return jwt.encode(payload, key, algorithm="HS256")
+    scope = claims.pop("scope", "users:read")
+    return make_token(key, sub, scope=scope, ttl=ttl, **claims)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import pytest
 from parley.client import ChatSession, UserClient
 from parley.devstack.ports import free_ports
 from parley.devstack.services import Service, ServiceSpec
-from parley.devstack.stack import Endpoints, Ports, Stack, StackConfig, unique_redis_prefix
+from parley.devstack.stack import Endpoints, Stack, StackConfig
 from parley.proto import chat_pb2, user_pb2
 from parley.testing import DatabaseFactory, wait_until
 
@@ -92,15 +92,7 @@ def stack() -> Iterator[RunningStack]:
         PARLEY_REDIS_URL=REDIS_URL,
         PARLEY_LOG_LEVEL="WARNING",
     )
-    running = Stack(
-        StackConfig(
-            data_dir=data_dir,
-            ports=Ports(*free_ports(8)),
-            environ=environ,
-            durable=False,
-            redis_prefix=unique_redis_prefix(),
-        )
-    )
+    running = Stack(StackConfig.throwaway(data_dir, environ))
     try:
         endpoints = running.start()
         yield RunningStack(running, endpoints, environ)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import psycopg
 
-from parley.devstack.ports import free_ports
-from parley.devstack.stack import Endpoints, Ports, Stack, StackConfig, unique_redis_prefix
+from parley.devstack.stack import Endpoints, Stack, StackConfig
 
 __all__ = ["ADMIN_URL", "REDIS_URL", "Target", "private_database", "started_stack"]
 
@@ -100,15 +99,7 @@ def started_stack() -> Iterator[Target]:
                 PARLEY_CHAT_RATE_LIMIT="100000",
                 PARLEY_CHAT_RATE_BURST="100000",
             )
-            stack = Stack(
-                StackConfig(
-                    data_dir=data_dir,
-                    ports=Ports(*free_ports(8)),
-                    environ=environ,
-                    durable=False,
-                    redis_prefix=unique_redis_prefix(),
-                )
-            )
+            stack = Stack(StackConfig.throwaway(data_dir, environ))
             try:
                 endpoints = stack.start()
                 service_env = dict(environ)

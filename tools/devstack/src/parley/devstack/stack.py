@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from parley.devstack.credentials import SECRET_FILE_NAME, load_or_create_secret, mint_token
 from parley.devstack.errors import DevstackError
-from parley.devstack.ports import LOOPBACK, check_free
+from parley.devstack.ports import LOOPBACK, check_free, free_ports
 from parley.devstack.postgres import EmbeddedPostgres
 from parley.devstack.processes import Process, stop_all, unprivileged_user
 from parley.devstack.redis import EmbeddedRedis
@@ -86,6 +86,18 @@ class StackConfig:
     stop_timeout: float = 20.0
     # The services' PARLEY_REDIS_PREFIX; None leaves it to `environ` (the services default it).
     redis_prefix: str | None = None
+
+    @classmethod
+    def throwaway(cls, data_dir: Path, environ: Mapping[str, str]) -> StackConfig:
+        """A stack for one test session or benchmark run: free loopback ports, a Redis key
+        prefix of its own, nothing kept on disk. Point `environ` at a database of its own."""
+        return cls(
+            data_dir=data_dir,
+            ports=Ports(*free_ports(8)),
+            environ=environ,
+            durable=False,
+            redis_prefix=unique_redis_prefix(),
+        )
 
 
 @dataclass(frozen=True)
