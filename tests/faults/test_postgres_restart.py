@@ -6,6 +6,7 @@ import asyncio
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 
 import grpc
 import psycopg
@@ -126,13 +127,13 @@ async def test_postgres_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> 
             writes.append(await create(f"down-{len(writes)}@example.com"))
             chat_writes.append(await chat_write(chat_channel, ada.token, "while down"))
 
-        def slowest(results: list[tuple[float, object]]) -> str:
+        def slowest(results: Sequence[tuple[float, object]]) -> str:
             return f"{len(results)} calls, slowest {max(took for took, _ in results):.2f}s"
 
         print(
             f"\npostgres stop took {stop_took:.2f}s; NOT_SERVING after user {user_down:.2f}s,"
             f" chat {chat_down:.2f}s; while down: GetUser {slowest(gets)}, CreateUser"
-            f" {slowest(writes)}, chat write {slowest(chat_writes)}"  # type: ignore[arg-type]
+            f" {slowest(writes)}, chat write {slowest(chat_writes)}"
         )
         # Every call fails UNAVAILABLE before its deadline, and typically after the short wait,
         # not the pool timeout: the median, since a busy machine can stall any single call.

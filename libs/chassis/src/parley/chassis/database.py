@@ -103,11 +103,6 @@ class Database:
             await asyncio.gather(self._reachability_check, return_exceptions=True)
         await self.pool.close()
 
-    @property
-    def unreachable(self) -> str | None:
-        """Why Postgres is known to be unreachable, or None while it is not known to be."""
-        return self._unreachable
-
     @asynccontextmanager
     async def connection(
         self, timeout: float | None = None

@@ -59,7 +59,7 @@ class Subscriber:
         self._error: ServiceError | None = None
         self.active = True
 
-    def offer(self, message: Outgoing) -> None:
+    def offer(self, item: Outgoing) -> None:
         if self._lagging or self._error is not None:
             return
         if len(self._buffer) >= self._limit:
@@ -67,7 +67,7 @@ class Subscriber:
             self._lagging = True
             self._metrics.slow_readers.inc()
         else:
-            self._buffer.append(message)
+            self._buffer.append(item)
         self._ready.set()
 
     def catch_up(self) -> None:
@@ -160,6 +160,8 @@ class RoomHub:
     def _release(self, room: str) -> None:
         """Offers held-back messages that are next in line now."""
         early = self._early.get(room)
+        if early is None:  # nothing held back (the usual case), so no timer either
+            return
         while early:
             item = early.pop(self._heads[room] + 1, None)
             if item is None:
