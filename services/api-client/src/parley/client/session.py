@@ -30,8 +30,8 @@ Writes racing a rejection: when grpcio's asyncio stream is written to just after
 ended it, grpcio replaces the server's status with INTERNAL "Internal error from Core"
 (measured with grpcio 1.85). So the session writes nothing on a new stream that has messages
 to resend until it has stayed open for `ReconnectPolicy.settle` seconds (a server that refuses
-the stream does so at once), and it treats that INTERNAL as a lost stream: it reconnects, lets
-the new stream settle, and a refusal then shows its real status.
+the stream does so at once), and on that INTERNAL it opens a new stream, without reporting a
+reconnect, lets it settle, and a refusal then shows its real status.
 
 Backpressure: received messages wait in a buffer of `buffer_size`; when it is full the session
 stops reading the stream, and the server, after its own per-stream limit, lets the stream
@@ -469,11 +469,18 @@ class ChatSession:
                 delay = max(delay, self._policy.rate_limited_delay)
             if isinstance(error, Unavailable):
                 self._client._next_target()
-            self._set_state(
-                ConnectionEvent(
-                    ConnectionState.RECONNECTING, target, attempt=attempt, delay=delay, error=error
+            if not settle:
+                # A masked INTERNAL is no lost connection, only grpcio hiding the server's
+                # status: the next stream reads it, and nobody is told of a reconnect.
+                self._set_state(
+                    ConnectionEvent(
+                        ConnectionState.RECONNECTING,
+                        target,
+                        attempt=attempt,
+                        delay=delay,
+                        error=error,
+                    )
                 )
-            )
             await asyncio.sleep(delay)  # back-off between attempts
 
     async def _stream(self, channel: grpc.aio.Channel, *, settle: bool) -> bool:
