@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from parley.chassis.malformed import tolerant as tolerant_deserializer
+
 __all__ = ["CallScope", "WrappedHandlers", "wrap_handler"]
 
 
@@ -35,8 +37,8 @@ class CallScope:
     ) -> None:
         return None
 
-    def received(self) -> None:
-        """One request message was read."""
+    def received(self, request: Any) -> None:
+        """One request message was read; may raise to refuse it."""
 
     def sent(self) -> None:
         """One response message was written."""
@@ -47,16 +49,21 @@ ScopeFactory = Callable[[grpc.aio.ServicerContext[Any, Any]], CallScope]
 
 async def _counted(requests: AsyncIterator[Any], scope: CallScope) -> AsyncIterator[Any]:
     async for request in requests:
-        scope.received()
+        scope.received(request)
         yield request
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], make_scope: ScopeFactory
+    handler: grpc.RpcMethodHandler[Any, Any], make_scope: ScopeFactory, *, tolerant: bool = False
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A copy of `handler` whose behaviour runs inside `make_scope(context)`."""
+    """A copy of `handler` whose behaviour runs inside `make_scope(context)`.
+
+    With `tolerant`, a request that does not parse reaches the scope's `received` as a
+    MalformedRequest instead of being answered by grpcio before any of our code runs.
+    """
+    deserializer = handler.request_deserializer
     kwargs: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": tolerant_deserializer(deserializer) if tolerant else deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
@@ -65,7 +72,7 @@ def wrap_handler(
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             scope = make_scope(context)
             async with _Entered(scope):
-                scope.received()
+                scope.received(request)
                 response = await inner_uu(request, context)
                 scope.sent()
                 return response
@@ -93,7 +100,7 @@ def wrap_handler(
             ) -> AsyncIterator[Any]:
                 scope = make_scope(context)
                 async with _Entered(scope):
-                    scope.received()
+                    scope.received(request)
                     async for response in inner_us(request, context):
                         scope.sent()
                         yield response
@@ -106,7 +113,7 @@ def wrap_handler(
             # Handlers that call context.write() (such as health Watch) are not generators.
             scope = make_scope(context)
             async with _Entered(scope):
-                scope.received()
+                scope.received(request)
                 await inner_us(request, context)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream_writer, **kwargs)

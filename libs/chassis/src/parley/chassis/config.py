@@ -161,6 +161,15 @@ class ServerSettings:
     # ones (the client sees CANCELLED). grpc's own default of 1,000 cancelled 540 of 2,000
     # chat streams opened in one burst, as happens when a replica's clients all reconnect.
     max_pending_calls: int = 10_000
+    # Calls open at once on one client connection (an HTTP/2 stream each, unary calls too).
+    max_streams_per_connection: int = 200
+    # Streaming calls of the service's own methods open at once on this replica.
+    max_streams: int = 10_000
+    # The unauthenticated health service: the longest service name (UTF-8 bytes), and the
+    # Watch streams one connection, and the whole replica, may hold.
+    health_max_service_name: int = 256
+    health_max_watches_per_connection: int = 8
+    health_max_watches: int = 1_000
 
     @classmethod
     def from_env(cls, env: Env, *, default_port: int, default_metrics_port: int) -> ServerSettings:
@@ -192,6 +201,19 @@ class ServerSettings:
             ),
             max_pending_calls=env.integer(
                 "PARLEY_MAX_PENDING_CALLS", 10_000, minimum=100, maximum=1_000_000
+            ),
+            max_streams_per_connection=env.integer(
+                "PARLEY_MAX_STREAMS_PER_CONNECTION", 200, minimum=1, maximum=100_000
+            ),
+            max_streams=env.integer("PARLEY_MAX_STREAMS", 10_000, minimum=1, maximum=1_000_000),
+            health_max_service_name=env.integer(
+                "PARLEY_HEALTH_MAX_SERVICE_NAME", 256, minimum=16, maximum=65_536
+            ),
+            health_max_watches_per_connection=env.integer(
+                "PARLEY_HEALTH_MAX_WATCHES_PER_CONNECTION", 8, minimum=1, maximum=10_000
+            ),
+            health_max_watches=env.integer(
+                "PARLEY_HEALTH_MAX_WATCHES", 1_000, minimum=1, maximum=1_000_000
             ),
         )
 

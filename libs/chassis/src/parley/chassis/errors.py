@@ -22,6 +22,7 @@ __all__ = [
     "FieldViolation",
     "Internal",
     "InvalidArgument",
+    "LimitExceeded",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
@@ -117,6 +118,23 @@ class Unauthenticated(ServiceError):
 class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+
+class LimitExceeded(ResourceExhausted):
+    """A configured limit refused the call: RESOURCE_EXHAUSTED naming the limit and its setting.
+
+    `limit` is the short name the refusal is counted under (`parley_limit_refusals_total`).
+    """
+
+    default_reason = "LIMIT_EXCEEDED"
+
+    def __init__(self, limit: str, setting: str, value: float, message: str) -> None:
+        super().__init__(
+            f"{message} (limit {setting}={value:g})",
+            metadata={"limit": limit, "setting": setting, "value": f"{value:g}"},
+        )
+        self.limit = limit
+        self.setting = setting
 
 
 class FailedPrecondition(ServiceError):

@@ -7,17 +7,80 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
+from parley.chassis.config import ServerSettings
+from parley.chassis.errors import LimitExceeded
+from parley.chassis.limits import (
+    HEALTH_SERVICE_NAME,
+    HEALTH_WATCHES_PER_CONNECTION,
+    HEALTH_WATCHES_PER_REPLICA,
+    Quota,
+)
 from parley.chassis.metrics import GrpcServerMetrics
 
-__all__ = ["DependencyCheck", "DependencyMonitor"]
+__all__ = ["BoundedHealthServicer", "DependencyCheck", "DependencyMonitor"]
 
 _log = logging.getLogger("parley.health")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class BoundedHealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer with limits, since anyone may call it without a token: the
+    length of a service name, and the Watch streams one connection and the replica hold."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        super().__init__()
+        self._max_name = settings.health_max_service_name
+        self._per_connection = Quota(settings.health_max_watches_per_connection)
+        self._watches = Quota(settings.health_max_watches)
+
+    def _check_name(self, service: str) -> None:
+        size = len(service.encode())
+        if size > self._max_name:
+            raise LimitExceeded(
+                HEALTH_SERVICE_NAME,
+                "PARLEY_HEALTH_MAX_SERVICE_NAME",
+                self._max_name,
+                f"the service name is {size} bytes long; no service here has so long a name",
+            )
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        self._check_name(request.service)
+        return await super().Check(request, context)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        self._check_name(request.service)
+        peer = context.peer()
+        if not self._per_connection.take(peer):
+            raise LimitExceeded(
+                HEALTH_WATCHES_PER_CONNECTION,
+                "PARLEY_HEALTH_MAX_WATCHES_PER_CONNECTION",
+                self._per_connection.limit,
+                "too many health Watch streams open on this connection",
+            )
+        if not self._watches.take(None):
+            self._per_connection.give_back(peer)
+            raise LimitExceeded(
+                HEALTH_WATCHES_PER_REPLICA,
+                "PARLEY_HEALTH_MAX_WATCHES",
+                self._watches.limit,
+                "this replica holds as many health Watch streams as it may; use Check",
+            )
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._per_connection.give_back(peer)
+            self._watches.give_back(None)
 
 
 @dataclass(frozen=True)

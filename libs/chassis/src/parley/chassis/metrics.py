@@ -128,6 +128,12 @@ class GrpcServerMetrics:
             ["dependency"],
             registry=self.registry,
         )
+        self.limit_refusals = Counter(
+            "parley_limit_refusals_total",
+            "Calls or messages refused with RESOURCE_EXHAUSTED by a configured limit.",
+            ["limit"],
+            registry=self.registry,
+        )
         self._methods: dict[tuple[str, str, str], MethodMetrics] = {}
 
     def method(self, grpc_type: str, service: str, method: str) -> MethodMetrics:
@@ -137,6 +143,11 @@ class GrpcServerMetrics:
         if found is None:
             found = self._methods[labels] = MethodMetrics(self, labels)
         return found
+
+    def initialize_limits(self, limits: Iterable[str]) -> None:
+        """Pre-create the refusal series of each limit, so a dashboard sees 0, not nothing."""
+        for limit in limits:
+            self.limit_refusals.labels(limit)
 
     def initialize(self, services: Iterable[ServiceDescriptor]) -> None:
         """Pre-create every method x code series so rates are right from the first scrape."""

@@ -13,8 +13,9 @@ from typing import Any
 import grpc
 
 from parley.chassis._handlers import CallScope, WrappedHandlers, wrap_handler
-from parley.chassis.errors import ServiceError, to_status
+from parley.chassis.errors import LimitExceeded, ServiceError, to_status
 from parley.chassis.logs import request_id_var
+from parley.chassis.malformed import MalformedRequest
 from parley.chassis.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
 
 __all__ = ["REQUEST_ID_KEY", "ObservabilityInterceptor"]
@@ -32,9 +33,15 @@ def _request_id(metadata: Any) -> str:
 
 
 class _ObservedCall(CallScope):
-    __slots__ = ("_context", "_method", "_request_id", "_start")
+    __slots__ = ("_context", "_method", "_metrics", "_request_id", "_start")
 
-    def __init__(self, method: MethodMetrics, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(
+        self,
+        metrics: GrpcServerMetrics,
+        method: MethodMetrics,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        self._metrics = metrics
         self._method = method
         self._context = context
         self._request_id = _request_id(context.invocation_metadata())
@@ -46,8 +53,10 @@ class _ObservedCall(CallScope):
         self._method.started.inc()
         await self._context.send_initial_metadata(((REQUEST_ID_KEY, self._request_id),))
 
-    def received(self) -> None:
+    def received(self, request: Any) -> None:
         self._method.msg_received.inc()
+        if type(request) is MalformedRequest:
+            raise request.error()
 
     def sent(self) -> None:
         self._method.msg_sent.inc()
@@ -63,6 +72,8 @@ class _ObservedCall(CallScope):
             self._finish(context.code() or grpc.StatusCode.OK, "")
             return
         if isinstance(exc, ServiceError):
+            if isinstance(exc, LimitExceeded):
+                self._metrics.limit_refusals.labels(exc.limit).inc()
             self._finish(exc.code, exc.message)
             status = to_status(exc)
             await context.abort(status.code, status.details, status.trailing_metadata)
@@ -134,12 +145,17 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         wrapped = self._wrapped.get(name, handler)
         if wrapped is None:
             service, _, method = name.lstrip("/").partition("/")
-            method_metrics = self._metrics.method(
+            metrics = self._metrics
+            method_metrics = metrics.method(
                 grpc_type(handler.request_streaming, handler.response_streaming), service, method
             )
             wrapped = self._wrapped.put(
                 name,
                 handler,
-                wrap_handler(handler, lambda context: _ObservedCall(method_metrics, context)),
+                wrap_handler(
+                    handler,
+                    lambda context: _ObservedCall(metrics, method_metrics, context),
+                    tolerant=True,
+                ),
             )
         return wrapped

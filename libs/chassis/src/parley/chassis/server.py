@@ -15,9 +15,10 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from parley.chassis.auth import AuthInterceptor, TokenVerifier
+from parley.chassis.auth import PUBLIC_SERVICES, AuthInterceptor, TokenVerifier
 from parley.chassis.config import ServerSettings
-from parley.chassis.health import DependencyCheck, DependencyMonitor
+from parley.chassis.health import BoundedHealthServicer, DependencyCheck, DependencyMonitor
+from parley.chassis.limits import CHASSIS_LIMITS, LimitsInterceptor
 from parley.chassis.metrics import GrpcServerMetrics, start_metrics_server
 from parley.chassis.observability import ObservabilityInterceptor
 
@@ -43,6 +44,10 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
         # grpc.aio takes arriving calls one at a time; a burst waits in grpc's pending queue.
         ("grpc.server.max_pending_requests", settings.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
+        # HTTP/2's own ceiling, twice the per-connection limit that the LimitsInterceptor
+        # refuses with RESOURCE_EXHAUSTED: a client that keeps opening streams has them
+        # refused at once, and still cannot make the server hold more than this many.
+        ("grpc.max_concurrent_streams", 2 * settings.max_streams_per_connection),
     ]
     if settings.max_connection_age > 0:
         options += [
@@ -69,14 +74,17 @@ class GrpcApp:
     ) -> None:
         self.settings = settings
         self.metrics = GrpcServerMetrics()
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealthServicer(settings)
         service_names = [s.full_name for s in services]
         self.metrics.initialize([*services, *_chassis_services()])
+        self.metrics.initialize_limits(CHASSIS_LIMITS)
+        self.limits = LimitsInterceptor(settings, PUBLIC_SERVICES)
         self.monitor = DependencyMonitor(
             self.health, service_names, checks, self.metrics, settings.health_check_interval
         )
+        observability = ObservabilityInterceptor(self.metrics)
         self.server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(self.metrics), AuthInterceptor(verifier)],
+            interceptors=[observability, self.limits, AuthInterceptor(verifier)],
             options=server_options(settings),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -99,7 +107,9 @@ class GrpcApp:
         self.health_server: grpc.aio.Server | None = None
         self.health_port = 0
         if settings.health_port is not None:
-            self.health_server = grpc.aio.server(options=server_options(settings))
+            self.health_server = grpc.aio.server(
+                interceptors=[observability, self.limits], options=server_options(settings)
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = _bind(
                 f"{settings.host}:{settings.health_port}", self.health_server.add_insecure_port

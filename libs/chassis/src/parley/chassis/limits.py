@@ -1,0 +1,165 @@
+"""Admission limits: how many calls one connection, and the whole replica, may hold open.
+
+Each refusal is a LimitExceeded (RESOURCE_EXHAUSTED naming the limit and its setting), which
+the observability interceptor counts in `parley_limit_refusals_total{limit}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from parley.chassis._handlers import CallScope, WrappedHandlers, wrap_handler
+from parley.chassis.config import ServerSettings
+from parley.chassis.errors import LimitExceeded
+
+__all__ = [
+    "CHASSIS_LIMITS",
+    "HEALTH_SERVICE_NAME",
+    "HEALTH_WATCHES_PER_CONNECTION",
+    "HEALTH_WATCHES_PER_REPLICA",
+    "STREAMS_PER_CONNECTION",
+    "STREAMS_PER_REPLICA",
+    "LimitsInterceptor",
+    "Quota",
+]
+
+# The `limit` label of each refusal the chassis makes.
+STREAMS_PER_CONNECTION = "streams_per_connection"
+STREAMS_PER_REPLICA = "streams_per_replica"
+HEALTH_SERVICE_NAME = "health_service_name"
+HEALTH_WATCHES_PER_CONNECTION = "health_watches_per_connection"
+HEALTH_WATCHES_PER_REPLICA = "health_watches_per_replica"
+CHASSIS_LIMITS = (
+    STREAMS_PER_CONNECTION,
+    STREAMS_PER_REPLICA,
+    HEALTH_SERVICE_NAME,
+    HEALTH_WATCHES_PER_CONNECTION,
+    HEALTH_WATCHES_PER_REPLICA,
+)
+
+
+class Quota:
+    """Things held open per key (a connection, a user, ...), at most `limit` for each key."""
+
+    __slots__ = ("_counts", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[Any, int] = {}
+
+    def take(self, key: Any) -> bool:
+        """Counts one more for `key`; False (and nothing counted) when it already has `limit`."""
+        held = self._counts.get(key, 0)
+        if held >= self.limit:
+            return False
+        self._counts[key] = held + 1
+        return True
+
+    def give_back(self, key: Any) -> None:
+        held = self._counts.get(key, 0) - 1
+        if held > 0:
+            self._counts[key] = held
+        else:
+            self._counts.pop(key, None)
+
+    def held(self, key: Any) -> int:
+        return self._counts.get(key, 0)
+
+    def __len__(self) -> int:
+        """How many keys hold anything."""
+        return len(self._counts)
+
+
+class _Admission(CallScope):
+    """Holds a place on the caller's connection (and on the replica, for a stream) for a call."""
+
+    __slots__ = ("_context", "_limits", "_peer", "_stream")
+
+    def __init__(
+        self, limits: LimitsInterceptor, context: grpc.aio.ServicerContext[Any, Any], stream: bool
+    ) -> None:
+        self._limits = limits
+        self._context = context
+        self._stream = stream
+        self._peer: str | None = None
+
+    async def __aenter__(self) -> None:
+        limits = self._limits
+        # The peer (ipv4:address:port) names one TCP connection: calls share it as HTTP/2 streams.
+        peer = self._context.peer()
+        if not limits.per_connection.take(peer):
+            raise LimitExceeded(
+                STREAMS_PER_CONNECTION,
+                "PARLEY_MAX_STREAMS_PER_CONNECTION",
+                limits.per_connection.limit,
+                "too many calls open at once on this connection; wait for one to end "
+                "or open another connection",
+            )
+        if self._stream and not limits.streams.take(None):
+            limits.per_connection.give_back(peer)
+            raise LimitExceeded(
+                STREAMS_PER_REPLICA,
+                "PARLEY_MAX_STREAMS",
+                limits.streams.limit,
+                "this replica holds as many streams as it may; retry later or on another replica",
+            )
+        self._peer = peer
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._peer is None:
+            return
+        self._limits.per_connection.give_back(self._peer)
+        if self._stream:
+            self._limits.streams.give_back(None)
+        self._peer = None
+
+
+class LimitsInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses a call beyond PARLEY_MAX_STREAMS_PER_CONNECTION on its connection, and a
+    streaming call of the service's own methods beyond PARLEY_MAX_STREAMS on the replica.
+
+    The health and reflection services (`public_services`) count per connection only; the
+    health service has limits of its own (BoundedHealthServicer).
+    """
+
+    def __init__(self, settings: ServerSettings, public_services: Collection[str]) -> None:
+        self.per_connection = Quota(settings.max_streams_per_connection)
+        self.streams = Quota(settings.max_streams)
+        self._public = frozenset(public_services)
+        self._wrapped = WrappedHandlers()
+
+    def open_streams(self) -> int:
+        return self.streams.held(None)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        name = handler_call_details.method
+        wrapped = self._wrapped.get(name, handler)
+        if wrapped is None:
+            service = name.lstrip("/").partition("/")[0]
+            stream = service not in self._public and (
+                handler.request_streaming or handler.response_streaming
+            )
+            wrapped = self._wrapped.put(
+                name,
+                handler,
+                wrap_handler(handler, lambda context: _Admission(self, context, stream)),
+            )
+        return wrapped
