@@ -44,6 +44,20 @@ def make_token(sub: str, scope: str = "", ttl: float = 600, **claims: Any) -> st
     return testing.make_token(JWT_SECRET, sub, scope, ttl, **claims)
 
 
+def common_env(database: str) -> dict[str, str]:
+    """The settings every hostile-test server runs with, on `database`."""
+    return {
+        "PARLEY_DATABASE_URL": database,
+        "PARLEY_JWT_SECRET": JWT_SECRET,
+        "PARLEY_GRPC_HOST": "127.0.0.1",
+        "PARLEY_METRICS_HOST": "127.0.0.1",
+        "PARLEY_METRICS_PORT": "0",
+        "PARLEY_HEALTH_CHECK_INTERVAL": "0.2",
+        "PARLEY_SHUTDOWN_GRACE": "2",
+        "PARLEY_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
+    }
+
+
 def _migrate(url: str) -> None:
     async def run() -> None:
         await apply_migrations(url)
@@ -58,6 +72,7 @@ class Server:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    metrics_port: int = 0
 
     @property
     def target(self) -> str:
@@ -204,16 +219,7 @@ def stack() -> Iterator[Stack]:
     stack: Stack | None = None
     try:
         database = factory.take()
-        common = {
-            "PARLEY_DATABASE_URL": database,
-            "PARLEY_JWT_SECRET": JWT_SECRET,
-            "PARLEY_GRPC_HOST": "127.0.0.1",
-            "PARLEY_METRICS_HOST": "127.0.0.1",
-            "PARLEY_METRICS_PORT": "0",
-            "PARLEY_HEALTH_CHECK_INTERVAL": "0.2",
-            "PARLEY_SHUTDOWN_GRACE": "2",
-            "PARLEY_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
-        }
+        common = common_env(database)
         user = _serve("user", common, directory)
         servers.append(user)
         chat = _serve(
@@ -242,6 +248,35 @@ def stack() -> Iterator[Stack]:
         for server in reversed(servers):
             _stop(server)
         factory.close()
+
+
+@pytest.fixture
+def serve(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """`serve(kind, **settings)`: one more `parley-<kind> serve` on the stack's database (and,
+    for chat, a Redis prefix of its own) with the given PARLEY_* settings, stopped after the
+    test. `metrics_port` of the returned server is where its /metrics listens."""
+    started: list[Server] = []
+
+    def start(kind: str, **settings: str) -> Server:
+        env = common_env(stack.database)
+        env["PARLEY_METRICS_PORT"] = str(free_port())
+        if kind == "chat":
+            env.update(
+                PARLEY_REDIS_URL=REDIS_URL,
+                PARLEY_REDIS_PREFIX=f"hostile-{uuid.uuid4().hex[:12]}",
+                PARLEY_USER_SERVICE_ADDR=stack.user.target,
+            )
+        env.update(settings)
+        server = _serve(kind, env, tmp_path)
+        server.metrics_port = int(env["PARLEY_METRICS_PORT"])
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in reversed(started):
+            _stop(server)
 
 
 @pytest.fixture(scope="session")

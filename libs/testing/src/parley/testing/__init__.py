@@ -6,6 +6,7 @@ Only tests import this package; no service depends on it.
 
 from parley.testing.databases import ADMIN_URL, DatabaseFactory, database_url
 from parley.testing.errors import RichError, rich_error
+from parley.testing.metrics import sample_key, scrape_metrics
 from parley.testing.network import free_port, health_status
 from parley.testing.redis_server import RedisServer
 from parley.testing.tokens import bearer, make_token
@@ -22,5 +23,7 @@ __all__ = [
     "health_status",
     "make_token",
     "rich_error",
+    "sample_key",
+    "scrape_metrics",
     "wait_until",
 ]

@@ -1,0 +1,278 @@
+"""The chassis' admission limits and malformed requests, against real `parley-user serve`
+processes with small limits: calls per connection, streams per replica, and the
+unauthenticated health service (service-name length, Watch streams per connection and per
+replica). Every refusal is RESOURCE_EXHAUSTED naming its setting and is counted in
+`parley_limit_refusals_total{limit}`; every request whose bytes do not parse is
+INVALID_ARGUMENT naming the field, never INTERNAL or UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from parley.proto import user_pb2, user_pb2_grpc
+from parley.testing import bearer, free_port, sample_key, scrape_metrics, wait_until
+
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+MARK = "QQQQ"
+BAD_UTF8 = b"\xc3\x28\xff\xfe"  # as long as MARK: the length prefix stays right
+
+
+def _refusals(server: Any, limit: str) -> float:
+    return scrape_metrics(server.metrics_port).get(
+        sample_key("parley_limit_refusals_total", limit=limit), 0.0
+    )
+
+
+def _started(server: Any, method: str) -> float:
+    samples = scrape_metrics(server.metrics_port)
+    return sum(
+        value
+        for key, value in samples.items()
+        if key.startswith("grpc_server_started_total{") and f'grpc_method="{method}"' in key
+    )
+
+
+def _channel(server: Any, tag: str) -> grpc.aio.Channel:
+    # A channel argument of its own, so that no two test channels share a connection.
+    return grpc.aio.insecure_channel(server.target, options=[("parley.test.channel", tag)])
+
+
+class HeldImports:
+    """ImportUsers calls whose client sends nothing and never half-closes, until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls: list[Any] = []
+
+    async def _requests(self) -> AsyncIterator[user_pb2.CreateUserRequest]:
+        await self.release.wait()
+        return
+        yield  # an async generator that yields nothing
+
+    def open(self, channel: grpc.aio.Channel, token: str) -> Any:
+        stub: Any = user_pb2_grpc.UserServiceStub(channel)
+        call = stub.ImportUsers(self._requests(), metadata=bearer(token), timeout=60)
+        self.calls.append(call)
+        return call
+
+    async def finish(self) -> None:
+        self.release.set()
+        for call in self.calls:
+            await call
+
+
+async def _code(call: Any) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_calls_beyond_the_per_connection_limit_are_refused(
+    stack: Any, serve: Callable[..., Any], token: Callable[..., str]
+) -> None:
+    server = serve("user", PARLEY_MAX_STREAMS_PER_CONNECTION="4")
+    writer = token("admin", "users:write")
+    held = HeldImports()
+    async with _channel(server, "a") as crowded, _channel(server, "b") as other:
+        for _ in range(4):
+            held.open(crowded, writer)
+        await wait_until(lambda: _started(server, "ImportUsers") >= 4, what="4 held imports")
+        users: Any = user_pb2_grpc.UserServiceStub(crowded)
+        get = user_pb2.GetUserRequest(id=stack.chatter_id)
+        code, message = await _code(users.GetUser(get, metadata=bearer(writer), timeout=10))
+        assert code == RESOURCE_EXHAUSTED
+        assert "PARLEY_MAX_STREAMS_PER_CONNECTION=4" in message
+
+        # A flood on the same connection: HTTP/2 lets twice the limit in at once, and every
+        # call over the limit is refused at once, so none of them waits for a place.
+        flood = [users.GetUser(get, metadata=bearer(writer), timeout=20) for _ in range(30)]
+        codes = [code for code, _ in await asyncio.gather(*(_code(call) for call in flood))]
+        assert codes == [RESOURCE_EXHAUSTED] * 30
+
+        # Another connection of the same client is not affected.
+        reply = await user_pb2_grpc.UserServiceStub(other).GetUser(
+            get, metadata=bearer(writer), timeout=10
+        )
+        assert reply.user.id == stack.chatter_id
+        assert _refusals(server, "streams_per_connection") == 31
+
+        await held.finish()
+        reply = await users.GetUser(get, metadata=bearer(writer), timeout=10)
+        assert reply.user.id == stack.chatter_id
+
+
+async def test_streams_beyond_the_replica_limit_are_refused(
+    stack: Any, serve: Callable[..., Any], token: Callable[..., str]
+) -> None:
+    server = serve("user", PARLEY_MAX_STREAMS="3")
+    writer = token("admin", "users:write")
+    held = HeldImports()
+    channels = [_channel(server, str(n)) for n in range(4)]
+    try:
+        for channel in channels[:3]:
+            held.open(channel, writer)
+        await wait_until(lambda: _started(server, "ImportUsers") >= 3, what="3 held imports")
+        users: Any = user_pb2_grpc.UserServiceStub(channels[3])
+        listing = users.ListUsers(user_pb2.ListUsersRequest(), metadata=bearer(writer), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in listing:
+                pass
+        assert refused.value.code() == RESOURCE_EXHAUSTED
+        assert "PARLEY_MAX_STREAMS=3" in (refused.value.details() or "")
+        # Unary calls and the health service are not streams of the service.
+        get = user_pb2.GetUserRequest(id=stack.chatter_id)
+        assert (await users.GetUser(get, metadata=bearer(writer), timeout=10)).user.id
+        health: Any = health_pb2_grpc.HealthStub(channels[3])
+        status = await health.Check(health_pb2.HealthCheckRequest(service="user.UserService"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        assert _refusals(server, "streams_per_replica") == 1
+
+        await held.finish()
+        listed = [
+            u
+            async for u in users.ListUsers(
+                user_pb2.ListUsersRequest(), metadata=bearer(writer), timeout=10
+            )
+        ]
+        assert any(u.id == stack.chatter_id for u in listed)
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def test_the_health_service_is_bounded_without_a_token(
+    serve: Callable[..., Any],
+) -> None:
+    health_port = free_port()
+    server = serve(
+        "user",
+        PARLEY_HEALTH_MAX_SERVICE_NAME="64",
+        PARLEY_HEALTH_MAX_WATCHES_PER_CONNECTION="2",
+        PARLEY_HEALTH_MAX_WATCHES="3",
+        PARLEY_HEALTH_PORT=str(health_port),
+    )
+    long_name = health_pb2.HealthCheckRequest(service="s" * 65)
+    channels = [_channel(server, str(n)) for n in range(3)]
+    watches: list[Any] = []
+    try:
+        stub: Any = health_pb2_grpc.HealthStub(channels[0])
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Check(long_name, timeout=10)
+        assert refused.value.code() == RESOURCE_EXHAUSTED
+        assert "PARLEY_HEALTH_MAX_SERVICE_NAME=64" in (refused.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Watch(long_name, timeout=10):
+                pass
+        assert refused.value.code() == RESOURCE_EXHAUSTED
+        # The plain health-only port has the same limits.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as plain:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await health_pb2_grpc.HealthStub(plain).Check(long_name, timeout=10)  # type: ignore[no-untyped-call]
+            assert refused.value.code() == RESOURCE_EXHAUSTED
+        # A name at the limit is only an unknown service.
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await stub.Check(health_pb2.HealthCheckRequest(service="s" * 64), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert _refusals(server, "health_service_name") == 3
+
+        async def watch(channel: grpc.aio.Channel) -> Any:
+            call = health_pb2_grpc.HealthStub(channel).Watch(  # type: ignore[no-untyped-call]
+                health_pb2.HealthCheckRequest(service=""), timeout=60
+            )
+            watches.append(call)
+            return call
+
+        for _ in range(2):
+            first = await (await watch(channels[0])).read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await (await watch(channels[0])).read()
+        assert refused.value.code() == RESOURCE_EXHAUSTED
+        assert "PARLEY_HEALTH_MAX_WATCHES_PER_CONNECTION=2" in (refused.value.details() or "")
+        assert (await (await watch(channels[1])).read()).status == 1  # the third on the replica
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await (await watch(channels[2])).read()
+        assert refused.value.code() == RESOURCE_EXHAUSTED
+        assert "PARLEY_HEALTH_MAX_WATCHES=3" in (refused.value.details() or "")
+        assert _refusals(server, "health_watches_per_connection") == 1
+        assert _refusals(server, "health_watches_per_replica") == 1
+
+        # Ended watches give their places back.
+        for call in watches:
+            call.cancel()
+
+        async def watch_opens() -> bool:
+            try:
+                reply = await (await watch(channels[2])).read()
+            except grpc.aio.AioRpcError:
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        await wait_until(watch_opens, what="a new Watch once the others ended")
+    finally:
+        for call in watches:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+
+
+def _with_bad_utf8(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    assert data.count(MARK.encode()) == 1
+    return data.replace(MARK.encode(), BAD_UTF8)
+
+
+MALFORMED = [
+    ("GetUser", False, b"\x08", "request"),  # a varint field cut short
+    ("GetUser", False, b"\xff\xff\xff\xff", "request"),
+    ("CreateUser", False, _with_bad_utf8(user_pb2.CreateUserRequest(name=MARK)), "name"),
+    ("CreateUser", False, _with_bad_utf8(user_pb2.CreateUserRequest(email=MARK)), "email"),
+    (
+        "UpdateUser",
+        False,
+        _with_bad_utf8(user_pb2.UpdateUserRequest(user=user_pb2.User(id=1, name=MARK))),
+        "user.name",
+    ),
+    ("ListUsers", True, _with_bad_utf8(user_pb2.ListUsersRequest(page_token=MARK)), "page_token"),
+    ("ImportUsers", True, _with_bad_utf8(user_pb2.CreateUserRequest(name=MARK)), "name"),
+]
+
+
+@pytest.mark.parametrize(("method", "streaming", "payload", "field"), MALFORMED)
+def test_requests_that_do_not_parse_are_invalid_argument(
+    stack: Any, token: Callable[..., str], method: str, streaming: bool, payload: bytes, field: str
+) -> None:
+    path = f"/user.UserService/{method}"
+    channel = stack.channel(stack.user.target)
+    metadata = bearer(token("admin", "users:write"))
+    with pytest.raises(grpc.RpcError) as failed:
+        if method == "ImportUsers":
+            channel.stream_unary(path)(iter([payload]), metadata=metadata, timeout=10)
+        elif streaming:
+            list(channel.unary_stream(path)(payload, metadata=metadata, timeout=10))
+        else:
+            channel.unary_unary(path)(payload, metadata=metadata, timeout=10)
+    error: Any = failed.value
+    assert error.code() == INVALID_ARGUMENT, error.details()
+    assert f"{field}: " in error.details()
+    stack.assert_serving()
+
+
+def test_a_health_request_that_does_not_parse_is_invalid_argument(stack: Any) -> None:
+    payload = _with_bad_utf8(health_pb2.HealthCheckRequest(service=MARK))
+    channel = stack.channel(stack.user.target)
+    with pytest.raises(grpc.RpcError) as failed:
+        channel.unary_unary("/grpc.health.v1.Health/Check")(payload, timeout=10)
+    error: Any = failed.value
+    assert error.code() == INVALID_ARGUMENT
+    assert "service: is not valid UTF-8" in error.details()
