@@ -31,12 +31,13 @@ def _refusals(server: Any, limit: str) -> float:
     )
 
 
-def _started(server: Any, method: str) -> float:
+def _handled_rows(server: Any) -> float:
+    """Request messages the ImportUsers handler has read."""
     samples = scrape_metrics(server.metrics_port)
     return sum(
         value
         for key, value in samples.items()
-        if key.startswith("grpc_server_started_total{") and f'grpc_method="{method}"' in key
+        if key.startswith("grpc_server_msg_received_total{") and 'grpc_method="ImportUsers"' in key
     )
 
 
@@ -46,16 +47,17 @@ def _channel(server: Any, tag: str) -> grpc.aio.Channel:
 
 
 class HeldImports:
-    """ImportUsers calls whose client sends nothing and never half-closes, until released."""
+    """ImportUsers calls whose client sends one (invalid) row and then never half-closes,
+    until released. The row shows in grpc_server_msg_received_total once the handler,
+    past every interceptor, has read it."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.calls: list[Any] = []
 
     async def _requests(self) -> AsyncIterator[user_pb2.CreateUserRequest]:
+        yield user_pb2.CreateUserRequest(name="", email="held@example.com")
         await self.release.wait()
-        return
-        yield  # an async generator that yields nothing
 
     def open(self, channel: grpc.aio.Channel, token: str) -> Any:
         stub: Any = user_pb2_grpc.UserServiceStub(channel)
@@ -86,25 +88,32 @@ async def test_calls_beyond_the_per_connection_limit_are_refused(
     async with _channel(server, "a") as crowded, _channel(server, "b") as other:
         for _ in range(4):
             held.open(crowded, writer)
-        await wait_until(lambda: _started(server, "ImportUsers") >= 4, what="4 held imports")
+        await wait_until(lambda: _handled_rows(server) >= 4, what="4 held imports")
         users: Any = user_pb2_grpc.UserServiceStub(crowded)
         get = user_pb2.GetUserRequest(id=stack.chatter_id)
         code, message = await _code(users.GetUser(get, metadata=bearer(writer), timeout=10))
         assert code == RESOURCE_EXHAUSTED
         assert "PARLEY_MAX_STREAMS_PER_CONNECTION=4" in message
 
-        # A flood on the same connection: HTTP/2 lets twice the limit in at once, and every
+        # A flood on the same connection, below HTTP/2's ceiling (100 streams here): every
         # call over the limit is refused at once, so none of them waits for a place.
         flood = [users.GetUser(get, metadata=bearer(writer), timeout=20) for _ in range(30)]
         codes = [code for code, _ in await asyncio.gather(*(_code(call) for call in flood))]
         assert codes == [RESOURCE_EXHAUSTED] * 30
+
+        # Past the ceiling the client queues its calls, and near it a stream may be reset
+        # (REFUSED_STREAM, UNAVAILABLE to the client); still none gets through or hangs.
+        flood = [users.GetUser(get, metadata=bearer(writer), timeout=20) for _ in range(150)]
+        codes = [code for code, _ in await asyncio.gather(*(_code(call) for call in flood))]
+        assert set(codes) <= {RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+        refused = 31 + codes.count(RESOURCE_EXHAUSTED)
 
         # Another connection of the same client is not affected.
         reply = await user_pb2_grpc.UserServiceStub(other).GetUser(
             get, metadata=bearer(writer), timeout=10
         )
         assert reply.user.id == stack.chatter_id
-        assert _refusals(server, "streams_per_connection") == 31
+        assert _refusals(server, "streams_per_connection") == refused
 
         await held.finish()
         reply = await users.GetUser(get, metadata=bearer(writer), timeout=10)
@@ -121,7 +130,7 @@ async def test_streams_beyond_the_replica_limit_are_refused(
     try:
         for channel in channels[:3]:
             held.open(channel, writer)
-        await wait_until(lambda: _started(server, "ImportUsers") >= 3, what="3 held imports")
+        await wait_until(lambda: _handled_rows(server) >= 3, what="3 held imports")
         users: Any = user_pb2_grpc.UserServiceStub(channels[3])
         listing = users.ListUsers(user_pb2.ListUsersRequest(), metadata=bearer(writer), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -276,3 +285,26 @@ def test_a_health_request_that_does_not_parse_is_invalid_argument(stack: Any) ->
     error: Any = failed.value
     assert error.code() == INVALID_ARGUMENT
     assert "service: is not valid UTF-8" in error.details()
+
+
+def test_an_oversized_request_names_the_limit_and_is_counted(
+    serve: Callable[..., Any], token: Callable[..., str]
+) -> None:
+    """Up to twice PARLEY_MAX_MESSAGE_BYTES the chassis refuses a request itself (named and
+    counted); beyond that grpc refuses it before any Parley code runs (RESOURCE_EXHAUSTED
+    too, tested in test_wire.py)."""
+    server = serve("user", PARLEY_MAX_MESSAGE_BYTES="65536")
+    big = user_pb2.CreateUserRequest(name="x" * 65536, email="big@example.com")
+    with grpc.insecure_channel(server.target) as channel:
+        users: Any = user_pb2_grpc.UserServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            users.CreateUser(big, metadata=bearer(token("admin", "users:write")), timeout=10)
+        error: Any = refused.value
+        assert error.code() == RESOURCE_EXHAUSTED
+        assert "PARLEY_MAX_MESSAGE_BYTES=65536" in error.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            users.ImportUsers(
+                iter([big]), metadata=bearer(token("admin", "users:write")), timeout=10
+            )
+        assert refused.value.code() == RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    assert _refusals(server, "message_bytes") == 2

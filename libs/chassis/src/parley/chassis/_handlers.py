@@ -54,16 +54,23 @@ async def _counted(requests: AsyncIterator[Any], scope: CallScope) -> AsyncItera
 
 
 def wrap_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], make_scope: ScopeFactory, *, tolerant: bool = False
+    handler: grpc.RpcMethodHandler[Any, Any],
+    make_scope: ScopeFactory,
+    *,
+    tolerant: bool = False,
+    max_request_bytes: int = 0,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A copy of `handler` whose behaviour runs inside `make_scope(context)`.
 
-    With `tolerant`, a request that does not parse reaches the scope's `received` as a
-    MalformedRequest instead of being answered by grpcio before any of our code runs.
+    With `tolerant`, a request that does not parse, or is larger than `max_request_bytes`,
+    reaches the scope's `received` as a MalformedRequest instead of being answered by grpcio
+    before any of our code runs.
     """
     deserializer = handler.request_deserializer
+    if tolerant:
+        deserializer = tolerant_deserializer(deserializer, max_request_bytes)
     kwargs: dict[str, Any] = {
-        "request_deserializer": tolerant_deserializer(deserializer) if tolerant else deserializer,
+        "request_deserializer": deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:

@@ -16,24 +16,36 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from parley.chassis.errors import FieldViolation, InvalidArgument
+from parley.chassis.errors import FieldViolation, InvalidArgument, LimitExceeded, ServiceError
 
-__all__ = ["MalformedRequest", "tolerant"]
+__all__ = ["MESSAGE_BYTES", "MalformedRequest", "tolerant"]
+
+# The `limit` label of a request refused for its size.
+MESSAGE_BYTES = "message_bytes"
 
 # protobuf's wire type of length-delimited fields (strings, bytes, messages, packed lists).
 _LENGTH_DELIMITED = 2
 
 
 class MalformedRequest:
-    """Stands in for a request whose bytes did not parse as `descriptor`'s message."""
+    """Stands in for a request whose bytes did not parse as `descriptor`'s message, or that
+    is larger than `max_bytes`."""
 
-    __slots__ = ("data", "descriptor")
+    __slots__ = ("data", "descriptor", "max_bytes")
 
-    def __init__(self, descriptor: Descriptor | None, data: bytes) -> None:
+    def __init__(self, descriptor: Descriptor | None, data: bytes, max_bytes: int = 0) -> None:
         self.descriptor = descriptor
         self.data = data
+        self.max_bytes = max_bytes
 
-    def error(self) -> InvalidArgument:
+    def error(self) -> ServiceError:
+        if self.max_bytes and len(self.data) > self.max_bytes:
+            return LimitExceeded(
+                MESSAGE_BYTES,
+                "PARLEY_MAX_MESSAGE_BYTES",
+                self.max_bytes,
+                f"the request message is {len(self.data)} bytes, more than this server accepts",
+            )
         if self.descriptor is None:
             return InvalidArgument([FieldViolation("request", "is not a valid request message")])
         name = self.descriptor.full_name
@@ -49,14 +61,19 @@ class MalformedRequest:
         )
 
 
-def tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """`deserialize`, returning a MalformedRequest instead of raising on bad bytes."""
+def tolerant(
+    deserialize: Callable[[bytes], Any] | None, max_bytes: int = 0
+) -> Callable[[bytes], Any] | None:
+    """`deserialize`, returning a MalformedRequest instead of raising on bad bytes, or on
+    more than `max_bytes` (0: no limit) without parsing them."""
     if deserialize is None:
         return None
     message_class = getattr(deserialize, "__self__", None)
     descriptor: Descriptor | None = getattr(message_class, "DESCRIPTOR", None)
 
     def parse(data: bytes) -> Any:
+        if max_bytes and len(data) > max_bytes:
+            return MalformedRequest(descriptor, data, max_bytes)
         try:
             return deserialize(data)
         except (DecodeError, ValueError, TypeError, RecursionError):

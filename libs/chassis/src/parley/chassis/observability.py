@@ -127,8 +127,9 @@ _SERVER_FAULTS = frozenset(
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Tags each call with a request id, logs it, counts it and maps domain errors to statuses."""
 
-    def __init__(self, metrics: GrpcServerMetrics) -> None:
+    def __init__(self, metrics: GrpcServerMetrics, max_request_bytes: int = 0) -> None:
         self._metrics = metrics
+        self._max_request_bytes = max_request_bytes
         self._wrapped = WrappedHandlers()
 
     async def intercept_service(
@@ -156,6 +157,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     handler,
                     lambda context: _ObservedCall(metrics, method_metrics, context),
                     tolerant=True,
+                    max_request_bytes=self._max_request_bytes,
                 ),
             )
         return wrapped

@@ -19,14 +19,20 @@ from parley.chassis.auth import PUBLIC_SERVICES, AuthInterceptor, TokenVerifier
 from parley.chassis.config import ServerSettings
 from parley.chassis.health import BoundedHealthServicer, DependencyCheck, DependencyMonitor
 from parley.chassis.limits import CHASSIS_LIMITS, LimitsInterceptor
+from parley.chassis.malformed import MESSAGE_BYTES
 from parley.chassis.metrics import GrpcServerMetrics, start_metrics_server
 from parley.chassis.observability import ObservabilityInterceptor
 
-__all__ = ["GrpcApp", "ShutdownHook", "server_options"]
+__all__ = ["GrpcApp", "ShutdownHook", "http2_stream_ceiling", "server_options"]
 
 _log = logging.getLogger("parley.server")
 
 ShutdownHook = Callable[[], Awaitable[None]]
+
+
+def http2_stream_ceiling(max_streams_per_connection: int) -> int:
+    """SETTINGS_MAX_CONCURRENT_STREAMS for a per-connection call limit."""
+    return max(4 * max_streams_per_connection, 100)
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
@@ -39,15 +45,18 @@ def server_options(settings: ServerSettings) -> list[tuple[str, Any]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),
-        # Requests only: a ListMessages page of long texts may be a few MB, and is bounded.
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # Requests only (a ListMessages page of long texts may be a few MB, and is bounded).
+        # grpc's own ceiling is twice the limit: up to there the chassis refuses a larger
+        # request itself, naming PARLEY_MAX_MESSAGE_BYTES and counting it; beyond, grpc does.
+        ("grpc.max_receive_message_length", 2 * settings.max_message_bytes),
         # grpc.aio takes arriving calls one at a time; a burst waits in grpc's pending queue.
         ("grpc.server.max_pending_requests", settings.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
-        # HTTP/2's own ceiling, twice the per-connection limit that the LimitsInterceptor
-        # refuses with RESOURCE_EXHAUSTED: a client that keeps opening streams has them
-        # refused at once, and still cannot make the server hold more than this many.
-        ("grpc.max_concurrent_streams", 2 * settings.max_streams_per_connection),
+        # HTTP/2's own ceiling, well above the per-connection limit that the LimitsInterceptor
+        # refuses with RESOURCE_EXHAUSTED (near the ceiling a stream can be reset with
+        # REFUSED_STREAM, which clients see as UNAVAILABLE): no client can make the server
+        # hold more streams than this on one connection, refused or not.
+        ("grpc.max_concurrent_streams", http2_stream_ceiling(settings.max_streams_per_connection)),
     ]
     if settings.max_connection_age > 0:
         options += [
@@ -77,12 +86,12 @@ class GrpcApp:
         self.health = BoundedHealthServicer(settings)
         service_names = [s.full_name for s in services]
         self.metrics.initialize([*services, *_chassis_services()])
-        self.metrics.initialize_limits(CHASSIS_LIMITS)
+        self.metrics.initialize_limits([*CHASSIS_LIMITS, MESSAGE_BYTES])
         self.limits = LimitsInterceptor(settings, PUBLIC_SERVICES)
         self.monitor = DependencyMonitor(
             self.health, service_names, checks, self.metrics, settings.health_check_interval
         )
-        observability = ObservabilityInterceptor(self.metrics)
+        observability = ObservabilityInterceptor(self.metrics, settings.max_message_bytes)
         self.server = grpc.aio.server(
             interceptors=[observability, self.limits, AuthInterceptor(verifier)],
             options=server_options(settings),
