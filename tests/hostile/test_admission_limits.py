@@ -145,6 +145,7 @@ async def test_streams_beyond_the_replica_limit_are_refused(
         status = await health.Check(health_pb2.HealthCheckRequest(service="user.UserService"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         assert _refusals(server, "streams_per_replica") == 1
+        assert scrape_metrics(server.metrics_port)["parley_streams_open"] == 3
 
         await held.finish()
         listed = [

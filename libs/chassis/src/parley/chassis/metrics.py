@@ -134,6 +134,12 @@ class GrpcServerMetrics:
             ["limit"],
             registry=self.registry,
         )
+        self.open_streams = Gauge(
+            "parley_streams_open",
+            "Streaming calls of the service's own methods open on this replica "
+            "(limited by PARLEY_MAX_STREAMS).",
+            registry=self.registry,
+        )
         self._methods: dict[tuple[str, str, str], MethodMetrics] = {}
 
     def method(self, grpc_type: str, service: str, method: str) -> MethodMetrics:

@@ -88,6 +88,7 @@ class GrpcApp:
         self.metrics.initialize([*services, *_chassis_services()])
         self.metrics.initialize_limits([*CHASSIS_LIMITS, MESSAGE_BYTES])
         self.limits = LimitsInterceptor(settings, PUBLIC_SERVICES)
+        self.metrics.open_streams.set_function(self.limits.open_streams)
         self.monitor = DependencyMonitor(
             self.health, service_names, checks, self.metrics, settings.health_check_interval
         )
