@@ -10,6 +10,7 @@ Commands run two ways against the real stack of the parent conftest:
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -161,20 +162,20 @@ class Terminal:
     """A `parley` process in a pseudo-terminal, read as plain text (escapes removed).
 
     `expect(pattern)` waits for the pattern after the last match, reading output as it comes;
-    nothing else waits on time.
+    nothing else waits on time. `data` holds the bytes exactly as the terminal received them.
     """
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str]) -> None:
-        self.child = pexpect.spawn(
+        self.child: pexpect.spawn[bytes] = pexpect.spawn(
             str(PARLEY),
             list(args),
             env=dict(env),
-            encoding="utf-8",
-            codec_errors="replace",
             dimensions=(50, 200),
             timeout=30,
         )
+        self.data = b""
         self.raw = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.position = 0
 
     @property
@@ -184,11 +185,13 @@ class Terminal:
     def _read(self, timeout: float) -> bool:
         """Read what is there (waiting up to `timeout`); False at end of output."""
         try:
-            self.raw += self.child.read_nonblocking(65536, timeout=timeout)
+            chunk = self.child.read_nonblocking(65536, timeout=timeout)
         except pexpect.TIMEOUT:
-            pass
+            return True
         except pexpect.EOF:
             return False
+        self.data += chunk
+        self.raw += self._decoder.decode(chunk)
         return True
 
     def expect(self, pattern: str, timeout: float = 30) -> re.Match[str]:

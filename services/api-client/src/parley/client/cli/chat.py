@@ -31,6 +31,8 @@ from parley.client.cli.output import (
     message_parts,
     notice,
     print_table,
+    printable,
+    safe_text,
     stdout_console,
 )
 from parley.proto import chat_pb2
@@ -395,14 +397,19 @@ def history(
             for message in found:
                 emit_json(message_json(message))
             return
-        table = Table(title=f"#{name}", title_justify="left")
+        table = Table(title=safe_text(f"#{name}"), title_justify="left")
         table.add_column("Seq", justify="right", no_wrap=True)
         table.add_column("Time", no_wrap=True)
         table.add_column("User", no_wrap=True)
         table.add_column("Text", overflow="fold")
         for message in found:
             parts = dict(message_parts(message))
-            table.add_row(str(message.sequence), parts["time"].strip(), parts["user"], message.text)
+            table.add_row(
+                str(message.sequence),
+                parts["time"].strip(),
+                safe_text(parts["user"]),
+                safe_text(message.text),
+            )
         print_table(table)
 
 
@@ -421,12 +428,12 @@ def who(settings: Settings, room: RoomOption = None) -> None:
             emit_json(member_json(member))
         return
     if not members:
-        print(f"nobody is connected to #{name}")
+        print(printable(f"nobody is connected to #{name}"))
         return
-    table = Table(title=f"#{name}", title_justify="left")
+    table = Table(title=safe_text(f"#{name}"), title_justify="left")
     table.add_column("User ID", justify="right", no_wrap=True)
     table.add_column("Name")
     table.add_column("Streams", justify="right", no_wrap=True)
     for member in members:
-        table.add_row(str(member.user_id), member.user, str(member.stream_count))
+        table.add_row(str(member.user_id), safe_text(member.user), str(member.stream_count))
     print_table(table)

@@ -25,6 +25,7 @@ import typer
 
 from parley.client import DEFAULT_TIMEOUT
 from parley.client.cli.errors import EXIT_FAILED, EXIT_USAGE, describe, exit_code
+from parley.client.cli.output import printable
 from parley.client.errors import ParleyError
 from parley.client.tokens import resolve_token
 
@@ -240,19 +241,32 @@ def address_errors(flag: str) -> Iterator[None]:
         raise typer.BadParameter(str(exc), param_hint=flag) from None
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log records with `printable` applied to each line (they quote servers' messages)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _printable_lines(super().format(record))
+
+
+def _printable_lines(text: str) -> str:
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def configure_logging(settings: Settings) -> None:
     """With --debug, show the SDK's log (reconnects, retries) on stderr."""
     if settings.debug:
-        logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(_PrintableFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.basicConfig(handlers=[handler])
         logging.getLogger("parley").setLevel(logging.DEBUG)
 
 
 def fail(line: str, code: int, *, settings: Settings | None = None) -> typer.Exit:
     """Print `line` on stderr (after the traceback being handled, with --debug) and return the
-    Exit to raise."""
+    Exit to raise. Control characters in either are printed as escapes."""
     if settings is not None and settings.debug and sys.exc_info()[1] is not None:
-        traceback.print_exc(file=sys.stderr)
-    print(line, file=sys.stderr, flush=True)
+        print(_printable_lines(traceback.format_exc()), end="", file=sys.stderr)
+    print(printable(line), file=sys.stderr, flush=True)
     return typer.Exit(code)
 
 

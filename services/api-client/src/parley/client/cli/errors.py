@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 
+from parley.client.cli.output import printable
 from parley.client.errors import ParleyError, is_connection_lost
 
 __all__ = [
@@ -87,10 +88,6 @@ def _address_setting(full_name: str) -> str:
     return _ADDRESS_SETTING.get(full_name, "the address flags")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def describe(error: ParleyError, *, timeout: float | None, token_given: bool) -> str:
     """One line for stderr: `parley: CODE: what happened - try: what to do`.
 
@@ -102,6 +99,12 @@ def describe(error: ParleyError, *, timeout: float | None, token_given: bool) ->
     if advice:
         line += f" - try: {_one_line(advice)}"
     return line
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line: control characters (newlines too) escaped, runs of spaces made
+    one."""
+    return " ".join(printable(text).split())
 
 
 def _explain(error: ParleyError, *, timeout: float | None, token_given: bool) -> tuple[str, str]:

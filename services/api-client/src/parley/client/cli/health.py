@@ -9,16 +9,15 @@ from typing import Any
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
 from parley.client import AsyncChatClient, AsyncUserClient, HealthStatus, NotFound, ParleyError
 from parley.client._base import AsyncClientBase
 from parley.client._channel import CHAT_SERVICE, USER_SERVICE, parse_targets, resolve_target
 from parley.client.cli.context import Settings, address_errors, command, examples
 from parley.client.cli.errors import EXIT_PARTIAL
-from parley.client.cli.output import emit_json, print_table
+from parley.client.cli.output import emit_json, print_table, safe_text
 
-__all__ = ["health"]
+__all__ = ["Check", "health", "health_table"]
 
 # What each service reports: the server as a whole (liveness, ""), the service itself
 # (readiness), and for chat the UserService it depends on.
@@ -97,16 +96,27 @@ def health(settings: Settings) -> None:
         for check in checks:
             emit_json(check.as_json())
     else:
-        table = Table()
-        table.add_column("Service", no_wrap=True)
-        table.add_column("Address", no_wrap=True)
-        table.add_column("Check", no_wrap=True)
-        table.add_column("Status", no_wrap=True)
-        table.add_column("Detail", overflow="fold")
-        for check in checks:
-            name = check.check or '"" (liveness)'
-            status = Text(check.status, style="green" if check.ok else "bold red")
-            table.add_row(check.service, check.address, name, status, check.error or "")
-        print_table(table)
+        print_table(health_table(checks))
     if not all(check.ok for check in checks):
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def health_table(checks: list[Check]) -> Table:
+    """The checks as a table; the detail is the server's message of a failed call."""
+    table = Table()
+    table.add_column("Service", no_wrap=True)
+    table.add_column("Address", no_wrap=True)
+    table.add_column("Check", no_wrap=True)
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Detail", overflow="fold")
+    for check in checks:
+        name = check.check or '"" (liveness)'
+        status = safe_text(check.status, style="green" if check.ok else "bold red")
+        table.add_row(
+            safe_text(check.service),
+            safe_text(check.address),
+            safe_text(name),
+            status,
+            safe_text(check.error or ""),
+        )
+    return table

@@ -23,7 +23,7 @@ from parley.client import ChatSession, ParleyError
 from parley.client.chat import AsyncChatClient, check_text
 from parley.client.cli.chat import async_chat_client, reconnect_notices
 from parley.client.cli.context import Settings
-from parley.client.cli.output import message_parts
+from parley.client.cli.output import message_parts, printable
 from parley.proto import chat_pb2
 
 __all__ = ["run_chat"]
@@ -43,7 +43,9 @@ _HELP = "type a message and press Enter; /who lists who is here; /quit or Ctrl-D
 
 
 def _print_notice(text: str) -> None:
-    print_formatted_text(FormattedText([("class:notice", f"· {text}")]), style=_STYLE)
+    # FormattedText is never read as HTML or ANSI, but only its ESC would not reach the
+    # terminal (prompt_toolkit writes "?"): C1, CR, BS would. message_parts escapes messages.
+    print_formatted_text(FormattedText([("class:notice", f"· {printable(text)}")]), style=_STYLE)
 
 
 def _print_message(message: chat_pb2.ChatMessage) -> None:

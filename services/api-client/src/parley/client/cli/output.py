@@ -4,6 +4,12 @@ JSON output is one object per line (JSON Lines), whatever the command, so that `
 line-by-line readers handle a single user and a stream of messages alike. The keys of each
 kind of object are fixed and in a fixed order; timestamps are RFC 3339 / ISO-8601 strings in
 UTC (`2025-05-01T12:00:00.123456Z`), or null when unset.
+
+Text that came from a server (messages, user and room names, error messages) can hold
+control characters that would drive the reader's terminal: clear it, move the cursor, set
+the clipboard (OSC 52). Everything shown to people goes through `printable`, which writes
+them as visible escapes, and into rich only as `Text` (never read as markup); JSON keeps
+the exact values but writes those characters as `\\uXXXX` escapes.
 """
 
 from __future__ import annotations
@@ -23,16 +29,67 @@ from parley.proto import chat_pb2, user_pb2
 
 __all__ = [
     "emit_json",
+    "json_line",
     "member_json",
     "message_json",
     "message_line",
     "notice",
     "print_table",
+    "printable",
+    "safe_text",
     "stderr_console",
     "stdout_console",
     "user_json",
     "users_table",
 ]
+
+
+# Shown as escapes: C0 (newline and tab too, since every item is shown on one line of its
+# own and a newline could fake another), DEL, C1 (U+009B is CSI in a UTF-8 terminal), lone
+# surrogates (which cannot be written as UTF-8), the line and paragraph separators, and the
+# bidi embeddings, overrides and isolates, which reorder the rest of the line they are on.
+# Other format characters (joiners in emoji and scripts, soft hyphens, bidi marks) are text.
+_UNSAFE = [
+    *range(0x00, 0x20),
+    *range(0x7F, 0xA0),
+    *range(0xD800, 0xE000),
+    0x2028,
+    0x2029,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+]
+_NAMED = {ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
+_PRINTABLE = {
+    code: _NAMED.get(code) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    for code in _UNSAFE
+}
+_JSON_SAFE = {code: f"\\u{code:04x}" for code in _UNSAFE}
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters written as escapes, safe to show on a terminal.
+
+    Escapes are Python's: `\\n`, `\\t`, `\\r`, `\\x1b`, `\\x9b`, `\\u202e`. A backslash is left
+    as it is, so ordinary text reads unchanged (and a text that spells out `\\x1b` looks like
+    one that holds an ESC). Characters outside this set, of any script, pass through.
+    """
+    return text.translate(_PRINTABLE)
+
+
+def safe_text(text: str, style: str = "") -> Text:
+    """Text from elsewhere as a rich `Text`: escaped by `printable`, never read as markup or
+    emoji codes (as a plain `str` handed to rich would be)."""
+    return Text(printable(text), style=style)
+
+
+def json_line(value: Mapping[str, Any]) -> str:
+    """One JSON object on one line, with no control character left raw in it.
+
+    `json.dumps` escapes C0 itself but leaves DEL, C1 and the rest of `printable`'s set as
+    they are with `ensure_ascii=False`; they can only stand inside strings, where a `\\uXXXX`
+    escape means the same value.
+    """
+    return json.dumps(value, ensure_ascii=False).translate(_JSON_SAFE)
 
 
 def stdout_console() -> Console:
@@ -86,7 +143,7 @@ def member_json(member: chat_pb2.RoomMember) -> dict[str, Any]:
 
 def emit_json(value: Mapping[str, Any]) -> None:
     """Print one JSON object on its own line, flushed at once (streams are read live)."""
-    sys.stdout.write(json.dumps(value, ensure_ascii=False) + "\n")
+    sys.stdout.write(json_line(value) + "\n")
     sys.stdout.flush()
 
 
@@ -104,7 +161,9 @@ def users_table(users: Iterable[user_pb2.User], title: str | None = None) -> Tab
             if user.HasField("create_time")
             else ""
         )
-        table.add_row(str(user.id), user.name, user.email, str(user.age), created)
+        table.add_row(
+            str(user.id), safe_text(user.name), safe_text(user.email), str(user.age), created
+        )
     return table
 
 
@@ -113,7 +172,7 @@ def print_table(table: Table) -> None:
 
 
 def message_parts(message: chat_pb2.ChatMessage) -> list[tuple[str, str]]:
-    """A message as (style, text) parts: `#12 10:04:05 Ada: hello`.
+    """A message as (style, text) parts: `#12 10:04:05 Ada: hello`, escaped by `printable`.
 
     Shared by the rich output of `chat tail`/`history`/`send` and the interactive chat, which
     maps the styles onto its own.
@@ -122,8 +181,8 @@ def message_parts(message: chat_pb2.ChatMessage) -> list[tuple[str, str]]:
     return [
         ("seq", f"#{message.sequence} "),
         ("time", f"{when} " if when else ""),
-        ("user", message.user or f"user {message.user_id}"),
-        ("text", f": {message.text}"),
+        ("user", printable(message.user) or f"user {message.user_id}"),
+        ("text", f": {printable(message.text)}"),
     ]
 
 
@@ -140,4 +199,4 @@ def message_line(message: chat_pb2.ChatMessage) -> Text:
 
 def notice(text: str) -> None:
     """A dim one-line notice on stderr (reconnects and the like)."""
-    stderr_console().print(Text(f"parley: {text}", style="dim"))
+    stderr_console().print(safe_text(f"parley: {text}", style="dim"))

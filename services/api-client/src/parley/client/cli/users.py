@@ -25,6 +25,7 @@ from parley.client.cli.importing import (
 from parley.client.cli.output import (
     emit_json,
     print_table,
+    safe_text,
     stderr_console,
     user_json,
     users_table,
@@ -296,7 +297,9 @@ def _print_report(settings: Settings, report: ImportReport) -> None:
     table.add_column("Field", no_wrap=True)
     table.add_column("Message", overflow="fold")
     for error in report.errors:
-        table.add_row(str(error.line), error.code, error.field, error.message)
+        table.add_row(
+            str(error.line), safe_text(error.code), safe_text(error.field), safe_text(error.message)
+        )
     print_table(table)
     if report.unlisted:
         print(f"... and {report.unlisted} more rows the server did not list")
