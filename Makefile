@@ -41,6 +41,11 @@ sync: $(UV) ## Install the workspace into .venv from uv.lock
 run: sync ## Start the local stack (embedded Postgres and Redis unless PARLEY_*_URL are set)
 	$(UV) run --locked parley-devstack run
 
+# docker compose refuses to start without these; standard library only, so plain python3 runs it.
+.PHONY: secrets
+secrets: ## Random secrets into .env for docker compose (FORCE=1 replaces those set)
+	@python3 scripts/make_secrets.py $(if $(filter 1 yes true,$(FORCE)),--force)
+
 proto: $(UV) ## Regenerate the Python code in libs/proto from proto/
 	$(UV) run --locked bash scripts/gen-proto.sh libs/proto/src
 

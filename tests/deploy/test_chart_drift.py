@@ -127,8 +127,18 @@ def _secret_value(manifests: list[Any], deploy: Any, name: str, key: str) -> str
 _EXTERNAL_SECRETS = {
     "PARLEY_DATABASE_URL": "postgresql://parley@postgres:5432/parley",
     "PARLEY_REDIS_URL": "redis://redis:6379/0",
-    "PARLEY_JWT_SECRET": "an-existing-secret-of-at-least-32-bytes",
+    "PARLEY_JWT_SECRET": os.urandom(32).hex(),
+    "REDIS_PASSWORD": os.urandom(16).hex(),
 }
+# $(NAME) in an env value: the kubelet puts in the value of NAME, defined earlier.
+_DEPENDENT = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def _referenced(spec: dict[str, Any]) -> set[str]:
+    """Variables only there to be put into others' values with $(NAME)."""
+    return {
+        m.group(1) for e in spec.get("env", []) for m in _DEPENDENT.finditer(e.get("value", ""))
+    }
 
 
 @functools.cache
@@ -149,6 +159,8 @@ def _resolved_env(manifests: list[Any], deploy: Any, spec: dict[str, Any]) -> di
     for variable, (name, key) in secrets.items():
         value = _secret_value(manifests, deploy, name, key)
         values[variable] = _EXTERNAL_SECRETS[variable] if value is None else value
+    for variable, value in values.items():
+        values[variable] = _DEPENDENT.sub(lambda m: values[m.group(1)], value)
     # Files from the TLS Secret exist only in a pod: point the settings at real stand-ins.
     for variable, value in values.items():
         if variable.endswith("_FILE") and Path(value).name in _tls_stand_ins():
@@ -212,7 +224,7 @@ def test_every_variable_the_chart_sets_is_one_the_service_reads(
             # which ignores the serving settings; what it is given explicitly must be read.
             explicit = {e["name"] for e in spec.get("env", [])}
             known = reads[component] if spec.get("envFrom") else reads[command]
-            for variable in sorted({*values, *secrets}):
+            for variable in sorted({*values, *secrets} - _referenced(spec)):
                 allowed = reads[command] if variable in explicit else known
                 if variable not in allowed:
                     unread.append(f"{workload['metadata']['name']}/{spec['name']}: {variable}")

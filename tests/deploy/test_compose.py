@@ -1,19 +1,23 @@
 """docker-compose.yml is a valid compose file that starts a working stack: migrations before
 the services, health-checked dependencies, settings the services really read, Prometheus on
-every metrics port. Interpolation uses the values of .env.example, as `docker compose` would
-with that file copied to .env."""
+every metrics port, secrets only from .env and ports on 127.0.0.1. Interpolation uses the
+.env that `make secrets` makes from .env.example (the script is run for real), as `docker
+compose` would."""
 
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from parley.chassis import Env
+from parley.chassis import DatabaseSettings, Env
+from parley.chassis.sample_secrets import url_password
 from parley.chat_service.server import SERVICE_NAME as CHAT_SERVICE
 from parley.chat_service.settings import ChatSettings
 from parley.user_service.server import SERVICE_NAME as USER_SERVICE
@@ -22,14 +26,21 @@ from parley.user_service.settings import UserSettings
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
+MAKE_SECRETS = REPO / "scripts" / "make_secrets.py"
+SECRETS = ("PARLEY_JWT_SECRET", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
 SETTINGS = {"user": UserSettings.from_env, "chat": ChatSettings.from_env}
 READINESS = {"user": USER_SERVICE, "chat": CHAT_SERVICE}
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
+# ${NAME}, ${NAME:-default}, ${NAME:?error} and the escaped $$.
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}|\$\$")
 
 
-def _env_example() -> dict[str, str]:
+class MissingVariable(Exception):
+    """What `docker compose` stops with when a ${NAME:?error} variable is unset or empty."""
+
+
+def _read_env(path: Path) -> dict[str, str]:
     values = {}
-    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, value = line.partition("=")
             values[name.strip()] = value.strip()
@@ -37,21 +48,48 @@ def _env_example() -> dict[str, str]:
 
 
 def _interpolate(value: Any, env: dict[str, str]) -> Any:
+    """`value` with every variable replaced as `docker compose` does."""
     if isinstance(value, dict):
         return {k: _interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
         return [_interpolate(v, env) for v in value]
-    if isinstance(value, str):
-        return _VARIABLE.sub(
-            lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(2) or ""), value
-        )
-    return value
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, form, argument = match.groups()
+        given = env.get(name, "")
+        if form == ":?" and not given:
+            raise MissingVariable(f"required variable {name} is missing a value: {argument}")
+        return given or (argument if form == ":-" else "")
+
+    return _VARIABLE.sub(replace, value)
+
+
+def make_secrets(env: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """scripts/make_secrets.py run for real, by a Python that sees only its standard library."""
+    return subprocess.run(
+        [sys.executable, "-I", "-S", str(MAKE_SECRETS), "--env", str(env),
+         "--example", str(ENV_EXAMPLE), *args],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
+def dot_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The .env that `make secrets` makes from .env.example."""
+    path = tmp_path_factory.mktemp("compose") / ".env"
+    result = make_secrets(path)
+    assert result.returncode == 0, result.stderr
+    return _read_env(path)
+
+
+@pytest.fixture(scope="module")
+def compose(dot_env: dict[str, str]) -> dict[str, Any]:
     raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
-    resolved: dict[str, Any] = _interpolate(raw, _env_example())
+    resolved: dict[str, Any] = _interpolate(raw, dot_env)
     return resolved
 
 
@@ -124,16 +162,83 @@ def test_parley_services_get_only_settings_their_command_reads(
 
 def test_env_example_lists_every_setting_the_compose_file_takes() -> None:
     text = COMPOSE.read_text(encoding="utf-8")
-    defaults = {m.group(1): m.group(2) for m in _VARIABLE.finditer(text) if m.group(1)}
-    example = _env_example()
-    assert set(defaults) == set(example), (
-        f"only in docker-compose.yml: {sorted(set(defaults) - set(example))}; "
-        f"only in .env.example: {sorted(set(example) - set(defaults))}"
+    uses = [m.groups() for m in _VARIABLE.finditer(text) if m.group(1)]
+    defaults = {name: argument for name, form, argument in uses if form == ":-"}
+    required = {name for name, form, _ in uses if form == ":?"}
+    example = _read_env(ENV_EXAMPLE)
+    taken = set(defaults) | required
+    assert taken == set(example), (
+        f"only in docker-compose.yml: {sorted(taken - set(example))}; "
+        f"only in .env.example: {sorted(set(example) - taken)}"
     )
-    differing = {k: (defaults[k], example[k]) for k in example if defaults[k] != example[k]}
+    differing = {k: (defaults[k], example[k]) for k in defaults if defaults[k] != example[k]}
     assert not differing, f"compose default vs .env.example: {differing}"
+    # A secret has no default anywhere: compose stops until `make secrets` has made it.
+    assert required == set(SECRETS)
+    assert not required & set(defaults), f"a default for {sorted(required & set(defaults))}"
+    assert {name: example[name] for name in SECRETS} == dict.fromkeys(SECRETS, "")
+    assert {name for name, form, _ in uses if not form} == set(), "use ${X:-default} or ${X:?}"
     leftover = re.sub(_VARIABLE, "", text)
     assert "$" not in leftover.replace("$${", ""), "an interpolation form this test cannot read"
+
+
+def test_the_stack_refuses_to_start_without_the_secrets() -> None:
+    raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    for secret in SECRETS:
+        env = {name: "made-by-make-secrets" for name in SECRETS} | {secret: ""}
+        with pytest.raises(
+            MissingVariable, match=f"{secret} is missing a value: run `make secrets`"
+        ):
+            _interpolate(raw, _read_env(ENV_EXAMPLE) | env)
+
+
+def test_secrets_reach_the_services_and_stores(
+    compose: dict[str, Any], dot_env: dict[str, str]
+) -> None:
+    services = compose["services"]
+    password = dot_env["POSTGRES_PASSWORD"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == password
+    for name, (component, command, service) in _parley(compose).items():
+        database = DatabaseSettings.from_env(Env(service["environment"]))
+        assert url_password(database.url) == password, name
+        if command != "serve":
+            continue
+        settings = SETTINGS[component](Env(service["environment"]))
+        assert settings.auth.secret == dot_env["PARLEY_JWT_SECRET"], name
+        if component == "chat":
+            assert url_password(settings.redis_url) == dot_env["REDIS_PASSWORD"], name
+            assert settings.redis_url.endswith("@redis:6379/0"), name
+
+
+def test_redis_requires_the_password_without_showing_it(
+    compose: dict[str, Any], dot_env: dict[str, str]
+) -> None:
+    redis = compose["services"]["redis"]
+    password = dot_env["REDIS_PASSWORD"]
+    assert redis["environment"] == {"REDIS_PASSWORD": password, "REDISCLI_AUTH": password}
+    # The command holds the variable's name only: the shell reads the value at start.
+    script = redis["command"][-1]
+    assert redis["command"][:2] == ["sh", "-c"] and password not in script
+    assert "requirepass ${REDIS_PASSWORD}" in script
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "-e", "ping"]
+
+
+def test_ports_are_published_on_loopback_unless_told_otherwise(compose: dict[str, Any]) -> None:
+    raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    published = []
+    for name, service in raw["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), f"{name}: write ports as HOST_IP:HOST_PORT:PORT"
+            assert port.startswith("${PARLEY_BIND_ADDRESS:-127.0.0.1}:"), f"{name}: {port}"
+        for port in compose["services"][name].get("ports", []):
+            host_ip, host_port, container_port = port.split(":")
+            assert host_ip == "127.0.0.1", f"{name}: {port}"
+            published.append(name)
+    # user, chat-1 and chat-2 (gRPC and metrics each) and Prometheus.
+    assert sorted(published) == sorted(["user", "chat-1", "chat-2"] * 2 + ["prometheus"])
+    everywhere = _interpolate(raw, _read_env(ENV_EXAMPLE) | dict.fromkeys(SECRETS, "x")
+                              | {"PARLEY_BIND_ADDRESS": "0.0.0.0"})  # fmt: skip
+    assert all(port.startswith("0.0.0.0:") for port in everywhere["services"]["user"]["ports"])
 
 
 def test_each_service_starts_after_its_own_migrations_and_healthy_stores(
@@ -214,3 +319,33 @@ def test_prometheus_scrapes_every_metrics_port(compose: dict[str, Any]) -> None:
     expected = {f"{name}:{settings.server.metrics_port}"
                 for name, (_, settings, _) in _serving(compose).items()}  # fmt: skip
     assert targets == expected
+
+
+def test_the_redis_command_requires_the_password_when_run(
+    deploy: Any, compose: dict[str, Any], tmp_path: Path
+) -> None:
+    redis = compose["services"]["redis"]
+    password = redis["environment"]["REDIS_PASSWORD"]
+    with deploy.run_redis_command(redis["command"], redis["environment"], tmp_path) as run:
+        assert password not in run.cmdline()
+        assert "NOAUTH" in run.cli("ping", REDISCLI_AUTH=None).stdout
+        # The health check as compose runs it, in the container's environment.
+        program, *args = redis["healthcheck"]["test"][1:]
+        assert program == "redis-cli"
+        assert run.cli(*args).stdout.strip() == "PONG"
+        assert run.cli(*args, REDISCLI_AUTH="not-" + password).returncode != 0
+        assert run.cli("-e", "ping", REDISCLI_AUTH=None).returncode != 0
+
+
+def test_the_redis_command_refuses_a_password_unfit_for_a_url(
+    deploy: Any, compose: dict[str, Any], tmp_path: Path
+) -> None:
+    redis = compose["services"]["redis"]
+    env, _ = deploy.redis_command_env(tmp_path)
+    unfit = "with space#" + secrets.token_urlsafe(8)
+    bad = {**redis["environment"], "REDIS_PASSWORD": unfit}
+    result = subprocess.run(
+        redis["command"], env={**env, **bad}, capture_output=True, text=True, timeout=10
+    )
+    assert result.returncode == 1
+    assert "REDIS_PASSWORD: use only A-Z a-z 0-9 . _ ~ -" in result.stderr

@@ -124,7 +124,12 @@ def test_monitoring_objects_need_the_prometheus_operator_api(deploy: Any, helm: 
 BAD_VALUES = {
     "string replica count": ["--set-string", "user.replicaCount=two"],
     "unknown top-level key": ["--set", "replicas=3"],
-    "unknown nested key": ["--set", "chat.image.digest=sha256"],
+    "unknown nested key": ["--set", "chat.image.sha=abc"],
+    "short image digest": ["--set", "user.image.digest=sha256:abc"],
+    "digest without its algorithm": ["--set", "redis.image.digest=" + "a" * 64],
+    "upper-case digest": ["--set", "postgresql.image.digest=sha256:" + "A" * 64],
+    "empty Redis tag": ["--set", "redis.image.tag="],
+    "bad Redis password Secret name": ["--set", "redis.auth.existingSecret=Not_A_Name"],
     "negative port": ["--set", "chat.ports.grpc=-1"],
     "port above 65535": ["--set", "user.ports.metrics=70000"],
     "bad pull policy": ["--set", "user.image.pullPolicy=Sometimes"],

@@ -8,6 +8,7 @@ queries from the chart rendered with the monitoring variant.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ def exported_metrics() -> set[str]:
     env = Env(
         {
             "PARLEY_DATABASE_URL": "postgresql://parley@127.0.0.1:5432/parley",
-            "PARLEY_JWT_SECRET": "a-secret-only-for-listing-metrics-" + "x" * 8,
+            "PARLEY_JWT_SECRET": secrets.token_urlsafe(32),
             "PARLEY_REDIS_URL": "redis://127.0.0.1:6379/0",
             # Creating a server binds its gRPC port: any free one will do.
             "PARLEY_GRPC_HOST": "127.0.0.1",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import secrets
 import sys
 import time
 import urllib.request
@@ -33,7 +34,7 @@ from parley.chassis import (
 )
 from parley.proto import user_pb2, user_pb2_grpc
 
-JWT_SECRET = "chassis-test-secret-" + "k" * 32
+JWT_SECRET = secrets.token_urlsafe(32)  # generated: a literal one would be a published secret
 USER_SERVICE = user_pb2.DESCRIPTOR.services_by_name["UserService"]
 
 Context = grpc.aio.ServicerContext[Any, Any]

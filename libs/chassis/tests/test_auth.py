@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,7 +60,7 @@ def _with_signature_of(token: str, other: str) -> str:
 
 
 REJECTED_TOKENS: list[tuple[str, dict[str, Any], str]] = [
-    ("forged signature", {"key": "another-secret-that-is-long-enough-0123"}, "signature"),
+    ("forged signature", {"key": secrets.token_urlsafe(32)}, "signature"),
     ("expired beyond leeway", {"ttl": -120}, "expired"),
     ("nbf in the future", {"nbf": int(time.time()) + 3600}, "not valid yet"),
     ("wrong iss", {"iss": "someone-else"}, "iss"),

@@ -15,7 +15,7 @@ PARLEY_USER = Path(sys.executable).parent / "parley-user"
 
 GOOD = {
     "PARLEY_DATABASE_URL": "postgresql://parley@127.0.0.1:1/parley",
-    "PARLEY_JWT_SECRET": "s" * 32,
+    "PARLEY_JWT_SECRET": os.urandom(32).hex(),
     "PARLEY_GRPC_HOST": "127.0.0.1",
     "PARLEY_GRPC_PORT": "0",
     "PARLEY_METRICS_HOST": "127.0.0.1",

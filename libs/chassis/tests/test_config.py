@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import jwt
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env, ServerSettings
 
-SECRET = "s" * 32
+SECRET = secrets.token_urlsafe(32)
 DB_URL = "postgresql://parley@127.0.0.1:5432/parley"
 
 
@@ -262,8 +263,12 @@ def test_short_secret() -> None:
 
 
 def test_secret_length_counts_bytes() -> None:
-    # 11 three-byte characters are 33 bytes.
-    assert AuthSettings.from_env(Env({"PARLEY_JWT_SECRET": "\u20ac" * 11})).secret == "\u20ac" * 11
+    # 11 three-byte characters (CJK ideographs) are 33 bytes; 10 are too few.
+    secret = "".join(chr(0x4E00 + secrets.randbelow(0x5000)) for _ in range(11))
+    assert AuthSettings.from_env(Env({"PARLEY_JWT_SECRET": secret})).secret == secret
+    with pytest.raises(ConfigError) as info:
+        AuthSettings.from_env(Env({"PARLEY_JWT_SECRET": secret[:10]}))
+    assert_one_line_error(info.value, "PARLEY_JWT_SECRET", "32 bytes")
 
 
 @pytest.mark.parametrize(

@@ -196,7 +196,7 @@ def test_serve_with_an_unreadable_key_exits_with_one_line(pki: Pki, tmp_path: Pa
     environ.update(
         {
             "PARLEY_DATABASE_URL": "postgresql://parley@127.0.0.1:1/parley",
-            "PARLEY_JWT_SECRET": "s" * 32,
+            "PARLEY_JWT_SECRET": os.urandom(32).hex(),
             "PARLEY_GRPC_HOST": "127.0.0.1",
             "PARLEY_GRPC_PORT": "0",
             "PARLEY_METRICS_HOST": "127.0.0.1",

@@ -98,11 +98,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-An image reference from {repository, tag}; an empty tag means the chart's appVersion.
-Call with (dict "root" $ "image" .Values.user.image).
+The reference of every image the chart runs, from {repository, tag, digest}: with a digest
+it is repository@digest and the tag is ignored; else repository:tag, where an empty tag
+means the chart's appVersion. Call with (dict "root" $ "image" .Values.user.image).
 */}}
 {{- define "parley.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
 {{- printf "%s:%s" .image.repository (.image.tag | default .root.Chart.AppVersion | toString) }}
+{{- end }}
 {{- end }}
 
 {{- define "parley.serviceAccountName" -}}
@@ -160,6 +165,39 @@ The Postgres address the services use: the in-chart StatefulSet when it is enabl
 
 {{- define "parley.redis.host" -}}
 {{- printf "%s.%s.svc.%s" (include "parley.redis.fullname" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{/*
+The secretKeyRef (name and key) of the in-chart Redis's password: redis.auth.existingSecret,
+else the release's Secret (the chart's own or secret.existingSecret) under
+secret.keys.redisPassword.
+*/}}
+{{- define "parley.redis.passwordRef" -}}
+{{- if .Values.redis.auth.existingSecret -}}
+name: {{ .Values.redis.auth.existingSecret }}
+key: {{ .Values.redis.auth.existingSecretPasswordKey }}
+{{- else -}}
+name: {{ include "parley.secretName" . }}
+key: {{ .Values.secret.keys.redisPassword }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chat's PARLEY_REDIS_URL for the in-chart Redis: the kubelet puts the password into the URL
+from REDIS_PASSWORD, so no manifest holds it. Without the in-chart Redis the URL is a key
+of the release's Secret.
+*/}}
+{{- define "parley.chat.redisEnv" -}}
+{{- if .Values.redis.enabled -}}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      {{- include "parley.redis.passwordRef" . | nindent 6 }}
+- name: PARLEY_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "parley.redis.host" .) | quote }}
+{{- else -}}
+{{ include "parley.secretEnv" (dict "root" . "env" "PARLEY_REDIS_URL" "key" "redisUrl") }}
+{{- end }}
 {{- end }}
 
 {{/*

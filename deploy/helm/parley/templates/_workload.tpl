@@ -5,6 +5,7 @@ The pieces UserService and ChatService share. Each is called with a dict:
   values:      .Values.user or .Values.chat
   healthName:  the readiness service name, e.g. "user.UserService"
   secretEnv:   list of [ENV_NAME, key of .Values.secret.keys] pairs the container reads
+  env:         further env entries of the container, as YAML (optional)
   config:      the rendered ConfigMap data (its checksum rolls the pods when it changes)
 */}}
 
@@ -177,6 +178,9 @@ spec:
           env:
             {{- range .secretEnv }}
             {{- include "parley.secretEnv" (dict "root" $root "env" (index . 0) "key" (index . 1)) | nindent 12 }}
+            {{- end }}
+            {{- with .env }}
+            {{- . | nindent 12 }}
             {{- end }}
             {{- with $v.extraEnv }}
             {{- toYaml . | nindent 12 }}

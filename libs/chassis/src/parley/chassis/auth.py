@@ -17,6 +17,7 @@ import jwt
 from parley.chassis._handlers import CallScope, WrappedHandlers, wrap_handler
 from parley.chassis.config import ConfigError, Env
 from parley.chassis.errors import PermissionDenied, Unauthenticated
+from parley.chassis.sample_secrets import SAMPLE_SECRET_PROBLEM, is_sample_secret
 
 __all__ = [
     "PUBLIC_SERVICES",
@@ -100,6 +101,8 @@ class AuthSettings:
             secret = env.string("PARLEY_JWT_SECRET")
             if len(secret.encode()) < 32:
                 raise ConfigError("PARLEY_JWT_SECRET", "must be at least 32 bytes long for HS256")
+            if is_sample_secret(secret):
+                raise ConfigError("PARLEY_JWT_SECRET", SAMPLE_SECRET_PROBLEM)
             return cls(secret=secret, **common)
         key_file = env.optional("PARLEY_JWT_PUBLIC_KEY_FILE")
         jwks_file = env.optional("PARLEY_JWT_JWKS_FILE")

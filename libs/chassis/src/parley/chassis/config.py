@@ -7,6 +7,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from parley.chassis.sample_secrets import SAMPLE_PASSWORD_PROBLEM, has_sample_password
+
 __all__ = [
     "ConfigError",
     "DatabaseSettings",
@@ -239,6 +241,8 @@ class DatabaseSettings:
                 "PARLEY_DATABASE_URL",
                 "must be a postgresql:// URL or a libpq key=value string",
             )
+        if has_sample_password(url):
+            raise ConfigError("PARLEY_DATABASE_URL", SAMPLE_PASSWORD_PROBLEM)
         pool_min = env.integer("PARLEY_DB_POOL_MIN", 1, minimum=0, maximum=1000)
         pool_max = env.integer("PARLEY_DB_POOL_MAX", 10, minimum=1, maximum=1000)
         if pool_max < pool_min:
