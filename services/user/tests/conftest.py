@@ -32,7 +32,7 @@ from parley.testing import (
 from parley.user_service import UserSettings, create_server
 from parley.user_service.migrations import apply_migrations
 
-JWT_SECRET = "test-secret-" + "s" * 32
+JWT_SECRET = os.urandom(32).hex()
 
 
 def make_token(sub: str = "1", scope: str = "users:write", ttl: float = 600, **claims: Any) -> str:

@@ -1,10 +1,12 @@
-"""ImportUsers: per-row results, all-or-nothing on cancellation, and the error list limit."""
+"""ImportUsers: per-row results, all-or-nothing on cancellation, the error list limit, and no
+pooled connection held while the client is sending."""
 
 from __future__ import annotations
 
 import asyncio
 
 import grpc
+import psycopg
 import pytest
 
 from parley.proto import user_pb2
@@ -93,19 +95,67 @@ async def test_the_error_list_stops_at_1000_but_failures_are_all_counted(stub, a
     assert await stored(pg) == [("Last", "last@example.com", 30)]
 
 
-async def _stream_until_rows_are_written(stub, auth, pg, wait_for, **call_options):
-    """Starts an import, writes rows, and returns once the server holds them uncommitted."""
-    call = stub.ImportUsers(metadata=auth, **call_options)
+async def test_invalid_and_taken_rows_are_listed_together_in_row_order(stub, auth, pg):
+    await pg.execute(
+        "INSERT INTO users (name, email, age)"
+        " SELECT 'Holder', 'taken' || g || '@example.com', 1 FROM generate_series(0, 599) AS g"
+    )
+    # Even rows have a taken email, odd rows a bad age: 1,200 failures, then one good row.
+    rows = [
+        row("Taken", f"TAKEN{i // 2}@example.com") if i % 2 == 0 else row(age=-1)
+        for i in range(1200)
+    ]
+    rows.append(row("Last", "last@example.com"))
+
+    response = await stub.ImportUsers(iter(rows), metadata=auth)
+
+    assert (response.created_count, response.failed_count) == (1, 1200)
+    assert [(e.index, e.code) for e in response.errors] == [
+        (i, "ALREADY_EXISTS" if i % 2 == 0 else "INVALID_ARGUMENT") for i in range(1000)
+    ]
+    assert (
+        response.errors[0].field == "email" and "TAKEN0@example.com" in response.errors[0].message
+    )
+    assert response.errors[1].field == "age"
+    cur = await pg.execute("SELECT email FROM users WHERE name <> 'Holder'")
+    assert await cur.fetchall() == [("last@example.com",)]
+
+
+def _import_messages_received(server) -> float:
+    return (
+        server.metrics.registry.get_sample_value(
+            "grpc_server_msg_received_total",
+            {
+                "grpc_type": "client_stream",
+                "grpc_service": "user.UserService",
+                "grpc_method": "ImportUsers",
+            },
+        )
+        or 0.0
+    )
+
+
+async def _stream_until_rows_are_received(stub, auth, pg, wait_for, server, pool, **options):
+    """Starts an import, writes rows, and returns once the server has received them all.
+
+    While the client has not finished sending, the server holds no connection for it: no
+    transaction is open and every pooled connection is idle.
+    """
+    received = _import_messages_received(server)
+    call = stub.ImportUsers(metadata=auth, **options)
     for i in range(5):
         await call.write(row(f"User {i}", f"user{i}@example.com"))
 
-    async def server_inserted() -> bool:
-        cur = await pg.execute(OPEN_TRANSACTION)
-        (count,) = await cur.fetchone()
-        return count == 1
-
-    await wait_for(server_inserted, 10, "the import's transaction to hold rows")
-    assert await stored(pg) == []  # not visible before commit
+    await wait_for(
+        lambda: _import_messages_received(server) == received + 5,
+        10,
+        "the server to receive the import's rows",
+    )
+    assert await _transaction_gone(pg)
+    # Health checks borrow a connection now and then; none stays lent while the client sends.
+    await wait_for(lambda: _pool_settled(pool, server), 10, "every pooled connection idle")
+    assert await _transaction_gone(pg)
+    assert await stored(pg) == []
     return call
 
 
@@ -115,20 +165,20 @@ async def _transaction_gone(pg) -> bool:
     return count == 0
 
 
+async def _pool_settled(pool, server) -> bool:
+    stats = pool(server)
+    return stats["idle"] == stats["size"] and stats["waiting"] == 0
+
+
 async def test_a_cancelled_import_stores_nothing(stub, auth, pg, wait_for, server, pool):
-    call = await _stream_until_rows_are_written(stub, auth, pg, wait_for)
+    call = await _stream_until_rows_are_received(stub, auth, pg, wait_for, server, pool)
 
     assert call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
 
-    await wait_for(lambda: _transaction_gone(pg), 10, "the import's transaction to end")
     assert await stored(pg) == []
-    await wait_for(
-        lambda: (s := pool(server))["idle"] == s["size"] and s["waiting"] == 0,
-        10,
-        "every pooled connection to be returned",
-    )
+    await wait_for(lambda: _pool_settled(pool, server), 10, "every pooled connection idle")
     # The same emails are free and the service still imports.
     response = await stub.ImportUsers(
         iter([row(f"User {i}", f"user{i}@example.com") for i in range(5)]), metadata=auth
@@ -137,8 +187,10 @@ async def test_a_cancelled_import_stores_nothing(stub, auth, pg, wait_for, serve
     assert len(await stored(pg)) == 5
 
 
-async def test_an_import_past_its_deadline_stores_nothing(stub, auth, pg, wait_for):
-    call = await _stream_until_rows_are_written(stub, auth, pg, wait_for, timeout=1.0)
+async def test_an_import_past_its_deadline_stores_nothing(stub, auth, pg, wait_for, server, pool):
+    call = await _stream_until_rows_are_received(
+        stub, auth, pg, wait_for, server, pool, timeout=1.0
+    )
 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
@@ -146,3 +198,45 @@ async def test_an_import_past_its_deadline_stores_nothing(stub, auth, pg, wait_f
 
     await wait_for(lambda: _transaction_gone(pg), 10, "the import's transaction to end")
     assert await stored(pg) == []
+
+
+BLOCKED_INSERT = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'parley-user'
+  AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO users%%'
+"""
+
+
+@pytest.mark.parametrize("ending", ["cancel", "deadline"])
+async def test_an_import_cut_short_while_storing_stores_nothing(
+    stub, auth, pg, database, wait_for, server, pool, ending
+):
+    """The client has sent every row; the call ends while the rows are being inserted."""
+    # An uncommitted row with the email of the import's last row makes its insert wait.
+    async with await psycopg.AsyncConnection.connect(database) as locker:
+        await locker.execute(
+            "INSERT INTO users (name, email, age) VALUES ('Holder', 'user2@example.com', 1)"
+        )
+        rows = [row(f"User {i}", f"user{i}@example.com") for i in range(3)]
+        timeout = 2.0 if ending == "deadline" else None
+        call = stub.ImportUsers(iter(rows), metadata=auth, timeout=timeout)
+
+        async def insert_blocked() -> bool:
+            cur = await pg.execute(BLOCKED_INSERT)
+            (count,) = await cur.fetchone()
+            return count == 1
+
+        await wait_for(insert_blocked, 10, "the import's insert to wait on the lock")
+        if ending == "cancel":
+            assert call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_for(lambda: _transaction_gone(pg), 10, "the import's transaction to end")
+        await locker.rollback()
+
+    assert await stored(pg) == []
+    await wait_for(lambda: _pool_settled(pool, server), 10, "every pooled connection idle")

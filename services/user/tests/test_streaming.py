@@ -1,4 +1,5 @@
-"""ListUsers streams rows as it reads them; a client that stops early frees the connection."""
+"""ListUsers reads a whole page, returns the connection to the pool, then streams the page: a
+client that reads slowly, stops reading or cancels holds no pooled connection."""
 
 from __future__ import annotations
 
@@ -80,3 +81,35 @@ async def test_many_abandoned_streams_do_not_exhaust_the_pool(
             async for u in stub.ListUsers(user_pb2.ListUsersRequest(page_size=1000), metadata=auth)
         ]
         assert len(users) == 1000
+
+
+async def test_a_stream_that_is_never_read_holds_no_connection(
+    start_server, database, auth, pg, bulk_insert, pool, wait_for
+):
+    # A pool of one connection: a stream holding it would make every other call wait.
+    server = await start_server(
+        database, PARLEY_DB_POOL_MIN="1", PARLEY_DB_POOL_MAX="1", PARLEY_DB_POOL_TIMEOUT="2s"
+    )
+    await bulk_insert(pg, 1500)
+    # No BDP probing and a 1 KiB window: the server can send a few users, then must wait.
+    reader_options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    target = f"127.0.0.1:{server.port}"
+    async with (
+        grpc.aio.insecure_channel(target, options=reader_options) as stalled_channel,
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        stalled = user_pb2_grpc.UserServiceStub(stalled_channel).ListUsers(
+            user_pb2.ListUsersRequest(page_size=1000), metadata=auth
+        )
+        first = await stalled.read()
+        await wait_for(lambda: pool_settled(pool, server), 5, "the connection to return")
+
+        stub = user_pb2_grpc.UserServiceStub(channel)
+        for _ in range(3):
+            got = await stub.GetUser(user_pb2.GetUserRequest(id=first.id), metadata=auth, timeout=1)
+            assert got.user == first
+        # The stalled stream still delivers its whole page, in order, when read at last.
+        rest = []
+        while (user := await stalled.read()) is not grpc.aio.EOF:
+            rest.append(user)
+        assert [u.id for u in [first, *rest]] == list(range(first.id, first.id + 1000))

@@ -203,6 +203,11 @@ BAD_CREATES = [
     ("x" * 101, "a@example.com", 30, "name"),
     ("bell\x07", "a@example.com", 30, "name"),
     ("nul\x00", "a@example.com", 30, "name"),
+    ("del\x7f", "a@example.com", 30, "name"),
+    ("c1 \x80 start", "a@example.com", 30, "name"),
+    ("c1 \x9f end", "a@example.com", 30, "name"),
+    ("next\x85line inside", "a@example.com", 30, "name"),
+    ("\x1b[31mred", "a@example.com", 30, "name"),
     ("Ada", "", 30, "email"),
     ("Ada", "   ", 30, "email"),
     ("Ada", "plainaddress", 30, "email"),
@@ -212,6 +217,9 @@ BAD_CREATES = [
     ("Ada", "ada lovelace@example.com", 30, "email"),
     ("Ada", "ada@example.", 30, "email"),
     ("Ada", "ada@example.com\x00", 30, "email"),
+    ("Ada", "ad\x7fa@example.com", 30, "email"),
+    ("Ada", "ada\x80@example.com", 30, "email"),
+    ("Ada", "ada@exa\x9fmple.com", 30, "email"),
     ("Ada", "a" * 243 + "@example.com", 30, "email"),
     ("Ada", "a@example.com", -1, "age"),
     ("Ada", "a@example.com", 151, "age"),
@@ -231,6 +239,31 @@ async def test_create_user_rejects_each_bad_field(stub, auth, details, pg, subte
             assert found.violations[0][1]
             assert f"{field}:" in found.message
     assert await row_count(pg) == 0
+
+
+CONTROL_CHARACTERS = ["\x00", "\x01", "\x1b", "\x7f", "\x80", "\x85", "\x9b", "\x9f"]
+
+
+async def test_control_characters_anywhere_inside_are_named_as_the_problem(
+    stub, auth, details, pg, subtests
+):
+    for char in CONTROL_CHARACTERS:
+        for field, request in (
+            ("name", user_pb2.CreateUserRequest(name=f"A{char}da", email="a@example.com")),
+            ("email", user_pb2.CreateUserRequest(name="Ada", email=f"a{char}da@example.com")),
+        ):
+            with subtests.test(field=field, char=hex(ord(char))):
+                found = details(await failure(stub.CreateUser(request, metadata=auth)))
+                assert found.code == INVALID
+                assert found.violations == [(field, "must not contain control characters")]
+    assert await row_count(pg) == 0
+
+
+async def test_white_space_controls_around_a_value_are_trimmed(stub, auth):
+    # Trimming removes white space at both ends, which includes the controls that Python's
+    # str.strip() counts as white space (\t \n \v \f \r, \x1c-\x1f and \x85).
+    user = await create(stub, auth, name="\x85\x1fAda\t\x1c", email="\x1d ada@example.com\x85")
+    assert (user.name, user.email) == ("Ada", "ada@example.com")
 
 
 async def test_create_user_reports_every_bad_field_once(stub, auth, details, pg):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import re
 from dataclasses import dataclass
 
 from parley.chassis import FieldViolation, InvalidArgument
@@ -12,6 +12,7 @@ from parley.chassis import FieldViolation, InvalidArgument
 __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
+    "MAX_PAGE_TOKEN_LENGTH",
     "NEXT_PAGE_TOKEN_KEY",
     "Page",
     "encode_token",
@@ -21,7 +22,15 @@ __all__ = [
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
+# ListUsers issues tokens of 35 characters at most; a text over this length is refused unread.
+MAX_PAGE_TOKEN_LENGTH = 64
 _TOKEN_VERSION = 1
+_MAX_ID = 2**31 - 1
+
+# A token is unpadded URL-safe base64 of `{"v":1,"after":<id>}`, the compact JSON that every
+# version so far has issued. It is matched as exactly that text, never handed to a JSON parser.
+_TOKEN_TEXT = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+_PAYLOAD = re.compile(rb'\{"v":(\d{1,3}),"after":(0|[1-9]\d{0,9})\}')
 
 
 @dataclass(frozen=True)
@@ -34,26 +43,32 @@ class Page:
 
 
 def encode_token(after_id: int) -> str:
-    payload = json.dumps({"v": _TOKEN_VERSION, "after": after_id}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+    payload = f'{{"v":{_TOKEN_VERSION},"after":{after_id}}}'.encode()
+    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+
+def _invalid_token(description: str) -> InvalidArgument:
+    return InvalidArgument([FieldViolation("page_token", description)], reason="INVALID_PAGE_TOKEN")
 
 
 def _decode_token(token: str) -> int:
-    bad = InvalidArgument(
-        [FieldViolation("page_token", "is not a token returned by ListUsers")],
-        reason="INVALID_PAGE_TOKEN",
-    )
+    """The user id a token continues after; INVALID_ARGUMENT for any text ListUsers never issued."""
+    if len(token) > MAX_PAGE_TOKEN_LENGTH:
+        raise _invalid_token(
+            f"is not a token returned by ListUsers (those are at most "
+            f"{MAX_PAGE_TOKEN_LENGTH} characters, got {len(token)})"
+        )
+    if not _TOKEN_TEXT.fullmatch(token):
+        raise _invalid_token("is not a token returned by ListUsers (not URL-safe base64)")
+    unpadded = token.rstrip("=")
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        payload = json.loads(raw)
+        payload = base64.urlsafe_b64decode(unpadded + "=" * (-len(unpadded) % 4))
     except (binascii.Error, ValueError):
-        raise bad from None
-    if not isinstance(payload, dict) or payload.get("v") != _TOKEN_VERSION:
-        raise bad
-    after = payload.get("after")
-    if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after < 2**31:
-        raise bad
-    return after
+        raise _invalid_token("is not a token returned by ListUsers (not URL-safe base64)") from None
+    match = _PAYLOAD.fullmatch(payload)
+    if match is None or int(match[1]) != _TOKEN_VERSION or int(match[2]) > _MAX_ID:
+        raise _invalid_token("is not a token returned by ListUsers")
+    return int(match[2])
 
 
 def resolve_page(page: int, page_size: int, page_token: str) -> Page:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier
 from parley.proto import user_pb2, user_pb2_grpc
 
+from .importing import IMPORT_LIMITS
 from .migrations import MIGRATIONS
 from .servicer import UserServicer
 from .settings import UserSettings
@@ -29,7 +30,10 @@ def create_server(settings: UserSettings) -> GrpcApp:
         verifier=TokenVerifier(settings.auth),
         checks=[DependencyCheck("postgres", postgres_ready)],
     )
-    user_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(UserStore(db)), app.server)
+    user_pb2_grpc.add_UserServiceServicer_to_server(
+        UserServicer(UserStore(db), settings.imports), app.server
+    )
+    app.metrics.initialize_limits(IMPORT_LIMITS)
     db.register_metrics(app.metrics.registry)
     app.on_start(db.open)
     app.on_stop(db.close)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,14 +17,15 @@ from parley.chassis import (
 )
 from parley.proto import user_pb2, user_pb2_grpc
 
+from .importing import MAX_IMPORT_ERRORS, RowErrors, receive_rows
 from .paging import NEXT_PAGE_TOKEN_KEY, encode_token, resolve_page
-from .store import UPDATABLE_FIELDS, UserStore
+from .settings import ImportLimits
+from .store import UPDATABLE_FIELDS, NewUser, UserStore
 from .validation import age_problem, check, email_problem, id_problem, name_problem
 
 __all__ = ["MAX_IMPORT_ERRORS", "WRITE_SCOPE", "UserServicer"]
 
 WRITE_SCOPE = "users:write"
-MAX_IMPORT_ERRORS = 1000
 # How long a finished import waits for a cancellation that gRPC has not delivered yet.
 _CANCELLATION_GRACE = 0.02
 
@@ -34,7 +34,7 @@ _log = logging.getLogger("parley.user")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _validated_create(request: user_pb2.CreateUserRequest) -> tuple[str, str, int]:
+def _validated_create(request: user_pb2.CreateUserRequest) -> NewUser:
     check(
         ("name", name_problem(request.name)),
         ("email", email_problem(request.email)),
@@ -46,8 +46,9 @@ def _validated_create(request: user_pb2.CreateUserRequest) -> tuple[str, str, in
 class UserServicer(user_pb2_grpc.UserServiceServicer):
     """Validates requests, checks scopes, and leaves storage to UserStore."""
 
-    def __init__(self, store: UserStore) -> None:
+    def __init__(self, store: UserStore, import_limits: ImportLimits) -> None:
         self._store = store
+        self._import_limits = import_limits
 
     async def GetUser(
         self, request: user_pb2.GetUserRequest, context: Context
@@ -60,19 +61,14 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         self, request: user_pb2.ListUsersRequest, context: Context
     ) -> AsyncIterator[user_pb2.User]:
         page = resolve_page(request.page, request.page_size, request.page_token)
-        sent = 0
+        # The whole page is read before the first user is sent: no pooled connection waits
+        # on a client that reads slowly, or not at all.
+        users = await self._store.list_page(page, timeout=context.time_remaining())
         last_id = 0
-        more = False
-        rows = self._store.stream(page, timeout=context.time_remaining())
-        async with contextlib.aclosing(rows):
-            async for user in rows:
-                if sent == page.size:
-                    more = True
-                    break
-                yield user
-                sent += 1
-                last_id = user.id
-        next_token = encode_token(last_id) if more else ""
+        for user in users:
+            yield user
+            last_id = user.id
+        next_token = encode_token(last_id) if users.more else ""
         context.set_trailing_metadata(((NEXT_PAGE_TOKEN_KEY, next_token),))
 
     async def CreateUser(
@@ -105,21 +101,26 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         self, request_iterator: AsyncIterator[user_pb2.CreateUserRequest], context: Context
     ) -> user_pb2.ImportUsersResponse:
         require_scope(WRITE_SCOPE)
-        response = user_pb2.ImportUsersResponse()
-        async with self._store.importing(timeout=context.time_remaining()) as insert:
-            index = 0
-            async for request in request_iterator:
-                try:
-                    await insert(*_validated_create(request))
-                except ServiceError as error:
-                    response.failed_count += 1
-                    if len(response.errors) < MAX_IMPORT_ERRORS:
-                        response.errors.append(_import_error(index, error))
-                else:
-                    response.created_count += 1
-                index += 1
-            if response.created_count:
-                await _ensure_half_closed(context)
+        # Rows are validated as they arrive and kept in memory (at most PARLEY_IMPORT_MAX_ROWS);
+        # a connection is taken only once the client has sent them all.
+        received = await receive_rows(request_iterator, self._import_limits, _validated_create)
+        taken = RowErrors()
+        if received.users:
+            await _ensure_half_closed(context)
+            refusals = await self._store.insert_new(
+                received.users,
+                timeout=context.time_remaining(),
+                before_commit=lambda: _raise_if_cut_short(context),
+            )
+            for index, refusal in zip(received.indexes, refusals, strict=True):
+                if refusal is not None:
+                    taken.add(index, refusal)
+        errors = received.invalid.merged(taken)
+        response = user_pb2.ImportUsersResponse(
+            created_count=len(received.users) - taken.count,
+            failed_count=errors.count,
+            errors=[_import_error(index, error) for index, error in errors.kept],
+        )
         _log.info(
             "imported users: %d created, %d failed", response.created_count, response.failed_count
         )
@@ -131,12 +132,17 @@ async def _ensure_half_closed(context: Context) -> None:
 
     gRPC also ends the request stream when the call is cancelled or its deadline passes,
     and delivers the cancellation to the handler only a moment later (a few milliseconds
-    at most, even on a busy host). Awaited before the import commits, so that a call cut
-    short stores nothing.
+    at most, even on a busy host). Awaited before the import takes a connection, so that
+    a call cut short stores nothing; checked once more before the commit.
     """
     remaining = context.time_remaining()
     if remaining is None or remaining > 0:
         await asyncio.sleep(_CANCELLATION_GRACE)  # a cancellation arriving meanwhile raises here
+    await _raise_if_cut_short(context)
+
+
+async def _raise_if_cut_short(context: Context) -> None:
+    """Raises if the call was cancelled or its deadline has passed."""
     if context.cancelled():
         raise asyncio.CancelledError()
     remaining = context.time_remaining()

@@ -1,9 +1,12 @@
-"""SQL for users; every method maps database failures to domain errors through the pool."""
+"""SQL for users; every method maps database failures to domain errors through the pool.
+
+No method keeps a pooled connection while a client reads or sends: pages are read in full
+before they are streamed, and imports are stored only once every row has arrived.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,14 +18,11 @@ from parley.proto import user_pb2
 
 from .paging import Page
 
-__all__ = ["UPDATABLE_FIELDS", "RowInserter", "UserStore"]
+__all__ = ["UPDATABLE_FIELDS", "NewUser", "UserPage", "UserStore"]
 
 UPDATABLE_FIELDS = ("name", "email", "age")
-# Inserts one user inside an import; raises AlreadyExists when the email is taken.
-RowInserter = Callable[[str, str, int], Awaitable[None]]
-
-# Rows are fetched from Postgres in chunks of this many, so memory stays bounded on any page.
-_STREAM_CHUNK = 100
+# A validated user to insert: name, email, age.
+NewUser = tuple[str, str, int]
 
 _COLUMN_LIST = "id, name, email, age, create_time, update_time"
 _COLUMNS = sql.SQL(_COLUMN_LIST)
@@ -32,6 +32,11 @@ _GET = "SELECT " + _COLUMN_LIST + " FROM users WHERE id = %s"
 _PAGE_AFTER = "SELECT " + _COLUMN_LIST + " FROM users WHERE id > %s ORDER BY id LIMIT %s"
 _PAGE_OFFSET = "SELECT " + _COLUMN_LIST + " FROM users ORDER BY id LIMIT %s OFFSET %s"
 _INSERT = "INSERT INTO users (name, email, age) VALUES (%s, %s, %s) RETURNING " + _COLUMN_LIST
+# One import row: stored, or no row returned when its email is taken (by a stored user or
+# by an earlier row of the same import), without aborting the import's transaction.
+_INSERT_IF_FREE = (
+    "INSERT INTO users (name, email, age) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING id"
+)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -71,12 +76,11 @@ class UserStore:
             raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
         return _user(row)
 
-    async def stream(
-        self, page: Page, *, timeout: float | None
-    ) -> AsyncGenerator[user_pb2.User, None]:
-        """Yields up to `page.size + 1` users in id order; an extra one means more pages follow.
+    async def list_page(self, page: Page, *, timeout: float | None) -> UserPage:
+        """Up to `page.size` users in id order, and whether more follow.
 
-        Rows come from the server one at a time (single-row mode), never collected in memory.
+        The rows (at most MAX_PAGE_SIZE + 1) are read in full and the connection goes back
+        to the pool before the caller sends any of them, however slowly its client reads.
         """
         if page.after_id is not None:
             query = _PAGE_AFTER
@@ -84,9 +88,10 @@ class UserStore:
         else:
             query = _PAGE_OFFSET
             params = (page.size + 1, page.offset)
-        async with self._db.connection(timeout) as conn, conn.cursor() as cur:
-            async for row in cur.stream(query, params, size=_STREAM_CHUNK):
-                yield _user(row)
+        async with self._db.connection(timeout) as conn:
+            cur = await conn.execute(query, params, prepare=True)
+            rows = await cur.fetchall()
+        return UserPage(rows[: page.size], more=len(rows) > page.size)
 
     async def create(
         self, name: str, email: str, age: int, *, timeout: float | None
@@ -126,23 +131,39 @@ class UserStore:
         if row is None:
             raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
 
-    @asynccontextmanager
-    async def importing(self, *, timeout: float | None) -> AsyncIterator[RowInserter]:
-        """One transaction for a whole import, with a savepoint per row so bad rows are skipped.
+    async def insert_new(
+        self,
+        users: Sequence[NewUser],
+        *,
+        timeout: float | None,
+        before_commit: Callable[[], Awaitable[None]],
+    ) -> list[AlreadyExists | None]:
+        """Inserts `users` in order in one transaction; for each, None when it was stored, or
+        the error that refused it: its email was taken, by a stored user or an earlier row.
 
-        Leaving the block normally commits; leaving it by an exception (cancellation,
-        deadline, lost connection) rolls every row back.
+        All rows go to Postgres in one pipeline (psycopg's executemany), not a round trip
+        each. Nothing is stored unless `before_commit` returns: an exception from it, a
+        cancellation or a lost connection rolls every row back.
         """
         async with self._db.connection(timeout) as conn, conn.transaction():
+            async with conn.cursor() as cur:
+                await cur.executemany(_INSERT_IF_FREE, users, returning=True)
+                stored = [result.rowcount == 1 async for result in cur.results()]
+            await before_commit()
+        return [
+            None if ok else _email_taken(email)
+            for ok, (_, email, _) in zip(stored, users, strict=True)
+        ]
 
-            async def insert(name: str, email: str, age: int) -> None:
-                try:
-                    async with conn.transaction():
-                        await conn.execute(
-                            "INSERT INTO users (name, email, age) VALUES (%s, %s, %s)",
-                            (name, email, age),
-                        )
-                except pg_errors.UniqueViolation:
-                    raise _email_taken(email) from None
 
-            yield insert
+class UserPage:
+    """One page of users read from Postgres; each User is built as the page is iterated."""
+
+    __slots__ = ("_rows", "more")
+
+    def __init__(self, rows: list[tuple[Any, ...]], *, more: bool) -> None:
+        self._rows = rows
+        self.more = more
+
+    def __iter__(self) -> Iterator[user_pb2.User]:
+        return map(_user, self._rows)

@@ -27,6 +27,7 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
 
 
 def _has_control_characters(text: str) -> bool:
+    """C0 and C1 controls and DEL (category Cc), or a lone surrogate (Cs)."""
     return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
 
 
@@ -51,7 +52,9 @@ def email_problem(value: str) -> str | None:
         return "must not be empty"
     if len(email) > MAX_EMAIL_LENGTH:
         return f"must be at most {MAX_EMAIL_LENGTH} characters, got {len(email)}"
-    if _has_control_characters(email) or not _EMAIL.match(email):
+    if _has_control_characters(email):
+        return "must not contain control characters"
+    if not _EMAIL.match(email):
         return "must be an email address such as ada@example.com"
     return None
 
