@@ -18,7 +18,7 @@ from parley.chassis import (
 from parley.proto import user_pb2, user_pb2_grpc
 
 from .importing import MAX_IMPORT_ERRORS, RowErrors, receive_rows
-from .paging import NEXT_PAGE_TOKEN_KEY, encode_token, resolve_page
+from .paging import NEXT_PAGE_TOKEN_KEY, Page, encode_token, resolve_page
 from .settings import ImportLimits
 from .store import UPDATABLE_FIELDS, NewUser, UserStore
 from .validation import age_problem, check, email_problem, id_problem, name_problem
@@ -26,6 +26,8 @@ from .validation import age_problem, check, email_problem, id_problem, name_prob
 __all__ = ["MAX_IMPORT_ERRORS", "WRITE_SCOPE", "UserServicer"]
 
 WRITE_SCOPE = "users:write"
+# ListUsers reads a page from Postgres this many users at a time.
+LIST_CHUNK = 100
 # How long a finished import waits for a cancellation that gRPC has not delivered yet.
 _CANCELLATION_GRACE = 0.02
 
@@ -61,13 +63,22 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         self, request: user_pb2.ListUsersRequest, context: Context
     ) -> AsyncIterator[user_pb2.User]:
         page = resolve_page(request.page, request.page_size, request.page_token)
-        # The whole page is read before the first user is sent: no pooled connection waits
-        # on a client that reads slowly, or not at all.
-        users = await self._store.list_page(page, timeout=context.time_remaining())
+        # The page is read in chunks, each read in full and its connection returned before
+        # any of it is sent: no pooled connection waits on a client that reads slowly or not
+        # at all, and a stream whose client stalls holds one chunk in memory, not a page.
+        # The first chunk starts where the page does; the others follow it by id (keyset).
+        remaining = page.size
+        chunk = Page(size=min(remaining, LIST_CHUNK), after_id=page.after_id, offset=page.offset)
         last_id = 0
-        for user in users:
-            yield user
-            last_id = user.id
+        while True:
+            users = await self._store.list_page(chunk, timeout=context.time_remaining())
+            for user in users:
+                yield user
+                last_id = user.id
+            remaining -= chunk.size
+            if not users.more or remaining == 0:
+                break
+            chunk = Page(size=min(remaining, LIST_CHUNK), after_id=last_id, offset=0)
         next_token = encode_token(last_id) if users.more else ""
         context.set_trailing_metadata(((NEXT_PAGE_TOKEN_KEY, next_token),))
 
