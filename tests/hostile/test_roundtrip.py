@@ -27,7 +27,7 @@ NASTY = [
 ]
 CHAT_ONLY = [
     "  padded with spaces and a newline\n",
-    "line one\r\nline two\n\ttabbed",
+    "line one\nline two\n\ttabbed",
     "a\u2028b\u2029c",
     "😀" * 1024,  # exactly 4096 bytes
 ]

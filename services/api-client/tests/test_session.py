@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -264,3 +266,22 @@ async def test_a_refused_stream_ends_with_the_servers_status(
                 event.error.reported_code is grpc.StatusCode.INTERNAL
             )
             assert not masked, event
+
+
+async def test_a_user_over_the_stream_limit_fails_at_once(
+    stack: RunningStack, person: Callable[[str], Person], room: str
+) -> None:
+    """Unlike the send rate, the streams-per-user limit does not refill by waiting: the
+    session fails with it instead of retrying until it gives up."""
+    ada = person("Ada")
+    async with AsyncExitStack() as held, AsyncChatClient(stack.chat, token=ada.token) as chat:
+        for _ in range(16):  # PARLEY_CHAT_MAX_STREAMS_PER_USER's default, on this one replica
+            await held.enter_async_context(chat.session(room))
+        started = time.monotonic()
+        with pytest.raises(ResourceExhausted) as caught:
+            async with chat.session(room) as session:
+                async for _ in session:
+                    pass
+        assert caught.value.metadata.get("limit") == "chat_streams_per_user"
+        assert "PARLEY_CHAT_MAX_STREAMS_PER_USER=16" in caught.value.message
+        assert time.monotonic() - started < 10, "failed at once, not after retrying"

@@ -17,11 +17,13 @@ What the session does so that its caller does not have to:
 - Resends every message it sent whose echo (the server's acknowledgement, carrying the same
   `client_message_id`) has not come back, with its original id; the server stores and
   delivers a resent message once.
-- RESOURCE_EXHAUSTED (the stream sent faster than the server's rate limit): the server ends
-  the stream and drops the message over the limit. By default the session waits
-  `rate_limited_delay` (at least), reconnects and resends what was not acknowledged, so sending
-  slows down instead of losing messages. With `retry_rate_limited=False` the iterator raises
-  `ResourceExhausted` instead.
+- RESOURCE_EXHAUSTED with reason RATE_LIMITED (the user sent faster than the server's rate
+  limit): the server ends the stream and drops the message over the limit. By default the
+  session waits `rate_limited_delay` (at least), reconnects and resends what was not
+  acknowledged, so sending slows down instead of losing messages. With
+  `retry_rate_limited=False` the iterator raises `ResourceExhausted` instead. A replica that
+  holds all the streams it may (limit `streams_per_replica`) is left for the next address;
+  any other limit (the user's streams on a replica, calls on a connection) ends the session.
 - Any other error (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION,
   ...) ends the session: the iterator raises it as the typed `ParleyError` after the messages
   already received, and `send()` raises it too.
@@ -93,6 +95,9 @@ _RESUME_KEY = "x-chat-resume-after"
 # Errors a session reconnects after; the rest end it. CANCELLED and DEADLINE_EXCEEDED can only
 # come from the server side here (the session's stream has no deadline, and it cancels its
 # calls only when it is closed).
+# The ErrorInfo reason of the chat send rate, and the `limit` of a replica that is full.
+_RATE_LIMITED = "RATE_LIMITED"
+_REPLICA_FULL = "streams_per_replica"
 _RECONNECT_AFTER = (Unavailable, Cancelled, DeadlineExceeded)
 
 
@@ -467,7 +472,10 @@ class ChatSession:
             delay = self._policy.delay(attempt)
             if isinstance(error, ResourceExhausted):
                 delay = max(delay, self._policy.rate_limited_delay)
-            if isinstance(error, Unavailable):
+            if isinstance(error, Unavailable) or (
+                isinstance(error, ResourceExhausted)
+                and error.metadata.get("limit") == _REPLICA_FULL
+            ):
                 self._client._next_target()
             if not settle:
                 # A masked INTERNAL is no lost connection, only grpcio hiding the server's
@@ -555,7 +563,11 @@ class ChatSession:
         if _masked(error):
             return True
         if isinstance(error, ResourceExhausted):
-            return self._policy.retry_rate_limited
+            if error.metadata.get("limit") == _REPLICA_FULL:
+                return True  # another replica may have room: reconnect to the next address
+            # The send rate refills; any other limit (this user's streams, the connection's
+            # calls) stays exhausted however often the session retries.
+            return error.reason == _RATE_LIMITED and self._policy.retry_rate_limited
         return isinstance(error, _RECONNECT_AFTER)
 
     # --- Bookkeeping ---------------------------------------------------------------------
