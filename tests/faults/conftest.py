@@ -37,7 +37,7 @@ from parley.devstack.postgres import EmbeddedPostgres
 from parley.testing import RedisServer, free_port, health_status, make_token, wait_until
 from parley.user_service.migrations import apply_migrations
 
-JWT_SECRET = "faults-test-secret-" + "f" * 32
+JWT_SECRET = os.urandom(32).hex()
 BIN = Path(sys.executable).parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -32,7 +32,7 @@ from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
 from parley.testing import DatabaseFactory, bearer, free_port
 from parley.user_service.migrations import apply_migrations
 
-JWT_SECRET = "hostile-test-secret-" + "h" * 32
+JWT_SECRET = os.urandom(32).hex()
 MAX_MESSAGE_BYTES = 65536
 REDIS_URL = os.environ.get("PARLEY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 BIN = Path(sys.executable).parent

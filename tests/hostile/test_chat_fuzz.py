@@ -2,12 +2,15 @@
 
 Every call must end OK or with a code the README documents for it, never UNKNOWN or
 INTERNAL; what is stored must be exactly what the model of the call says, byte for byte;
-and what ListMessages returns must be the stored messages the request asked for.
+and what ListMessages returns must be the stored messages the request asked for. Texts carry
+any character, control characters included; metadata values (the room, the resume point, the
+request id, the token) are printable ASCII of any length; request bytes may hold invalid UTF-8.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -17,11 +20,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parley.proto import chat_pb2
-from parley.testing import bearer
+from parley.testing import bearer, rich_error
 
 MAX_TEXT_BYTES = 4096
 MAX_CLIENT_MESSAGE_ID = 64
+MAX_SEQUENCE = 2**63 - 1
 ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+DIGITS = re.compile(r"[0-9]+")
+# C0 and C1 controls and DEL, but tab and newline: a text holding one is INVALID_ARGUMENT.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# grpc's default metadata limits: over 8 KiB in all it refuses a call now and then, over 16 KiB
+# always, with RESOURCE_EXHAUSTED before any handler runs. A value up to this size never is.
+METADATA_ALWAYS_ACCEPTED = 7 * 1024
 
 
 def fuzz(examples: int) -> settings:
@@ -35,8 +45,36 @@ def fuzz(examples: int) -> settings:
 # Protobuf strings must be valid UTF-8, so no lone surrogates; NUL and other controls stay in.
 any_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
 long_text = st.integers(MAX_TEXT_BYTES - 2, MAX_TEXT_BYTES + 2).map(lambda n: "é" * (n // 2))
+# Texts dense with C0/C1 controls, DEL, tab and newline among other characters.
+controls = st.sampled_from([chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]])
+control_text = st.text(
+    st.one_of(controls, st.characters(exclude_categories=["Cs"])), min_size=1, max_size=12
+)
 # Metadata values: printable ASCII (gRPC refuses anything else on the client side).
 ascii_junk = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=80)
+printable = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+
+
+def _repeated(unit: str, length: int) -> str:
+    return (unit * (length // len(unit) + 1))[:length]
+
+
+# Printable ASCII of any length, from empty to well past grpc's 16 KiB metadata limit.
+any_length = st.builds(
+    _repeated,
+    st.text(printable, min_size=1, max_size=12),
+    st.one_of(st.integers(0, 80), st.integers(0, 70_000)),
+)
+# Resume points: numbers of any length (4,400 digits once gave INTERNAL), leading zeros.
+digit_strings = st.builds(
+    lambda zeros, digits: "0" * zeros + digits,
+    st.integers(0, 30),
+    st.one_of(
+        st.integers(0, 2**64).map(str),
+        st.integers(1, 7000).map(lambda n: _repeated("9", n)),
+        st.text(st.sampled_from("0123456789"), min_size=1, max_size=25),
+    ),
+)
 
 
 @dataclass
@@ -58,7 +96,23 @@ def stored(stack, room: str) -> list[Stored]:  # type: ignore[no-untyped-def]
 
 
 def text_ok(text: str) -> bool:
-    return bool(text.strip()) and len(text.encode()) <= MAX_TEXT_BYTES and "\x00" not in text
+    return (
+        bool(text.strip()) and len(text.encode()) <= MAX_TEXT_BYTES and CONTROL.search(text) is None
+    )
+
+
+def resume_ok(value: str) -> bool:
+    """Whether the server must accept `value` as x-chat-resume-after."""
+    if value == "":
+        return True
+    if DIGITS.fullmatch(value) is None:
+        return False
+    digits = value.lstrip("0") or "0"
+    return len(digits) <= len(str(MAX_SEQUENCE)) and int(digits) <= MAX_SEQUENCE
+
+
+def resume_value(value: str) -> int:
+    return int(value.lstrip("0") or "0")
 
 
 def fresh_room() -> str:
@@ -70,7 +124,10 @@ chat_messages = st.lists(
         chat_pb2.ChatMessage,
         user=any_text,
         text=st.one_of(
-            any_text, long_text, st.sampled_from(["hi", " ", "\n\t", "ok 👍", "a\x00b"])
+            any_text,
+            long_text,
+            control_text,
+            st.sampled_from(["hi", " ", "\n\t", "ok 👍", "a\x00b", "a\tb\nc", "x\r\n", "\x1b[2J"]),
         ),
         room=any_text,
         sequence=st.integers(-(2**63), 2**63 - 1),
@@ -88,7 +145,9 @@ resume_header = st.one_of(
     st.none(),
     st.integers(0, 3).map(str),
     st.integers(0, 2**64).map(str),
+    digit_strings,
     ascii_junk,
+    st.text(printable, max_size=40),
 )
 
 
@@ -108,8 +167,8 @@ def test_stream_chat_fuzz(stack, messages, room, resume) -> None:  # type: ignor
     resume_valid = True
     if resume is not None:
         metadata.append(("x-chat-resume-after", resume))
-        resume_valid = resume == "" or (resume.isdigit() and int(resume) <= 2**63 - 1)
-        resume_point = int(resume) if resume_valid and resume else None
+        resume_valid = resume_ok(resume)
+        resume_point = resume_value(resume) if resume_valid and resume else None
     before = stored(stack, target)
 
     # The model: messages are handled in order; the first bad one ends the stream.
@@ -251,3 +310,167 @@ def test_list_presence_fuzz(stack, room) -> None:  # type: ignore[no-untyped-def
     assert name == "" or ROOM.fullmatch(name)
     if name.startswith("fz-"):
         assert list(reply.members) == []
+
+
+def stream_outcome(stack, metadata: list[tuple[str, str]]) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    """Opens StreamChat with `metadata` and sends one good message: OK once the message is
+    stored (the stream was accepted), else the code the call ended with."""
+    client_id = uuid.uuid4().hex
+    call = stack.chats().StreamChat(
+        iter([chat_pb2.ChatMessage(text="metadata fuzz", client_message_id=client_id)]),
+        metadata=metadata,
+        timeout=20,
+    )
+    deadline = time.monotonic() + 15
+    try:
+        while True:
+            if call.done():
+                return call.code()
+            rows = stack.sql(
+                "SELECT count(*) FROM chat_messages WHERE client_message_id = %s", client_id
+            )
+            if rows[0][0]:
+                return grpc.StatusCode.OK
+            assert time.monotonic() < deadline, "the stream neither ended nor stored"
+            time.sleep(0.02)
+    finally:
+        call.cancel()
+
+
+metadata_values = {
+    "x-chat-room": st.one_of(any_length, st.from_regex(ROOM, fullmatch=True)),
+    "x-chat-resume-after": st.one_of(any_length, digit_strings),
+    "x-request-id": any_length,
+    "authorization": st.one_of(any_length, any_length.map(lambda v: f"Bearer {v}")),
+}
+metadata_entries = st.sampled_from(sorted(metadata_values)).flatmap(
+    lambda key: st.tuples(st.just(key), metadata_values[key])
+)
+
+
+@fuzz(40)
+@given(entry=metadata_entries)
+def test_metadata_values_of_any_length_fuzz(stack, entry) -> None:  # type: ignore[no-untyped-def]
+    key, value = entry
+    room = fresh_room()
+    headers = {"authorization": f"Bearer {stack.chatter_token}", "x-chat-room": room}
+    headers[key] = value
+    metadata = list(headers.items())
+    if key == "x-chat-room":
+        valid = value == "" or ROOM.fullmatch(value) is not None
+        stream_expected = grpc.StatusCode.OK if valid else grpc.StatusCode.INVALID_ARGUMENT
+    elif key == "x-chat-resume-after":
+        stream_expected = (
+            grpc.StatusCode.OK if resume_ok(value) else grpc.StatusCode.INVALID_ARGUMENT
+        )
+    elif key == "authorization":
+        stream_expected = grpc.StatusCode.UNAUTHENTICATED
+    else:
+        stream_expected = grpc.StatusCode.OK
+    # ListMessages reads the room from its request, and the token and request id as StreamChat.
+    list_expected = (
+        grpc.StatusCode.UNAUTHENTICATED if key == "authorization" else grpc.StatusCode.OK
+    )
+    allowed_refusal = (
+        {grpc.StatusCode.RESOURCE_EXHAUSTED} if len(value) > (METADATA_ALWAYS_ACCEPTED) else set()
+    )
+
+    code = stream_outcome(stack, metadata)
+    assert code in {stream_expected} | allowed_refusal, (key, len(value), value[:40], code)
+    try:
+        stack.chats().ListMessages(
+            chat_pb2.ListMessagesRequest(room=room), metadata=metadata, timeout=10
+        )
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        code = error.code()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert "metadata size" in (error.details() or ""), error.details()
+    assert code in {list_expected} | allowed_refusal, (key, len(value), value[:40], code)
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """One length-delimited protobuf field: its tag, the length as a varint, the bytes."""
+    header = bytearray([number << 3 | 2])
+    length = len(data)
+    while length >= 0x80:
+        header.append(length & 0x7F | 0x80)
+        length >>= 7
+    header.append(length)
+    return bytes(header) + data
+
+
+def _not_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+# Bytes that are not UTF-8: a stray continuation or lead byte, an overlong form, an encoded
+# surrogate, a code point past U+10FFFF, a sequence cut short; between arbitrary bytes.
+invalid_utf8 = st.builds(
+    lambda before, bad, after: before + bad + after,
+    st.binary(max_size=6),
+    st.sampled_from(
+        [
+            b"\xff",
+            b"\x80",
+            b"\xc3\x28",
+            b"\xc0\xaf",
+            b"\xed\xa0\x80",
+            b"\xf4\x90\x80\x80",
+            b"\xe2\x82",
+        ]
+    ),
+    st.binary(max_size=6),
+).filter(_not_utf8)
+# ChatMessage's string fields, by number; a client sets only text and client_message_id, but
+# the server must refuse bad bytes in any of them before reading the message.
+chat_string_fields = st.sampled_from(
+    [(1, "user"), (2, "text"), (3, "room"), (7, "client_message_id")]
+)
+
+
+@fuzz(30)
+@given(bad=invalid_utf8, field=chat_string_fields)
+def test_stream_chat_messages_with_invalid_utf8_are_invalid_argument(stack, bad, field) -> None:  # type: ignore[no-untyped-def]
+    number, name = field
+    room = fresh_room()
+    good = chat_pb2.ChatMessage(text="before", client_message_id="good").SerializeToString()
+    raw = _field(number, bad)
+    if number != 2:
+        raw += _field(2, b"after")
+    call = stack.channel(stack.chat.target).stream_stream("/chat.ChatService/StreamChat")(
+        iter([good, raw]),
+        metadata=[*bearer(stack.chatter_token), ("x-chat-room", room)],
+        timeout=10,
+    )
+    received = []
+    with pytest.raises(grpc.RpcError) as failed:
+        for reply in call:
+            received.append(chat_pb2.ChatMessage.FromString(reply))
+    error = rich_error(failed.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+    assert error.fields == [name]
+    assert error.reason == "MALFORMED_REQUEST"
+    rows = stored(stack, room)
+    assert [(r.text, r.client_message_id) for r in rows] == [("before", "good")]
+    assert [m.text for m in received] in ([], ["before"])
+
+
+@fuzz(30)
+@given(bad=invalid_utf8, method=st.sampled_from(["ListMessages", "ListPresence"]))
+def test_room_requests_with_invalid_utf8_are_invalid_argument(stack, bad, method) -> None:  # type: ignore[no-untyped-def]
+    # Field 1 of both requests is `room`; ListMessages' other fields come after it.
+    raw = _field(1, bad)
+    if method == "ListMessages":
+        raw += bytes([2 << 3, 5])  # after_sequence = 5
+    call = stack.channel(stack.chat.target).unary_unary(f"/chat.ChatService/{method}")
+    with pytest.raises(grpc.RpcError) as failed:
+        call(raw, metadata=bearer(stack.chatter_token), timeout=10)
+    error = rich_error(failed.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+    assert error.fields == ["room"]
+    assert error.reason == "MALFORMED_REQUEST"

@@ -50,7 +50,7 @@ from parley.user_service import create_server as create_user_server
 from parley.user_service.migrations import apply_migrations
 
 SHARED_REDIS_URL = os.environ.get("PARLEY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-JWT_SECRET = "chat-test-secret-" + "c" * 32
+JWT_SECRET = os.urandom(32).hex()
 BIN = Path(sys.executable).parent
 CHAT_SERVICE = "chat.ChatService"
 USER_SERVICE = "user.UserService"

@@ -23,7 +23,7 @@ CHAT_COMMAND = str(Path(sys.executable).parent / "parley-chat")
 def settings_env(**overrides: str) -> dict[str, str]:
     env = {
         "PARLEY_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
-        "PARLEY_JWT_SECRET": "x" * 32,
+        "PARLEY_JWT_SECRET": os.urandom(32).hex(),
         "PARLEY_REDIS_URL": "redis://127.0.0.1:6379/0",
     }
     env.update(overrides)

@@ -67,7 +67,12 @@ async def test_thousands_of_idle_streams(
     metrics: Callable[[int], Awaitable[dict[str, float]]],
     wait_for,
 ):
-    stack = await make_stack(replicas=1, people=("Ada", "Grace"))
+    stack = await make_stack(
+        replicas=1,
+        people=("Ada", "Grace"),
+        PARLEY_CHAT_MAX_STREAMS_PER_USER="10000",
+        PARLEY_MAX_STREAMS_PER_CONNECTION="10000",
+    )
     replica = stack.replicas[0]
     ada, grace = stack.people["Ada"], stack.people["Grace"]
     pool = [channels.get(replica.target, key=("idle", i)) for i in range(CHANNELS)]

@@ -14,7 +14,12 @@ WINDOW = 1.0
 async def test_idle_streams_in_a_room_with_history_are_not_re_read_at_every_check(
     make_stack, chat, metrics, streams_joined, wait_for
 ):
-    stack = await make_stack(replicas=1, people=("Ada",), PARLEY_CHAT_RESYNC_INTERVAL=f"{RESYNC}s")
+    stack = await make_stack(
+        replicas=1,
+        people=("Ada",),
+        PARLEY_CHAT_RESYNC_INTERVAL=f"{RESYNC}s",
+        PARLEY_CHAT_MAX_STREAMS_PER_USER="1000",
+    )
     replica = stack.replicas[0]
     ada = stack.people["Ada"]
     first = await chat(ada, replica, room=ROOM, resume_after=0)

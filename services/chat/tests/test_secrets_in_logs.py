@@ -66,7 +66,7 @@ async def test_no_secret_or_token_in_logs_or_metrics(
 
     writer = make_token("admin", scope="users:write")
     expired = make_token("admin", scope="users:write", ttl=-120)
-    forged = testing.make_token("x" * 40, "admin", "users:write", 600)
+    forged = testing.make_token(uuid.uuid4().hex * 2, "admin", "users:write", 600)
     async with grpc.aio.insecure_channel(users.target) as channel:
         stub = user_pb2_grpc.UserServiceStub(channel)
         created = await stub.CreateUser(

@@ -124,7 +124,11 @@ async def test_stream_churn_does_not_grow_server_memory(
 ):
     # A fixed-size pool, so that every file descriptor the server holds is accounted for.
     stack = await make_stack(
-        replicas=1, people=("Ada",), PARLEY_DB_POOL_MIN="4", PARLEY_DB_POOL_MAX="4"
+        replicas=1,
+        people=("Ada",),
+        PARLEY_DB_POOL_MIN="4",
+        PARLEY_DB_POOL_MAX="4",
+        PARLEY_CHAT_MAX_STREAMS_PER_USER="1000",
     )
     replica = stack.replicas[0]
     ada = stack.people["Ada"]
@@ -167,7 +171,9 @@ async def test_stream_churn_leaves_no_task_behind(make_stack, channels, metrics,
     # In this process, so that the server's asyncio tasks can be counted. gRPC itself keeps a
     # few short-lived tasks (a different few after each round), so the check is that the count
     # comes back to what it was, not that the very same tasks remain.
-    stack = await make_stack(replicas=1, people=("Ada",), in_process=True)
+    stack = await make_stack(
+        replicas=1, people=("Ada",), in_process=True, PARLEY_CHAT_MAX_STREAMS_PER_USER="1000"
+    )
     replica = stack.replicas[0]
     ada = stack.people["Ada"]
     channel = channels.get(replica.target)

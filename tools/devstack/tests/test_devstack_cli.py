@@ -66,6 +66,17 @@ for name, service in (("PARLEY_USER_ADDR", "user.UserService"),
             # The replica reaches the stack's UserService (a non-critical dependency).
             watch_until_serving(channel, "dependency/user-service")
 
+# The embedded Redis wants the password that the URL carries, and refuses anyone without it.
+from urllib.parse import urlsplit
+redis_parts = urlsplit(env["PARLEY_REDIS_URL"])
+assert redis_parts.password and len(redis_parts.password) >= 32, "no Redis password"
+with redis.Redis(host=redis_parts.hostname, port=redis_parts.port, socket_timeout=5) as anonymous:
+    try:
+        anonymous.ping()
+        raise AssertionError("Redis answered a client without its password")
+    except redis.AuthenticationError:
+        pass
+
 # Both replicas listen on the stack's Redis under the run's prefix.
 with redis.Redis.from_url(env["PARLEY_REDIS_URL"], socket_timeout=5) as client:
     deadline = time.monotonic() + 20

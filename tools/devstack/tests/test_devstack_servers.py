@@ -21,13 +21,14 @@ def _command(*args: str) -> bytes:
     return encoded
 
 
-def _redis(port: int, *args: str) -> bytes:
-    """The raw reply of Redis to one command (sent with a QUIT, so Redis closes the connection)."""
+def _redis(port: int, password: str, *args: str) -> bytes:
+    """The raw reply of Redis to one command after AUTH (sent with a QUIT, so Redis closes the
+    connection)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(_command(*args) + _command("QUIT"))
+        sock.sendall(_command("AUTH", password) + _command(*args) + _command("QUIT"))
         received = b"".join(iter(lambda: sock.recv(4096), b""))
-    assert received.endswith(b"+OK\r\n"), received
-    return received.removesuffix(b"+OK\r\n")
+    assert received.startswith(b"+OK\r\n") and received.endswith(b"+OK\r\n"), received
+    return received.removeprefix(b"+OK\r\n").removesuffix(b"+OK\r\n")
 
 
 def test_postgres_serves_queries_and_keeps_data_across_a_restart(data_dir: Path) -> None:
@@ -55,18 +56,21 @@ def test_postgres_serves_queries_and_keeps_data_across_a_restart(data_dir: Path)
 
 def test_redis_answers_and_keeps_data_across_a_restart(data_dir: Path) -> None:
     (port,) = free_ports(1)
-    server = EmbeddedRedis(data_dir / "redis", port, log_path=data_dir / "redis.log")
+    password = "pw-" + "x" * 20
+    server = EmbeddedRedis(
+        data_dir / "redis", port, log_path=data_dir / "redis.log", password=password
+    )
     try:
         server.start(timeout=30)
-        assert server.url == f"redis://127.0.0.1:{port}/0"
-        assert ping("127.0.0.1", port)
-        assert _redis(port, "SET", "greeting", "hello") == b"+OK\r\n"
+        assert server.url == f"redis://:{password}@127.0.0.1:{port}/0"
+        assert ping("127.0.0.1", port, password)
+        assert _redis(port, password, "SET", "greeting", "hello") == b"+OK\r\n"
         assert (data_dir / "redis" / "appendonly.aof").is_file()
         server.stop()
-        assert not ping("127.0.0.1", port)
+        assert not ping("127.0.0.1", port, password)
 
         server.start(timeout=30)
-        assert _redis(port, "GET", "greeting") == b"$5\r\nhello\r\n"
+        assert _redis(port, password, "GET", "greeting") == b"$5\r\nhello\r\n"
     finally:
         server.stop()
     check_free(port, "Redis")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from parley.chassis import ServiceError
@@ -18,10 +19,11 @@ _ids = itertools.count(1)
 
 # How long a message that arrives ahead of its room's next sequence waits for the ones before
 # it. Two replicas writing to one room interleave their sequences, and a replica's own message
-# (delivered after its publish to Redis returns) often arrives after the other replica's next
-# one, through Redis. Waiting this long puts them back in order in memory; without it, every
-# stream of the room re-read the gap from Postgres (a fifth of a replica's time at saturation).
-# A gap still open after the wait is left to the streams, which fill it from Postgres.
+# (delivered after its publish to Redis returns) often arrives before the other replica's
+# previous one, which this replica reads from Postgres once Redis says it is there. Waiting
+# this long puts them back in order in memory; without it, every stream of the room re-read
+# the gap from Postgres (a fifth of a replica's time at saturation). A gap still open after
+# the wait is left to the streams, which fill it from Postgres.
 REORDER_WAIT = 0.05
 
 
@@ -111,11 +113,21 @@ class RoomHub:
         self._heads: dict[str, int] = {}
         self._early: dict[str, dict[int, Outgoing]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Rooms whose head is known to cover what their streams started from (see settle).
+        self._settled: set[str] = set()
+        self._opened: Callable[[str], None] | None = None
+
+    def watch_rooms(self, opened: Callable[[str], None]) -> None:
+        """Calls `opened(room)` whenever a room gets its first stream on this replica."""
+        self._opened = opened
 
     def join(self, room: str, user_id: int) -> Subscriber:
         subscriber = Subscriber(room, user_id, self._queue_limit, self._metrics)
+        new = room not in self._rooms
         self._rooms[room].add(subscriber)
         self._metrics.streams.inc()
+        if new and self._opened is not None:
+            self._opened(room)
         return subscriber
 
     def leave(self, subscriber: Subscriber) -> None:
@@ -127,7 +139,38 @@ class RoomHub:
             if not members:
                 del self._rooms[subscriber.room]
                 self._heads.pop(subscriber.room, None)
+                self._settled.discard(subscriber.room)
                 self._drop_early(subscriber.room)
+
+    def has_streams(self, room: str) -> bool:
+        return bool(self._rooms.get(room))
+
+    def position(self, room: str) -> int | None:
+        """The highest sequence offered to the room's streams (or known to be covered by
+        their starting points); None until the room is settled, or when it has no streams."""
+        if room not in self._settled:
+            return None
+        return self._heads.get(room, 0)
+
+    def settle(self, room: str, stored: int, newest: Outgoing | None) -> None:
+        """Gives a newly opened room its position: `stored`, its last sequence as read after
+        its first stream joined, and `newest`, that message (None when there is none).
+
+        A stream reads its own starting point after joining, so one may have started before
+        `stored`; offering it `newest` makes it fill anything in between from Postgres itself,
+        while a stream that started at `stored` just skips it.
+        """
+        members = self._rooms.get(room)
+        if not members:
+            return
+        self._settled.add(room)
+        head = self._heads.get(room)
+        if head is not None and head >= stored:
+            return  # every stream here was offered a message at least that new
+        self._heads[room] = stored
+        if newest is not None:
+            for subscriber in members:
+                subscriber.offer(newest)
 
     def deliver(self, item: Outgoing) -> None:
         """Offers a stored message to every local stream of its room, in sequence order.
@@ -154,6 +197,9 @@ class RoomHub:
         sequence = item.message.sequence
         if sequence > self._heads.get(room, 0):
             self._heads[room] = sequence
+            early = self._early.get(room)
+            if early is not None:  # the same message, held back, from the other source
+                early.pop(sequence, None)
         for subscriber in self._rooms.get(room, ()):
             subscriber.offer(item)
 

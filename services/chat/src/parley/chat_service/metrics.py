@@ -50,3 +50,16 @@ class ChatMetrics:
             "Times a stream's queue overflowed and it fell back to catching up from Postgres.",
             registry=registry,
         )
+        self.bus_rejected = Counter(
+            "parley_chat_bus_rejected_total",
+            "Messages on the Redis chat channels dropped as not this deployment's: too large, "
+            "unreadable, for another room, a bad sequence, or a sequence Postgres does not hold.",
+            ["reason"],
+            registry=registry,
+        )
+        self.room_reads = Counter(
+            "parley_chat_room_reads_total",
+            "Reads of a room from Postgres for this replica's streams: when its first stream "
+            "joins, on a hint from Redis, and on a check.",
+            registry=registry,
+        )

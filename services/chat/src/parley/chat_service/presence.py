@@ -22,6 +22,21 @@ __all__ = ["Presence"]
 _log = logging.getLogger("parley.chat.presence")
 
 
+def _member(raw: object) -> tuple[int, str] | None:
+    """The user id and name of a presence entry; None when it is not one."""
+    if not isinstance(raw, bytes | str):
+        return None
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        _replica, _stream, user_id, name = text.split("|", 3)
+        uid = int(user_id)
+    except ValueError:  # UnicodeDecodeError is one
+        return None
+    if not 0 < uid < 2**31 or not user_id.isdigit():
+        return None
+    return uid, name
+
+
 class Presence:
     def __init__(
         self, client: redis.Redis, prefix: str, replica: str, hub: RoomHub, ttl: float
@@ -57,10 +72,12 @@ class Presence:
         counts: dict[int, int] = defaultdict(int)
         names: dict[int, str] = {}
         for raw in entries:
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            _replica, _stream, user_id, name = text.split("|", 3)
-            counts[int(user_id)] += 1
-            names[int(user_id)] = name
+            member = _member(raw)
+            if member is None:
+                continue  # not written by a replica (what is in Redis is untrusted input)
+            user_id, name = member
+            counts[user_id] += 1
+            names[user_id] = name
         return [
             chat_pb2.RoomMember(user_id=uid, user=names[uid], stream_count=counts[uid])
             for uid in sorted(counts)

@@ -19,6 +19,9 @@ DEFAULT_ROOM = "general"
 MAX_TEXT_BYTES = 4096
 MAX_CLIENT_MESSAGE_ID = 64
 _ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# C0 and C1 control characters and DEL, except tab and newline: they drive terminals (escape
+# sequences, carriage returns that overwrite a line), and Postgres text cannot hold NUL.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def check_room(name: str, field: str = "room") -> str:
@@ -47,8 +50,17 @@ def check_text(text: str) -> None:
         raise InvalidArgument(
             [FieldViolation("text", f"must be at most {MAX_TEXT_BYTES} bytes, got {size}")]
         )
-    if "\x00" in text:  # Postgres text cannot hold NUL; storing it would fail as INTERNAL
-        raise InvalidArgument([FieldViolation("text", "must not contain NUL characters")])
+    control = _CONTROL.search(text)
+    if control is not None:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "text",
+                    "must not contain control characters other than tab and newline "
+                    f"(U+{ord(control.group()):04X} at character {control.start() + 1})",
+                )
+            ]
+        )
 
 
 def check_client_message_id(value: str) -> None:

@@ -12,11 +12,12 @@ from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier, Un
 from parley.proto import chat_pb2
 
 from .bus import RedisBus
+from .feed import RoomFeed
 from .hub import RoomHub
 from .metrics import ChatMetrics
 from .migrations import MIGRATIONS
 from .presence import Presence
-from .servicer import ChatServicer
+from .servicer import CHAT_LIMITS, ChatServicer
 from .settings import ChatSettings, UserServiceTls
 from .store import MessageStore
 from .users import USER_SERVICE, UserDirectory
@@ -29,7 +30,7 @@ SERVICE_NAME = "chat.ChatService"
 def create_server(settings: ChatSettings) -> GrpcApp:
     """A ready-to-start server bound to its port (read `.port`; port 0 picks a free one)."""
     db = Database(settings.database, application_name="parley-chat")
-    store = MessageStore(db)
+    store = MessageStore(db, rate=settings.rate_limit, burst=settings.rate_burst)
     users = UserDirectory(
         settings.user_service,
         timeout=settings.user_timeout,
@@ -44,6 +45,9 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     async def last_sequence(room: str) -> int:
         return await store.last_sequence(room)
 
+    async def messages_after(room: str, sequence: int, limit: int) -> list[chat_pb2.ChatMessage]:
+        return await store.after(room, sequence, limit)
+
     # The app owns the metrics registry, so it is built before the parts that count.
     app = GrpcApp(
         settings.server,
@@ -51,14 +55,19 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         verifier=TokenVerifier(settings.auth),
     )
     metrics = ChatMetrics(app.metrics.registry)
+    app.metrics.initialize_limits(CHAT_LIMITS)
     hub = RoomHub(metrics, settings.queue_limit)
-    bus = RedisBus(
-        settings.redis_url,
-        settings.redis_prefix,
+    feed = RoomFeed(
         hub,
         metrics,
+        messages_after,
         last_sequence,
-        settings.resync_interval,
+        backlog=settings.queue_limit,
+        # Leaves most of the pool to the calls (a flood of hints must not starve them).
+        concurrency=max(1, settings.database.pool_max // 2),
+    )
+    bus = RedisBus(
+        settings.redis_url, settings.redis_prefix, hub, feed, metrics, settings.resync_interval
     )
     replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     presence = Presence(bus.client, settings.redis_prefix, replica, hub, settings.presence_ttl)
@@ -74,6 +83,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         metrics,
         rate_limit=settings.rate_limit,
         rate_burst=settings.rate_burst,
+        max_streams_per_user=settings.max_streams_per_user,
     )
     servicer.add_to_server(app.server)
     db.register_metrics(app.metrics.registry)
@@ -88,6 +98,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     app.on_drain(drain)
     app.on_stop(presence.stop)
     app.on_stop(bus.stop)
+    app.on_stop(feed.stop)
     app.on_stop(users.close)
     app.on_stop(db.close)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,11 +18,12 @@ from parley.chassis import (
     Internal,
     InvalidArgument,
     PermissionDenied,
-    ResourceExhausted,
     ServiceError,
     Unavailable,
     current_identity,
 )
+from parley.chassis.errors import LimitExceeded
+from parley.chassis.limits import Quota
 from parley.proto import chat_pb2
 
 from .bus import RedisBus
@@ -33,15 +35,31 @@ from .store import MessageStore
 from .tasks import cancel_and_wait
 from .users import UserDirectory
 
-__all__ = ["RESUME_KEY", "ROOM_KEY", "ChatServicer"]
+__all__ = [
+    "CHAT_LIMITS",
+    "RESUME_KEY",
+    "ROOM_KEY",
+    "SEND_RATE",
+    "STREAMS_PER_USER",
+    "ChatServicer",
+    "RateLimited",
+]
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 ROOM_KEY = "x-chat-room"
 RESUME_KEY = "x-chat-resume-after"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-# Catch-up reads from Postgres go in pages of this many messages.
+# Catch-up reads from Postgres go in pages of at most this many messages, cut after the one
+# that brings the page's text to _CATCH_UP_BYTES: what a stream that does not read holds.
 _CATCH_UP_PAGE = 200
+_CATCH_UP_BYTES = 64 * 1024
+# The `limit` label of each refusal ChatService makes (parley_limit_refusals_total).
+STREAMS_PER_USER = "chat_streams_per_user"
+SEND_RATE = "chat_send_rate"
+CHAT_LIMITS = (STREAMS_PER_USER, SEND_RATE)
+_SEQUENCE = re.compile(r"[0-9]+")
+_MAX_SEQUENCE = 2**63 - 1
 
 _log = logging.getLogger("parley.chat")
 
@@ -57,11 +75,18 @@ def _metadata(context: Context) -> dict[str, str]:
 def _resume_point(value: str | None) -> int | None:
     if value is None or value == "":
         return None
-    if not value.isdigit() or not value.isascii() or int(value) > 2**63 - 1:
+    if not _SEQUENCE.fullmatch(value):
         raise InvalidArgument(
             [FieldViolation(RESUME_KEY, "must be a sequence number (a non-negative integer)")]
         )
-    return int(value)
+    # Leading zeros aside, more than 19 digits is out of range: never int() a long string
+    # (Python refuses over 4,300 digits, and the work grows with the length).
+    digits = value.lstrip("0")
+    if len(digits) > len(str(_MAX_SEQUENCE)) or int(digits or "0") > _MAX_SEQUENCE:
+        raise InvalidArgument(
+            [FieldViolation(RESUME_KEY, f"must be a sequence number of at most {_MAX_SEQUENCE}")]
+        )
+    return int(digits or "0")
 
 
 def _sender_id() -> int:
@@ -73,23 +98,10 @@ def _sender_id() -> int:
     return user_id
 
 
-class _RateLimit:
-    """A token bucket: `rate` messages a second on average, bursts of up to `burst`."""
+class RateLimited(LimitExceeded):
+    """The sender's budget (PARLEY_CHAT_RATE_LIMIT, shared by all their streams) is spent."""
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
+    default_reason = "RATE_LIMITED"
 
 
 class ChatServicer:
@@ -110,6 +122,7 @@ class ChatServicer:
         *,
         rate_limit: float,
         rate_burst: int,
+        max_streams_per_user: int,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -119,6 +132,8 @@ class ChatServicer:
         self._metrics = metrics
         self._rate_limit = rate_limit
         self._rate_burst = rate_burst
+        # Per replica: each replica bounds what one user holds of its own memory and tasks.
+        self._streams = Quota(max_streams_per_user)
 
     async def StreamChat(
         self, request_iterator: AsyncIterator[chat_pb2.ChatMessage], context: Context
@@ -128,7 +143,14 @@ class ChatServicer:
         room = check_room(metadata.get(ROOM_KEY, ""), field=ROOM_KEY)
         resume_after = _resume_point(metadata.get(RESUME_KEY))
         token = metadata.get("authorization", "").partition(" ")[2].strip()
-
+        if not self._streams.take(user_id):
+            raise LimitExceeded(
+                STREAMS_PER_USER,
+                "PARLEY_CHAT_MAX_STREAMS_PER_USER",
+                self._streams.limit,
+                "this user already holds as many chat streams on this replica as allowed; "
+                "close one first",
+            )
         # Join first, then read the starting point: nothing published in between is missed.
         subscriber = self._hub.join(room, user_id)
         reader: asyncio.Task[None] | None = None
@@ -165,6 +187,7 @@ class ChatServicer:
                 latency.observe(max(0.0, time.time() - item.stored_at))
                 yield item.payload
         finally:
+            self._streams.give_back(user_id)  # first: an await below may be cancelled
             if reader is not None:
                 # Cancelled until it stops (see cancel_and_wait): a reader that shrugged off
                 # one cancellation kept its stream, and a draining replica, waiting for the
@@ -177,16 +200,25 @@ class ChatServicer:
     async def _catch_up(
         self, room: str, after: int, until: int | None = None
     ) -> AsyncIterator[chat_pb2.ChatMessage]:
-        """Stored messages after `after` (up to `until`, else to the end), oldest first."""
+        """Stored messages after `after` (up to `until`, else to the end), oldest first.
+
+        One bounded page at a time (see _CATCH_UP_BYTES), read before anything is sent: no
+        pooled connection waits on the client, and a client that stops reading pins a page.
+        """
         while until is None or after < until:
-            page = await self._store.after(room, after, _CATCH_UP_PAGE)
+            page = await self._store.after(room, after, _CATCH_UP_PAGE, max_bytes=_CATCH_UP_BYTES)
+            # A page cut neither by count nor by size was the last one.
+            last_page = (
+                len(page) < _CATCH_UP_PAGE
+                and sum(len(message.text.encode()) for message in page) < _CATCH_UP_BYTES
+            )
             for message in page:
                 if until is not None and message.sequence > until:
                     return
                 self._metrics.backfilled.inc()
                 after = message.sequence
                 yield message
-            if len(page) < _CATCH_UP_PAGE:
+            if last_page:
                 return
 
     async def _read(
@@ -196,18 +228,12 @@ class ChatServicer:
         token: str,
     ) -> None:
         """Stores and publishes what the client sends; an error ends the whole stream."""
-        limit = _RateLimit(self._rate_limit, self._rate_burst)
         try:
             async for request in requests:
                 check_text(request.text)
                 check_client_message_id(request.client_message_id)
-                if not limit.take():
-                    raise ResourceExhausted(
-                        f"more than {self._rate_limit:g} messages a second; slow down",
-                        reason="RATE_LIMITED",
-                    )
                 name = await self._users.display_name(subscriber.user_id, token)
-                message, new = await self._store.append(
+                stored = await self._store.append(
                     subscriber.room,
                     subscriber.user_id,
                     name,
@@ -215,6 +241,16 @@ class ChatServicer:
                     request.client_message_id,
                     timeout=None,
                 )
+                if stored is None:
+                    raise RateLimited(
+                        SEND_RATE,
+                        "PARLEY_CHAT_RATE_LIMIT",
+                        self._rate_limit,
+                        f"more than {self._rate_limit:g} messages a second (bursts of "
+                        f"{self._rate_burst}) from this user, counting all of their streams; "
+                        "slow down",
+                    )
+                message, new = stored
                 self._metrics.received.inc()
                 item = outgoing(message)
                 # Publish before the local fan-out: the streams it wakes would otherwise run

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env, ServerSettings
 from parley.chassis.config import read_pem
+from parley.chassis.sample_secrets import SAMPLE_PASSWORD_PROBLEM, has_sample_password
 
 __all__ = ["DEFAULT_GRPC_PORT", "DEFAULT_METRICS_PORT", "ChatSettings", "UserServiceTls"]
 
@@ -61,7 +62,10 @@ class ChatSettings:
     user_timeout: float
     user_cache_ttl: float
     rate_limit: float
+    """Messages a second one user may send, across all of their streams and replicas."""
     rate_burst: int
+    max_streams_per_user: int
+    """StreamChat streams one user may hold open on one replica."""
     queue_limit: int
     resync_interval: float
     presence_ttl: float
@@ -73,6 +77,8 @@ class ChatSettings:
         redis_url = env.string("PARLEY_REDIS_URL")
         if not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("PARLEY_REDIS_URL", "must be a redis://, rediss:// or unix:// URL")
+        if has_sample_password(redis_url):
+            raise ConfigError("PARLEY_REDIS_URL", SAMPLE_PASSWORD_PROBLEM)
         prefix = env.string("PARLEY_REDIS_PREFIX", "parley")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", prefix):
             raise ConfigError("PARLEY_REDIS_PREFIX", "must be 1 to 64 of A-Z a-z 0-9 _ . -")
@@ -89,6 +95,9 @@ class ChatSettings:
             user_cache_ttl=env.seconds("PARLEY_USER_CACHE_TTL", 60.0, maximum=86400),
             rate_limit=float(env.integer("PARLEY_CHAT_RATE_LIMIT", 20, minimum=1, maximum=100000)),
             rate_burst=env.integer("PARLEY_CHAT_RATE_BURST", 40, minimum=1, maximum=100000),
+            max_streams_per_user=env.integer(
+                "PARLEY_CHAT_MAX_STREAMS_PER_USER", 16, minimum=1, maximum=1_000_000
+            ),
             queue_limit=env.integer("PARLEY_CHAT_QUEUE_LIMIT", 256, minimum=1, maximum=100000),
             resync_interval=env.seconds(
                 "PARLEY_CHAT_RESYNC_INTERVAL", 5.0, minimum=0.05, maximum=3600

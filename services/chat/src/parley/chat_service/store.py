@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from psycopg import errors as pg_errors
@@ -15,16 +16,25 @@ __all__ = ["MessageStore"]
 _COLUMNS = sql.SQL("room, sequence, user_id, user_name, text, client_message_id, create_time")
 
 # The stored message and whether this call stored it: a resent client id returns the earlier
-# row (false); otherwise the room's counter is bumped and the message inserted (true).
+# row (false) and spends nothing; otherwise the sender's budget (see the chat_send_budgets
+# migration) is spent, and only when it allows, the room's counter is bumped and the message
+# inserted (true). No row at all: the budget refused the message.
 _APPEND = sql.SQL(
     """
 WITH existing AS (
     SELECT {columns} FROM chat_messages
     WHERE %(client_id)s <> '' AND room = %(room)s AND user_id = %(user_id)s
       AND client_message_id = %(client_id)s
+), budget AS (
+    INSERT INTO chat_send_budgets AS b (user_id, full_again)
+    SELECT %(user_id)s, now() + %(interval)s WHERE NOT EXISTS (SELECT FROM existing)
+    ON CONFLICT (user_id) DO UPDATE
+        SET full_again = greatest(b.full_again, now()) + %(interval)s
+        WHERE b.full_again <= now() + %(tolerance)s
+    RETURNING full_again
 ), next AS (
     INSERT INTO chat_rooms AS r (name, last_sequence)
-    SELECT %(room)s, 1 WHERE NOT EXISTS (SELECT FROM existing)
+    SELECT %(room)s, 1 WHERE EXISTS (SELECT FROM budget)
     ON CONFLICT (name) DO UPDATE SET last_sequence = r.last_sequence + 1
     RETURNING last_sequence
 ), added AS (
@@ -35,6 +45,20 @@ WITH existing AS (
 SELECT {columns}, true FROM added
 UNION ALL
 SELECT {columns}, false FROM existing
+"""
+).format(columns=_COLUMNS)
+
+# A page of messages after a sequence, cut after the message that brings its text to
+# `max_bytes` or more (so it holds at least one message).
+_AFTER_BOUNDED = sql.SQL(
+    """
+SELECT {columns} FROM (
+    SELECT {columns}, sum(octet_length(text)) OVER (ORDER BY sequence) AS through
+    FROM chat_messages WHERE room = %(room)s AND sequence > %(after)s
+    ORDER BY sequence LIMIT %(limit)s
+) AS page
+WHERE through - octet_length(text) < %(max_bytes)s
+ORDER BY sequence
 """
 ).format(columns=_COLUMNS)
 
@@ -53,10 +77,16 @@ def _message(row: tuple[Any, ...]) -> chat_pb2.ChatMessage:
 
 
 class MessageStore:
-    """Appends messages with the room's next sequence number and reads them back."""
+    """Appends messages with the room's next sequence number and reads them back.
 
-    def __init__(self, db: Database) -> None:
+    Each sender may append `rate` messages a second on average and `burst` at once, across
+    every stream and replica (the budget lives in Postgres, next to the messages).
+    """
+
+    def __init__(self, db: Database, *, rate: float, burst: int) -> None:
         self._db = db
+        self._interval = timedelta(seconds=1 / rate)
+        self._tolerance = timedelta(seconds=(burst - 1) / rate)
 
     async def append(
         self,
@@ -67,12 +97,15 @@ class MessageStore:
         client_message_id: str,
         *,
         timeout: float | None,
-    ) -> tuple[chat_pb2.ChatMessage, bool]:
-        """Stores a message; returns it and whether it is new (False for a resent client id).
+    ) -> tuple[chat_pb2.ChatMessage, bool] | None:
+        """Stores a message; returns it and whether it is new (False for a resent client id),
+        or None when the sender's budget refused it (nothing stored).
 
         One statement, so one round trip and its own transaction: the room's counter row is
         locked by the upsert until the commit, which serialises writers, so sequences have
-        no gaps; a message already stored under the same client id takes no number.
+        no gaps; a message already stored under the same client id takes no number and
+        spends no budget. The sender's budget row is locked before the room's, always in
+        that order, so two writers cannot deadlock.
         """
         params = {
             "room": room,
@@ -80,6 +113,8 @@ class MessageStore:
             "name": user_name,
             "text": text,
             "client_id": client_message_id,
+            "interval": self._interval,
+            "tolerance": self._tolerance,
         }
         try:
             async with self._db.connection(timeout) as conn:
@@ -90,7 +125,8 @@ class MessageStore:
             existing = await self._by_client_id(room, user_id, client_message_id, timeout)
             assert existing is not None
             return existing, False
-        assert row is not None
+        if row is None:
+            return None
         return _message(row), bool(row[7])
 
     async def _by_client_id(
@@ -116,17 +152,33 @@ class MessageStore:
         return int(row[0]) if row else 0
 
     async def after(
-        self, room: str, after_sequence: int, limit: int, *, timeout: float | None = None
+        self,
+        room: str,
+        after_sequence: int,
+        limit: int,
+        *,
+        max_bytes: int | None = None,
+        timeout: float | None = None,
     ) -> list[chat_pb2.ChatMessage]:
-        """Up to `limit` messages with a sequence above `after_sequence`, oldest first."""
+        """Up to `limit` messages with a sequence above `after_sequence`, oldest first.
+
+        With `max_bytes`, the page ends with the message that brings its texts to `max_bytes`
+        bytes or more: it holds at most `max_bytes` plus one message's text.
+        """
         async with self._db.connection(timeout) as conn:
-            cur = await conn.execute(
-                sql.SQL(
-                    "SELECT {} FROM chat_messages WHERE room = %s AND sequence > %s"
-                    " ORDER BY sequence LIMIT %s"
-                ).format(_COLUMNS),
-                (room, after_sequence, limit),
-            )
+            if max_bytes is None:
+                cur = await conn.execute(
+                    sql.SQL(
+                        "SELECT {} FROM chat_messages WHERE room = %s AND sequence > %s"
+                        " ORDER BY sequence LIMIT %s"
+                    ).format(_COLUMNS),
+                    (room, after_sequence, limit),
+                )
+            else:
+                cur = await conn.execute(
+                    _AFTER_BOUNDED,
+                    {"room": room, "after": after_sequence, "limit": limit, "max_bytes": max_bytes},
+                )
             rows = await cur.fetchall()
         return [_message(row) for row in rows]
 

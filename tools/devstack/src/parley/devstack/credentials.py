@@ -1,4 +1,5 @@
-"""The stack's JWT signing secret, and the tokens it hands to commands run against the stack."""
+"""The stack's secrets (the JWT signing secret, the embedded Redis's password), and the tokens
+it hands to commands run against the stack."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ from pathlib import Path
 
 import jwt
 
-__all__ = ["SECRET_FILE_NAME", "load_or_create_secret", "mint_token"]
+__all__ = [
+    "REDIS_PASSWORD_FILE_NAME",
+    "SECRET_FILE_NAME",
+    "load_or_create_secret",
+    "mint_token",
+]
 
 # `parley token` looks for this file under `.parley/` in the current directory and its parents.
 SECRET_FILE_NAME = "jwt-secret"
+# The embedded Redis's password, next to the JWT secret.
+REDIS_PASSWORD_FILE_NAME = "redis-password"
 
 
 def load_or_create_secret(path: Path) -> str:

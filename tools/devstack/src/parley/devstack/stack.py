@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from parley.devstack.credentials import SECRET_FILE_NAME, load_or_create_secret, mint_token
+from parley.devstack.credentials import (
+    REDIS_PASSWORD_FILE_NAME,
+    SECRET_FILE_NAME,
+    load_or_create_secret,
+    mint_token,
+)
 from parley.devstack.errors import DevstackError
 from parley.devstack.ports import LOOPBACK, check_free, free_ports
 from parley.devstack.postgres import EmbeddedPostgres
@@ -198,7 +203,10 @@ class Stack:
             database_url = self.postgres.dsn(DATABASE)
         if redis_url is None:
             self.redis = EmbeddedRedis(
-                self.data_dir / "redis", ports.redis, log_path=logs / "redis.log"
+                self.data_dir / "redis",
+                ports.redis,
+                log_path=logs / "redis.log",
+                password=load_or_create_secret(self.data_dir / REDIS_PASSWORD_FILE_NAME),
             )
             _log.info("starting Redis on %s:%d", LOOPBACK, ports.redis)
             self.redis.start(timeout=config.start_timeout)

@@ -1,0 +1,226 @@
+"""PARLEY_REDIS_URL carries Redis credentials (a password, or an ACL user and its password)
+and may use TLS (`rediss://`, with the CA and a client certificate as redis-py query
+parameters). Each is tested against a private redis-server that requires it, with two
+`parley-chat serve` replicas whose messages must cross through Redis (the periodic check
+against Postgres is off). A wrong password keeps a replica NOT_SERVING with a log line that
+says so, and no password ever shows in a log or on /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError
+
+from parley.testing import RedisServer, health_status, wait_until
+
+from .conftest import BIN, CHAT_SERVICE, NOT_SERVING
+
+PASSWORD = "redis-pw-" + uuid.uuid4().hex
+ROOM = "secured"
+# What a chat replica needs, and nothing of another deployment's keys or channels.
+ACL_RULES = (
+    "~{prefix}:chat:* &{prefix}:chat:room:* -@all +@connection +publish +psubscribe"
+    " +punsubscribe +zadd +zrem +zremrangebyscore +zrangebyscore"
+)
+_SERVING_LINE = re.compile(r"serving gRPC on \S+:(\d+), metrics on \S+:(\d+)")
+
+
+def _metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+async def converse(
+    make_stack: Any, chat: Any, stored: Any, conversation_intact: Any, redis_url: str
+) -> Any:
+    """Two replicas on `redis_url`; a sender and a listener on each; every message reaches
+    every stream exactly once. Returns the stack."""
+    stack = await make_stack(
+        replicas=2,
+        redis_url=redis_url,
+        PARLEY_CHAT_RESYNC_INTERVAL="1h",
+        PARLEY_LOG_LEVEL="DEBUG",
+    )
+    a, b = stack.replicas
+    ada, grace = stack.people["Ada"], stack.people["Grace"]
+    clients = [
+        await chat(ada, a, room=ROOM, resume_after=0),
+        await chat(grace, b, room=ROOM, resume_after=0),
+        await chat(grace, a, room=ROOM, resume_after=0),
+        await chat(ada, b, room=ROOM, resume_after=0),
+    ]
+    # A message from each side: every stream sees both, so each replica is listening.
+    await clients[0].send("hello from a")
+    await wait_until(lambda: all(c.received for c in clients), 15, "the first message")
+    for i in range(5):
+        await clients[0].send(f"a {i}")
+        await clients[1].send(f"b {i}")
+    total = 11
+    await wait_until(
+        lambda: all(len(c.received) >= total for c in clients), 15, "every message everywhere"
+    )
+    rows = await stored(stack.database, ROOM)
+    assert len(rows) == total
+    conversation_intact(clients, rows)
+    return stack
+
+
+async def assert_no_password(stack: Any, launcher: Any, *secrets: str) -> None:
+    scraped = [
+        await asyncio.to_thread(_metrics_text, replica.metrics_port) for replica in stack.replicas
+    ]
+    for replica in stack.replicas:
+        await launcher.stop(replica)
+    logs = [replica.log_text() for replica in stack.replicas]
+    assert all("DEBUG" in log for log in logs), "the replicas logged at DEBUG"
+    for secret in secrets:
+        assert not any(secret in text for text in scraped + logs)
+
+
+async def test_a_password_in_the_url(
+    tmp_path: Path,
+    make_stack: Any,
+    launcher: Any,
+    chat: Any,
+    stored: Any,
+    conversation_intact: Any,
+) -> None:
+    server = RedisServer(tmp_path, password=PASSWORD)
+    await server.start()
+    try:
+        stack = await converse(make_stack, chat, stored, conversation_intact, server.url)
+        assert server.url.startswith(f"redis://:{PASSWORD}@127.0.0.1:")
+        await assert_no_password(stack, launcher, PASSWORD)
+    finally:
+        await server.stop()
+
+
+async def test_an_acl_user_limited_to_the_deployment_prefix(
+    tmp_path: Path,
+    redis_prefix: str,
+    make_stack: Any,
+    launcher: Any,
+    chat: Any,
+    stored: Any,
+    conversation_intact: Any,
+) -> None:
+    other_password = "other-" + uuid.uuid4().hex
+    server = RedisServer(
+        tmp_path,
+        users={"parley-chat": PASSWORD, "other-deployment": other_password},
+        user_rules={
+            "parley-chat": ACL_RULES.format(prefix=redis_prefix),
+            "other-deployment": ACL_RULES.format(prefix="other-deployment"),
+        },
+    )
+    await server.start()
+    try:
+        url = server.url_for("parley-chat", PASSWORD)
+        stack = await converse(make_stack, chat, stored, conversation_intact, url)
+        # Another deployment's user on the same Redis can neither publish on this one's
+        # channels nor read them.
+        other = aioredis.Redis.from_url(server.url_for("other-deployment", other_password))
+        try:
+            with pytest.raises(NoPermissionError):
+                await other.publish(f"{redis_prefix}:chat:room:{ROOM}", b"forged")
+            with pytest.raises(NoPermissionError):
+                await other.zadd(f"{redis_prefix}:chat:presence:{ROOM}", {"forged": 1})
+            assert await other.publish("other-deployment:chat:room:x", b"its own") == 0
+        finally:
+            await other.aclose()
+        await assert_no_password(stack, launcher, PASSWORD)
+    finally:
+        await server.stop()
+
+
+async def test_tls_with_a_client_certificate(
+    tmp_path: Path,
+    make_stack: Any,
+    launcher: Any,
+    chat: Any,
+    stored: Any,
+    conversation_intact: Any,
+) -> None:
+    server = RedisServer(tmp_path, tls=True, password=PASSWORD)
+    await server.start()
+    try:
+        assert server.url.startswith("rediss://") and "ssl_ca_certs=" in server.url
+        stack = await converse(make_stack, chat, stored, conversation_intact, server.url)
+        await assert_no_password(stack, launcher, PASSWORD)
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("credentials", "refusal"),
+    [
+        pytest.param(
+            ("", "wrong-" + uuid.uuid4().hex),
+            "Redis refused the credentials in PARLEY_REDIS_URL: invalid username-password",
+            id="wrong",
+        ),
+        pytest.param(
+            None,
+            "Redis requires a password or an ACL user, and PARLEY_REDIS_URL has none",
+            id="none",
+        ),
+    ],
+)
+async def test_wrong_credentials_keep_the_replica_not_ready_and_say_why(
+    tmp_path: Path,
+    make_stack: Any,
+    credentials: tuple[str, str] | None,
+    refusal: str,
+) -> None:
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", password=PASSWORD)
+    await server.start()
+    stack = await make_stack(replicas=0, people=())
+    url = server.url_for(*credentials) if credentials else server.url_for()
+    env = stack.chat_env(PARLEY_REDIS_URL=url, PARLEY_LOG_LEVEL="DEBUG")
+    log = tmp_path / "parley-chat.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(BIN / "parley-chat"), "serve"],
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        def reported() -> re.Match[str] | None:
+            text = log.read_text(errors="replace")
+            assert process.poll() is None, text
+            serving = _SERVING_LINE.search(text)
+            return serving if serving and "not ready: redis: " in text else None
+
+        serving = await wait_until(reported, 30, "the replica to report Redis not ready")
+        grpc_port, metrics_port = int(serving[1]), int(serving[2])
+        assert await health_status(grpc_port, CHAT_SERVICE) == NOT_SERVING
+        metrics_text = await asyncio.to_thread(_metrics_text, metrics_port)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+        await server.stop()
+    text = log.read_text(errors="replace")
+    line = next(line for line in text.splitlines() if "not ready: redis: " in line)
+    assert refusal in line, line
+    secrets = [PASSWORD] + ([credentials[1]] if credentials else [])
+    for secret in secrets:
+        assert secret not in text
+        assert secret not in metrics_text
