@@ -5,6 +5,7 @@ banner and the logs never show it."""
 
 from __future__ import annotations
 
+import secrets
 import signal
 import stat
 import subprocess
@@ -46,7 +47,7 @@ def _shows(process: Path, secret: str) -> bool:
 
 def test_the_embedded_redis_refuses_clients_without_its_password(data_dir: Path) -> None:
     (port,) = free_ports(1)
-    password = "embedded-" + "p" * 30
+    password = secrets.token_urlsafe(24)
     server = EmbeddedRedis(
         data_dir / "redis", port, log_path=data_dir / "redis.log", password=password
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def test_postgres_serves_queries_and_keeps_data_across_a_restart(data_dir: Path)
 
 def test_redis_answers_and_keeps_data_across_a_restart(data_dir: Path) -> None:
     (port,) = free_ports(1)
-    password = "pw-" + "x" * 20
+    password = secrets.token_urlsafe(24)
     server = EmbeddedRedis(
         data_dir / "redis", port, log_path=data_dir / "redis.log", password=password
     )
