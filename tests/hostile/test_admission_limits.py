@@ -9,12 +9,16 @@ INVALID_ARGUMENT naming the field, never INTERNAL or UNKNOWN.
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.testing import bearer, free_port, sample_key, scrape_metrics, wait_until
@@ -119,6 +123,18 @@ async def test_calls_beyond_the_per_connection_limit_are_refused(
         reply = await users.GetUser(get, metadata=bearer(writer), timeout=10)
         assert reply.user.id == stack.chatter_id
 
+        # Every place came back, however its call ended (refused, finished, cancelled): four
+        # calls fit on the connection again, and a fifth does not.
+        cancelled = users.GetUser(get, metadata=bearer(writer), timeout=10)
+        cancelled.cancel()
+        again = HeldImports()
+        for _ in range(4):
+            again.open(crowded, writer)
+        await wait_until(lambda: _handled_rows(server) >= 8, what="4 more held imports")
+        code, message = await _code(users.GetUser(get, metadata=bearer(writer), timeout=10))
+        assert code == RESOURCE_EXHAUSTED, "a place was kept by a call that had ended"
+        await again.finish()
+
 
 async def test_streams_beyond_the_replica_limit_are_refused(
     stack: Any, serve: Callable[..., Any], token: Callable[..., str]
@@ -138,13 +154,22 @@ async def test_streams_beyond_the_replica_limit_are_refused(
                 pass
         assert refused.value.code() == RESOURCE_EXHAUSTED
         assert "PARLEY_MAX_STREAMS=3" in (refused.value.details() or "")
+        # Reflection needs no token, and its streams count like the service's own.
+        reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channels[3])
+        asking = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in asking:
+                pass
+        assert refused.value.code() == RESOURCE_EXHAUSTED
         # Unary calls and the health service are not streams of the service.
         get = user_pb2.GetUserRequest(id=stack.chatter_id)
         assert (await users.GetUser(get, metadata=bearer(writer), timeout=10)).user.id
         health: Any = health_pb2_grpc.HealthStub(channels[3])
         status = await health.Check(health_pb2.HealthCheckRequest(service="user.UserService"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
-        assert _refusals(server, "streams_per_replica") == 1
+        assert _refusals(server, "streams_per_replica") == 2
         assert scrape_metrics(server.metrics_port)["parley_streams_open"] == 3
 
         await held.finish()
@@ -205,14 +230,16 @@ async def test_the_health_service_is_bounded_without_a_token(
         for _ in range(2):
             first = await (await watch(channels[0])).read()
             assert first.status == health_pb2.HealthCheckResponse.SERVING
+        # Refused as UNIMPLEMENTED: a client that watches health to pick connections then
+        # takes this one as healthy, instead of unusable.
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await (await watch(channels[0])).read()
-        assert refused.value.code() == RESOURCE_EXHAUSTED
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "PARLEY_HEALTH_MAX_WATCHES_PER_CONNECTION=2" in (refused.value.details() or "")
         assert (await (await watch(channels[1])).read()).status == 1  # the third on the replica
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await (await watch(channels[2])).read()
-        assert refused.value.code() == RESOURCE_EXHAUSTED
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "PARLEY_HEALTH_MAX_WATCHES=3" in (refused.value.details() or "")
         assert _refusals(server, "health_watches_per_connection") == 1
         assert _refusals(server, "health_watches_per_replica") == 1
@@ -309,3 +336,66 @@ def test_an_oversized_request_names_the_limit_and_is_counted(
             )
         assert refused.value.code() == RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
     assert _refusals(server, "message_bytes") == 2
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def _fields(headers: list[tuple[str, str]]) -> bytes:
+    block = b""
+    for name, value in headers:
+        block += b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+    return block
+
+
+def test_a_watch_whose_client_never_reads_does_not_stop_the_drain(
+    serve: Callable[..., Any],
+) -> None:
+    """A raw HTTP/2 client, no token, that grants the server no flow-control window and opens
+    Watch: the server can never write the first status. SIGTERM must still drain and exit
+    within PARLEY_SHUTDOWN_GRACE (grpc's own health servicer writes while holding the lock
+    that setting a status takes, so this client froze the drain for good)."""
+    server = serve("user", PARLEY_SHUTDOWN_GRACE="2")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        no_window = (4).to_bytes(2, "big") + (0).to_bytes(4, "big")  # INITIAL_WINDOW_SIZE=0
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, no_window))
+        assert sock.recv(65536), "the server sent no SETTINGS"
+        headers = _fields(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/grpc.health.v1.Health/Watch"),
+                (":authority", f"127.0.0.1:{server.port}"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ]
+        )
+        request = b"\x00" + (0).to_bytes(4, "big")  # an empty HealthCheckRequest: service ""
+        sock.sendall(
+            _frame(4, 1, 0)  # SETTINGS ACK
+            + _frame(1, 4, 1, headers)  # HEADERS, END_HEADERS
+            + _frame(0, 1, 1, request)  # DATA, END_STREAM
+        )
+
+        def watch_started() -> bool:
+            samples = scrape_metrics(server.metrics_port)
+            return any(
+                key.startswith("grpc_server_msg_received_total{")
+                and 'grpc_method="Watch"' in key
+                and value >= 1
+                for key, value in samples.items()
+            )
+
+        asyncio.run(wait_until(watch_started, what="the stalled Watch to reach its handler"))
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGTERM did not stop the server: the stalled Watch froze the drain")
+        assert code == 0
+    finally:
+        sock.close()

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from parley.chassis.config import ServerSettings
-from parley.chassis.errors import LimitExceeded
+from parley.chassis.errors import LimitExceeded, NotFound
 from parley.chassis.limits import (
     HEALTH_SERVICE_NAME,
     HEALTH_WATCHES_PER_CONNECTION,
@@ -22,23 +22,58 @@ from parley.chassis.limits import (
 )
 from parley.chassis.metrics import GrpcServerMetrics
 
-__all__ = ["BoundedHealthServicer", "DependencyCheck", "DependencyMonitor"]
+__all__ = ["BoundedHealthServicer", "DependencyCheck", "DependencyMonitor", "WatchRefused"]
 
 _log = logging.getLogger("parley.health")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
-class BoundedHealthServicer(health.aio.HealthServicer):
-    """grpc's health servicer with limits, since anyone may call it without a token: the
-    length of a service name, and the Watch streams one connection and the replica hold."""
+class WatchRefused(LimitExceeded):
+    """A health Watch over a limit. UNIMPLEMENTED rather than RESOURCE_EXHAUSTED: a client
+    that watches health to pick connections (gRFC A17, as the SDK does) then treats the
+    connection as healthy and goes on, where any other code would make it unusable."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class BoundedHealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 with limits, since anyone may call it without a token: the length of
+    a service name, and the Watch streams one connection and the replica hold.
+
+    Written here rather than on grpc's aio HealthServicer, whose Watch writes to the client
+    while holding the lock that setting a status takes: one client that never read froze
+    every status change, and with it readiness and the drain on SIGTERM. Here a Watch waits
+    for a change without a lock, and a client that does not read stalls only its own call.
+    """
 
     def __init__(self, settings: ServerSettings) -> None:
-        super().__init__()
+        self._statuses: dict[str, int] = {"": SERVING}
+        self._changed = asyncio.Event()  # set, and replaced, at every change
+        self._shutting_down = False
         self._max_name = settings.health_max_service_name
         self._per_connection = Quota(settings.health_max_watches_per_connection)
         self._watches = Quota(settings.health_max_watches)
+
+    async def set(self, service: str, status: int) -> None:
+        """Sets a service's status; ignored once the servicer is shutting down."""
+        if not self._shutting_down:
+            self._statuses[service] = status
+            self._notify()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every status NOT_SERVING, for good."""
+        if not self._shutting_down:
+            self._shutting_down = True
+            for service in self._statuses:
+                self._statuses[service] = NOT_SERVING
+            self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _check_name(self, service: str) -> None:
         size = len(service.encode())
@@ -54,7 +89,10 @@ class BoundedHealthServicer(health.aio.HealthServicer):
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> health_pb2.HealthCheckResponse:
         self._check_name(request.service)
-        return await super().Check(request, context)
+        status = self._statuses.get(request.service)
+        if status is None:
+            raise NotFound(f"no service {request.service!r} here", reason="UNKNOWN_SERVICE")
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -62,22 +100,29 @@ class BoundedHealthServicer(health.aio.HealthServicer):
         self._check_name(request.service)
         peer = context.peer()
         if not self._per_connection.take(peer):
-            raise LimitExceeded(
+            raise WatchRefused(
                 HEALTH_WATCHES_PER_CONNECTION,
                 "PARLEY_HEALTH_MAX_WATCHES_PER_CONNECTION",
                 self._per_connection.limit,
-                "too many health Watch streams open on this connection",
+                "too many health Watch streams open on this connection; use Check",
             )
         if not self._watches.take(None):
             self._per_connection.give_back(peer)
-            raise LimitExceeded(
+            raise WatchRefused(
                 HEALTH_WATCHES_PER_REPLICA,
                 "PARLEY_HEALTH_MAX_WATCHES",
                 self._watches.limit,
                 "this replica holds as many health Watch streams as it may; use Check",
             )
         try:
-            await super().Watch(request, context)
+            sent = None
+            while True:
+                changed = self._changed  # taken before the status is read: no change is missed
+                status = self._statuses.get(request.service, SERVICE_UNKNOWN)
+                if status != sent:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    sent = status
+                await changed.wait()
         finally:
             self._per_connection.give_back(peer)
             self._watches.give_back(None)
@@ -103,7 +148,7 @@ class DependencyMonitor:
 
     def __init__(
         self,
-        servicer: health.aio.HealthServicer,
+        servicer: BoundedHealthServicer,
         service_names: Sequence[str],
         checks: Sequence[DependencyCheck],
         metrics: GrpcServerMetrics,

@@ -6,8 +6,7 @@ the observability interceptor counts in `parley_limit_refusals_total{limit}`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
-from types import TracebackType
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -26,6 +25,8 @@ __all__ = [
     "LimitsInterceptor",
     "Quota",
 ]
+
+_HEALTH = "grpc.health.v1.Health"
 
 # The `limit` label of each refusal the chassis makes.
 STREAMS_PER_CONNECTION = "streams_per_connection"
@@ -75,9 +76,11 @@ class Quota:
 
 
 class _Admission(CallScope):
-    """Holds a place on the caller's connection (and on the replica, for a stream) for a call."""
+    """Holds a place on the caller's connection (and on the replica, for a stream) for a call,
+    from its start until grpc has finished it: past the handler's return, while the response
+    still waits for the client to read it."""
 
-    __slots__ = ("_context", "_limits", "_peer", "_stream")
+    __slots__ = ("_context", "_limits", "_stream")
 
     def __init__(
         self, limits: LimitsInterceptor, context: grpc.aio.ServicerContext[Any, Any], stream: bool
@@ -85,7 +88,6 @@ class _Admission(CallScope):
         self._limits = limits
         self._context = context
         self._stream = stream
-        self._peer: str | None = None
 
     async def __aenter__(self) -> None:
         limits = self._limits
@@ -107,34 +109,29 @@ class _Admission(CallScope):
                 limits.streams.limit,
                 "this replica holds as many streams as it may; retry later or on another replica",
             )
-        self._peer = peer
+        stream = self._stream
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._peer is None:
-            return
-        self._limits.per_connection.give_back(self._peer)
-        if self._stream:
-            self._limits.streams.give_back(None)
-        self._peer = None
+        def release(_: grpc.aio.ServicerContext[Any, Any]) -> None:
+            limits.per_connection.give_back(peer)
+            if stream:
+                limits.streams.give_back(None)
+
+        # grpc calls this once the call is over however it ended (a response written, an
+        # error, a cancellation), so a response the client never reads keeps its place.
+        self._context.add_done_callback(release)  # type: ignore[arg-type]  # stubs want a class
 
 
 class LimitsInterceptor(grpc.aio.ServerInterceptor):
     """Refuses a call beyond PARLEY_MAX_STREAMS_PER_CONNECTION on its connection, and a
-    streaming call of the service's own methods beyond PARLEY_MAX_STREAMS on the replica.
+    streaming call (reflection's too) beyond PARLEY_MAX_STREAMS on the replica.
 
-    The health and reflection services (`public_services`) count per connection only; the
-    health service has limits of its own (BoundedHealthServicer).
+    Health Watch streams count per connection only here; the health service has limits of
+    its own (BoundedHealthServicer), so that probes never compete with the service's streams.
     """
 
-    def __init__(self, settings: ServerSettings, public_services: Collection[str]) -> None:
+    def __init__(self, settings: ServerSettings) -> None:
         self.per_connection = Quota(settings.max_streams_per_connection)
         self.streams = Quota(settings.max_streams)
-        self._public = frozenset(public_services)
         self._wrapped = WrappedHandlers()
 
     def open_streams(self) -> int:
@@ -154,7 +151,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
         wrapped = self._wrapped.get(name, handler)
         if wrapped is None:
             service = name.lstrip("/").partition("/")[0]
-            stream = service not in self._public and (
+            stream = service != _HEALTH and (
                 handler.request_streaming or handler.response_streaming
             )
             wrapped = self._wrapped.put(

@@ -136,7 +136,7 @@ class GrpcServerMetrics:
         )
         self.open_streams = Gauge(
             "parley_streams_open",
-            "Streaming calls of the service's own methods open on this replica "
+            "Streaming calls open on this replica, health Watch streams aside "
             "(limited by PARLEY_MAX_STREAMS).",
             registry=self.registry,
         )

@@ -15,7 +15,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from parley.chassis.auth import PUBLIC_SERVICES, AuthInterceptor, TokenVerifier
+from parley.chassis.auth import AuthInterceptor, TokenVerifier
 from parley.chassis.config import ServerSettings
 from parley.chassis.health import BoundedHealthServicer, DependencyCheck, DependencyMonitor
 from parley.chassis.limits import CHASSIS_LIMITS, LimitsInterceptor
@@ -87,7 +87,7 @@ class GrpcApp:
         service_names = [s.full_name for s in services]
         self.metrics.initialize([*services, *_chassis_services()])
         self.metrics.initialize_limits([*CHASSIS_LIMITS, MESSAGE_BYTES])
-        self.limits = LimitsInterceptor(settings, PUBLIC_SERVICES)
+        self.limits = LimitsInterceptor(settings)
         self.metrics.open_streams.set_function(self.limits.open_streams)
         self.monitor = DependencyMonitor(
             self.health, service_names, checks, self.metrics, settings.health_check_interval
