@@ -1,5 +1,5 @@
 """Per-user limits and bounded reads, part by part: the settings, what a resume point and a
-text may be, the sender's budget in Postgres (shared by every stream, untouched by a resend),
+text may be, the sender's budget in Postgres (shared by every stream, spent by resends too),
 and catch-up pages cut by size that still deliver every message once, in order."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from parley.chassis import ConfigError, Database, DatabaseSettings, Env, InvalidArgument
 from parley.chat_service import ChatSettings
 from parley.chat_service.rooms import check_text
-from parley.chat_service.servicer import RESUME_KEY, _resume_point
+from parley.chat_service.servicer import MAX_PAGE_BYTES, RESUME_KEY, _resume_point
 from parley.chat_service.store import MessageStore
 
 BASE_ENV = {
@@ -133,15 +133,17 @@ async def sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
         return await cur.fetchall()
 
 
-async def test_a_burst_then_refusals_and_a_resend_costs_nothing(store_for, database) -> None:
-    store = store_for(0.5, 3)  # one message every 2 s: nothing refills during the test
+async def test_a_burst_then_refusals_and_resends_spend_too(store_for, database) -> None:
+    store = store_for(0.5, 4)  # one message every 2 s: nothing refills during the test
     for i in range(3):
         assert await store.append("budget", 7, "Ada", f"m{i}", f"id{i}", timeout=5) is not None
-    assert await store.append("budget", 7, "Ada", "m3", "id3", timeout=5) is None
-    assert await store.append("budget", 7, "Ada", "no id", "", timeout=5) is None
-    # A resend of a stored message is answered, and spends nothing.
+    # A resend of a stored message is answered with it, and spends like any send: a client
+    # resending one id in a loop costs a statement each time.
     resent = await store.append("budget", 7, "Ada", "m1", "id1", timeout=5)
     assert resent is not None and resent[1] is False and resent[0].sequence == 2
+    assert await store.append("budget", 7, "Ada", "m3", "id3", timeout=5) is None
+    assert await store.append("budget", 7, "Ada", "no id", "", timeout=5) is None
+    assert await store.append("budget", 7, "Ada", "m1", "id1", timeout=5) is None
     # Someone else has a budget of their own; the room's sequence has no gaps.
     other = await store.append("budget", 8, "Grace", "hello", "g1", timeout=5)
     assert other is not None and other[0].sequence == 4
@@ -244,3 +246,34 @@ async def test_a_resumed_stream_gets_every_message_across_pages_cut_by_size(
     await client.send("live")
     await wait_for(lambda: len(client.received) > len(sizes), 10, "the live message")
     assert client.received[-1].sequence == len(sizes) + 1
+
+
+@pytest.mark.parametrize("size", [500, 7])
+async def test_history_pages_are_cut_by_size_and_page_through_everything(
+    store_for, database, size: int
+) -> None:
+    """A ListMessages page ends at about MAX_PAGE_BYTES of text, says there is more, and
+    paging on (forwards and backwards) gives every message once, in order."""
+    store = store_for(100000, 100000)
+    text = "y" * 4096
+    count = 150  # 600 KiB of text: more than two pages of 256 KiB
+    for i in range(count):
+        assert await store.append("history", 5, "Ada", text, f"h{i}", timeout=5) is not None
+    forwards: list[int] = []
+    after, more = 0, True
+    while more:
+        page, more = await store.page("history", after=after, size=size, max_bytes=MAX_PAGE_BYTES)
+        assert page, "a page that says more is coming came empty"
+        assert len(page) <= size
+        assert sum(len(m.text) for m in page) < MAX_PAGE_BYTES + len(text)
+        forwards += [m.sequence for m in page]
+        after = page[-1].sequence
+    assert forwards == list(range(1, count + 1))
+    backwards: list[int] = []
+    before, more = count + 1, True
+    while more:
+        page, more = await store.page("history", before=before, size=size, max_bytes=MAX_PAGE_BYTES)
+        assert page and len(page) <= size
+        backwards = [m.sequence for m in page] + backwards
+        before = page[0].sequence
+    assert backwards == list(range(1, count + 1))

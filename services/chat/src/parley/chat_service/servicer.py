@@ -50,6 +50,8 @@ ROOM_KEY = "x-chat-room"
 RESUME_KEY = "x-chat-resume-after"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# A ListMessages page also ends after the message that brings its text to this many bytes.
+MAX_PAGE_BYTES = 256 * 1024
 # Catch-up reads from Postgres go in pages of at most this many messages, cut after the one
 # that brings the page's text to _CATCH_UP_BYTES: what a stream that does not read holds.
 _CATCH_UP_PAGE = 200
@@ -284,18 +286,15 @@ class ChatServicer:
         )
         timeout = context.time_remaining()
         last = await self._store.last_sequence(room, timeout=timeout)
-        if request.before_sequence > 0:
-            messages = await self._store.before(
-                room, request.before_sequence, size + 1, timeout=timeout
-            )
-            has_more = len(messages) > size
-            messages = messages[1:] if has_more else messages
-        else:
-            messages = await self._store.after(
-                room, request.after_sequence, size + 1, timeout=timeout
-            )
-            has_more = len(messages) > size
-            messages = messages[:size]
+        # Cut by size too: a reply waits in memory until its client reads it.
+        messages, has_more = await self._store.page(
+            room,
+            after=request.after_sequence,
+            before=request.before_sequence,
+            size=size,
+            max_bytes=MAX_PAGE_BYTES,
+            timeout=timeout,
+        )
         return chat_pb2.ListMessagesResponse(
             messages=messages, has_more=has_more, last_sequence=last
         )

@@ -15,10 +15,11 @@ __all__ = ["MessageStore"]
 
 _COLUMNS = sql.SQL("room, sequence, user_id, user_name, text, client_message_id, create_time")
 
-# The stored message and whether this call stored it: a resent client id returns the earlier
-# row (false) and spends nothing; otherwise the sender's budget (see the chat_send_budgets
-# migration) is spent, and only when it allows, the room's counter is bumped and the message
-# inserted (true). No row at all: the budget refused the message.
+# The stored message and whether this call stored it. Every send spends from the sender's
+# budget (see the chat_send_budgets migration), a resend too: each costs a statement, and a
+# client resending one id in a loop would otherwise load Postgres without bound. Only when
+# the budget allows, a resent client id returns the earlier row (false), or the room's
+# counter is bumped and the message inserted (true). No row at all: the budget refused it.
 _APPEND = sql.SQL(
     """
 WITH existing AS (
@@ -27,14 +28,14 @@ WITH existing AS (
       AND client_message_id = %(client_id)s
 ), budget AS (
     INSERT INTO chat_send_budgets AS b (user_id, full_again)
-    SELECT %(user_id)s, now() + %(interval)s WHERE NOT EXISTS (SELECT FROM existing)
+    VALUES (%(user_id)s, now() + %(interval)s)
     ON CONFLICT (user_id) DO UPDATE
         SET full_again = greatest(b.full_again, now()) + %(interval)s
         WHERE b.full_again <= now() + %(tolerance)s
     RETURNING full_again
 ), next AS (
     INSERT INTO chat_rooms AS r (name, last_sequence)
-    SELECT %(room)s, 1 WHERE EXISTS (SELECT FROM budget)
+    SELECT %(room)s, 1 WHERE EXISTS (SELECT FROM budget) AND NOT EXISTS (SELECT FROM existing)
     ON CONFLICT (name) DO UPDATE SET last_sequence = r.last_sequence + 1
     RETURNING last_sequence
 ), added AS (
@@ -44,7 +45,7 @@ WITH existing AS (
 )
 SELECT {columns}, true FROM added
 UNION ALL
-SELECT {columns}, false FROM existing
+SELECT {columns}, false FROM existing WHERE EXISTS (SELECT FROM budget)
 """
 ).format(columns=_COLUMNS)
 
@@ -61,6 +62,27 @@ WHERE through - octet_length(text) < %(max_bytes)s
 ORDER BY sequence
 """
 ).format(columns=_COLUMNS)
+
+
+# A ListMessages page: up to `limit` messages on one side of a sequence, nearest first, cut
+# after the message that brings its text to `max_bytes` or more; `total` is how many the
+# limit let through, so the caller can tell whether the cut left some out.
+_PAGE = """
+SELECT {columns}, total FROM (
+    SELECT {columns}, sum(octet_length(text)) OVER (ORDER BY sequence {order}) AS through,
+        count(*) OVER () AS total
+    FROM (
+        SELECT {columns} FROM chat_messages WHERE room = %(room)s AND sequence {side} %(at)s
+        ORDER BY sequence {order} LIMIT %(limit)s
+    ) AS nearest
+) AS page
+WHERE through - octet_length(text) < %(max_bytes)s
+ORDER BY sequence {order}
+"""
+_PAGE_AFTER = sql.SQL(_PAGE.replace("{order}", "").replace("{side}", ">")).format(columns=_COLUMNS)
+_PAGE_BEFORE = sql.SQL(_PAGE.replace("{order}", "DESC").replace("{side}", "<")).format(
+    columns=_COLUMNS
+)
 
 
 def _message(row: tuple[Any, ...]) -> chat_pb2.ChatMessage:
@@ -196,3 +218,33 @@ class MessageStore:
             )
             rows = await cur.fetchall()
         return [_message(row) for row in reversed(rows)]
+
+    async def page(
+        self,
+        room: str,
+        *,
+        after: int = 0,
+        before: int = 0,
+        size: int,
+        max_bytes: int,
+        timeout: float | None = None,
+    ) -> tuple[list[chat_pb2.ChatMessage], bool]:
+        """A page of at most `size` messages and about `max_bytes` of text (at least one
+        message), oldest first: just below `before` when it is set, else just above `after`.
+        Also whether more messages lie beyond the page in that direction."""
+        query = _PAGE_BEFORE if before > 0 else _PAGE_AFTER
+        params = {
+            "room": room,
+            "at": before if before > 0 else after,
+            "limit": size + 1,
+            "max_bytes": max_bytes,
+        }
+        async with self._db.connection(timeout) as conn:
+            cur = await conn.execute(query, params)
+            rows = await cur.fetchall()
+        kept = rows[:size]
+        more = bool(rows) and int(rows[0][7]) > len(kept)
+        messages = [_message(row) for row in kept]
+        if before > 0:
+            messages.reverse()
+        return messages, more
