@@ -79,8 +79,10 @@ SELECT {columns}, total FROM (
 WHERE through - octet_length(text) < %(max_bytes)s
 ORDER BY sequence {order}
 """
-_PAGE_AFTER = sql.SQL(_PAGE.replace("{order}", "").replace("{side}", ">")).format(columns=_COLUMNS)
-_PAGE_BEFORE = sql.SQL(_PAGE.replace("{order}", "DESC").replace("{side}", "<")).format(
+_PAGE_AFTER = sql.SQL(_PAGE.strip().replace("{order}", "").replace("{side}", ">")).format(
+    columns=_COLUMNS
+)
+_PAGE_BEFORE = sql.SQL(_PAGE.strip().replace("{order}", "DESC").replace("{side}", "<")).format(
     columns=_COLUMNS
 )
 
