@@ -7,7 +7,7 @@ the call, see every message in and out, and run code after the call however it e
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -15,7 +15,7 @@ import grpc
 
 from parley.chassis.malformed import tolerant as tolerant_deserializer
 
-__all__ = ["CallScope", "WrappedHandlers", "wrap_handler"]
+__all__ = ["CallScope", "WrappedHandlers", "WrappingInterceptor", "wrap_handler"]
 
 
 class CallScope:
@@ -180,6 +180,36 @@ class WrappedHandlers:
         if len(self._entries) >= self._limit:
             self._entries.clear()
         self._entries[method] = (handler, wrapped)
+        return wrapped
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that hands grpc a wrapped copy of each method's handler, made
+    once per method by `wrap` and reused (see WrappedHandlers)."""
+
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers()
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler to use for `method` (`/package.Service/Method`) instead of `handler`."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        name = handler_call_details.method
+        wrapped = self._wrapped.get(name, handler)
+        if wrapped is None:
+            wrapped = self._wrapped.put(name, handler, self.wrap(name, handler))
         return wrapped
 
 

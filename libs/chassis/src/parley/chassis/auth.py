@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import jwt
 
-from parley.chassis._handlers import CallScope, WrappedHandlers, wrap_handler
+from parley.chassis._handlers import CallScope, WrappingInterceptor, wrap_handler
 from parley.chassis.config import ConfigError, Env
 from parley.chassis.errors import PermissionDenied, Unauthenticated
 from parley.chassis.sample_secrets import SAMPLE_SECRET_PROBLEM, is_sample_secret
@@ -298,32 +298,18 @@ class _AuthScope(CallScope):
         _identity_var.set(identity)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Requires a valid bearer token on every RPC except health and reflection."""
 
     def __init__(self, verifier: TokenVerifier, public_services: Collection[str] = PUBLIC_SERVICES):
+        super().__init__()
         self._verifier = verifier
         self._public = frozenset(public_services)
-        self._wrapped = WrappedHandlers()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        if method.lstrip("/").partition("/")[0] in self._public:
             return handler
-        name = handler_call_details.method
-        wrapped = self._wrapped.get(name, handler)
-        if wrapped is None:
-            service = name.lstrip("/").partition("/")[0]
-            if service in self._public:
-                wrapped = handler
-            else:
-                verifier = self._verifier
-                wrapped = wrap_handler(handler, lambda context: _AuthScope(verifier, context))
-            self._wrapped.put(name, handler, wrapped)
-        return wrapped
+        verifier = self._verifier
+        return wrap_handler(handler, lambda context: _AuthScope(verifier, context))

@@ -6,12 +6,11 @@ the observability interceptor counts in `parley_limit_refusals_total{limit}`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from parley.chassis._handlers import CallScope, WrappedHandlers, wrap_handler
+from parley.chassis._handlers import CallScope, WrappingInterceptor, wrap_handler
 from parley.chassis.config import ServerSettings
 from parley.chassis.errors import LimitExceeded
 
@@ -121,7 +120,7 @@ class _Admission(CallScope):
         self._context.add_done_callback(release)  # type: ignore[arg-type]  # stubs want a class
 
 
-class LimitsInterceptor(grpc.aio.ServerInterceptor):
+class LimitsInterceptor(WrappingInterceptor):
     """Refuses a call beyond PARLEY_MAX_STREAMS_PER_CONNECTION on its connection, and a
     streaming call (reflection's too) beyond PARLEY_MAX_STREAMS on the replica.
 
@@ -130,33 +129,17 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, settings: ServerSettings) -> None:
+        super().__init__()
         self.per_connection = Quota(settings.max_streams_per_connection)
         self.streams = Quota(settings.max_streams)
-        self._wrapped = WrappedHandlers()
 
     def open_streams(self) -> int:
         return self.streams.held(None)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        name = handler_call_details.method
-        wrapped = self._wrapped.get(name, handler)
-        if wrapped is None:
-            service = name.lstrip("/").partition("/")[0]
-            stream = service != _HEALTH and (
-                handler.request_streaming or handler.response_streaming
-            )
-            wrapped = self._wrapped.put(
-                name,
-                handler,
-                wrap_handler(handler, lambda context: _Admission(self, context, stream)),
-            )
-        return wrapped
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        stream = method.lstrip("/").partition("/")[0] != _HEALTH and (
+            handler.request_streaming or handler.response_streaming
+        )
+        return wrap_handler(handler, lambda context: _Admission(self, context, stream))

@@ -6,13 +6,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from parley.chassis._handlers import CallScope, WrappedHandlers, wrap_handler
+from parley.chassis._handlers import CallScope, WrappingInterceptor, wrap_handler
 from parley.chassis.errors import LimitExceeded, ServiceError, to_status
 from parley.chassis.logs import request_id_var
 from parley.chassis.malformed import MalformedRequest
@@ -124,40 +123,25 @@ _SERVER_FAULTS = frozenset(
 )
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+class ObservabilityInterceptor(WrappingInterceptor):
     """Tags each call with a request id, logs it, counts it and maps domain errors to statuses."""
 
     def __init__(self, metrics: GrpcServerMetrics, max_request_bytes: int = 0) -> None:
+        super().__init__()
         self._metrics = metrics
         self._max_request_bytes = max_request_bytes
-        self._wrapped = WrappedHandlers()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        name = handler_call_details.method
-        wrapped = self._wrapped.get(name, handler)
-        if wrapped is None:
-            service, _, method = name.lstrip("/").partition("/")
-            metrics = self._metrics
-            method_metrics = metrics.method(
-                grpc_type(handler.request_streaming, handler.response_streaming), service, method
-            )
-            wrapped = self._wrapped.put(
-                name,
-                handler,
-                wrap_handler(
-                    handler,
-                    lambda context: _ObservedCall(metrics, method_metrics, context),
-                    tolerant=True,
-                    max_request_bytes=self._max_request_bytes,
-                ),
-            )
-        return wrapped
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        service, _, name = method.lstrip("/").partition("/")
+        metrics = self._metrics
+        method_metrics = metrics.method(
+            grpc_type(handler.request_streaming, handler.response_streaming), service, name
+        )
+        return wrap_handler(
+            handler,
+            lambda context: _ObservedCall(metrics, method_metrics, context),
+            tolerant=True,
+            max_request_bytes=self._max_request_bytes,
+        )
