@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from parley.client import AsyncChatClient, ChatClient, HealthStatus, Unavailable
+from parley.client.chat import check_text
 
 if TYPE_CHECKING:
     from conftest import Person, RunningStack
@@ -112,3 +113,14 @@ def test_bad_arguments_fail_early(stack: RunningStack) -> None:
             chat.list_messages_page("general", page_size=0)
         with pytest.raises(ValueError):
             chat.post("general", "x" * 5000)
+
+
+@pytest.mark.parametrize(
+    "text", ["ESC \x1b[2J", "OSC 52 \x1b]52;c;aGk=\x07", "CSI \x9b2J", "DEL \x7f", "CR \r"]
+)
+def test_texts_the_server_refuses_are_refused_before_sending(text: str) -> None:
+    """The server ends a stream over a text with control characters; the SDK says so first,
+    so a session is not lost to one bad line."""
+    with pytest.raises(ValueError, match="control characters other than tab and newline"):
+        check_text(text)
+    check_text("tabs\tand\nnewlines are fine")

@@ -108,6 +108,12 @@ def check_text(text: str) -> None:
     size = len(text.encode())
     if size > MAX_TEXT_BYTES:
         raise ValueError(f"a chat message must be at most {MAX_TEXT_BYTES} bytes, got {size}")
+    for position, char in enumerate(text):
+        if (char < " " and char not in "\t\n") or "\x7f" <= char <= "\x9f":
+            raise ValueError(
+                "a chat message must not contain control characters other than tab and "
+                f"newline (U+{ord(char):04X} at character {position})"
+            )
 
 
 def _masked(error: ParleyError) -> bool:
