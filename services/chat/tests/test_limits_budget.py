@@ -218,14 +218,20 @@ async def test_a_page_ends_with_the_message_that_reaches_max_bytes(store_for, da
     sizes = [1000, 3000, 4096, 2, 4096, 4096, 1]
     await fill(database, "pages", sizes)
     store = store_for(1, 1)
-    page = await store.after("pages", 0, 100, max_bytes=8000)
+    page, more = await store.page("pages", after=0, size=100, max_bytes=8000)
     assert [m.sequence for m in page] == [1, 2, 3]  # 1000 + 3000 < 8000 <= 8096
-    page = await store.after("pages", 3, 100, max_bytes=8000)
+    assert more
+    page, more = await store.page("pages", after=3, size=100, max_bytes=8000)
     assert [m.sequence for m in page] == [4, 5, 6]
+
     # One message larger than the budget still makes a page; the count limit still holds.
-    assert [m.sequence for m in await store.after("pages", 2, 100, max_bytes=10)] == [3]
-    assert [m.sequence for m in await store.after("pages", 0, 2, max_bytes=10**6)] == [1, 2]
-    assert [m.sequence for m in await store.after("pages", 7, 100, max_bytes=10)] == []
+    async def sequences(after: int, size: int, max_bytes: int) -> list[int]:
+        page, _ = await store.page("pages", after=after, size=size, max_bytes=max_bytes)
+        return [m.sequence for m in page]
+
+    assert await sequences(2, 100, 10) == [3]
+    assert await sequences(0, 2, 10**6) == [1, 2]
+    assert await sequences(7, 100, 10) == []
     unbounded = await store.after("pages", 0, 100)
     assert [len(m.text.encode()) for m in unbounded] == sizes
 

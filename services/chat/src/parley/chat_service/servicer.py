@@ -207,12 +207,10 @@ class ChatServicer:
         One bounded page at a time (see _CATCH_UP_BYTES), read before anything is sent: no
         pooled connection waits on the client, and a client that stops reading pins a page.
         """
-        while until is None or after < until:
-            page = await self._store.after(room, after, _CATCH_UP_PAGE, max_bytes=_CATCH_UP_BYTES)
-            # A page cut neither by count nor by size was the last one.
-            last_page = (
-                len(page) < _CATCH_UP_PAGE
-                and sum(len(message.text.encode()) for message in page) < _CATCH_UP_BYTES
+        more = True
+        while more and (until is None or after < until):
+            page, more = await self._store.page(
+                room, after=after, size=_CATCH_UP_PAGE, max_bytes=_CATCH_UP_BYTES
             )
             for message in page:
                 if until is not None and message.sequence > until:
@@ -220,8 +218,6 @@ class ChatServicer:
                 self._metrics.backfilled.inc()
                 after = message.sequence
                 yield message
-            if last_page:
-                return
 
     async def _read(
         self,

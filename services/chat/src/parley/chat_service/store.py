@@ -49,24 +49,10 @@ SELECT {columns}, false FROM existing WHERE EXISTS (SELECT FROM budget)
 """
 ).format(columns=_COLUMNS)
 
-# A page of messages after a sequence, cut after the message that brings its text to
-# `max_bytes` or more (so it holds at least one message).
-_AFTER_BOUNDED = sql.SQL(
-    """
-SELECT {columns} FROM (
-    SELECT {columns}, sum(octet_length(text)) OVER (ORDER BY sequence) AS through
-    FROM chat_messages WHERE room = %(room)s AND sequence > %(after)s
-    ORDER BY sequence LIMIT %(limit)s
-) AS page
-WHERE through - octet_length(text) < %(max_bytes)s
-ORDER BY sequence
-"""
-).format(columns=_COLUMNS)
-
-
-# A ListMessages page: up to `limit` messages on one side of a sequence, nearest first, cut
-# after the message that brings its text to `max_bytes` or more; `total` is how many the
-# limit let through, so the caller can tell whether the cut left some out.
+# A page of a ListMessages or of a stream's catch-up: up to `limit` messages on one side of a
+# sequence, nearest first, cut after the message that brings its text to `max_bytes` or
+# more; `total` is how many the limit let through, so the caller can tell whether the cut
+# left some out.
 _PAGE = """
 SELECT {columns}, total FROM (
     SELECT {columns}, sum(octet_length(text)) OVER (ORDER BY sequence {order}) AS through,
@@ -176,33 +162,17 @@ class MessageStore:
         return int(row[0]) if row else 0
 
     async def after(
-        self,
-        room: str,
-        after_sequence: int,
-        limit: int,
-        *,
-        max_bytes: int | None = None,
-        timeout: float | None = None,
+        self, room: str, after_sequence: int, limit: int, *, timeout: float | None = None
     ) -> list[chat_pb2.ChatMessage]:
-        """Up to `limit` messages with a sequence above `after_sequence`, oldest first.
-
-        With `max_bytes`, the page ends with the message that brings its texts to `max_bytes`
-        bytes or more: it holds at most `max_bytes` plus one message's text.
-        """
+        """Up to `limit` messages with a sequence above `after_sequence`, oldest first."""
         async with self._db.connection(timeout) as conn:
-            if max_bytes is None:
-                cur = await conn.execute(
-                    sql.SQL(
-                        "SELECT {} FROM chat_messages WHERE room = %s AND sequence > %s"
-                        " ORDER BY sequence LIMIT %s"
-                    ).format(_COLUMNS),
-                    (room, after_sequence, limit),
-                )
-            else:
-                cur = await conn.execute(
-                    _AFTER_BOUNDED,
-                    {"room": room, "after": after_sequence, "limit": limit, "max_bytes": max_bytes},
-                )
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT {} FROM chat_messages WHERE room = %s AND sequence > %s"
+                    " ORDER BY sequence LIMIT %s"
+                ).format(_COLUMNS),
+                (room, after_sequence, limit),
+            )
             rows = await cur.fetchall()
         return [_message(row) for row in rows]
 
