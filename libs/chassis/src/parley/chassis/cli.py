@@ -41,8 +41,10 @@ async def _serve(build: Callable[[Env], GrpcApp]) -> int:
 async def _migrate(migrations: MigrationSet) -> int:
     env = Env()
     database = DatabaseSettings.from_env(env)
+    # How long to retry a database that is not up yet (a container or pod started with it).
+    wait = env.seconds("PARLEY_MIGRATE_WAIT", 60.0, minimum=0.0, maximum=3600.0)
     configure_logging(*_logging_from_env(env))
-    applied = await migrations.apply(database.url)
+    applied = await migrations.apply(database.url, wait=wait)
     _log.info(
         "%s schema of %s is at version %d (%s)",
         migrations.component,

@@ -7,6 +7,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from parley.chassis.sample_secrets import SAMPLE_PASSWORD_PROBLEM, has_sample_password
 
 __all__ = [
@@ -241,6 +244,13 @@ class DatabaseSettings:
                 "PARLEY_DATABASE_URL",
                 "must be a postgresql:// URL or a libpq key=value string",
             )
+        try:
+            conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            # libpq's message quotes the string, password and all: not for a log line.
+            raise ConfigError(
+                "PARLEY_DATABASE_URL", "libpq cannot parse it (a URL or key=value string)"
+            ) from None
         if has_sample_password(url):
             raise ConfigError("PARLEY_DATABASE_URL", SAMPLE_PASSWORD_PROBLEM)
         pool_min = env.integer("PARLEY_DB_POOL_MIN", 1, minimum=0, maximum=1000)

@@ -6,20 +6,29 @@ in its package's `migrations/` folder; one ledger table records what was applied
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import psycopg
 
-__all__ = ["Migration", "MigrationSet"]
+from parley.chassis.database import redact_url
+
+__all__ = ["Migration", "MigrationSet", "connect_when_ready"]
 
 _log = logging.getLogger("parley.migrate")
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # One lock for every component, so concurrent migrations of a database never interleave.
 _ADVISORY_LOCK_KEY = 0x5041524C4559  # "PARLEY"
+
+# Failures that waiting cannot fix: the server answered and refused who or what we asked for.
+_PERMANENT = ("password authentication failed", "does not exist", "no pg_hba.conf entry")
+# Back-off between connection attempts: doubling from the first, capped at the last.
+_FIRST_DELAY, _MAX_DELAY = 0.5, 5.0
 
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS parley_schema_migrations (
@@ -85,14 +94,17 @@ class MigrationSet:
                 f"run `parley-{self.component} migrate`"
             )
 
-    async def apply(self, url: str) -> list[int]:
+    async def apply(self, url: str, *, wait: float = 0.0) -> list[int]:
         """Applies every pending migration; returns the versions applied (empty when current).
+
+        `wait` is how long to keep retrying a database that is not reachable yet
+        (see `connect_when_ready`).
 
         Safe when several replicas run it at once: the advisory lock serialises them and the
         ledger, read under the lock, makes each migration run exactly once.
         """
         applied: list[int] = []
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        async with await connect_when_ready(url, wait=wait) as conn:
             await conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
             try:
                 await conn.execute(_LEDGER)
@@ -117,3 +129,46 @@ class MigrationSet:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
         return applied
+
+
+async def connect_when_ready(url: str, *, wait: float) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection to `url`, retried with back-off for up to `wait` seconds.
+
+    A database that is still starting, or a host name that does not resolve yet (a container
+    started in the same breath), is retried; each failed attempt is one log line. A refusal
+    that waiting cannot fix, such as a wrong password or a missing database, and the last
+    failure once `wait` is spent, raise psycopg.OperationalError at once.
+    """
+    deadline = time.monotonic() + wait
+    delay, attempt = _FIRST_DELAY, 0
+    while True:
+        attempt += 1
+        remaining = deadline - time.monotonic()
+        try:
+            # libpq's connect_timeout is whole seconds, at least 2 (a smaller value means 2).
+            return await psycopg.AsyncConnection.connect(
+                url, autocommit=True, connect_timeout=max(2, min(10, int(remaining)))
+            )
+        except psycopg.OperationalError as error:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            remaining = deadline - time.monotonic()
+            if any(text in reason for text in _PERMANENT):
+                raise
+            if remaining <= 0:
+                if attempt == 1:
+                    raise
+                raise psycopg.OperationalError(
+                    f"{reason} (gave up after {attempt} attempts in {wait:g}s)"
+                ) from error
+            pause = min(delay, remaining)
+            _log.warning(
+                "postgres at %s is not reachable yet (attempt %d, retrying in %.1fs, "
+                "%.0fs left): %s",
+                redact_url(url),
+                attempt,
+                pause,
+                remaining,
+                reason,
+            )
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, _MAX_DELAY)
