@@ -1,17 +1,21 @@
 """Parley's protos stay wire-compatible with the seed contract, and the generated code is fresh.
 
-The seed (`../shared/seed` next to the repository) is the tutorial's contract. Both sides are
-compiled with grpcio-tools' protoc into FileDescriptorSets and compared field by field, so a
-renumbered field, a changed type or a dropped method fails here with every difference listed.
+The seed tutorial's contract is recorded in `seed_record.py`. proto/ is compiled with
+grpcio-tools' protoc and its facts compared with the record, so a renumbered field, a changed
+type or a dropped method fails here with every difference listed, on any clone. Where the seed
+itself sits next to the repository (`../shared/seed`, as in CI), the record is also checked
+against it; elsewhere that one test is skipped with the reason.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib.resources import as_file, files
 from pathlib import Path
 
@@ -19,26 +23,16 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
+from .seed_record import SEED, Contract, Field, ProtoFile, Rpc
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEED_DIR = REPO_ROOT.parent / "shared" / "seed"
 PROJECT_PROTO_DIR = REPO_ROOT / "proto"
 GENERATED_DIR = REPO_ROOT / "libs" / "proto" / "src" / "parley" / "proto"
-CONTRACT_FILES = ("user.proto", "chat.proto")
+CONTRACT_FILES = tuple(SEED)
 
 FieldType = descriptor_pb2.FieldDescriptorProto.Type
 FieldLabel = descriptor_pb2.FieldDescriptorProto.Label
-
-
-@pytest.fixture(scope="module")
-def seed_dir() -> Path:
-    missing = [name for name in CONTRACT_FILES if not (SEED_DIR / name).is_file()]
-    if missing:
-        pytest.fail(
-            f"the seed contract is missing: expected {', '.join(missing)} in {SEED_DIR} "
-            f"(the seed lives at ../shared/seed relative to the repository root {REPO_ROOT})",
-            pytrace=False,
-        )
-    return SEED_DIR
 
 
 def compile_descriptor_set(
@@ -63,209 +57,227 @@ def compile_descriptor_set(
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
 
-@pytest.fixture(scope="module")
-def seed_set(
-    seed_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> descriptor_pb2.FileDescriptorSet:
-    out = tmp_path_factory.mktemp("seed") / "seed.binpb"
-    return compile_descriptor_set(seed_dir, CONTRACT_FILES, out)
+def _field_type(proto: descriptor_pb2.FieldDescriptorProto) -> str:
+    if proto.type_name:
+        return proto.type_name.lstrip(".")
+    return FieldType.Name(proto.type).removeprefix("TYPE_").lower()
 
 
-@pytest.fixture(scope="module")
-def project_set(tmp_path_factory: pytest.TempPathFactory) -> descriptor_pb2.FileDescriptorSet:
-    out = tmp_path_factory.mktemp("project") / "project.binpb"
-    return compile_descriptor_set(PROJECT_PROTO_DIR, CONTRACT_FILES, out)
+def _messages(
+    message: descriptor_pb2.DescriptorProto, prefix: str = ""
+) -> Iterator[tuple[str, dict[int, Field]]]:
+    """A message and its nested ones, named `Outer.Inner`, with their fields by number."""
+    yield (
+        prefix + message.name,
+        {
+            f.number: Field(f.name, _field_type(f), repeated=f.label == FieldLabel.LABEL_REPEATED)
+            for f in message.field
+        },
+    )
+    for nested in message.nested_type:
+        yield from _messages(nested, f"{prefix}{message.name}.")
 
 
-class Index:
-    """Messages and services of a FileDescriptorSet by full name (`.user.User`, as type_name)."""
-
-    def __init__(self, descriptor_set: descriptor_pb2.FileDescriptorSet) -> None:
-        self.files = {f.name: f for f in descriptor_set.file}
-        self.messages: dict[str, descriptor_pb2.DescriptorProto] = {}
-        self.services: dict[str, descriptor_pb2.ServiceDescriptorProto] = {}
-        for file in descriptor_set.file:
-            prefix = f".{file.package}" if file.package else ""
-            for message in file.message_type:
-                self._add_message(prefix, message)
-            for service in file.service:
-                self.services[f"{prefix}.{service.name}"] = service
-
-    def _add_message(self, prefix: str, message: descriptor_pb2.DescriptorProto) -> None:
-        full_name = f"{prefix}.{message.name}"
-        self.messages[full_name] = message
-        for nested in message.nested_type:
-            self._add_message(full_name, nested)
-
-
-def _field_summary(field: descriptor_pb2.FieldDescriptorProto) -> str:
-    kind = FieldType.Name(field.type)
-    if field.type_name:
-        kind += f" {field.type_name.lstrip('.')}"
-    return f"{FieldLabel.Name(field.label)} {kind} {field.name} = {field.number}"
+def contract_of(
+    descriptor_set: descriptor_pb2.FileDescriptorSet, names: tuple[str, ...]
+) -> Contract:
+    """The facts of the files `names` in a compiled set, in the record's shape."""
+    contract: Contract = {}
+    for proto_file in descriptor_set.file:
+        if proto_file.name not in names:
+            continue
+        services = {
+            service.name: {
+                m.name: Rpc(
+                    m.input_type.lstrip("."),
+                    m.output_type.lstrip("."),
+                    client_streaming=m.client_streaming,
+                    server_streaming=m.server_streaming,
+                )
+                for m in service.method
+            }
+            for service in proto_file.service
+        }
+        messages = dict(item for m in proto_file.message_type for item in _messages(m))
+        contract[proto_file.name] = ProtoFile(proto_file.package, services, messages)
+    return contract
 
 
-def compatibility_problems(
-    seed: descriptor_pb2.FileDescriptorSet, project: descriptor_pb2.FileDescriptorSet
-) -> list[str]:
+def _describe(number: int, field: Field) -> str:
+    return f"{'repeated ' if field.repeated else ''}{field.type} {field.name} = {number}"
+
+
+def facts(contract: Contract) -> set[str]:
+    """A contract as one line per fact, for a readable difference of two contracts."""
+    lines = set()
+    for name, proto_file in contract.items():
+        lines.add(f"{name}: package {proto_file.package}")
+        for service, methods in proto_file.services.items():
+            for method, rpc in methods.items():
+                lines.add(f"{name}: rpc {service}.{method} {rpc}")
+        for message, fields in proto_file.messages.items():
+            lines |= {f"{name}: {message} {_describe(n, f)}" for n, f in fields.items()}
+    return lines
+
+
+def compatibility_problems(seed: Contract, project: Contract) -> list[str]:
     """Every way in which `project` is not wire-compatible with `seed`, one line each."""
-    seed_index, project_index = Index(seed), Index(project)
     problems: list[str] = []
-
-    for name, seed_file in seed_index.files.items():
-        project_file = project_index.files.get(name)
+    for name, seed_file in seed.items():
+        project_file = project.get(name)
         if project_file is None:
             problems.append(f"{name}: file is missing from the project")
-        elif project_file.package != seed_file.package:
+            continue
+        if project_file.package != seed_file.package:
             problems.append(
                 f"{name}: package is {project_file.package!r}, the seed has {seed_file.package!r}"
             )
-
-    for service_name, seed_service in seed_index.services.items():
-        where = service_name.lstrip(".")
-        project_service = project_index.services.get(service_name)
-        if project_service is None:
-            problems.append(f"service {where}: missing")
-            continue
-        project_methods = {m.name: m for m in project_service.method}
-        for seed_method in seed_service.method:
-            method = project_methods.get(seed_method.name)
-            if method is None:
-                problems.append(f"rpc {where}.{seed_method.name}: missing")
+        for service_name, seed_methods in seed_file.services.items():
+            where = f"{seed_file.package}.{service_name}"
+            project_methods = project_file.services.get(service_name)
+            if project_methods is None:
+                problems.append(f"service {where}: missing")
                 continue
-            for attribute in ("input_type", "output_type", "client_streaming", "server_streaming"):
-                expected = getattr(seed_method, attribute)
-                actual = getattr(method, attribute)
-                if actual != expected:
+            for method_name, seed_rpc in seed_methods.items():
+                rpc = project_methods.get(method_name)
+                if rpc is None:
+                    problems.append(f"rpc {where}.{method_name}: missing")
+                    continue
+                for attribute in ("input", "output", "client_streaming", "server_streaming"):
+                    expected, actual = getattr(seed_rpc, attribute), getattr(rpc, attribute)
+                    if actual != expected:
+                        problems.append(
+                            f"rpc {where}.{method_name}: {attribute} is {actual!r}, "
+                            f"the seed has {expected!r}"
+                        )
+        for message_name, seed_fields in seed_file.messages.items():
+            where = f"{seed_file.package}.{message_name}"
+            project_fields = project_file.messages.get(message_name)
+            if project_fields is None:
+                problems.append(f"message {where}: missing")
+                continue
+            for number, seed_field in seed_fields.items():
+                field = project_fields.get(number)
+                if field is None:
                     problems.append(
-                        f"rpc {where}.{seed_method.name}: {attribute} is {actual!r}, "
-                        f"the seed has {expected!r}"
+                        f"message {where}: field number {number} is missing "
+                        f"(seed: {_describe(number, seed_field)})"
                     )
-
-    for message_name, seed_message in seed_index.messages.items():
-        where = message_name.lstrip(".")
-        project_message = project_index.messages.get(message_name)
-        if project_message is None:
-            problems.append(f"message {where}: missing")
-            continue
-        project_fields = {f.number: f for f in project_message.field}
-        for seed_field in seed_message.field:
-            field = project_fields.get(seed_field.number)
-            if field is None:
-                problems.append(
-                    f"message {where}: field number {seed_field.number} is missing "
-                    f"(seed: {_field_summary(seed_field)})"
-                )
-                continue
-            for attribute in ("name", "type", "label", "type_name"):
-                if getattr(field, attribute) != getattr(seed_field, attribute):
+                elif field != seed_field:
                     problems.append(
-                        f"message {where}: field {seed_field.number} {attribute} differs: "
-                        f"project has {_field_summary(field)}, "
-                        f"seed has {_field_summary(seed_field)}"
+                        f"message {where}: field {number} differs: project has "
+                        f"{_describe(number, field)}, seed has {_describe(number, seed_field)}"
                     )
     return problems
 
 
-def appended_only_problems(
-    seed: descriptor_pb2.FileDescriptorSet, project: descriptor_pb2.FileDescriptorSet
-) -> list[str]:
+def appended_only_problems(seed: Contract, project: Contract) -> list[str]:
     """Fields the project added to a seed message with a number not above the seed's highest."""
-    seed_index, project_index = Index(seed), Index(project)
     problems: list[str] = []
-    for message_name, seed_message in seed_index.messages.items():
-        project_message = project_index.messages.get(message_name)
-        if project_message is None:
+    for name, seed_file in seed.items():
+        project_file = project.get(name)
+        if project_file is None:
             continue
-        seed_numbers = {f.number for f in seed_message.field}
-        highest = max(seed_numbers, default=0)
-        for field in project_message.field:
-            if field.number not in seed_numbers and field.number <= highest:
-                problems.append(
-                    f"message {message_name.lstrip('.')}: added field {_field_summary(field)} "
-                    f"must be numbered above the seed's highest field number {highest}"
-                )
+        for message_name, seed_fields in seed_file.messages.items():
+            highest = max(seed_fields, default=0)
+            for number, field in project_file.messages.get(message_name, {}).items():
+                if number not in seed_fields and number <= highest:
+                    problems.append(
+                        f"message {seed_file.package}.{message_name}: added field "
+                        f"{_describe(number, field)} must be numbered above the seed's "
+                        f"highest field number {highest}"
+                    )
     return problems
 
 
-def test_seed_contract_compiles_to_the_expected_services(
-    seed_set: descriptor_pb2.FileDescriptorSet,
-) -> None:
-    index = Index(seed_set)
-    assert set(index.files) == set(CONTRACT_FILES)
-    assert set(index.services) == {".user.UserService", ".chat.ChatService"}
-    assert {".user.User", ".chat.ChatMessage"} <= set(index.messages)
-
-
-def test_project_protos_are_wire_compatible_with_the_seed(
-    seed_set: descriptor_pb2.FileDescriptorSet, project_set: descriptor_pb2.FileDescriptorSet
-) -> None:
-    problems = compatibility_problems(seed_set, project_set)
-    assert not problems, (
-        f"proto/ is not wire-compatible with the seed in {SEED_DIR}:\n  " + "\n  ".join(problems)
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Contract:
+    out = tmp_path_factory.mktemp("project") / "project.binpb"
+    return contract_of(
+        compile_descriptor_set(PROJECT_PROTO_DIR, CONTRACT_FILES, out), CONTRACT_FILES
     )
 
 
-def test_project_additions_are_appended_after_the_seed_fields(
-    seed_set: descriptor_pb2.FileDescriptorSet, project_set: descriptor_pb2.FileDescriptorSet
-) -> None:
-    problems = appended_only_problems(seed_set, project_set)
+def test_the_record_names_the_seed_services() -> None:
+    assert set(SEED) == {"user.proto", "chat.proto"}
+    assert set(SEED["user.proto"].services) == {"UserService"}
+    assert set(SEED["chat.proto"].services) == {"ChatService"}
+    assert {"User"} <= set(SEED["user.proto"].messages)
+
+
+def test_the_record_is_the_seed_itself(tmp_path: Path) -> None:
+    missing = [name for name in CONTRACT_FILES if not (SEED_DIR / name).is_file()]
+    if missing:
+        pytest.skip(
+            f"no seed to compare the record with: {', '.join(missing)} not in {SEED_DIR} "
+            "(only a workspace with ../shared/seed next to the clone has it)"
+        )
+    seed = contract_of(
+        compile_descriptor_set(SEED_DIR, CONTRACT_FILES, tmp_path / "seed.binpb"), CONTRACT_FILES
+    )
+
+    only_seed, only_record = sorted(facts(seed) - facts(SEED)), sorted(facts(SEED) - facts(seed))
+    assert seed == SEED, (
+        f"tests/contract/seed_record.py differs from the seed in {SEED_DIR}:\n"
+        + "".join(f"  seed only:   {fact}\n" for fact in only_seed)
+        + "".join(f"  record only: {fact}\n" for fact in only_record)
+    )
+
+
+def test_project_protos_are_wire_compatible_with_the_seed(project: Contract) -> None:
+    problems = compatibility_problems(SEED, project)
+    assert not problems, (
+        "proto/ is not wire-compatible with the seed contract (tests/contract/seed_record.py):"
+        "\n  " + "\n  ".join(problems)
+    )
+
+
+def test_project_additions_are_appended_after_the_seed_fields(project: Contract) -> None:
+    problems = appended_only_problems(SEED, project)
     assert not problems, "proto/ inserts fields among the seed's:\n  " + "\n  ".join(problems)
 
 
-def _message(
-    descriptor_set: descriptor_pb2.FileDescriptorSet, file: str, name: str
-) -> descriptor_pb2.DescriptorProto:
-    proto_file = next(f for f in descriptor_set.file if f.name == file)
-    return next(m for m in proto_file.message_type if m.name == name)
+def test_the_comparison_reports_every_incompatibility(project: Contract) -> None:
+    broken = copy.deepcopy(project)
+    broken["chat.proto"] = dataclasses.replace(broken["chat.proto"], package="chats")
+    del broken["chat.proto"].services["ChatService"]
+    del broken["chat.proto"].messages["ChatMessage"]
+    user_file = broken["user.proto"]
+    methods = user_file.services["UserService"]
+    del methods["CreateUser"]
+    methods["ListUsers"] = dataclasses.replace(methods["ListUsers"], server_streaming=False)
+    user = user_file.messages["User"]
+    user[30] = user.pop(3)
+    user[4] = dataclasses.replace(user[4], type="int64")
+    user_file.messages["GetUserResponse"][1] = Field("user", "user.UpdateUserResponse")
 
-
-def test_the_comparison_reports_every_incompatibility(
-    project_set: descriptor_pb2.FileDescriptorSet,
-) -> None:
-    broken = copy.deepcopy(project_set)
-    chat_file = next(f for f in broken.file if f.name == "chat.proto")
-    chat_file.package = "chats"
-    user_file = next(f for f in broken.file if f.name == "user.proto")
-    service = next(s for s in user_file.service if s.name == "UserService")
-    create = next(m for m in service.method if m.name == "CreateUser")
-    service.method.remove(create)
-    next(m for m in service.method if m.name == "ListUsers").server_streaming = False
-    user = _message(broken, "user.proto", "User")
-    next(f for f in user.field if f.name == "email").number = 30
-    next(f for f in user.field if f.name == "age").type = FieldType.TYPE_INT64
-    response = _message(broken, "user.proto", "GetUserResponse")
-    response.field[0].type_name = ".user.UpdateUserResponse"
-
-    problems = "\n".join(compatibility_problems(project_set, broken))
+    problems = "\n".join(compatibility_problems(project, broken))
 
     assert "chat.proto: package is 'chats'" in problems
     assert "rpc user.UserService.CreateUser: missing" in problems
     assert "rpc user.UserService.ListUsers: server_streaming is False" in problems
     assert "message user.User: field number 3 is missing" in problems
-    assert "message user.User: field 4 type differs" in problems
-    assert "message user.GetUserResponse: field 1 type_name differs" in problems
+    assert "message user.User: field 4 differs: project has int64 age = 4" in problems
+    assert "message user.GetUserResponse: field 1 differs" in problems
     assert "service chat.ChatService: missing" in problems
     assert "message chat.ChatMessage: missing" in problems
 
 
-def test_the_append_check_reports_fields_numbered_among_the_seeds(
-    seed_set: descriptor_pb2.FileDescriptorSet, project_set: descriptor_pb2.FileDescriptorSet
-) -> None:
+def test_the_append_check_reports_fields_numbered_among_the_seeds(project: Contract) -> None:
     # A seed whose User left numbers 4 to 9 free: the project's fields 4 to 6 sit in that gap.
-    gapped_seed = copy.deepcopy(seed_set)
-    user = _message(gapped_seed, "user.proto", "User")
-    next(f for f in user.field if f.name == "age").number = 10
+    gapped_seed = copy.deepcopy(SEED)
+    user = gapped_seed["user.proto"].messages["User"]
+    user[10] = user.pop(4)
 
-    problems = appended_only_problems(gapped_seed, project_set)
+    problems = appended_only_problems(gapped_seed, project)
 
     assert problems == [
         f"message user.User: added field {field} must be numbered above the seed's highest "
         "field number 10"
         for field in (
-            "LABEL_OPTIONAL TYPE_INT32 age = 4",
-            "LABEL_OPTIONAL TYPE_MESSAGE google.protobuf.Timestamp create_time = 5",
-            "LABEL_OPTIONAL TYPE_MESSAGE google.protobuf.Timestamp update_time = 6",
+            "int32 age = 4",
+            "google.protobuf.Timestamp create_time = 5",
+            "google.protobuf.Timestamp update_time = 6",
         )
     ]
 
