@@ -106,7 +106,8 @@ deploy-check: $(UV) $(DEPLOY_CHECK_TOOLS) ## Check Dockerfiles, compose, Helm ch
 image-check: $(UV) ## Build the container images with podman, run and check them
 	$(UV) run --locked python deploy/image-check/image_check.py $(IMAGE_CHECK_ARGS)
 
-# The kind path runs on your own kind, kubectl, docker and helm (override any of them).
+# The kind path runs on your own kind, kubectl, docker (or podman) and helm: override any of
+# them, e.g. DOCKER=podman, HELM=$(HELM3) or HELM=$(HELM4) (`make helm-tools` fetches both).
 KIND ?= kind
 KUBECTL ?= kubectl
 DOCKER ?= docker
@@ -114,44 +115,100 @@ HELM ?= helm
 KIND_CLUSTER ?= parley
 KIND_NAMESPACE ?= parley
 KIND_RELEASE ?= parley
-KIND_IMAGE_TAG ?= dev
-# Extra pytest arguments for kind-e2e, e.g. KIND_E2E_ARGS=--ignore=tests/e2e/test_node_client.py
+# The engine DOCKER names: podman when its file name says so (podman, podman-remote) or its
+# `--version` does (the podman-docker shim, a `docker` that is podman); else docker. Asked only
+# when a kind target runs, and never the engine itself. KIND_ENGINE=docker|podman skips the guess.
+kind_podman = $(or $(findstring podman,$(notdir $(firstword $(DOCKER)))),\
+	$(findstring podman,$(shell $(DOCKER) --version 2>/dev/null)))
+KIND_ENGINE ?= $(eval KIND_ENGINE := $(if $(kind_podman),podman,docker))$(KIND_ENGINE)
+# kind puts its nodes in docker unless told otherwise; with podman every kind command gets
+# KIND_EXPERIMENTAL_PROVIDER=podman (create, get, load, delete must all find the same nodes).
+KIND_RUN = $(if $(filter podman,$(KIND_ENGINE)),KIND_EXPERIMENTAL_PROVIDER=podman )$(KIND)
+# Image names as the node's containerd and the kubelet spell them: podman would tag a bare
+# parley-user as localhost/parley-user, which `parley-user` in a pod spec does not match.
+KIND_USER_IMAGE := docker.io/library/parley-user
+KIND_CHAT_IMAGE := docker.io/library/parley-chat
+# kind-load tags each image kind-<first 12 hex digits of its image ID>, so a changed image gets
+# a new tag and kind-deploy rolls the pods; it records the tags here (.parley/ is gitignored).
+# KIND_IMAGE_TAG=... replaces both tags (kind-load and kind-deploy).
+KIND_STATE ?= .parley/kind
+KIND_TAG_FILE ?= $(KIND_STATE)/image-tags
+KIND_IMAGE_TAG ?=
+kind_recorded = $(patsubst $(1)=%,%,$(filter $(1)=%,$(file <$(KIND_TAG_FILE))))
+KIND_USER_TAG = $(or $(KIND_IMAGE_TAG),$(call kind_recorded,user))
+KIND_CHAT_TAG = $(or $(KIND_IMAGE_TAG),$(call kind_recorded,chat))
+# Extra pytest arguments for kind-e2e, e.g. KIND_E2E_ARGS=-x; none by default, nor in CI.
 KIND_E2E_ARGS ?=
 KIND_CONTEXT := kind-$(KIND_CLUSTER)
 KIND_KUBECTL = $(KUBECTL) --context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE)
+# docker: `kind load docker-image`. podman: `kind load docker-image` would ask docker, so
+# `podman save` to a temporary file, then `kind load image-archive` (it wants a file, not a
+# pipe: it opens the archive once per node).
+KIND_LOAD = $(if $(filter podman,$(KIND_ENGINE)),$(KIND_LOAD_ARCHIVE),$(KIND_LOAD_DOCKER))
+KIND_LOAD_DOCKER = $(KIND_RUN) load docker-image --name $(KIND_CLUSTER) "$$user" "$$chat"
+# (kind-load runs it under set -e, so `;` stops at the first failure.)
+KIND_LOAD_ARCHIVE = archives=$$(mktemp -d); trap 'rm -rf "$$archives"' EXIT; \
+	$(DOCKER) save --format docker-archive -o "$$archives/user.tar" "$$user"; \
+	$(DOCKER) save --format docker-archive -o "$$archives/chat.tar" "$$chat"; \
+	$(KIND_RUN) load image-archive --name $(KIND_CLUSTER) "$$archives/user.tar" "$$archives/chat.tar"
 
 kind-up: ## Create the kind cluster (deploy/kind/cluster.yaml) unless it exists
-	@if $(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)'; then \
+	@if $(KIND_RUN) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)'; then \
 		echo "kind cluster $(KIND_CLUSTER) already exists"; \
 	else \
-		$(KIND) create cluster --name $(KIND_CLUSTER) --config deploy/kind/cluster.yaml --wait 300s; \
+		$(KIND_RUN) create cluster --name $(KIND_CLUSTER) --config deploy/kind/cluster.yaml --wait 300s; \
 	fi
 
-kind-load: ## Build the parley-user and parley-chat images and load them into kind
-	$(DOCKER) build -f services/user/Dockerfile -t parley-user:$(KIND_IMAGE_TAG) .
-	$(DOCKER) build -f services/chat/Dockerfile -t parley-chat:$(KIND_IMAGE_TAG) .
-	$(KIND) load docker-image --name $(KIND_CLUSTER) \
-		parley-user:$(KIND_IMAGE_TAG) parley-chat:$(KIND_IMAGE_TAG)
+kind-load: ## Build both images, tag them by image ID, load them into kind, record the tags
+	@mkdir -p $(sort $(KIND_STATE) $(patsubst %/,%,$(dir $(KIND_TAG_FILE)))) && \
+		rm -f $(KIND_STATE)/user.iid $(KIND_STATE)/chat.iid
+	$(DOCKER) build -f services/user/Dockerfile --iidfile $(KIND_STATE)/user.iid .
+	$(DOCKER) build -f services/chat/Dockerfile --iidfile $(KIND_STATE)/chat.iid .
+	set -e; \
+	user_id=$$(sed 's/^sha256://' $(KIND_STATE)/user.iid); \
+	chat_id=$$(sed 's/^sha256://' $(KIND_STATE)/chat.iid); \
+	user=$(KIND_USER_IMAGE):$(or $(KIND_IMAGE_TAG),kind-$${user_id:0:12}); \
+	chat=$(KIND_CHAT_IMAGE):$(or $(KIND_IMAGE_TAG),kind-$${chat_id:0:12}); \
+	$(DOCKER) tag "$$user_id" "$$user"; \
+	$(DOCKER) tag "$$chat_id" "$$chat"; \
+	$(KIND_LOAD); \
+	echo "user=$${user##*:} chat=$${chat##*:}" > $(KIND_TAG_FILE); \
+	echo "loaded $$user and $$chat into $(KIND_CONTEXT) (tags in $(KIND_TAG_FILE))"
 
-kind-deploy: ## helm upgrade --install with ci/kind-values.yaml, then wait for every rollout
+kind-deploy: ## helm upgrade --install, ci/kind-values.yaml, kind-load's tags; wait for rollouts
+	@[ -n "$(KIND_USER_TAG)" ] && [ -n "$(KIND_CHAT_TAG)" ] || { \
+		echo "no image tags in $(KIND_TAG_FILE): run make kind-load (or set KIND_IMAGE_TAG)"; \
+		exit 1; }
 	$(HELM) upgrade --install $(KIND_RELEASE) deploy/helm/parley \
 		--kube-context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE) --create-namespace \
 		-f deploy/helm/parley/ci/kind-values.yaml \
-		--set user.image.tag=$(KIND_IMAGE_TAG) --set chat.image.tag=$(KIND_IMAGE_TAG) \
+		--set-string user.image.repository=$(KIND_USER_IMAGE) \
+		--set-string user.image.tag=$(KIND_USER_TAG) \
+		--set-string chat.image.repository=$(KIND_CHAT_IMAGE) \
+		--set-string chat.image.tag=$(KIND_CHAT_TAG) \
 		--wait --timeout 10m
 	@set -e; workloads=$$($(KIND_KUBECTL) get deployment,statefulset -o name \
 		-l app.kubernetes.io/instance=$(KIND_RELEASE)); \
 	for workload in $$workloads; do $(KIND_KUBECTL) rollout status "$$workload" --timeout 300s; done
 
-kind-e2e: $(UV) ## helm test, then tests/e2e through kubectl port-forward to the cluster
+# No `helm test --logs`: Helm 3 reads the log after it deleted a passed test pod whose delete
+# policy has hook-succeeded (helm/helm#9098), and fails. kubectl prints the log instead,
+# whatever the outcome, if the pod is there (the chart keeps it until the next helm test);
+# the exit status is helm test's.
+kind-e2e: $(UV) ## helm test and its pod's log, then tests/e2e through kubectl port-forward
+	status=0; \
 	$(HELM) test $(KIND_RELEASE) --kube-context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE) \
-		--logs --timeout 5m
+		--timeout 5m || status=$$?; \
+	$(KIND_KUBECTL) logs --selector \
+		app.kubernetes.io/instance=$(KIND_RELEASE),app.kubernetes.io/component=test \
+		--all-containers --prefix --tail=-1 || true; \
+	exit $$status
 	$(UV) run --locked python scripts/kind_e2e.py --kubectl "$(KUBECTL)" \
 		--context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE) --release $(KIND_RELEASE) \
 		-- $(KIND_E2E_ARGS)
 
 kind-down: ## Delete the kind cluster
-	$(KIND) delete cluster --name $(KIND_CLUSTER)
+	$(KIND_RUN) delete cluster --name $(KIND_CLUSTER)
 
 # The harness starts its own stack (machine Postgres and Redis, as for the tests), measures every
 # row against a baseline of the same run and writes bench/results/latest.md and latest.json.

@@ -76,7 +76,11 @@ def test_a_failed_migration_names_its_command_and_shows_its_output(
     clean_env: dict[str, str], script: str
 ) -> None:
     (port,) = free_ports(1)  # nothing listens there
-    env = {**clean_env, "PARLEY_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/parley"}
+    env = {
+        **clean_env,
+        "PARLEY_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/parley",
+        "PARLEY_MIGRATE_WAIT": "0s",  # fail on the first attempt instead of retrying for 60 s
+    }
     with pytest.raises(DevstackError) as caught:
         migrate(script, env, timeout=30)
     first, *rest = str(caught.value).splitlines()
