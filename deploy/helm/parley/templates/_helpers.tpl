@@ -210,3 +210,91 @@ The target chat dials for UserService: round_robin over the headless Service's p
 {{- printf "dns:///%s.%s.svc.%s:%d" (include "parley.user.headlessName" .) .Release.Namespace .Values.clusterDomain (int .Values.user.ports.grpc) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The data of the chart's own Secret (without secret.existingSecret), as JSON:
+{"data": {key: base64 value}, "generated": [keys made up by this render]}. Generated values
+(the JWT secret, the in-chart Postgres and Redis passwords) are read back from the live
+Secret with `lookup`, so upgrades keep them; where `lookup` sees no cluster (helm template,
+Argo CD) they are new on every render, which is why gitops mode refuses to generate them.
+Computed once per render and kept on the top-level context, so that the Secret and the
+pods' checksum/secret annotation are made from the same values. Call with $.
+*/}}
+{{- define "parley.secret.data" -}}
+{{- if not (hasKey . "parleySecretData") }}
+{{- $keys := .Values.secret.keys }}
+{{- $live := get (lookup "v1" "Secret" .Release.Namespace (include "parley.fullname" .) | default dict) "data" | default dict }}
+{{- $generated := list }}
+{{- $jwt := .Values.secret.jwtSecret }}
+{{- if not $jwt }}
+{{- if hasKey $live $keys.jwtSecret }}
+{{- $jwt = index $live $keys.jwtSecret | b64dec }}
+{{- else }}
+{{- $jwt = randAlphaNum 48 }}
+{{- $generated = append $generated $keys.jwtSecret }}
+{{- end }}
+{{- end }}
+{{- $data := dict $keys.jwtSecret ($jwt | b64enc) }}
+{{- $databaseUrl := .Values.secret.databaseUrl }}
+{{- if .Values.postgresql.enabled }}
+{{- $pg := .Values.postgresql }}
+{{- $pgPassword := $pg.password }}
+{{- if not $pgPassword }}
+{{- if hasKey $live $keys.postgresPassword }}
+{{- $pgPassword = index $live $keys.postgresPassword | b64dec }}
+{{- else }}
+{{- $pgPassword = randAlphaNum 32 }}
+{{- $generated = append $generated $keys.postgresPassword }}
+{{- end }}
+{{- end }}
+{{- $_ := set $data $keys.postgresPassword ($pgPassword | b64enc) }}
+{{- $databaseUrl = printf "postgresql://%s:%s@%s:5432/%s" $pg.username $pgPassword (include "parley.postgresql.host" .) $pg.database }}
+{{- end }}
+{{- $_ := set $data $keys.databaseUrl ($databaseUrl | b64enc) }}
+{{- if not .Values.redis.enabled }}
+{{- $_ := set $data $keys.redisUrl (.Values.secret.redisUrl | b64enc) }}
+{{- else if not .Values.redis.auth.existingSecret }}
+{{- $redisPassword := "" }}
+{{- if hasKey $live $keys.redisPassword }}
+{{- $redisPassword = index $live $keys.redisPassword | b64dec }}
+{{- else }}
+{{- $redisPassword = randAlphaNum 48 }}
+{{- $generated = append $generated $keys.redisPassword }}
+{{- end }}
+{{- $_ := set $data $keys.redisPassword ($redisPassword | b64enc) }}
+{{- end }}
+{{- $_ := set . "parleySecretData" (dict "data" $data "generated" $generated) }}
+{{- end }}
+{{- toJson (get . "parleySecretData") }}
+{{- end }}
+
+{{/*
+The checksum/secret annotation of the pods that read the release's Secret: a sha256 of the
+data the chart renders into its own Secret, or of secret.existingSecret's data as `lookup`
+reads it (nothing under helm template or without RBAC), with redis.auth.existingSecret's
+when the in-chart Redis uses it, and secret.revision, which the user changes to roll the
+pods when the chart cannot read their Secret. Call with $.
+*/}}
+{{- define "parley.secret.checksum" -}}
+{{- $in := dict "revision" .Values.secret.revision }}
+{{- if .Values.secret.existingSecret }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace .Values.secret.existingSecret | default dict }}
+{{- $_ := set $in "existingSecret" (dict "name" .Values.secret.existingSecret "data" (get $live "data" | default dict)) }}
+{{- else }}
+{{- $_ := set $in "data" (get (include "parley.secret.data" . | fromJson) "data") }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.redis.auth.existingSecret }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace .Values.redis.auth.existingSecret | default dict }}
+{{- $_ := set $in "redisSecret" (dict "name" .Values.redis.auth.existingSecret "data" (get $live "data" | default dict)) }}
+{{- end }}
+{{- toJson $in | sha256sum }}
+{{- end }}
+
+{{/*
+gitops mode: nothing may be generated, so secret.existingSecret is required. One line.
+*/}}
+{{- define "parley.gitops.check" -}}
+{{- if and .Values.gitops (not .Values.secret.existingSecret) }}
+{{- fail "gitops is true but secret.existingSecret is empty: helm template (Argo CD) cannot keep generated secrets, so create the Secret yourself and name it in secret.existingSecret" }}
+{{- end }}
+{{- end }}

@@ -113,7 +113,7 @@ spec:
     metadata:
       annotations:
         checksum/config: {{ .config | sha256sum }}
-        checksum/secret: {{ toJson $root.Values.secret | sha256sum }}
+        checksum/secret: {{ include "parley.secret.checksum" $root }}
         {{- with $v.podAnnotations }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -372,21 +372,12 @@ spec:
 {{- end }}
 
 {{/*
-NetworkPolicy egress rules every Parley workload needs: kube DNS and Postgres.
-Call with the top-level context.
+NetworkPolicy egress rules every Parley workload needs: DNS (networkPolicy.dns.to on
+networkPolicy.dns.ports) and Postgres. Call with the top-level context.
 */}}
 {{- define "parley.networkPolicy.baseEgress" -}}
 {{- $np := .Values.networkPolicy }}
-{{- $dns := include "parley.networkPolicy.peer" $np.dns -}}
-- ports:
-    - port: 53
-      protocol: UDP
-    - port: 53
-      protocol: TCP
-  {{- with $dns }}
-  to:
-    {{- . | nindent 4 }}
-  {{- end }}
+{{- include "parley.networkPolicy.dnsEgress" . }}
 {{- if .Values.postgresql.enabled }}
 - ports:
     - port: 5432
@@ -407,27 +398,30 @@ Call with the top-level context.
 {{- end }}
 
 {{/*
-The ingress rule that lets Prometheus scrape a metrics port. Call with the top-level context.
+The egress rule to the cluster DNS: the peers of networkPolicy.dns.to as they are (an empty
+list leaves `to` out, which means any destination) on networkPolicy.dns.ports.
 */}}
-{{- define "parley.networkPolicy.metricsIngress" -}}
-{{- $prometheus := include "parley.networkPolicy.peer" .Values.networkPolicy.prometheus -}}
+{{- define "parley.networkPolicy.dnsEgress" -}}
+{{- $dns := .Values.networkPolicy.dns -}}
 - ports:
-    - port: metrics
-      protocol: TCP
-  {{- with $prometheus }}
-  from:
-    {{- . | nindent 4 }}
+    {{- toYaml $dns.ports | nindent 4 }}
+  {{- with $dns.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
 
 {{/*
-A one-peer list from {namespaceSelector, podSelector}; empty when both are empty.
+The ingress rule that lets Prometheus scrape a metrics port: the peers of
+networkPolicy.prometheus.from as they are; an empty list leaves `from` out (any source).
+Call with the top-level context.
 */}}
-{{- define "parley.networkPolicy.peer" -}}
-{{- $peer := dict }}
-{{- with .namespaceSelector }}{{ $_ := set $peer "namespaceSelector" . }}{{ end }}
-{{- with .podSelector }}{{ $_ := set $peer "podSelector" . }}{{ end }}
-{{- if $peer }}
-{{- toYaml (list $peer) }}
-{{- end }}
+{{- define "parley.networkPolicy.metricsIngress" -}}
+- ports:
+    - port: metrics
+      protocol: TCP
+  {{- with .Values.networkPolicy.prometheus.from }}
+  from:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}
