@@ -72,7 +72,7 @@ test-unit: $(UV) ## Unit and integration tests (needs Postgres and Redis)
 test-e2e: $(UV) ## The e2e suite against a freshly started local stack
 	$(UV) run --locked parley-devstack run --ephemeral -- pytest tests/e2e $(PYTEST_OK)
 
-test: sync proto-check lint typecheck deploy-check test-unit test-e2e bench-smoke image-check ## Everything CI runs
+test: sync proto-check lint typecheck deploy-check test-unit test-e2e bench-smoke image-check compose-check ## Everything CI runs
 
 # Known vulnerabilities of every locked third-party package (PyPI's advisory data). --strict
 # fails when a package could not be looked up: an audit that skipped packages has not passed.
@@ -105,6 +105,12 @@ deploy-check: $(UV) $(DEPLOY_CHECK_TOOLS) ## Check Dockerfiles, compose, Helm ch
 .PHONY: image-check
 image-check: $(UV) ## Build the container images with podman, run and check them
 	$(UV) run --locked python deploy/image-check/image_check.py $(IMAGE_CHECK_ARGS)
+
+# Runs docker-compose.yml itself with podman and podman-compose (uv.lock), on local stand-ins for
+# the Postgres and Redis images, then tests/e2e against it. See deploy/compose-check/README.md.
+.PHONY: compose-check
+compose-check: $(UV) ## Run docker-compose.yml with podman-compose, then e2e against it
+	$(UV) run --locked python deploy/compose-check/compose_check.py $(COMPOSE_CHECK_ARGS)
 
 # The kind path runs on your own kind, kubectl, docker (or podman) and helm: override any of
 # them, e.g. DOCKER=podman, HELM=$(HELM3) or HELM=$(HELM4) (`make helm-tools` fetches both).

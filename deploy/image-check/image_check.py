@@ -122,6 +122,7 @@ class Result:
 class Report:
     results: list[Result] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    title: str = "image-check"
 
     @contextlib.contextmanager
     def step(self, name: str, *, fatal: bool = True) -> Iterator[list[str]]:
@@ -149,7 +150,7 @@ class Report:
         return all(r.ok for r in self.results)
 
     def print_summary(self, total: float) -> None:
-        print("\nimage-check summary")
+        print(f"\n{self.title} summary")
         width = max((len(r.name) for r in self.results), default=10)
         for r in self.results:
             status = "PASS" if r.ok else "FAIL"
@@ -158,7 +159,7 @@ class Report:
         for note in self.notes:
             print(f"  {note}")
         verdict = "passed" if self.ok else "FAILED"
-        print(f"image-check {verdict} in {total:.0f}s")
+        print(f"{self.title} {verdict} in {total:.0f}s")
 
 
 def run(
@@ -199,22 +200,27 @@ def ensure_tools(need_debootstrap: bool) -> list[str]:
     missing = [p for p in wanted if shutil.which(p, path=os.environ["PATH"] + ":/usr/sbin") is None]
     if not missing:
         return [f"found {', '.join(wanted)}"]
+    apt_install(APT_PACKAGES, missing)
+    return [f"installed {', '.join(APT_PACKAGES)}"]
+
+
+def apt_install(packages: Sequence[str], missing: Sequence[str]) -> None:
+    """Installs `packages` with apt-get (as root), because `missing` of them are missing."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise RuntimeError(
             f"missing {', '.join(missing)}: install them (Debian: "
-            f"`sudo apt-get install {' '.join(APT_PACKAGES)}`) and run again"
+            f"`sudo apt-get install {' '.join(packages)}`) and run again"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["apt-get", "-q", "-y", "-o", "DPkg::Lock::Timeout=600", "-o", "Acquire::Retries=3"]
     for command in (
         [*apt, "update"],
-        [*apt, "install", "--no-install-recommends", *APT_PACKAGES],
+        [*apt, "install", "--no-install-recommends", *packages],
     ):
         result = subprocess.run(command, env=env, text=True, capture_output=True, check=False)
         if result.returncode != 0:
             tail = "\n".join((result.stderr + result.stdout).strip().splitlines()[-15:])
             raise RuntimeError(f"`{shlex.join(command)}` exited {result.returncode}:\n{tail}")
-    return [f"installed {', '.join(APT_PACKAGES)}"]
 
 
 # -- the local base image ------------------------------------------------------------------
@@ -316,7 +322,7 @@ def make_base(detail: list[str]) -> str:
 # -- images --------------------------------------------------------------------------------
 
 
-def build_image(image: Image, base: str, detail: list[str]) -> None:
+def build_image(image: Image, base: str, detail: list[str], *, log_dir: Path = WORK) -> None:
     args = [
         "build", "--network", "host", *ULIMITS, "--build-arg", f"BASE_IMAGE={base}",
         "-f", image.dockerfile, "-t", image.tag,
@@ -325,7 +331,7 @@ def build_image(image: Image, base: str, detail: list[str]) -> None:
         # A TLS-intercepting proxy's CA, trusted by the host but not by a fresh base, for the
         # build steps that download from PyPI. Mounts are not stored in layers.
         args += ["-v", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
-    log = WORK / f"build-{image.name}.log"
+    log = log_dir / f"build-{image.name}.log"
     with open(log, "w") as out:
         result = subprocess.run(
             [*PODMAN, *args, str(ROOT)], stdout=out, stderr=subprocess.STDOUT, check=False

@@ -28,6 +28,16 @@ COMPOSE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 MAKE_SECRETS = REPO / "scripts" / "make_secrets.py"
 SECRETS = ("PARLEY_JWT_SECRET", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
+# The third-party images: official by default, replaceable (a registry mirror, or compose-check's
+# local stand-ins). Documented in the file's header rather than in .env.example, so that a .env
+# made by `make secrets` never pins an image.
+IMAGES = {
+    "postgres": ("PARLEY_POSTGRES_IMAGE", "docker.io/library/postgres:17.12-bookworm"),
+    "redis": ("PARLEY_REDIS_IMAGE", "docker.io/library/redis:7.4.11-bookworm"),
+    "prometheus": ("PARLEY_PROMETHEUS_IMAGE", "docker.io/prom/prometheus:v3.5.0"),
+}
+IMAGE_VARIABLES = {variable for variable, _ in IMAGES.values()}
+COMPOSE_CHECK = REPO / "deploy" / "compose-check"
 SETTINGS = {"user": UserSettings.from_env, "chat": ChatSettings.from_env}
 READINESS = {"user": USER_SERVICE, "chat": CHAT_SERVICE}
 # ${NAME}, ${NAME:-default}, ${NAME:?error} and the escaped $$.
@@ -162,7 +172,8 @@ def test_parley_services_get_only_settings_their_command_reads(
 
 def test_env_example_lists_every_setting_the_compose_file_takes() -> None:
     text = COMPOSE.read_text(encoding="utf-8")
-    uses = [m.groups() for m in _VARIABLE.finditer(text) if m.group(1)]
+    uses = [m.groups() for m in _VARIABLE.finditer(text)
+            if m.group(1) and m.group(1) not in IMAGE_VARIABLES]  # fmt: skip
     defaults = {name: argument for name, form, argument in uses if form == ":-"}
     required = {name for name, form, _ in uses if form == ":?"}
     example = _read_env(ENV_EXAMPLE)
@@ -349,3 +360,53 @@ def test_the_redis_command_refuses_a_password_unfit_for_a_url(
     )
     assert result.returncode == 1
     assert "REDIS_PASSWORD: use only A-Z a-z 0-9 . _ ~ -" in result.stderr
+
+
+def test_postgres_is_healthy_only_when_it_answers_over_tcp(compose: dict[str, Any]) -> None:
+    """On its first start the official image runs initdb and its init scripts on a server
+    that listens on the Unix socket only; pg_isready without -h probes that socket and passes
+    before the services, which connect over TCP, can reach it."""
+    test = compose["services"]["postgres"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and len(test) == 2, test
+    words = test[1].split()
+    assert words[0] == "pg_isready", test
+    assert "-h" in words and words[words.index("-h") + 1] == "127.0.0.1", test
+    assert words[words.index("-U") + 1] == "${POSTGRES_USER}", test
+    assert words[words.index("-d") + 1] == "${POSTGRES_DB}", test
+
+
+def test_third_party_images_default_to_the_official_ones(dot_env: dict[str, str]) -> None:
+    raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    for service, (variable, official) in IMAGES.items():
+        assert raw["services"][service]["image"] == f"${{{variable}:-{official}}}", service
+        assert _interpolate(raw, dot_env)["services"][service]["image"] == official, service
+        mirror = f"mirror.example:5000/{official.split('/', 1)[1]}"
+        replaced = _interpolate(raw, dot_env | {variable: mirror})
+        assert replaced["services"][service]["image"] == mirror, service
+    header = COMPOSE.read_text(encoding="utf-8").split("\nname:", 1)[0]
+    assert all(variable in header for variable in IMAGE_VARIABLES), "document them up top"
+    assert not IMAGE_VARIABLES & set(_read_env(ENV_EXAMPLE)), "keep images out of .env"
+    # Every image the default profile pulls is one of these (the rest are Parley's, built).
+    pulled = {name for name, service in raw["services"].items()
+              if "build" not in service and not service.get("profiles")}  # fmt: skip
+    assert pulled <= set(IMAGES)
+
+
+def test_compose_check_stands_in_for_each_pulled_image() -> None:
+    """compose-check replaces the images that cannot be pulled on CI through these variables."""
+    script = (COMPOSE_CHECK / "compose_check.py").read_text(encoding="utf-8")
+    for service in ("postgres", "redis"):
+        variable = IMAGES[service][0]
+        assert f'"{variable}"' in script, f"compose-check does not set {variable}"
+        folder = COMPOSE_CHECK / "standins" / service
+        assert (folder / "Dockerfile").is_file() and (folder / "docker-entrypoint.sh").is_file()
+        assert "STAND-IN" in (folder / "Dockerfile").read_text(encoding="utf-8")
+
+
+def test_health_checks_run_a_python_the_images_have(compose: dict[str, Any]) -> None:
+    """The exec-form checks run `python`: the venv's, first on the images' PATH."""
+    for name, (_, _, service) in _serving(compose).items():
+        assert service["healthcheck"]["test"][:3] == ["CMD", "python", "-c"], name
+        dockerfile = (REPO / service["build"]["dockerfile"]).read_text(encoding="utf-8")
+        assert "COPY --from=build /app/.venv /app/.venv" in dockerfile, name
+        assert re.search(r"^ENV PATH=/app/\.venv/bin:", dockerfile, re.M), name
