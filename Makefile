@@ -135,14 +135,12 @@ KIND_RUN = $(if $(filter podman,$(KIND_ENGINE)),KIND_EXPERIMENTAL_PROVIDER=podma
 KIND_USER_IMAGE := docker.io/library/parley-user
 KIND_CHAT_IMAGE := docker.io/library/parley-chat
 # kind-load tags each image kind-<first 12 hex digits of its image ID>, so a changed image gets
-# a new tag and kind-deploy rolls the pods; it records the tags here (.parley/ is gitignored).
+# a new tag and kind-deploy rolls the pods; it records the tags here (.parley/ is gitignored),
+# and kind-deploy's shell reads them (make's file function needs GNU make 4.2; macOS has 3.81).
 # KIND_IMAGE_TAG=... replaces both tags (kind-load and kind-deploy).
 KIND_STATE ?= .parley/kind
 KIND_TAG_FILE ?= $(KIND_STATE)/image-tags
 KIND_IMAGE_TAG ?=
-kind_recorded = $(patsubst $(1)=%,%,$(filter $(1)=%,$(file <$(KIND_TAG_FILE))))
-KIND_USER_TAG = $(or $(KIND_IMAGE_TAG),$(call kind_recorded,user))
-KIND_CHAT_TAG = $(or $(KIND_IMAGE_TAG),$(call kind_recorded,chat))
 # Extra pytest arguments for kind-e2e, e.g. KIND_E2E_ARGS=-x; none by default, nor in CI.
 KIND_E2E_ARGS ?=
 KIND_CONTEXT := kind-$(KIND_CLUSTER)
@@ -153,10 +151,12 @@ KIND_KUBECTL = $(KUBECTL) --context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE
 KIND_LOAD = $(if $(filter podman,$(KIND_ENGINE)),$(KIND_LOAD_ARCHIVE),$(KIND_LOAD_DOCKER))
 KIND_LOAD_DOCKER = $(KIND_RUN) load docker-image --name $(KIND_CLUSTER) "$$user" "$$chat"
 # (kind-load runs it under set -e, so `;` stops at the first failure.)
+# One archive per `kind load image-archive`: kind before v0.24 loads only the first it is given.
 KIND_LOAD_ARCHIVE = archives=$$(mktemp -d); trap 'rm -rf "$$archives"' EXIT; \
 	$(DOCKER) save --format docker-archive -o "$$archives/user.tar" "$$user"; \
 	$(DOCKER) save --format docker-archive -o "$$archives/chat.tar" "$$chat"; \
-	$(KIND_RUN) load image-archive --name $(KIND_CLUSTER) "$$archives/user.tar" "$$archives/chat.tar"
+	$(KIND_RUN) load image-archive --name $(KIND_CLUSTER) "$$archives/user.tar"; \
+	$(KIND_RUN) load image-archive --name $(KIND_CLUSTER) "$$archives/chat.tar"
 
 kind-up: ## Create the kind cluster (deploy/kind/cluster.yaml) unless it exists
 	@if $(KIND_RUN) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)'; then \
@@ -182,16 +182,24 @@ kind-load: ## Build both images, tag them by image ID, load them into kind, reco
 	echo "loaded $$user and $$chat into $(KIND_CONTEXT) (tags in $(KIND_TAG_FILE))"
 
 kind-deploy: ## helm upgrade --install, ci/kind-values.yaml, kind-load's tags; wait for rollouts
-	@[ -n "$(KIND_USER_TAG)" ] && [ -n "$(KIND_CHAT_TAG)" ] || { \
+	@set -e; user_tag='$(KIND_IMAGE_TAG)'; chat_tag='$(KIND_IMAGE_TAG)'; \
+	if [ -z "$$user_tag" ] && [ -r '$(KIND_TAG_FILE)' ]; then \
+		for pair in $$(cat '$(KIND_TAG_FILE)'); do \
+			case "$$pair" in user=*) user_tag=$${pair#user=} ;; chat=*) chat_tag=$${pair#chat=} ;; esac; \
+		done; \
+	fi; \
+	if [ -z "$$user_tag" ] || [ -z "$$chat_tag" ]; then \
 		echo "no image tags in $(KIND_TAG_FILE): run make kind-load (or set KIND_IMAGE_TAG)"; \
-		exit 1; }
+		exit 1; \
+	fi; \
+	set -x; \
 	$(HELM) upgrade --install $(KIND_RELEASE) deploy/helm/parley \
 		--kube-context $(KIND_CONTEXT) --namespace $(KIND_NAMESPACE) --create-namespace \
 		-f deploy/helm/parley/ci/kind-values.yaml \
 		--set-string user.image.repository=$(KIND_USER_IMAGE) \
-		--set-string user.image.tag=$(KIND_USER_TAG) \
+		--set-string user.image.tag="$$user_tag" \
 		--set-string chat.image.repository=$(KIND_CHAT_IMAGE) \
-		--set-string chat.image.tag=$(KIND_CHAT_TAG) \
+		--set-string chat.image.tag="$$chat_tag" \
 		--wait --timeout 10m
 	@set -e; workloads=$$($(KIND_KUBECTL) get deployment,statefulset -o name \
 		-l app.kubernetes.io/instance=$(KIND_RELEASE)); \

@@ -116,16 +116,27 @@ def parse_time(text: str) -> float:
 # -- tools and images ----------------------------------------------------------------------
 
 
+def network_backend() -> str:
+    """podman's network backend: `cni` or `netavark`."""
+    return ic.run(
+        [*ic.PODMAN, "info", "--format", "{{.Host.NetworkBackend}}"], capture=True
+    ).stdout.strip()
+
+
 def ensure_tools(detail: list[str]) -> None:
     path = os.environ["PATH"] + ":/usr/sbin"
     missing = [p for p in ic.APT_PACKAGES if shutil.which(p, path=path) is None]
-    if not DNSNAME_PLUGIN.is_file():
+    # Only CNI networking (Debian's podman 4.3) needs the dnsname plugin for service names;
+    # netavark (podman 5's only backend) resolves them with aardvark-dns.
+    needs_dnsname = bool(missing) or network_backend() == "cni"
+    if needs_dnsname and not DNSNAME_PLUGIN.is_file():
         missing.append(DNSNAME_PACKAGE)
     if missing:
         ic.apt_install([*ic.APT_PACKAGES, DNSNAME_PACKAGE], missing)
         detail.append(f"installed {', '.join(missing)}")
     else:
-        detail.append(f"found {', '.join(ic.APT_PACKAGES)}, {DNSNAME_PLUGIN}")
+        found = [*ic.APT_PACKAGES, str(DNSNAME_PLUGIN) if needs_dnsname else "netavark"]
+        detail.append(f"found {', '.join(found)}")
     if not PODMAN_COMPOSE.is_file():
         raise RuntimeError(f"{PODMAN_COMPOSE} is missing: run `make sync` (it is in uv.lock)")
     versions = ic.run([str(PODMAN_COMPOSE), "--version"], capture=True).stdout.strip()

@@ -466,7 +466,7 @@ def dns_rules(policy: Manifest) -> list[dict[str, Any]]:
     ]
 
 
-def test_gke_dns_goes_to_the_link_local_resolvers_only(deploy: Any, helm: str) -> None:
+def test_gke_dns_goes_to_the_node_resolvers_and_kube_dns(deploy: Any, helm: str) -> None:
     manifests = deploy.render(helm, deploy.chart_dir / "ci" / "gke-dns-values.yaml")
     pods = pod_templates(manifests)
     policies = [DENY_ALL, *chart_policies(manifests)]
@@ -474,7 +474,8 @@ def test_gke_dns_goes_to_the_link_local_resolvers_only(deploy: Any, helm: str) -
     assert egress_policies
     for policy in egress_policies:
         (rule,) = dns_rules(policy)
-        assert rule["to"] == [
+        assert rule["to"][1:] == [
+            {"ipBlock": {"cidr": "10.0.0.10/32"}},  # the kube-dns Service IP (NodeLocal)
             {"ipBlock": {"cidr": "169.254.20.10/32"}},
             {"ipBlock": {"cidr": "169.254.169.254/32"}},
         ], policy["metadata"]["name"]
@@ -483,12 +484,11 @@ def test_gke_dns_goes_to_the_link_local_resolvers_only(deploy: Any, helm: str) -
         ]  # fmt: skip
     for component in ("user", "chat", "migrations", "test"):
         source = pods[component]
-        for resolver in GKE_DNS:
+        for resolver in [*GKE_DNS, KUBE_DNS, address("10.0.0.10")]:
             for protocol in ("UDP", "TCP"):
                 assert allowing(policies, source, resolver, 53, protocol), (component, resolver)
-        # The default peer is replaced, not merged into.
-        assert allowing(policies, source, KUBE_DNS, 53, "UDP") is None, component
         assert allowing(policies, source, address("8.8.8.8"), 53, "UDP") is None, component
+        assert allowing(policies, source, address("10.0.0.11"), 53, "UDP") is None, component
 
 
 def test_default_dns_is_the_kube_dns_pods(deploy: Any, helm: str) -> None:
@@ -624,7 +624,18 @@ def test_the_checksum_is_the_rendered_secret_data(deploy: Any, helm: str) -> Non
     expected = hashlib.sha256(
         json.dumps({"data": data, "revision": ""}, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
-    assert sums == {"parley-user": expected, "parley-chat": expected, "parley-redis": expected}
+    redis_expected = hashlib.sha256(
+        json.dumps(
+            {"password": data["REDIS_PASSWORD"], "revision": ""},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+    ).hexdigest()
+    assert sums == {
+        "parley-user": expected,
+        "parley-chat": expected,
+        "parley-redis": redis_expected,  # its own password only
+    }
     decoded = {k: base64.b64decode(v).decode() for k, v in data.items()}
     assert len(decoded["PARLEY_JWT_SECRET"]) == 48
 
@@ -657,6 +668,32 @@ def test_the_existing_secret_checksum_follows_the_revision(deploy: Any, helm: st
     assert sums() == base
     assert sums("--set", "secret.revision=2") != base
     assert sums("--set", "secret.existingSecret=other") != base
-    with_redis = sums("--set", "redis.enabled=true", "--set", "redis.auth.existingSecret=r")
+    redis = ("--set", "redis.enabled=true", "--set", "redis.auth.existingSecret=r")
+    with_redis = sums(*redis)
     assert set(with_redis) == {"parley-user", "parley-chat", "parley-redis"}
-    assert with_redis["parley-redis"] == with_redis["parley-user"] != base["parley-user"]
+    assert with_redis["parley-user"] != base["parley-user"]
+    # Redis rolls for its own password only: another app Secret leaves it running.
+    other_app_secret = sums(*redis, "--set", "secret.existingSecret=other")
+    assert other_app_secret["parley-user"] != with_redis["parley-user"]
+    assert other_app_secret["parley-redis"] == with_redis["parley-redis"]
+    assert (
+        sums(*redis, "--set", "redis.auth.existingSecret=r2")["parley-redis"]
+        != (with_redis["parley-redis"])
+    )
+    assert sums(*redis, "--set", "secret.revision=2")["parley-redis"] != with_redis["parley-redis"]
+
+
+def test_rotating_the_jwt_secret_does_not_restart_redis(deploy: Any, helm: str) -> None:
+    def sums(jwt: str) -> dict[str, str]:
+        code, out, err = template(
+            deploy, helm, "--set", "redis.enabled=true", "--set", "redis.auth.existingSecret=r",
+            "--set", "secret.databaseUrl=postgresql://parley@db:5432/parley",
+            "--set", f"secret.jwtSecret={jwt}",
+        )  # fmt: skip
+        assert code == 0, err
+        return checksums(out)
+
+    first, second = sums(secrets.token_urlsafe(32)), sums(secrets.token_urlsafe(32))
+    assert first["parley-user"] != second["parley-user"]
+    assert first["parley-chat"] != second["parley-chat"]
+    assert first["parley-redis"] == second["parley-redis"]

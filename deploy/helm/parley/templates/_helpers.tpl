@@ -291,6 +291,25 @@ pods when the chart cannot read their Secret. Call with $.
 {{- end }}
 
 {{/*
+The in-chart Redis's checksum/secret: only its password (from redis.auth.existingSecret, the
+key secret.keys.redisPassword of secret.existingSecret, or the chart's own Secret) and
+secret.revision, so that rotating the JWT secret or a database URL does not restart Redis and
+drop every chat subscription. Call with $.
+*/}}
+{{- define "parley.redis.secretChecksum" -}}
+{{- $in := dict "revision" .Values.secret.revision }}
+{{- $name := .Values.redis.auth.existingSecret | default .Values.secret.existingSecret }}
+{{- $key := ternary .Values.redis.auth.existingSecretPasswordKey .Values.secret.keys.redisPassword (not (empty .Values.redis.auth.existingSecret)) }}
+{{- if $name }}
+{{- $live := get (lookup "v1" "Secret" .Release.Namespace $name | default dict) "data" | default dict }}
+{{- $_ := set $in "password" (dict "name" $name "value" (get $live $key | default "")) }}
+{{- else }}
+{{- $_ := set $in "password" (get (get (include "parley.secret.data" . | fromJson) "data") $key) }}
+{{- end }}
+{{- toJson $in | sha256sum }}
+{{- end }}
+
+{{/*
 gitops mode: nothing may be generated, so secret.existingSecret is required. One line.
 */}}
 {{- define "parley.gitops.check" -}}

@@ -25,8 +25,17 @@ _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # One lock for every component, so concurrent migrations of a database never interleave.
 _ADVISORY_LOCK_KEY = 0x5041524C4559  # "PARLEY"
 
-# Failures that waiting cannot fix: the server answered and refused who or what we asked for.
-_PERMANENT = ("password authentication failed", "does not exist", "no pg_hba.conf entry")
+# Failures that waiting cannot fix: the server answered and refused who or what we asked for,
+# or libpq refused the settings. Connection errors carry no SQLSTATE, so this goes by libpq's
+# (English) text; a server whose lc_messages is another language makes them retried, up to
+# PARLEY_MIGRATE_WAIT, before the same one-line failure.
+_PERMANENT = (
+    "password authentication failed",
+    "does not exist",
+    "no pg_hba.conf entry",
+    "no password supplied",
+    "does not support SSL",
+)
 # Back-off between connection attempts: doubling from the first, capped at the last.
 _FIRST_DELAY, _MAX_DELAY = 0.5, 5.0
 
