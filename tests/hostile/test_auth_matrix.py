@@ -32,6 +32,19 @@ RPCS = (
     "ListMessages",
     "ListPresence",
 )
+# The room RPCs, each against the target's private room (or, for CreateRoom, a new name).
+ROOM_RPCS = (
+    "CreateRoom",
+    "GetRoom",
+    "ListRooms",
+    "UpdateRoom",
+    "DeleteRoom",
+    "AddMember",
+    "RemoveMember",
+    "ListMembers",
+    "OpenDirectRoom",
+)
+CHAT_RPCS = ("StreamChat", "ListMessages", "ListPresence", *ROOM_RPCS)
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -103,6 +116,20 @@ def call(stack: Any, rpc: str, metadata: list[tuple[str, str]], env: dict[str, A
         if rpc == "ListPresence":
             request = chat_pb2.ListPresenceRequest(room=env["room"])
             return [chats.ListPresence(request, metadata=metadata, timeout=5)], None
+        if rpc in ROOM_RPCS:
+            private, victim = env["private_room"], env["victim"]
+            request = {
+                "CreateRoom": chat_pb2.CreateRoomRequest(name=f"new-{uuid.uuid4().hex[:12]}"),
+                "GetRoom": chat_pb2.GetRoomRequest(name=private),
+                "ListRooms": chat_pb2.ListRoomsRequest(),
+                "UpdateRoom": chat_pb2.UpdateRoomRequest(name=private, title="defaced"),
+                "DeleteRoom": chat_pb2.DeleteRoomRequest(name=private),
+                "AddMember": chat_pb2.AddMemberRequest(room=private, user_id=victim),
+                "RemoveMember": chat_pb2.RemoveMemberRequest(room=private, user_id=victim),
+                "ListMembers": chat_pb2.ListMembersRequest(room=private),
+                "OpenDirectRoom": chat_pb2.OpenDirectRoomRequest(user_id=victim),
+            }[rpc]
+            return [getattr(chats, rpc)(request, metadata=metadata, timeout=5)], None
     except grpc.RpcError as error:
         return [], error.code()
     assert rpc == "StreamChat"
@@ -125,17 +152,33 @@ def target(stack: Any) -> dict[str, Any]:
         metadata=[("x-chat-room", room)],
     )
     assert code is None and [m.text for m in received] == ["secret"]
-    return {"victim": victim.id, "room": room}
+    # A private room of the chat user's with the victim in it: what the room RPCs go after.
+    private = f"private-{uuid.uuid4().hex[:12]}"
+    owner = bearer(stack.chatter_token)
+    stack.chats().CreateRoom(
+        chat_pb2.CreateRoomRequest(name=private, visibility=chat_pb2.Room.PRIVATE),
+        metadata=owner,
+        timeout=5,
+    )
+    stack.chats().AddMember(
+        chat_pb2.AddMemberRequest(room=private, user_id=victim.id), metadata=owner, timeout=5
+    )
+    return {"victim": victim.id, "room": room, "private_room": private}
 
 
-def snapshot(stack: Any) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+def snapshot(stack: Any) -> tuple[list[tuple[Any, ...]], ...]:
     return (
         stack.sql("SELECT id, name, email, age, update_time FROM users ORDER BY id"),
         stack.sql("SELECT room, sequence, text FROM chat_messages ORDER BY room, sequence"),
+        stack.sql(
+            "SELECT name, title, private, owner_id, member_count, access_version"
+            " FROM chat_rooms ORDER BY name"
+        ),
+        stack.sql("SELECT room, user_id FROM chat_room_members ORDER BY room, user_id"),
     )
 
 
-@pytest.mark.parametrize("rpc", RPCS)
+@pytest.mark.parametrize("rpc", (*RPCS, *ROOM_RPCS))
 @pytest.mark.parametrize("credential", list(BAD_CREDENTIALS))
 def test_bad_credentials_get_no_data(
     stack: Any, target: dict[str, Any], token: Any, credential: str, rpc: str
@@ -162,14 +205,42 @@ def test_missing_scope_is_permission_denied(
     assert snapshot(stack) == before
 
 
+@pytest.mark.parametrize("rpc", CHAT_RPCS)
 def test_chat_subject_that_is_no_user_id_is_permission_denied(
-    stack: Any, target: dict[str, Any], token: Any
+    stack: Any, target: dict[str, Any], token: Any, rpc: str
 ) -> None:
     before = snapshot(stack)
     for subject in ("admin", "0", "-1", "2147483648", "１"):
-        responses, code = call(stack, "StreamChat", bearer(token(subject)), target)
-        assert code == PERMISSION_DENIED, (subject, code)
+        responses, code = call(stack, rpc, bearer(token(subject, "chat:admin")), target)
+        assert code == PERMISSION_DENIED, (rpc, subject, code)
         assert responses == []
+    assert snapshot(stack) == before
+
+
+@pytest.mark.parametrize("rpc", CHAT_RPCS)
+def test_chat_subject_that_is_no_user_is_refused(
+    stack: Any, target: dict[str, Any], token: Any, rpc: str
+) -> None:
+    """A well-formed user id that UserService does not have: refused, nothing written."""
+    before = snapshot(stack)
+    responses, code = call(stack, rpc, bearer(token("2147483000", "chat:admin")), target)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, (rpc, code)
+    assert responses == []
+    assert snapshot(stack) == before
+
+
+@pytest.mark.parametrize(
+    "rpc", ("GetRoom", "UpdateRoom", "DeleteRoom", "AddMember", "ListMembers", "ListMessages")
+)
+def test_a_user_outside_a_private_room_gets_nothing(
+    stack: Any, target: dict[str, Any], token: Any, rpc: str
+) -> None:
+    outsider = stack.create_user("Outsider")
+    before = snapshot(stack)
+    env = {**target, "room": target["private_room"]}
+    responses, code = call(stack, rpc, bearer(token(str(outsider.id))), env)
+    assert code == PERMISSION_DENIED, (rpc, code)
+    assert responses == []
     assert snapshot(stack) == before
 
 

@@ -109,10 +109,11 @@ def test_any_page_token_is_accepted_or_invalid(stack: Any, token: str) -> None:
 
 
 def _check_stored(stack: Any, user: user_pb2.User, name: str, email: str) -> None:
-    """The user as the server returned it, read back, and in the table: trimmed, byte for byte."""
+    """The user as the server returned it, read back, and in the table: trimmed, byte for byte.
+    Read back with the writer's token: another user's email needs users:read or users:write."""
     assert (user.name.encode(), user.email.encode()) == (name.encode(), email.encode())
     got = stack.users().GetUser(
-        user_pb2.GetUserRequest(id=user.id), metadata=bearer(stack.chatter_token), timeout=10
+        user_pb2.GetUserRequest(id=user.id), metadata=bearer(stack.writer_token), timeout=10
     )
     assert (got.user.name.encode(), got.user.email.encode()) == (name.encode(), email.encode())
     assert stack.sql("SELECT name, email FROM users WHERE id = %s", user.id) == [(name, email)]

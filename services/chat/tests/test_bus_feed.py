@@ -55,23 +55,31 @@ class Postgres:
         finally:
             self.in_flight -= 1
 
-    async def after(self, room: str, sequence: int, limit: int) -> list[chat_pb2.ChatMessage]:
+    async def after(
+        self, room: str, sequence: int, limit: int
+    ) -> tuple[list[chat_pb2.ChatMessage], int | None]:
+        """The messages and the room's access version (None: no such room), one snapshot."""
         rows = await self._query(
-            f"SELECT {_COLUMNS} FROM chat_messages WHERE room = %s AND sequence > %s"
-            " ORDER BY sequence LIMIT %s",
-            room,
+            f"SELECT r.access_version, m.* FROM chat_rooms r LEFT JOIN LATERAL (SELECT {_COLUMNS}"
+            " FROM chat_messages WHERE room = r.name AND sequence > %s ORDER BY sequence"
+            " LIMIT %s) AS m ON true WHERE r.name = %s ORDER BY m.sequence",
             sequence,
             limit,
+            room,
         )
+        if not rows:
+            return [], None
         messages = []
-        for row in rows:
+        for _version, *row in rows:
+            if row[0] is None:
+                continue
             message = chat_pb2.ChatMessage(
                 room=row[0], sequence=row[1], user_id=row[2], user=row[3], text=row[4]
             )
             message.create_time.FromDatetime(row[6])
             messages.append(message)
         self.rows_read += [m.sequence for m in messages]
-        return messages
+        return messages, int(rows[0][0])
 
     async def last(self, room: str) -> int:
         rows = await self._query("SELECT last_sequence FROM chat_rooms WHERE name = %s", room)

@@ -18,7 +18,7 @@ from parley.chassis import ConfigError, Database, DatabaseSettings, Env, Invalid
 from parley.chat_service import ChatSettings
 from parley.chat_service.rooms import check_text
 from parley.chat_service.servicer import MAX_PAGE_BYTES, RESUME_KEY, _resume_point
-from parley.chat_service.store import MessageStore
+from parley.chat_service.store import Appended, MessageStore
 
 BASE_ENV = {
     "PARLEY_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
@@ -133,22 +133,68 @@ async def sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
         return await cur.fetchall()
 
 
+async def open_room(url: str, room: str) -> int:
+    """Makes `room` (public) unless it exists; its access version, as a stream is checked at.
+    Two statements: in one, a row another transaction had just added would not be seen."""
+    await sql(
+        url, "INSERT INTO chat_rooms (name) VALUES (%s) ON CONFLICT DO NOTHING RETURNING 1", room
+    )
+    rows = await sql(url, "SELECT access_version FROM chat_rooms WHERE name = %s", room)
+    return int(rows[0][0])
+
+
+async def appended(store: MessageStore, database: str, room: str, user: int, *args: str) -> str:
+    """Sends as a stream checked at the room's current version would; the outcome."""
+    version = await open_room(database, room)
+    result = await store.append(room, user, *args, version=version, timeout=5)
+    return result.outcome
+
+
 async def test_a_burst_then_refusals_and_resends_spend_too(store_for, database) -> None:
     store = store_for(0.5, 4)  # one message every 2 s: nothing refills during the test
+    version = await open_room(database, "budget")
+
+    async def send(user: int, name: str, text: str, client_id: str) -> Appended:
+        return await store.append("budget", user, name, text, client_id, version=version, timeout=5)
+
     for i in range(3):
-        assert await store.append("budget", 7, "Ada", f"m{i}", f"id{i}", timeout=5) is not None
+        assert (await send(7, "Ada", f"m{i}", f"id{i}")).outcome == "new"
     # A resend of a stored message is answered with it, and spends like any send: a client
     # resending one id in a loop costs a statement each time.
-    resent = await store.append("budget", 7, "Ada", "m1", "id1", timeout=5)
-    assert resent is not None and resent[1] is False and resent[0].sequence == 2
-    assert await store.append("budget", 7, "Ada", "m3", "id3", timeout=5) is None
-    assert await store.append("budget", 7, "Ada", "no id", "", timeout=5) is None
-    assert await store.append("budget", 7, "Ada", "m1", "id1", timeout=5) is None
+    resent = await send(7, "Ada", "m1", "id1")
+    assert resent.outcome == "resent" and resent.message is not None
+    assert resent.message.sequence == 2
+    assert (await send(7, "Ada", "m3", "id3")).outcome == "rate"
+    assert (await send(7, "Ada", "no id", "")).outcome == "rate"
+    assert (await send(7, "Ada", "m1", "id1")).outcome == "rate"
     # Someone else has a budget of their own; the room's sequence has no gaps.
-    other = await store.append("budget", 8, "Grace", "hello", "g1", timeout=5)
-    assert other is not None and other[0].sequence == 4
+    other = await send(8, "Grace", "hello", "g1")
+    assert other.outcome == "new" and other.message is not None and other.message.sequence == 4
     rows = await sql(database, "SELECT user_id, text FROM chat_messages ORDER BY sequence")
     assert rows == [(7, "m0"), (7, "m1"), (7, "m2"), (8, "hello")]
+
+
+async def test_a_send_checked_at_an_older_access_version_stores_nothing(
+    store_for, database
+) -> None:
+    store = store_for(100, 100)
+    version = await open_room(database, "changed")
+    first = await store.append("changed", 7, "Ada", "before", "", version=version, timeout=5)
+    assert first.outcome == "new" and first.version == version
+    # A membership change elsewhere gives the room a new access version.
+    await sql(
+        database,
+        "UPDATE chat_rooms SET access_version = nextval('chat_access_versions')"
+        " WHERE name = 'changed' RETURNING 1",
+    )
+    stale = await store.append("changed", 7, "Ada", "after", "", version=version, timeout=5)
+    assert stale == Appended("stale", None, 0)
+    gone = await store.append("no-such-room", 7, "Ada", "x", "", version=version, timeout=5)
+    assert gone.outcome == "stale"
+    rows = await sql(database, "SELECT room, sequence, text FROM chat_messages")
+    assert rows == [("changed", 1, "before")]
+    (last,), *_ = await sql(database, "SELECT last_sequence FROM chat_rooms WHERE name = 'changed'")
+    assert last == 1  # no number was taken
 
 
 async def test_concurrent_sends_of_one_user_share_one_budget(store_for, database) -> None:
@@ -159,7 +205,7 @@ async def test_concurrent_sends_of_one_user_share_one_budget(store_for, database
         stored = 0
         for i in range(10):
             room = f"room-{stream % 3}"  # several rooms too: the budget is the user's
-            if await store.append(room, 9, "Ada", "x", f"{stream}-{i}", timeout=5) is not None:
+            if await appended(store, database, room, 9, "Ada", "x", f"{stream}-{i}") == "new":
                 stored += 1
         return stored
 
@@ -179,7 +225,7 @@ async def test_the_budget_refills_at_the_rate(store_for, database, wait_for) -> 
     store = store_for(rate, 1)  # one at a time, one every 250 ms
 
     async def allowed() -> bool:
-        return await store.append("refill", 11, "Ada", "x", "", timeout=5) is not None
+        return await appended(store, database, "refill", 11, "Ada", "x", "") == "new"
 
     for _ in range(3):
         await wait_for(allowed, 10, "the budget to refill")
@@ -218,22 +264,23 @@ async def test_a_page_ends_with_the_message_that_reaches_max_bytes(store_for, da
     sizes = [1000, 3000, 4096, 2, 4096, 4096, 1]
     await fill(database, "pages", sizes)
     store = store_for(1, 1)
-    page, more = await store.page("pages", after=0, size=100, max_bytes=8000)
-    assert [m.sequence for m in page] == [1, 2, 3]  # 1000 + 3000 < 8000 <= 8096
-    assert more
-    page, more = await store.page("pages", after=3, size=100, max_bytes=8000)
-    assert [m.sequence for m in page] == [4, 5, 6]
+    page = await store.page("pages", reader=1, after=0, size=100, max_bytes=8000)
+    assert [m.sequence for m in page.messages] == [1, 2, 3]  # 1000 + 3000 < 8000 <= 8096
+    assert page.more and page.allowed and page.last_sequence == len(sizes)
+    page = await store.page("pages", reader=1, after=3, size=100, max_bytes=8000)
+    assert [m.sequence for m in page.messages] == [4, 5, 6]
 
     # One message larger than the budget still makes a page; the count limit still holds.
     async def sequences(after: int, size: int, max_bytes: int) -> list[int]:
-        page, _ = await store.page("pages", after=after, size=size, max_bytes=max_bytes)
-        return [m.sequence for m in page]
+        page = await store.page("pages", reader=1, after=after, size=size, max_bytes=max_bytes)
+        return [m.sequence for m in page.messages]
 
     assert await sequences(2, 100, 10) == [3]
     assert await sequences(0, 2, 10**6) == [1, 2]
     assert await sequences(7, 100, 10) == []
-    unbounded = await store.after("pages", 0, 100)
+    unbounded, version = await store.after("pages", 0, 100)
     assert [len(m.text.encode()) for m in unbounded] == sizes
+    assert version is not None and await store.after("no-such-room", 0, 100) == ([], None)
 
 
 async def test_a_resumed_stream_gets_every_message_across_pages_cut_by_size(
@@ -264,11 +311,14 @@ async def test_history_pages_are_cut_by_size_and_page_through_everything(
     text = "y" * 4096
     count = 150  # 600 KiB of text: more than two pages of 256 KiB
     for i in range(count):
-        assert await store.append("history", 5, "Ada", text, f"h{i}", timeout=5) is not None
+        assert await appended(store, database, "history", 5, "Ada", text, f"h{i}") == "new"
     forwards: list[int] = []
     after, more = 0, True
     while more:
-        page, more = await store.page("history", after=after, size=size, max_bytes=MAX_PAGE_BYTES)
+        found = await store.page(
+            "history", reader=5, after=after, size=size, max_bytes=MAX_PAGE_BYTES
+        )
+        page, more = found.messages, found.more
         assert page, "a page that says more is coming came empty"
         assert len(page) <= size
         assert sum(len(m.text) for m in page) < MAX_PAGE_BYTES + len(text)
@@ -278,7 +328,10 @@ async def test_history_pages_are_cut_by_size_and_page_through_everything(
     backwards: list[int] = []
     before, more = count + 1, True
     while more:
-        page, more = await store.page("history", before=before, size=size, max_bytes=MAX_PAGE_BYTES)
+        found = await store.page(
+            "history", reader=5, before=before, size=size, max_bytes=MAX_PAGE_BYTES
+        )
+        page, more = found.messages, found.more
         assert page and len(page) <= size
         backwards = [m.sequence for m in page] + backwards
         before = page[0].sequence

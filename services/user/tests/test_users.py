@@ -39,11 +39,18 @@ async def test_get_user_returns_the_stored_user(stub, auth, read_auth):
     created = await create(stub, auth)
     other = await create(stub, auth, name="Grace", email="grace@example.com", age=45)
 
-    got = (await stub.GetUser(user_pb2.GetUserRequest(id=created.id), metadata=read_auth)).user
+    got = (await stub.GetUser(user_pb2.GetUserRequest(id=created.id), metadata=auth)).user
 
     assert got == created
     assert got.id != other.id
     assert got.create_time.seconds > 0
+
+    # Any token may read; without users:read or users:write, another user's email is left
+    # empty (test_privacy.py has the whole rule).
+    seen = (await stub.GetUser(user_pb2.GetUserRequest(id=created.id), metadata=read_auth)).user
+    assert seen.email == ""
+    seen.email = created.email
+    assert seen == created
 
 
 async def test_get_user_rejects_non_positive_ids(stub, auth, details, subtests):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17parley/proto/chat.proto\x12\x04\x63hat\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x0b\x43hatMessage\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x06 \x01(\x05\x12\x19\n\x11\x63lient_message_id\x18\x07 \x01(\t\"g\n\x13ListMessagesRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0f\x62\x65\x66ore_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"d\n\x14ListMessagesResponse\x12#\n\x08messages\x18\x01 \x03(\x0b\x32\x11.chat.ChatMessage\x12\x10\n\x08has_more\x18\x02 \x01(\x08\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"#\n\x13ListPresenceRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"9\n\x14ListPresenceResponse\x12!\n\x07members\x18\x01 \x03(\x0b\x32\x10.chat.RoomMember\"A\n\nRoomMember\x12\x0f\n\x07user_id\x18\x01 \x01(\x05\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x14\n\x0cstream_count\x18\x03 \x01(\x05\x32\xd3\x01\n\x0b\x43hatService\x12\x36\n\nStreamChat\x12\x11.chat.ChatMessage\x1a\x11.chat.ChatMessage(\x01\x30\x01\x12\x45\n\x0cListMessages\x12\x19.chat.ListMessagesRequest\x1a\x1a.chat.ListMessagesResponse\x12\x45\n\x0cListPresence\x12\x19.chat.ListPresenceRequest\x1a\x1a.chat.ListPresenceResponseB2\n\x0f\x64\x65v.parley.chatP\x01Z\x1dparley.dev/gen/go/chat;chatpbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17parley/proto/chat.proto\x12\x04\x63hat\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x01\n\x0b\x43hatMessage\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x06 \x01(\x05\x12\x19\n\x11\x63lient_message_id\x18\x07 \x01(\t\"g\n\x13ListMessagesRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x17\n\x0f\x62\x65\x66ore_sequence\x18\x03 \x01(\x03\x12\x11\n\tpage_size\x18\x04 \x01(\x05\"d\n\x14ListMessagesResponse\x12#\n\x08messages\x18\x01 \x03(\x0b\x32\x11.chat.ChatMessage\x12\x10\n\x08has_more\x18\x02 \x01(\x08\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"#\n\x13ListPresenceRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\"9\n\x14ListPresenceResponse\x12!\n\x07members\x18\x01 \x03(\x0b\x32\x10.chat.RoomMember\"A\n\nRoomMember\x12\x0f\n\x07user_id\x18\x01 \x01(\x05\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x14\n\x0cstream_count\x18\x03 \x01(\x05\"\xfa\x01\n\x04Room\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12)\n\nvisibility\x18\x03 \x01(\x0e\x32\x15.chat.Room.Visibility\x12\x10\n\x08owner_id\x18\x04 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmember_count\x18\x06 \x01(\x05\x12\x0e\n\x06\x64irect\x18\x07 \x01(\x08\"A\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\n\n\x06PUBLIC\x10\x01\x12\x0b\n\x07PRIVATE\x10\x02\"[\n\x11\x43reateRoomRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12)\n\nvisibility\x18\x03 \x01(\x0e\x32\x15.chat.Room.Visibility\"\x1e\n\x0eGetRoomRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x10ListRoomsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"G\n\x11ListRoomsResponse\x12\x19\n\x05rooms\x18\x01 \x03(\x0b\x32\n.chat.Room\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"j\n\x11UpdateRoomRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12)\n\nvisibility\x18\x03 \x01(\x0e\x32\x15.chat.Room.VisibilityB\x08\n\x06_title\"!\n\x11\x44\x65leteRoomRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteRoomResponse\"1\n\x10\x41\x64\x64MemberRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x05\"5\n\x11\x41\x64\x64MemberResponse\x12 \n\x06member\x18\x01 \x01(\x0b\x32\x10.chat.Membership\"4\n\x13RemoveMemberRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x05\"\x16\n\x14RemoveMemberResponse\"I\n\x12ListMembersRequest\x12\x0c\n\x04room\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Q\n\x13ListMembersResponse\x12!\n\x07members\x18\x01 \x03(\x0b\x32\x10.chat.Membership\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"[\n\nMembership\x12\x0f\n\x07user_id\x18\x01 \x01(\x05\x12-\n\tjoin_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x03 \x01(\x08\"(\n\x15OpenDirectRoomRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x05\x32\xe9\x05\n\x0b\x43hatService\x12\x36\n\nStreamChat\x12\x11.chat.ChatMessage\x1a\x11.chat.ChatMessage(\x01\x30\x01\x12\x45\n\x0cListMessages\x12\x19.chat.ListMessagesRequest\x1a\x1a.chat.ListMessagesResponse\x12\x45\n\x0cListPresence\x12\x19.chat.ListPresenceRequest\x1a\x1a.chat.ListPresenceResponse\x12\x31\n\nCreateRoom\x12\x17.chat.CreateRoomRequest\x1a\n.chat.Room\x12+\n\x07GetRoom\x12\x14.chat.GetRoomRequest\x1a\n.chat.Room\x12<\n\tListRooms\x12\x16.chat.ListRoomsRequest\x1a\x17.chat.ListRoomsResponse\x12\x31\n\nUpdateRoom\x12\x17.chat.UpdateRoomRequest\x1a\n.chat.Room\x12?\n\nDeleteRoom\x12\x17.chat.DeleteRoomRequest\x1a\x18.chat.DeleteRoomResponse\x12<\n\tAddMember\x12\x16.chat.AddMemberRequest\x1a\x17.chat.AddMemberResponse\x12\x45\n\x0cRemoveMember\x12\x19.chat.RemoveMemberRequest\x1a\x1a.chat.RemoveMemberResponse\x12\x42\n\x0bListMembers\x12\x18.chat.ListMembersRequest\x1a\x19.chat.ListMembersResponse\x12\x39\n\x0eOpenDirectRoom\x12\x1b.chat.OpenDirectRoomRequest\x1a\n.chat.RoomB2\n\x0f\x64\x65v.parley.chatP\x01Z\x1dparley.dev/gen/go/chat;chatpbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,6 +45,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPRESENCERESPONSE']._serialized_end=536
   _globals['_ROOMMEMBER']._serialized_start=538
   _globals['_ROOMMEMBER']._serialized_end=603
-  _globals['_CHATSERVICE']._serialized_start=606
-  _globals['_CHATSERVICE']._serialized_end=817
+  _globals['_ROOM']._serialized_start=606
+  _globals['_ROOM']._serialized_end=856
+  _globals['_ROOM_VISIBILITY']._serialized_start=791
+  _globals['_ROOM_VISIBILITY']._serialized_end=856
+  _globals['_CREATEROOMREQUEST']._serialized_start=858
+  _globals['_CREATEROOMREQUEST']._serialized_end=949
+  _globals['_GETROOMREQUEST']._serialized_start=951
+  _globals['_GETROOMREQUEST']._serialized_end=981
+  _globals['_LISTROOMSREQUEST']._serialized_start=983
+  _globals['_LISTROOMSREQUEST']._serialized_end=1040
+  _globals['_LISTROOMSRESPONSE']._serialized_start=1042
+  _globals['_LISTROOMSRESPONSE']._serialized_end=1113
+  _globals['_UPDATEROOMREQUEST']._serialized_start=1115
+  _globals['_UPDATEROOMREQUEST']._serialized_end=1221
+  _globals['_DELETEROOMREQUEST']._serialized_start=1223
+  _globals['_DELETEROOMREQUEST']._serialized_end=1256
+  _globals['_DELETEROOMRESPONSE']._serialized_start=1258
+  _globals['_DELETEROOMRESPONSE']._serialized_end=1278
+  _globals['_ADDMEMBERREQUEST']._serialized_start=1280
+  _globals['_ADDMEMBERREQUEST']._serialized_end=1329
+  _globals['_ADDMEMBERRESPONSE']._serialized_start=1331
+  _globals['_ADDMEMBERRESPONSE']._serialized_end=1384
+  _globals['_REMOVEMEMBERREQUEST']._serialized_start=1386
+  _globals['_REMOVEMEMBERREQUEST']._serialized_end=1438
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_start=1440
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_end=1462
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1464
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1537
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1539
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1620
+  _globals['_MEMBERSHIP']._serialized_start=1622
+  _globals['_MEMBERSHIP']._serialized_end=1713
+  _globals['_OPENDIRECTROOMREQUEST']._serialized_start=1715
+  _globals['_OPENDIRECTROOMREQUEST']._serialized_end=1755
+  _globals['_CHATSERVICE']._serialized_start=1758
+  _globals['_CHATSERVICE']._serialized_end=2503
 # @@protoc_insertion_point(module_scope)

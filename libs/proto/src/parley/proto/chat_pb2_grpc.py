@@ -53,6 +53,51 @@ class ChatServiceStub:
                 request_serializer=parley_dot_proto_dot_chat__pb2.ListPresenceRequest.SerializeToString,
                 response_deserializer=parley_dot_proto_dot_chat__pb2.ListPresenceResponse.FromString,
                 _registered_method=True)
+        self.CreateRoom = channel.unary_unary(
+                '/chat.ChatService/CreateRoom',
+                request_serializer=parley_dot_proto_dot_chat__pb2.CreateRoomRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.Room.FromString,
+                _registered_method=True)
+        self.GetRoom = channel.unary_unary(
+                '/chat.ChatService/GetRoom',
+                request_serializer=parley_dot_proto_dot_chat__pb2.GetRoomRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.Room.FromString,
+                _registered_method=True)
+        self.ListRooms = channel.unary_unary(
+                '/chat.ChatService/ListRooms',
+                request_serializer=parley_dot_proto_dot_chat__pb2.ListRoomsRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.ListRoomsResponse.FromString,
+                _registered_method=True)
+        self.UpdateRoom = channel.unary_unary(
+                '/chat.ChatService/UpdateRoom',
+                request_serializer=parley_dot_proto_dot_chat__pb2.UpdateRoomRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.Room.FromString,
+                _registered_method=True)
+        self.DeleteRoom = channel.unary_unary(
+                '/chat.ChatService/DeleteRoom',
+                request_serializer=parley_dot_proto_dot_chat__pb2.DeleteRoomRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.DeleteRoomResponse.FromString,
+                _registered_method=True)
+        self.AddMember = channel.unary_unary(
+                '/chat.ChatService/AddMember',
+                request_serializer=parley_dot_proto_dot_chat__pb2.AddMemberRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.AddMemberResponse.FromString,
+                _registered_method=True)
+        self.RemoveMember = channel.unary_unary(
+                '/chat.ChatService/RemoveMember',
+                request_serializer=parley_dot_proto_dot_chat__pb2.RemoveMemberRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.RemoveMemberResponse.FromString,
+                _registered_method=True)
+        self.ListMembers = channel.unary_unary(
+                '/chat.ChatService/ListMembers',
+                request_serializer=parley_dot_proto_dot_chat__pb2.ListMembersRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.ListMembersResponse.FromString,
+                _registered_method=True)
+        self.OpenDirectRoom = channel.unary_unary(
+                '/chat.ChatService/OpenDirectRoom',
+                request_serializer=parley_dot_proto_dot_chat__pb2.OpenDirectRoomRequest.SerializeToString,
+                response_deserializer=parley_dot_proto_dot_chat__pb2.Room.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -93,6 +138,86 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRoom(self, request, context):
+        """Rooms. Who may read a room: anyone in a PUBLIC room, only its members in a PRIVATE one.
+        A caller who may not read a room gets PERMISSION_DENIED from StreamChat (before anything
+        is delivered), ListMessages, ListPresence, ListMembers and GetRoom, with the same answer
+        whether or not the room exists. A room that does not exist is created on first use by
+        StreamChat as a PUBLIC room without an owner (unless the deployment turns that off), so
+        `general` and any room a tutorial client names keep working. Names starting with `dm-`
+        belong to direct rooms and are never created that way.
+
+        CreateRoom makes a new room; the caller becomes its owner and first member.
+        ALREADY_EXISTS when the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRoom(self, request, context):
+        """GetRoom returns a room the caller may read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRooms(self, request, context):
+        """ListRooms returns a page of the rooms the caller may read (the public ones and those the
+        caller belongs to), ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateRoom(self, request, context):
+        """UpdateRoom changes a room's title or visibility; only its owner may. Made PRIVATE, the
+        room's open streams of callers who are not members end with PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRoom(self, request, context):
+        """DeleteRoom deletes a room and every message in it; only its owner may. Its open streams
+        end with PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddMember(self, request, context):
+        """AddMember makes a user a member of a room: its owner may, or a caller with the
+        `chat:admin` scope. NOT_FOUND when the user does not exist in UserService.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMember(self, request, context):
+        """RemoveMember ends a user's membership: the owner or a `chat:admin` caller may remove
+        anyone but the owner, and a member may remove themselves (leave). In a PRIVATE room the
+        user's open streams end with PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMembers(self, request, context):
+        """ListMembers returns a page of the members of a room the caller may read, by user id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenDirectRoom(self, request, context):
+        """OpenDirectRoom returns the PRIVATE room of the caller and one other user, the same room
+        for the same two users every time, creating it on the first call. NOT_FOUND when the
+        other user does not exist in UserService.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +235,51 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.ListPresence,
                     request_deserializer=parley_dot_proto_dot_chat__pb2.ListPresenceRequest.FromString,
                     response_serializer=parley_dot_proto_dot_chat__pb2.ListPresenceResponse.SerializeToString,
+            ),
+            'CreateRoom': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRoom,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.CreateRoomRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.Room.SerializeToString,
+            ),
+            'GetRoom': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoom,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.GetRoomRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.Room.SerializeToString,
+            ),
+            'ListRooms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRooms,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.ListRoomsRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.ListRoomsResponse.SerializeToString,
+            ),
+            'UpdateRoom': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRoom,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.UpdateRoomRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.Room.SerializeToString,
+            ),
+            'DeleteRoom': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRoom,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.DeleteRoomRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.DeleteRoomResponse.SerializeToString,
+            ),
+            'AddMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMember,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.AddMemberRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.AddMemberResponse.SerializeToString,
+            ),
+            'RemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMember,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.RemoveMemberRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.RemoveMemberResponse.SerializeToString,
+            ),
+            'ListMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMembers,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.ListMembersRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.ListMembersResponse.SerializeToString,
+            ),
+            'OpenDirectRoom': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDirectRoom,
+                    request_deserializer=parley_dot_proto_dot_chat__pb2.OpenDirectRoomRequest.FromString,
+                    response_serializer=parley_dot_proto_dot_chat__pb2.Room.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -197,6 +367,249 @@ class ChatService:
             '/chat.ChatService/ListPresence',
             parley_dot_proto_dot_chat__pb2.ListPresenceRequest.SerializeToString,
             parley_dot_proto_dot_chat__pb2.ListPresenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRoom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/CreateRoom',
+            parley_dot_proto_dot_chat__pb2.CreateRoomRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.Room.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/GetRoom',
+            parley_dot_proto_dot_chat__pb2.GetRoomRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.Room.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRooms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/ListRooms',
+            parley_dot_proto_dot_chat__pb2.ListRoomsRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.ListRoomsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRoom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/UpdateRoom',
+            parley_dot_proto_dot_chat__pb2.UpdateRoomRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.Room.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRoom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/DeleteRoom',
+            parley_dot_proto_dot_chat__pb2.DeleteRoomRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.DeleteRoomResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/AddMember',
+            parley_dot_proto_dot_chat__pb2.AddMemberRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.AddMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/RemoveMember',
+            parley_dot_proto_dot_chat__pb2.RemoveMemberRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.RemoveMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/ListMembers',
+            parley_dot_proto_dot_chat__pb2.ListMembersRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.ListMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDirectRoom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chat.ChatService/OpenDirectRoom',
+            parley_dot_proto_dot_chat__pb2.OpenDirectRoomRequest.SerializeToString,
+            parley_dot_proto_dot_chat__pb2.Room.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,48 @@ class ChatServiceStub:
     """ListMessages returns a page of a room's stored messages, oldest first."""
     ListPresence: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListPresenceRequest, _chat_pb2.ListPresenceResponse]
     """ListPresence returns who is connected to a room right now, on any replica."""
+    CreateRoom: _grpc.UnaryUnaryMultiCallable[_chat_pb2.CreateRoomRequest, _chat_pb2.Room]
+    """Rooms. Who may read a room: anyone in a PUBLIC room, only its members in a PRIVATE one.
+    A caller who may not read a room gets PERMISSION_DENIED from StreamChat (before anything
+    is delivered), ListMessages, ListPresence, ListMembers and GetRoom, with the same answer
+    whether or not the room exists. A room that does not exist is created on first use by
+    StreamChat as a PUBLIC room without an owner (unless the deployment turns that off), so
+    `general` and any room a tutorial client names keep working. Names starting with `dm-`
+    belong to direct rooms and are never created that way.
+
+    CreateRoom makes a new room; the caller becomes its owner and first member.
+    ALREADY_EXISTS when the name is taken.
+    """
+    GetRoom: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetRoomRequest, _chat_pb2.Room]
+    """GetRoom returns a room the caller may read."""
+    ListRooms: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListRoomsRequest, _chat_pb2.ListRoomsResponse]
+    """ListRooms returns a page of the rooms the caller may read (the public ones and those the
+    caller belongs to), ordered by name.
+    """
+    UpdateRoom: _grpc.UnaryUnaryMultiCallable[_chat_pb2.UpdateRoomRequest, _chat_pb2.Room]
+    """UpdateRoom changes a room's title or visibility; only its owner may. Made PRIVATE, the
+    room's open streams of callers who are not members end with PERMISSION_DENIED.
+    """
+    DeleteRoom: _grpc.UnaryUnaryMultiCallable[_chat_pb2.DeleteRoomRequest, _chat_pb2.DeleteRoomResponse]
+    """DeleteRoom deletes a room and every message in it; only its owner may. Its open streams
+    end with PERMISSION_DENIED.
+    """
+    AddMember: _grpc.UnaryUnaryMultiCallable[_chat_pb2.AddMemberRequest, _chat_pb2.AddMemberResponse]
+    """AddMember makes a user a member of a room: its owner may, or a caller with the
+    `chat:admin` scope. NOT_FOUND when the user does not exist in UserService.
+    """
+    RemoveMember: _grpc.UnaryUnaryMultiCallable[_chat_pb2.RemoveMemberRequest, _chat_pb2.RemoveMemberResponse]
+    """RemoveMember ends a user's membership: the owner or a `chat:admin` caller may remove
+    anyone but the owner, and a member may remove themselves (leave). In a PRIVATE room the
+    user's open streams end with PERMISSION_DENIED.
+    """
+    ListMembers: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListMembersRequest, _chat_pb2.ListMembersResponse]
+    """ListMembers returns a page of the members of a room the caller may read, by user id."""
+    OpenDirectRoom: _grpc.UnaryUnaryMultiCallable[_chat_pb2.OpenDirectRoomRequest, _chat_pb2.Room]
+    """OpenDirectRoom returns the PRIVATE room of the caller and one other user, the same room
+    for the same two users every time, creating it on the first call. NOT_FOUND when the
+    other user does not exist in UserService.
+    """
 
 @_typing.type_check_only
 class ChatServiceAsyncStub(ChatServiceStub):
@@ -87,6 +129,48 @@ class ChatServiceAsyncStub(ChatServiceStub):
     """ListMessages returns a page of a room's stored messages, oldest first."""
     ListPresence: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListPresenceRequest, _chat_pb2.ListPresenceResponse]  # type: ignore[assignment]
     """ListPresence returns who is connected to a room right now, on any replica."""
+    CreateRoom: _aio.UnaryUnaryMultiCallable[_chat_pb2.CreateRoomRequest, _chat_pb2.Room]  # type: ignore[assignment]
+    """Rooms. Who may read a room: anyone in a PUBLIC room, only its members in a PRIVATE one.
+    A caller who may not read a room gets PERMISSION_DENIED from StreamChat (before anything
+    is delivered), ListMessages, ListPresence, ListMembers and GetRoom, with the same answer
+    whether or not the room exists. A room that does not exist is created on first use by
+    StreamChat as a PUBLIC room without an owner (unless the deployment turns that off), so
+    `general` and any room a tutorial client names keep working. Names starting with `dm-`
+    belong to direct rooms and are never created that way.
+
+    CreateRoom makes a new room; the caller becomes its owner and first member.
+    ALREADY_EXISTS when the name is taken.
+    """
+    GetRoom: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetRoomRequest, _chat_pb2.Room]  # type: ignore[assignment]
+    """GetRoom returns a room the caller may read."""
+    ListRooms: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListRoomsRequest, _chat_pb2.ListRoomsResponse]  # type: ignore[assignment]
+    """ListRooms returns a page of the rooms the caller may read (the public ones and those the
+    caller belongs to), ordered by name.
+    """
+    UpdateRoom: _aio.UnaryUnaryMultiCallable[_chat_pb2.UpdateRoomRequest, _chat_pb2.Room]  # type: ignore[assignment]
+    """UpdateRoom changes a room's title or visibility; only its owner may. Made PRIVATE, the
+    room's open streams of callers who are not members end with PERMISSION_DENIED.
+    """
+    DeleteRoom: _aio.UnaryUnaryMultiCallable[_chat_pb2.DeleteRoomRequest, _chat_pb2.DeleteRoomResponse]  # type: ignore[assignment]
+    """DeleteRoom deletes a room and every message in it; only its owner may. Its open streams
+    end with PERMISSION_DENIED.
+    """
+    AddMember: _aio.UnaryUnaryMultiCallable[_chat_pb2.AddMemberRequest, _chat_pb2.AddMemberResponse]  # type: ignore[assignment]
+    """AddMember makes a user a member of a room: its owner may, or a caller with the
+    `chat:admin` scope. NOT_FOUND when the user does not exist in UserService.
+    """
+    RemoveMember: _aio.UnaryUnaryMultiCallable[_chat_pb2.RemoveMemberRequest, _chat_pb2.RemoveMemberResponse]  # type: ignore[assignment]
+    """RemoveMember ends a user's membership: the owner or a `chat:admin` caller may remove
+    anyone but the owner, and a member may remove themselves (leave). In a PRIVATE room the
+    user's open streams end with PERMISSION_DENIED.
+    """
+    ListMembers: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListMembersRequest, _chat_pb2.ListMembersResponse]  # type: ignore[assignment]
+    """ListMembers returns a page of the members of a room the caller may read, by user id."""
+    OpenDirectRoom: _aio.UnaryUnaryMultiCallable[_chat_pb2.OpenDirectRoomRequest, _chat_pb2.Room]  # type: ignore[assignment]
+    """OpenDirectRoom returns the PRIVATE room of the caller and one other user, the same room
+    for the same two users every time, creating it on the first call. NOT_FOUND when the
+    other user does not exist in UserService.
+    """
 
 class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """ChatService carries conversations between connected users, across every replica.
@@ -129,5 +213,101 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_chat_pb2.ListPresenceResponse, _abc.Awaitable[_chat_pb2.ListPresenceResponse]]:
         """ListPresence returns who is connected to a room right now, on any replica."""
+
+    @_abc_1.abstractmethod
+    def CreateRoom(
+        self,
+        request: _chat_pb2.CreateRoomRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.Room, _abc.Awaitable[_chat_pb2.Room]]:
+        """Rooms. Who may read a room: anyone in a PUBLIC room, only its members in a PRIVATE one.
+        A caller who may not read a room gets PERMISSION_DENIED from StreamChat (before anything
+        is delivered), ListMessages, ListPresence, ListMembers and GetRoom, with the same answer
+        whether or not the room exists. A room that does not exist is created on first use by
+        StreamChat as a PUBLIC room without an owner (unless the deployment turns that off), so
+        `general` and any room a tutorial client names keep working. Names starting with `dm-`
+        belong to direct rooms and are never created that way.
+
+        CreateRoom makes a new room; the caller becomes its owner and first member.
+        ALREADY_EXISTS when the name is taken.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRoom(
+        self,
+        request: _chat_pb2.GetRoomRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.Room, _abc.Awaitable[_chat_pb2.Room]]:
+        """GetRoom returns a room the caller may read."""
+
+    @_abc_1.abstractmethod
+    def ListRooms(
+        self,
+        request: _chat_pb2.ListRoomsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ListRoomsResponse, _abc.Awaitable[_chat_pb2.ListRoomsResponse]]:
+        """ListRooms returns a page of the rooms the caller may read (the public ones and those the
+        caller belongs to), ordered by name.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateRoom(
+        self,
+        request: _chat_pb2.UpdateRoomRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.Room, _abc.Awaitable[_chat_pb2.Room]]:
+        """UpdateRoom changes a room's title or visibility; only its owner may. Made PRIVATE, the
+        room's open streams of callers who are not members end with PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRoom(
+        self,
+        request: _chat_pb2.DeleteRoomRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.DeleteRoomResponse, _abc.Awaitable[_chat_pb2.DeleteRoomResponse]]:
+        """DeleteRoom deletes a room and every message in it; only its owner may. Its open streams
+        end with PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def AddMember(
+        self,
+        request: _chat_pb2.AddMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.AddMemberResponse, _abc.Awaitable[_chat_pb2.AddMemberResponse]]:
+        """AddMember makes a user a member of a room: its owner may, or a caller with the
+        `chat:admin` scope. NOT_FOUND when the user does not exist in UserService.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveMember(
+        self,
+        request: _chat_pb2.RemoveMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.RemoveMemberResponse, _abc.Awaitable[_chat_pb2.RemoveMemberResponse]]:
+        """RemoveMember ends a user's membership: the owner or a `chat:admin` caller may remove
+        anyone but the owner, and a member may remove themselves (leave). In a PRIVATE room the
+        user's open streams end with PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMembers(
+        self,
+        request: _chat_pb2.ListMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.ListMembersResponse, _abc.Awaitable[_chat_pb2.ListMembersResponse]]:
+        """ListMembers returns a page of the members of a room the caller may read, by user id."""
+
+    @_abc_1.abstractmethod
+    def OpenDirectRoom(
+        self,
+        request: _chat_pb2.OpenDirectRoomRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_chat_pb2.Room, _abc.Awaitable[_chat_pb2.Room]]:
+        """OpenDirectRoom returns the PRIVATE room of the caller and one other user, the same room
+        for the same two users every time, creating it on the first call. NOT_FOUND when the
+        other user does not exist in UserService.
+        """
 
 def add_ChatServiceServicer_to_server(servicer: ChatServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

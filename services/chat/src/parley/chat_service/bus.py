@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as redis
 from google.protobuf.message import DecodeError
@@ -26,13 +27,15 @@ from .hub import Outgoing, RoomHub
 from .metrics import ChatMetrics
 from .tasks import cancel_and_wait
 
-__all__ = ["MAX_HINT_BYTES", "RedisBus"]
+__all__ = ["MAX_HINT_BYTES", "AccessVersions", "RedisBus"]
 
 _log = logging.getLogger("parley.chat.bus")
 
 # The largest message Parley publishes is well below this (4 KiB of text, a 64-character
 # client id, a display name and a room name); anything longer is not parsed.
 MAX_HINT_BYTES = 64 * 1024
+# `await versions(rooms)`: the access version of each of `rooms` that still exists.
+AccessVersions = Callable[[list[str]], Awaitable[dict[str, int]]]
 # Hints handled in a row before the subscription lets other tasks run.
 _BATCH = 256
 
@@ -49,6 +52,8 @@ class RedisBus:
     ) -> None:
         self._prefix = prefix
         self._channels = f"{prefix}:chat:room:".encode()
+        self._access_channels = f"{prefix}:chat:access:".encode()
+        self._versions: AccessVersions | None = None
         self._hub = hub
         self._feed = feed
         self._metrics = metrics
@@ -64,6 +69,23 @@ class RedisBus:
 
     def channel(self, room: str) -> str:
         return f"{self._prefix}:chat:room:{room}"
+
+    def access_channel(self, room: str) -> str:
+        return f"{self._prefix}:chat:access:{room}"
+
+    def check_access_with(self, versions: AccessVersions) -> None:
+        """The periodic check also compares each room's access version with `versions`."""
+        self._versions = versions
+
+    async def announce(self, room: str) -> None:
+        """Tells the other replicas that who may read `room` changed. Like a message, the
+        announcement is only a hint (they ask Postgres); one that is lost is made up for by
+        the periodic check. A failure is counted, not raised: Postgres has the change."""
+        try:
+            await self.client.publish(self.access_channel(room), b"")
+        except (RedisError, OSError) as exc:
+            self._metrics.publish_errors.inc()
+            _log.warning("announcing an access change to redis failed: %s", exc)
 
     async def ping(self) -> None:
         """The readiness probe; a refusal of the URL's credentials says so (never them)."""
@@ -110,12 +132,15 @@ class RedisBus:
         while True:
             pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.psubscribe(self.channel("*"))
+                await pubsub.psubscribe(self.channel("*"), self.access_channel("*"))
                 if not first:
                     self._metrics.redis_reconnects.inc()
                     _log.info("redis subscription restored; rooms are read from postgres")
-                # Anything published while unsubscribed is gone: read the rooms to their end.
+                # Anything published while unsubscribed is gone: read the rooms to their end,
+                # and check who may still read them.
                 self._feed.wake(self._hub.rooms())
+                for room in self._hub.rooms():
+                    self._hub.recheck(room)
                 first = False
                 backoff = 0.1
                 self.subscribed.set()
@@ -139,6 +164,11 @@ class RedisBus:
         """Checks a message from a room's channel and passes its room and sequence on as a
         hint; its text, sender and the like are never used."""
         feed = self._feed
+        if channel.startswith(self._access_channels):
+            # Only the room name counts: the hub reads the truth from Postgres.
+            room = channel[len(self._access_channels) :].decode("utf-8", "replace")
+            self._hub.recheck(room)
+            return
         if len(data) > MAX_HINT_BYTES:
             feed.reject(TOO_LARGE)
             return
@@ -164,4 +194,12 @@ class RedisBus:
         """A safety net for messages that were stored but never published."""
         while True:
             await asyncio.sleep(self._resync_interval)
-            self._feed.wake(self._hub.rooms())
+            rooms = self._hub.rooms()
+            self._feed.wake(rooms)
+            if self._versions is not None and rooms:
+                try:
+                    versions = await self._versions(list(rooms))
+                except Exception as exc:  # Postgres unavailable: the next round tries again
+                    _log.debug("reading the rooms' access versions failed: %s", exc)
+                    continue
+                self._hub.verify(versions)

@@ -57,7 +57,9 @@ _HINTS_KEPT = 1024
 _REJECT_LOG_INTERVAL = 30.0
 _RETRY_FIRST, _RETRY_LAST = 0.1, 2.0
 
-ReadAfter = Callable[[str, int, int], Awaitable[list[chat_pb2.ChatMessage]]]
+# `await read_after(room, sequence, limit)`: up to `limit` messages after `sequence` and the
+# room's access version, from one snapshot; version None when the room no longer exists.
+ReadAfter = Callable[[str, int, int], Awaitable[tuple[list[chat_pb2.ChatMessage], int | None]]]
 ReadLast = Callable[[str], Awaitable[int]]
 
 
@@ -266,8 +268,11 @@ class RoomFeed:
             return None
         async with self._reads:
             self._metrics.room_reads.inc()
-            page = await self._read_after(room, sequence - 1, 1)
-        return outgoing(page[0]) if page else None
+            page, version = await self._read_after(room, sequence - 1, 1)
+        if version is None:
+            self._hub.recheck(room)  # deleted: its streams end
+            return None
+        return outgoing(page[0], version=version) if page else None
 
     async def _read(self, room: str, wanted: int) -> int | None:
         """Offers the room's stored messages after its position, up to `wanted` at least (to
@@ -279,10 +284,14 @@ class RoomFeed:
         while confirmed is not None:
             async with self._reads:
                 self._metrics.room_reads.inc()
-                page = await self._read_after(room, confirmed, self._page)
+                page, version = await self._read_after(room, confirmed, self._page)
             position = hub.position(room)  # own messages may have been offered meanwhile
             if position is None:
                 return None
+            if version is None:
+                hub.recheck(room)  # the room was deleted: its streams end
+                return None
+            hub.note_version(room, version)
             if not page:
                 return max(confirmed, position)
             fresh = [message for message in page if message.sequence > position]
@@ -293,7 +302,7 @@ class RoomFeed:
                 hub.catch_up(room, through=stored)
                 return max(stored, page[-1].sequence)
             for message in fresh:
-                hub.deliver(outgoing(message))
+                hub.deliver(outgoing(message, version=version))
             confirmed = max(page[-1].sequence, position)
             if confirmed >= wanted:
                 return confirmed

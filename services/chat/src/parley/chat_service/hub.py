@@ -1,21 +1,48 @@
-"""In-process fan-out: each replica's streams, by room, with bounded per-stream buffers."""
+"""In-process fan-out: each replica's streams, by room, with bounded per-stream buffers.
+
+The hub also keeps access control true for the streams it holds. Every message comes with the
+room's access version as Postgres read it together with the message (see the 0003
+migration). A message with a version newer than the one the room's streams were last checked
+at waits while the hub asks Postgres who of the room's streams may still read it, ends the
+others with PERMISSION_DENIED, and only then goes out: nothing stored after a change reaches a
+stream that the change shut out, whatever order Redis and Postgres answer in.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-from parley.chassis import ServiceError
+from parley.chassis import PermissionDenied, ServiceError
 from parley.proto import chat_pb2
 
 from .metrics import ChatMetrics
+from .tasks import cancel_and_wait
 
-__all__ = ["Outgoing", "RoomHub", "Subscriber", "outgoing"]
+__all__ = ["Outgoing", "Readers", "RoomHub", "Subscriber", "denied", "outgoing"]
 
 _ids = itertools.count(1)
+_log = logging.getLogger("parley.chat.hub")
+
+# `await readers(room, user_ids)`: the room's access version and which of the users may read
+# it, from one snapshot; None when the room no longer exists.
+Readers = Callable[[str, list[int]], Awaitable[tuple[int, set[int]] | None]]
+# After a check that found nothing new (a forged hint, say), the room's next one waits this long.
+_CHECK_PAUSE = 0.02
+_RETRY_FIRST, _RETRY_LAST = 0.1, 2.0
+
+
+def denied(room: str) -> PermissionDenied:
+    """The one answer for a room a caller may not read, whether or not it exists."""
+    return PermissionDenied(
+        f"room {room!r} does not exist, or it is private and you are not a member",
+        reason="ROOM_ACCESS_DENIED",
+    )
+
 
 # How long a message that arrives ahead of its room's next sequence waits for the ones before
 # it. Two replicas writing to one room interleave their sequences, and a replica's own message
@@ -33,14 +60,18 @@ class Outgoing(NamedTuple):
     message: chat_pb2.ChatMessage
     payload: bytes  # the message's wire form, written as is to every stream
     stored_at: float  # its create_time, in seconds since the epoch
+    version: int  # the room's access version read with the message (0: not checked)
 
 
-def outgoing(message: chat_pb2.ChatMessage, payload: bytes | None = None) -> Outgoing:
+def outgoing(
+    message: chat_pb2.ChatMessage, payload: bytes | None = None, *, version: int = 0
+) -> Outgoing:
     """`message` ready for fan-out; `payload` is its serialized form when already at hand."""
     return Outgoing(
         message,
         message.SerializeToString() if payload is None else payload,
         message.create_time.seconds + message.create_time.nanos / 1e9,
+        version,
     )
 
 
@@ -53,6 +84,8 @@ class Subscriber:
         self.room = room
         self.user_id = user_id
         self.user_name = ""
+        # The room's access version this stream's user was last found allowed at.
+        self.version = 0
         self._limit = limit
         self._metrics = metrics
         self._buffer: deque[Outgoing] = deque()
@@ -116,6 +149,101 @@ class RoomHub:
         # Rooms whose head is known to cover what their streams started from (see settle).
         self._settled: set[str] = set()
         self._opened: Callable[[str], None] | None = None
+        # Access control (see the module's docstring): the version each room's streams were
+        # last checked at, messages waiting for a check, the running checks, and the rooms
+        # whose check must run once more (something newer was heard of meanwhile).
+        self._readers: Readers | None = None
+        self._checked: dict[str, int] = {}
+        self._waiting: dict[str, list[Outgoing]] = {}
+        self._checks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+
+    def check_access_with(self, readers: Readers) -> None:
+        """Turns on access checks, asking `readers` (see Readers)."""
+        self._readers = readers
+
+    def note_version(self, room: str, version: int) -> None:
+        """Postgres showed `room` at access `version`: its streams are checked again if that
+        is newer than what they were checked at."""
+        if self._readers is None or not self._rooms.get(room):
+            return
+        if version > self._checked.get(room, 0):
+            self._check(room)
+
+    def recheck(self, room: str) -> None:
+        """Checks the room's streams against Postgres now (an announcement, the periodic
+        check): a change may have happened that no message has shown yet."""
+        if self._readers is not None and self._rooms.get(room):
+            self._check(room)
+
+    def verify(self, versions: dict[str, int]) -> None:
+        """The periodic check: `versions` holds the access version of every room with streams
+        here that still exists. A room missing from it, or newer there, is checked again."""
+        for room in list(self._rooms):
+            if versions.get(room, 2**63 - 1) > self._checked.get(room, 0):
+                self.recheck(room)
+
+    def _check(self, room: str) -> None:
+        if room in self._checks:
+            self._again.add(room)
+        else:
+            self._checks[room] = asyncio.create_task(
+                self._run_checks(room), name=f"chat-access-{room}"
+            )
+
+    async def _run_checks(self, room: str) -> None:
+        assert self._readers is not None
+        retry = _RETRY_FIRST
+        try:
+            while self._rooms.get(room):
+                self._again.discard(room)
+                members = self._rooms[room]
+                try:
+                    found = await self._readers(room, sorted({s.user_id for s in members}))
+                except Exception as exc:  # Postgres unavailable: messages wait, try again
+                    _log.debug("checking access to room %s failed: %s", room, exc)
+                    await asyncio.sleep(retry)
+                    retry = min(retry * 2, _RETRY_LAST)
+                    continue
+                retry = _RETRY_FIRST
+                if found is None:
+                    self._metrics.access_revoked.inc(len(members))
+                    for subscriber in list(members):
+                        subscriber.close(denied(room))
+                    # Whatever waited was the deleted room's. A room made again under the
+                    # name starts unchecked: its streams are checked before delivery.
+                    self._checked.pop(room, None)
+                    self._waiting.pop(room, None)
+                    return
+                version, allowed = found
+                changed = version > self._checked.get(room, 0)
+                for subscriber in list(members):
+                    if subscriber.user_id not in allowed:
+                        self._metrics.access_revoked.inc()
+                        subscriber.close(denied(room))
+                    else:
+                        subscriber.version = max(subscriber.version, version)
+                self._checked[room] = max(version, self._checked.get(room, 0))
+                self._release_waiting(room)
+                if room not in self._again:
+                    return
+                if not changed:
+                    await asyncio.sleep(_CHECK_PAUSE)  # a flood of hints costs a read per pause
+        finally:
+            self._checks.pop(room, None)
+            self._again.discard(room)
+
+    def _release_waiting(self, room: str) -> None:
+        """Delivers the messages that waited for the room's check and are covered by it."""
+        checked = self._checked.get(room, 0)
+        waiting = self._waiting.pop(room, [])
+        later = [item for item in waiting if item.version > checked]
+        if later:
+            self._waiting[room] = later
+            self._again.add(room)
+        for item in waiting:
+            if item.version <= checked:
+                self._deliver_in_order(item)
 
     def watch_rooms(self, opened: Callable[[str], None]) -> None:
         """Calls `opened(room)` whenever a room gets its first stream on this replica."""
@@ -141,6 +269,8 @@ class RoomHub:
                 self._heads.pop(subscriber.room, None)
                 self._settled.discard(subscriber.room)
                 self._drop_early(subscriber.room)
+                self._checked.pop(subscriber.room, None)
+                self._waiting.pop(subscriber.room, None)
 
     def has_streams(self, room: str) -> bool:
         return bool(self._rooms.get(room))
@@ -168,9 +298,16 @@ class RoomHub:
         if head is not None and head >= stored:
             return  # every stream here was offered a message at least that new
         self._heads[room] = stored
-        if newest is not None:
+        if newest is None:
+            return
+        if self._readers is not None and newest.version > self._checked.get(room, 0):
+            # Not offered before a check: the streams re-read Postgres, which checks each.
+            self._check(room)
             for subscriber in members:
-                subscriber.offer(newest)
+                subscriber.catch_up()
+            return
+        for subscriber in members:
+            subscriber.offer(newest)
 
     def deliver(self, item: Outgoing) -> None:
         """Offers a stored message to every local stream of its room, in sequence order.
@@ -182,6 +319,29 @@ class RoomHub:
         room = message.room
         if not self._rooms.get(room):
             return
+        if self._readers is not None and (
+            room in self._checks or item.version > self._checked.get(room, 0)
+        ):
+            # Stored after the streams' last check, or while one runs: it waits for the check.
+            waiting = self._waiting.setdefault(room, [])
+            if len(waiting) >= self._queue_limit:
+                # More than a stream could buffer: the streams re-read Postgres instead, where
+                # each read checks the stream's own access.
+                waiting.clear()
+                for subscriber in self._rooms[room]:
+                    subscriber.catch_up()
+            else:
+                waiting.append(item)
+            if item.version > self._checked.get(room, 0):
+                self._check(room)
+            return
+        self._deliver_in_order(item)
+
+    def _deliver_in_order(self, item: Outgoing) -> None:
+        room = item.message.room
+        if not self._rooms.get(room):
+            return
+        message = item.message
         head = self._heads.get(room)
         if head is not None and message.sequence > head + 1:
             early = self._early.setdefault(room, {})
@@ -253,3 +413,6 @@ class RoomHub:
     def close_all(self, error: ServiceError) -> None:
         for subscriber in self.subscribers():
             subscriber.close(error)
+
+    async def stop(self) -> None:
+        await cancel_and_wait(*self._checks.values())

@@ -63,3 +63,16 @@ class ChatMetrics:
             "joins, on a hint from Redis, and on a check.",
             registry=registry,
         )
+        self.refusals = Counter(
+            "parley_chat_refusals_total",
+            "ChatService calls answered with an error, by RPC and reason (the ErrorInfo reason: "
+            "ROOM_ACCESS_DENIED, NOT_ROOM_OWNER, RATE_LIMITED, ...).",
+            ["rpc", "reason"],
+            registry=registry,
+        )
+        self.access_revoked = Counter(
+            "parley_chat_access_revoked_total",
+            "Open streams ended with PERMISSION_DENIED because their user may no longer read "
+            "the room (removed, the room made private or deleted).",
+            registry=registry,
+        )

@@ -8,26 +8,36 @@ from parley.chassis import FieldViolation, InvalidArgument
 
 __all__ = [
     "DEFAULT_ROOM",
+    "MAX_TITLE_CHARS",
     "MAX_CLIENT_MESSAGE_ID",
     "MAX_TEXT_BYTES",
     "check_client_message_id",
     "check_room",
     "check_text",
+    "check_title",
 ]
 
 DEFAULT_ROOM = "general"
 MAX_TEXT_BYTES = 4096
 MAX_CLIENT_MESSAGE_ID = 64
+MAX_TITLE_CHARS = 200
 _ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # C0 and C1 control characters and DEL, except tab and newline: they drive terminals (escape
 # sequences, carriage returns that overwrite a line), and Postgres text cannot hold NUL.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# A title is one line: tab and newline are refused too.
+_ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def check_room(name: str, field: str = "room") -> str:
-    """The room name to use (`general` when empty); INVALID_ARGUMENT when malformed."""
+def check_room(name: str, field: str = "room", default: str | None = DEFAULT_ROOM) -> str:
+    """The room name to use (`default` when empty); INVALID_ARGUMENT when malformed, or
+    empty without a default."""
     if not name:
-        return DEFAULT_ROOM
+        if default is None:
+            raise InvalidArgument(
+                [FieldViolation(field, "must name a room")], reason="INVALID_ROOM"
+            )
+        return default
     if not _ROOM.fullmatch(name):  # unlike match() with $, no trailing newline slips through
         raise InvalidArgument(
             [
@@ -76,3 +86,23 @@ def check_client_message_id(value: str) -> None:
         raise InvalidArgument(
             [FieldViolation("client_message_id", "must not contain NUL characters")]
         )
+
+
+def check_title(title: str) -> str:
+    """A room title: at most MAX_TITLE_CHARS characters, no control characters at all."""
+    if len(title) > MAX_TITLE_CHARS:
+        raise InvalidArgument(
+            [FieldViolation("title", f"must be at most {MAX_TITLE_CHARS} characters")]
+        )
+    control = _ANY_CONTROL.search(title)
+    if control is not None:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "title",
+                    "must not contain control characters "
+                    f"(U+{ord(control.group()):04X} at character {control.start() + 1})",
+                )
+            ]
+        )
+    return title

@@ -17,6 +17,7 @@ from .hub import RoomHub
 from .metrics import ChatMetrics
 from .migrations import MIGRATIONS
 from .presence import Presence
+from .room_store import RoomStore
 from .servicer import CHAT_LIMITS, ChatServicer
 from .settings import ChatSettings, UserServiceTls
 from .store import MessageStore
@@ -31,6 +32,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     """A ready-to-start server bound to its port (read `.port`; port 0 picks a free one)."""
     db = Database(settings.database, application_name="parley-chat")
     store = MessageStore(db, rate=settings.rate_limit, burst=settings.rate_burst)
+    rooms = RoomStore(db)
     users = UserDirectory(
         settings.user_service,
         timeout=settings.user_timeout,
@@ -45,7 +47,9 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     async def last_sequence(room: str) -> int:
         return await store.last_sequence(room)
 
-    async def messages_after(room: str, sequence: int, limit: int) -> list[chat_pb2.ChatMessage]:
+    async def messages_after(
+        room: str, sequence: int, limit: int
+    ) -> tuple[list[chat_pb2.ChatMessage], int | None]:
         return await store.after(room, sequence, limit)
 
     # The app owns the metrics registry, so it is built before the parts that count.
@@ -57,6 +61,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     metrics = ChatMetrics(app.metrics.registry)
     app.metrics.initialize_limits(CHAT_LIMITS)
     hub = RoomHub(metrics, settings.queue_limit)
+    hub.check_access_with(rooms.readers)
     feed = RoomFeed(
         hub,
         metrics,
@@ -69,6 +74,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     bus = RedisBus(
         settings.redis_url, settings.redis_prefix, hub, feed, metrics, settings.resync_interval
     )
+    bus.check_access_with(rooms.versions)
     replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     presence = Presence(bus.client, settings.redis_prefix, replica, hub, settings.presence_ttl)
     app.monitor.add(DependencyCheck("postgres", postgres_ready))
@@ -76,6 +82,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     app.monitor.add(DependencyCheck(USER_SERVICE, users.probe, critical=False))
     servicer = ChatServicer(
         store,
+        rooms,
         hub,
         bus,
         presence,
@@ -84,6 +91,9 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         rate_limit=settings.rate_limit,
         rate_burst=settings.rate_burst,
         max_streams_per_user=settings.max_streams_per_user,
+        auto_create_rooms=settings.auto_create_rooms,
+        max_rooms_per_user=settings.max_rooms_per_user,
+        max_members=settings.max_members,
     )
     servicer.add_to_server(app.server)
     db.register_metrics(app.metrics.registry)
@@ -99,6 +109,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     app.on_stop(presence.stop)
     app.on_stop(bus.stop)
     app.on_stop(feed.stop)
+    app.on_stop(hub.stop)
     app.on_stop(users.close)
     app.on_stop(db.close)
     return app

@@ -1,4 +1,8 @@
-"""ChatService: StreamChat, ListMessages and ListPresence."""
+"""ChatService: StreamChat, ListMessages and ListPresence, plus the room RPCs of room_rpcs.
+
+Every call needs a token whose subject is a user that exists in UserService, and every read
+of a room checks that the caller may read it (see room_rpcs for the rules).
+"""
 
 from __future__ import annotations
 
@@ -27,11 +31,13 @@ from parley.chassis.limits import Quota
 from parley.proto import chat_pb2
 
 from .bus import RedisBus
-from .hub import RoomHub, Subscriber, outgoing
+from .hub import RoomHub, Subscriber, denied, outgoing
 from .metrics import ChatMetrics
 from .presence import Presence
+from .room_rpcs import MEMBERS_PER_ROOM, ROOMS_PER_USER, RoomRpcs
+from .room_store import DIRECT_PREFIX, RoomStore
 from .rooms import check_client_message_id, check_room, check_text
-from .store import MessageStore
+from .store import Appended, MessageStore
 from .tasks import cancel_and_wait
 from .users import UserDirectory
 
@@ -59,7 +65,9 @@ _CATCH_UP_BYTES = 64 * 1024
 # The `limit` label of each refusal ChatService makes (parley_limit_refusals_total).
 STREAMS_PER_USER = "chat_streams_per_user"
 SEND_RATE = "chat_send_rate"
-CHAT_LIMITS = (STREAMS_PER_USER, SEND_RATE)
+CHAT_LIMITS = (STREAMS_PER_USER, SEND_RATE, ROOMS_PER_USER, MEMBERS_PER_ROOM)
+# How often a send is retried after the room's access changed under it (then checked again).
+_STALE_RETRIES = 3
 _SEQUENCE = re.compile(r"[0-9]+")
 _MAX_SEQUENCE = 2**63 - 1
 
@@ -91,6 +99,10 @@ def _resume_point(value: str | None) -> int | None:
     return int(digits or "0")
 
 
+def _token(context: Context) -> str:
+    return _metadata(context).get("authorization", "").partition(" ")[2].strip()
+
+
 def _sender_id() -> int:
     user_id = current_identity().user_id
     if user_id is None or not 0 < user_id < 2**31:
@@ -116,6 +128,7 @@ class ChatServicer:
     def __init__(
         self,
         store: MessageStore,
+        rooms: RoomStore,
         hub: RoomHub,
         bus: RedisBus,
         presence: Presence,
@@ -125,8 +138,12 @@ class ChatServicer:
         rate_limit: float,
         rate_burst: int,
         max_streams_per_user: int,
+        auto_create_rooms: bool,
+        max_rooms_per_user: int,
+        max_members: int,
     ) -> None:
         self._store = store
+        self._rooms = rooms
         self._hub = hub
         self._bus = bus
         self._presence = presence
@@ -134,8 +151,31 @@ class ChatServicer:
         self._metrics = metrics
         self._rate_limit = rate_limit
         self._rate_burst = rate_burst
+        self._auto_create = auto_create_rooms
         # Per replica: each replica bounds what one user holds of its own memory and tasks.
         self._streams = Quota(max_streams_per_user)
+        self._room_rpcs = RoomRpcs(
+            rooms,
+            self._caller,
+            self._user_exists,
+            self._announce,
+            max_rooms_per_user=max_rooms_per_user,
+            max_members=max_members,
+        )
+
+    async def _caller(self, context: Context) -> int:
+        """The caller's user id, once UserService has confirmed the user exists."""
+        user_id = _sender_id()
+        await self._users.display_name(user_id, _token(context))
+        return user_id
+
+    async def _user_exists(self, user_id: int, context: Context) -> None:
+        await self._users.require(user_id, _token(context))
+
+    async def _announce(self, room: str) -> None:
+        """Who may read `room` changed: this replica's streams and every other's are checked."""
+        self._hub.recheck(room)
+        await self._bus.announce(room)
 
     async def StreamChat(
         self, request_iterator: AsyncIterator[chat_pb2.ChatMessage], context: Context
@@ -144,7 +184,7 @@ class ChatServicer:
         metadata = _metadata(context)
         room = check_room(metadata.get(ROOM_KEY, ""), field=ROOM_KEY)
         resume_after = _resume_point(metadata.get(RESUME_KEY))
-        token = metadata.get("authorization", "").partition(" ")[2].strip()
+        token = _token(context)
         if not self._streams.take(user_id):
             raise LimitExceeded(
                 STREAMS_PER_USER,
@@ -159,18 +199,27 @@ class ChatServicer:
         delivered = self._metrics.delivered
         latency = self._metrics.latency
         try:
+            subscriber.user_name = await self._users.display_name(user_id, token)
+            # After joining: a change of access from now on reaches this stream through the
+            # hub's checks, so this one read is enough.
+            access = await self._rooms.access(
+                room, user_id, create=self._auto_create, timeout=context.time_remaining()
+            )
+            if not access.readable:
+                raise denied(room)
+            subscriber.version = access.version
+            self._hub.note_version(room, access.version)
             if resume_after is None:
-                last = await self._store.last_sequence(room, timeout=context.time_remaining())
+                last = access.last_sequence
             else:
                 last = resume_after
                 subscriber.catch_up()
-            subscriber.user_name = await self._users.display_name(user_id, token)
             await self._presence.announce(room, subscriber.id, user_id, subscriber.user_name)
             reader = asyncio.create_task(self._read(request_iterator, subscriber, token))
             while True:
                 item = await subscriber.next()
                 if item is None:
-                    async for stored in self._catch_up(room, last):
+                    async for stored in self._catch_up(room, user_id, last):
                         last = stored.sequence
                         delivered.inc()
                         yield stored.SerializeToString()
@@ -179,7 +228,7 @@ class ChatServicer:
                 if sequence <= last:
                     continue  # already delivered
                 if sequence > last + 1:
-                    async for stored in self._catch_up(room, last, sequence - 1):
+                    async for stored in self._catch_up(room, user_id, last, sequence - 1):
                         last = stored.sequence
                         delivered.inc()
                         yield stored.SerializeToString()
@@ -200,7 +249,7 @@ class ChatServicer:
             await self._presence.withdraw(room, subscriber.id, user_id, subscriber.user_name)
 
     async def _catch_up(
-        self, room: str, after: int, until: int | None = None
+        self, room: str, reader: int, after: int, until: int | None = None
     ) -> AsyncIterator[chat_pb2.ChatMessage]:
         """Stored messages after `after` (up to `until`, else to the end), oldest first.
 
@@ -209,10 +258,13 @@ class ChatServicer:
         """
         more = True
         while more and (until is None or after < until):
-            page, more = await self._store.page(
-                room, after=after, size=_CATCH_UP_PAGE, max_bytes=_CATCH_UP_BYTES
+            page = await self._store.page(
+                room, reader=reader, after=after, size=_CATCH_UP_PAGE, max_bytes=_CATCH_UP_BYTES
             )
-            for message in page:
+            if not page.allowed:
+                raise denied(room)
+            more = page.more
+            for message in page.messages:
                 if until is not None and message.sequence > until:
                     return
                 self._metrics.backfilled.inc()
@@ -231,29 +283,13 @@ class ChatServicer:
                 check_text(request.text)
                 check_client_message_id(request.client_message_id)
                 name = await self._users.display_name(subscriber.user_id, token)
-                stored = await self._store.append(
-                    subscriber.room,
-                    subscriber.user_id,
-                    name,
-                    request.text,
-                    request.client_message_id,
-                    timeout=None,
-                )
-                if stored is None:
-                    raise RateLimited(
-                        SEND_RATE,
-                        "PARLEY_CHAT_RATE_LIMIT",
-                        self._rate_limit,
-                        f"more than {self._rate_limit:g} messages a second (bursts of "
-                        f"{self._rate_burst}) from this user, counting all of their streams; "
-                        "slow down",
-                    )
-                message, new = stored
+                appended = await self._append(subscriber, name, request)
+                assert appended.message is not None
                 self._metrics.received.inc()
-                item = outgoing(message)
+                item = outgoing(appended.message, version=appended.version)
                 # Publish before the local fan-out: the streams it wakes would otherwise run
                 # first, and the other replicas would wait for this one's delivery work.
-                if new:
+                if appended.outcome == "new":
                     await self._bus.publish(item)
                 self._hub.deliver(item)
         except ServiceError as error:
@@ -263,6 +299,39 @@ class ChatServicer:
         except Exception:
             _log.exception("reading a chat stream failed")
             subscriber.close(Internal("internal error while reading the stream"))
+
+    async def _append(
+        self, subscriber: Subscriber, name: str, request: chat_pb2.ChatMessage
+    ) -> Appended:
+        """Stores what the client sent, as long as it may still write to the room."""
+        for _ in range(_STALE_RETRIES):
+            appended = await self._store.append(
+                subscriber.room,
+                subscriber.user_id,
+                name,
+                request.text,
+                request.client_message_id,
+                version=subscriber.version,
+                timeout=None,
+            )
+            if appended.outcome == "rate":
+                raise RateLimited(
+                    SEND_RATE,
+                    "PARLEY_CHAT_RATE_LIMIT",
+                    self._rate_limit,
+                    f"more than {self._rate_limit:g} messages a second (bursts of "
+                    f"{self._rate_burst}) from this user, counting all of their streams; "
+                    "slow down",
+                )
+            if appended.outcome != "stale":
+                return appended
+            # The room's access changed since this stream was checked: check it again.
+            access = await self._rooms.access(subscriber.room, subscriber.user_id, create=False)
+            if not access.readable:
+                raise denied(subscriber.room)
+            subscriber.version = access.version
+            self._hub.note_version(subscriber.room, access.version)
+        raise Unavailable("postgres", "the room's access kept changing; send again")
 
     async def ListMessages(
         self, request: chat_pb2.ListMessagesRequest, context: Context
@@ -280,20 +349,55 @@ class ChatServicer:
         size = (
             DEFAULT_PAGE_SIZE if request.page_size == 0 else min(request.page_size, MAX_PAGE_SIZE)
         )
-        timeout = context.time_remaining()
-        last = await self._store.last_sequence(room, timeout=timeout)
+        reader = await self._caller(context)
         # Cut by size too: a reply waits in memory until its client reads it.
-        messages, has_more = await self._store.page(
+        page = await self._store.page(
             room,
+            reader=reader,
             after=request.after_sequence,
             before=request.before_sequence,
             size=size,
             max_bytes=MAX_PAGE_BYTES,
-            timeout=timeout,
+            timeout=context.time_remaining(),
         )
+        if not page.exists and self._auto_create and not room.startswith(DIRECT_PREFIX):
+            return chat_pb2.ListMessagesResponse()  # made on first use: empty until then
+        if not page.allowed:
+            raise denied(room)
         return chat_pb2.ListMessagesResponse(
-            messages=messages, has_more=has_more, last_sequence=last
+            messages=page.messages, has_more=page.more, last_sequence=page.last_sequence
         )
+
+    def _counted(
+        self, rpc: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler, counting each refusal it answers with by RPC and reason
+        (parley_chat_refusals_total)."""
+        refusals = self._metrics.refusals
+
+        if handler.unary_unary is not None:
+            method: Any = handler.unary_unary
+
+            async def unary(request: Any, context: Context) -> Any:
+                try:
+                    return await method(request, context)
+                except ServiceError as error:
+                    refusals.labels(rpc, error.reason).inc()
+                    raise
+
+            return handler._replace(unary_unary=unary)  # type: ignore[attr-defined,no-any-return]
+        stream: Any = handler.stream_stream
+        assert stream is not None
+
+        async def streaming(requests: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                async for reply in stream(requests, context):
+                    yield reply
+            except ServiceError as error:
+                refusals.labels(rpc, error.reason).inc()
+                raise
+
+        return handler._replace(stream_stream=streaming)  # type: ignore[attr-defined,no-any-return]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Registers the service like the generated add_ChatServiceServicer_to_server, but
@@ -314,7 +418,9 @@ class ChatServicer:
                 request_deserializer=chat_pb2.ListPresenceRequest.FromString,
                 response_serializer=chat_pb2.ListPresenceResponse.SerializeToString,
             ),
+            **self._room_rpcs.handlers(),
         }
+        handlers = {name: self._counted(name, handler) for name, handler in handlers.items()}
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
@@ -324,6 +430,12 @@ class ChatServicer:
         self, request: chat_pb2.ListPresenceRequest, context: Context
     ) -> chat_pb2.ListPresenceResponse:
         room = check_room(request.room)
+        user_id = await self._caller(context)
+        access = await self._rooms.access(room, user_id, create=False)
+        if not access.exists and self._auto_create and not room.startswith(DIRECT_PREFIX):
+            return chat_pb2.ListPresenceResponse()  # made on first use: nobody there yet
+        if not access.readable:
+            raise denied(room)
         try:
             members = await self._presence.members(room)
         except (RedisError, OSError) as exc:

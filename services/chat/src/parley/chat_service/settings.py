@@ -70,6 +70,10 @@ class ChatSettings:
     resync_interval: float
     presence_ttl: float
     user_tls: UserServiceTls | None = None
+    auto_create_rooms: bool = True
+    """A room that does not exist is made (public, no owner) when a stream first names it."""
+    max_rooms_per_user: int = 100
+    max_members: int = 1000
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ChatSettings:
@@ -104,4 +108,12 @@ class ChatSettings:
             ),
             presence_ttl=env.seconds("PARLEY_CHAT_PRESENCE_TTL", 30.0, minimum=0.3, maximum=3600),
             user_tls=UserServiceTls.from_env(env),
+            auto_create_rooms=env.choice(
+                "PARLEY_CHAT_AUTO_CREATE_ROOMS", "true", ("true", "false"), ignore_case=True
+            ).lower()
+            == "true",
+            max_rooms_per_user=env.integer(
+                "PARLEY_CHAT_MAX_ROOMS_PER_USER", 100, minimum=0, maximum=1_000_000
+            ),
+            max_members=env.integer("PARLEY_CHAT_MAX_MEMBERS", 1000, minimum=2, maximum=1_000_000),
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import errors as pg_errors
 from psycopg import sql
@@ -11,15 +11,18 @@ from psycopg import sql
 from parley.chassis import Database
 from parley.proto import chat_pb2
 
-__all__ = ["MessageStore"]
+__all__ = ["Appended", "MessageStore", "Page"]
 
 _COLUMNS = sql.SQL("room, sequence, user_id, user_name, text, client_message_id, create_time")
 
-# The stored message and whether this call stored it. Every send spends from the sender's
-# budget (see the chat_send_budgets migration), a resend too: each costs a statement, and a
-# client resending one id in a loop would otherwise load Postgres without bound. Only when
-# the budget allows, a resent client id returns the earlier row (false), or the room's
-# counter is bumped and the message inserted (true). No row at all: the budget refused it.
+# The stored message and what became of the send. Every send spends from the sender's budget
+# (see the chat_send_budgets migration), a resend too: each costs a statement, and a client
+# resending one id in a loop would otherwise load Postgres without bound. Only when the budget
+# allows, a resent client id returns the earlier row ('resent'), or the room's counter is
+# bumped and the message inserted ('new', with the room's access version). The counter moves
+# only while the room's access version is the one the sender was checked at: a room changed
+# since (or deleted) stores nothing ('stale') and the sender's access is checked again. 'rate':
+# the budget refused it.
 _APPEND = sql.SQL(
     """
 WITH existing AS (
@@ -34,18 +37,24 @@ WITH existing AS (
         WHERE b.full_again <= now() + %(tolerance)s
     RETURNING full_again
 ), next AS (
-    INSERT INTO chat_rooms AS r (name, last_sequence)
-    SELECT %(room)s, 1 WHERE EXISTS (SELECT FROM budget) AND NOT EXISTS (SELECT FROM existing)
-    ON CONFLICT (name) DO UPDATE SET last_sequence = r.last_sequence + 1
-    RETURNING last_sequence
+    UPDATE chat_rooms AS r SET last_sequence = r.last_sequence + 1
+    WHERE r.name = %(room)s AND r.access_version = %(version)s
+      AND EXISTS (SELECT FROM budget) AND NOT EXISTS (SELECT FROM existing)
+    RETURNING r.last_sequence, r.access_version
 ), added AS (
     INSERT INTO chat_messages (room, sequence, user_id, user_name, text, client_message_id)
     SELECT %(room)s, last_sequence, %(user_id)s, %(name)s, %(text)s, %(client_id)s FROM next
     RETURNING {columns}
 )
-SELECT {columns}, true FROM added
+SELECT {columns}, 'new', (SELECT access_version FROM next) FROM added
 UNION ALL
-SELECT {columns}, false FROM existing WHERE EXISTS (SELECT FROM budget)
+SELECT {columns}, 'resent', NULL::bigint FROM existing WHERE EXISTS (SELECT FROM budget)
+UNION ALL
+SELECT NULL::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::text,
+    NULL::timestamptz, CASE WHEN EXISTS (SELECT FROM budget) THEN 'stale' ELSE 'rate' END,
+    NULL::bigint
+WHERE NOT EXISTS (SELECT FROM added)
+  AND NOT (EXISTS (SELECT FROM existing) AND EXISTS (SELECT FROM budget))
 """
 ).format(columns=_COLUMNS)
 
@@ -65,12 +74,48 @@ SELECT {columns}, total FROM (
 WHERE through - octet_length(text) < %(max_bytes)s
 ORDER BY sequence {order}
 """
-_PAGE_AFTER = sql.SQL(_PAGE.strip().replace("{order}", "").replace("{side}", ">")).format(
-    columns=_COLUMNS
-)
-_PAGE_BEFORE = sql.SQL(_PAGE.strip().replace("{order}", "DESC").replace("{side}", "<")).format(
-    columns=_COLUMNS
-)
+# The page, read only when `reader` may read the room, from the same snapshot as that check:
+# no row when the room does not exist; one row of NULLs when the reader may not read it or the
+# page is empty.
+_CHECKED_PAGE = """
+SELECT r.access_version, r.last_sequence, allowed, page.* FROM chat_rooms r
+CROSS JOIN LATERAL (SELECT NOT r.private OR EXISTS (
+    SELECT FROM chat_room_members m WHERE m.room = r.name AND m.user_id = %(reader)s
+) AS allowed) AS access
+LEFT JOIN LATERAL ({page}) AS page ON allowed
+WHERE r.name = %(room)s
+ORDER BY page.sequence {order}
+"""
+
+
+def _checked_page(order: str, side: str) -> sql.Composed:
+    page = _PAGE.strip().replace("{order}", order).replace("{side}", side)
+    return sql.SQL(_CHECKED_PAGE.strip().replace("{page}", page).replace("{order}", order)).format(
+        columns=_COLUMNS
+    )
+
+
+_PAGE_AFTER = _checked_page("", ">")
+_PAGE_BEFORE = _checked_page("DESC", "<")
+
+
+class Appended(NamedTuple):
+    """What became of a send: 'new' (stored now), 'resent' (stored before under its client
+    id), 'rate' (the sender's budget refused it) or 'stale' (the room's access changed since
+    the sender was checked, or it was deleted: nothing stored)."""
+
+    outcome: str
+    message: chat_pb2.ChatMessage | None
+    version: int  # the room's access version with a 'new' message
+
+
+class Page(NamedTuple):
+    messages: list[chat_pb2.ChatMessage]
+    more: bool
+    exists: bool
+    allowed: bool  # the reader may read the room (False when it does not exist)
+    version: int
+    last_sequence: int  # the room's highest sequence when the page was read
 
 
 def _message(row: tuple[Any, ...]) -> chat_pb2.ChatMessage:
@@ -106,16 +151,17 @@ class MessageStore:
         text: str,
         client_message_id: str,
         *,
+        version: int,
         timeout: float | None,
-    ) -> tuple[chat_pb2.ChatMessage, bool] | None:
-        """Stores a message; returns it and whether it is new (False for a resent client id),
-        or None when the sender's budget refused it (nothing stored).
+    ) -> Appended:
+        """Stores a message if the room is still at access `version` (what the sender was
+        checked at); see _APPEND for the outcomes.
 
         One statement, so one round trip and its own transaction: the room's counter row is
-        locked by the upsert until the commit, which serialises writers, so sequences have
-        no gaps; a message already stored under the same client id takes no number and
-        spends no budget. The sender's budget row is locked before the room's, always in
-        that order, so two writers cannot deadlock.
+        locked by the update until the commit, which serialises writers, so sequences have
+        no gaps; a message already stored under the same client id takes no number. The
+        sender's budget row is locked before the room's, always in that order, so two
+        writers cannot deadlock.
         """
         params = {
             "room": room,
@@ -125,6 +171,7 @@ class MessageStore:
             "client_id": client_message_id,
             "interval": self._interval,
             "tolerance": self._tolerance,
+            "version": version,
         }
         try:
             async with self._db.connection(timeout) as conn:
@@ -134,10 +181,12 @@ class MessageStore:
             # The same client id raced in from another stream (a retry); it is stored once.
             existing = await self._by_client_id(room, user_id, client_message_id, timeout)
             assert existing is not None
-            return existing, False
-        if row is None:
-            return None
-        return _message(row), bool(row[7])
+            return Appended("resent", existing, 0)
+        assert row is not None
+        outcome = row[7]
+        if outcome in ("rate", "stale"):
+            return Appended(outcome, None, 0)
+        return Appended(outcome, _message(row), int(row[8] or 0))
 
     async def _by_client_id(
         self, room: str, user_id: int, client_message_id: str, timeout: float | None
@@ -163,50 +212,43 @@ class MessageStore:
 
     async def after(
         self, room: str, after_sequence: int, limit: int, *, timeout: float | None = None
-    ) -> list[chat_pb2.ChatMessage]:
-        """Up to `limit` messages with a sequence above `after_sequence`, oldest first."""
+    ) -> tuple[list[chat_pb2.ChatMessage], int | None]:
+        """Up to `limit` messages with a sequence above `after_sequence`, oldest first, and
+        the room's access version read with them (None: the room does not exist)."""
         async with self._db.connection(timeout) as conn:
             cur = await conn.execute(
                 sql.SQL(
-                    "SELECT {} FROM chat_messages WHERE room = %s AND sequence > %s"
-                    " ORDER BY sequence LIMIT %s"
+                    "SELECT r.access_version, m.* FROM chat_rooms r LEFT JOIN LATERAL ("
+                    " SELECT {} FROM chat_messages WHERE room = r.name AND sequence > %s"
+                    " ORDER BY sequence LIMIT %s) AS m ON true WHERE r.name = %s"
+                    " ORDER BY m.sequence"
                 ).format(_COLUMNS),
-                (room, after_sequence, limit),
+                (after_sequence, limit, room),
             )
             rows = await cur.fetchall()
-        return [_message(row) for row in rows]
-
-    async def before(
-        self, room: str, before_sequence: int, limit: int, *, timeout: float | None = None
-    ) -> list[chat_pb2.ChatMessage]:
-        """Up to `limit` messages just below `before_sequence`, oldest first."""
-        async with self._db.connection(timeout) as conn:
-            cur = await conn.execute(
-                sql.SQL(
-                    "SELECT {} FROM chat_messages WHERE room = %s AND sequence < %s"
-                    " ORDER BY sequence DESC LIMIT %s"
-                ).format(_COLUMNS),
-                (room, before_sequence, limit),
-            )
-            rows = await cur.fetchall()
-        return [_message(row) for row in reversed(rows)]
+        if not rows:
+            return [], None
+        return [_message(row[1:]) for row in rows if row[1] is not None], int(rows[0][0])
 
     async def page(
         self,
         room: str,
         *,
+        reader: int,
         after: int = 0,
         before: int = 0,
         size: int,
         max_bytes: int,
         timeout: float | None = None,
-    ) -> tuple[list[chat_pb2.ChatMessage], bool]:
+    ) -> Page:
         """A page of at most `size` messages and about `max_bytes` of text (at least one
-        message), oldest first: just below `before` when it is set, else just above `after`.
-        Also whether more messages lie beyond the page in that direction."""
+        message), oldest first: just below `before` when it is set, else just above `after`;
+        whether more messages lie beyond it in that direction; and whether `reader` may read
+        the room at all (no messages when not), all from one snapshot."""
         query = _PAGE_BEFORE if before > 0 else _PAGE_AFTER
         params = {
             "room": room,
+            "reader": reader,
             "at": before if before > 0 else after,
             "limit": size + 1,
             "max_bytes": max_bytes,
@@ -214,9 +256,15 @@ class MessageStore:
         async with self._db.connection(timeout) as conn:
             cur = await conn.execute(query, params)
             rows = await cur.fetchall()
-        kept = rows[:size]
-        more = bool(rows) and int(rows[0][7]) > len(kept)
+        if not rows:
+            return Page([], False, exists=False, allowed=False, version=0, last_sequence=0)
+        version, last, allowed = int(rows[0][0]), int(rows[0][1]), bool(rows[0][2])
+        found = [row[3:] for row in rows if row[3] is not None]
+        kept = found[:size]
+        more = bool(found) and int(found[0][7]) > len(kept)
         messages = [_message(row) for row in kept]
         if before > 0:
             messages.reverse()
-        return messages, more
+        return Page(
+            messages, more, exists=True, allowed=allowed, version=version, last_sequence=last
+        )

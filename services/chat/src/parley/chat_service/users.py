@@ -13,12 +13,14 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2
 
-from parley.chassis import FailedPrecondition, Unavailable
+from parley.chassis import FailedPrecondition, NotFound, Unavailable
 from parley.proto import user_pb2, user_pb2_grpc
 
 __all__ = ["USER_SERVICE", "UserDirectory", "service_config"]
 
 USER_SERVICE = "user-service"
+# Names kept at most; every chat call looks its caller up, so the cache is bounded.
+_CACHE_LIMIT = 100_000
 
 
 def service_config() -> str:
@@ -90,7 +92,24 @@ class UserDirectory:
             raise RuntimeError("UserService is not serving")
 
     async def display_name(self, user_id: int, token: str) -> str:
-        """The user's name, looked up with the caller's own token."""
+        """The caller's name, looked up with their own token; FAILED_PRECONDITION when the
+        token's user does not exist."""
+        name = await self._name(user_id, token)
+        if name is None:
+            raise FailedPrecondition(
+                f"user {user_id} of the token does not exist in UserService",
+                reason="UNKNOWN_SENDER",
+            )
+        return name
+
+    async def require(self, user_id: int, token: str) -> None:
+        """NOT_FOUND unless UserService has user `user_id` (asked with the caller's token)."""
+        if await self._name(user_id, token) is None:
+            raise NotFound(f"user {user_id} does not exist", reason="UNKNOWN_USER")
+
+    async def _name(self, user_id: int, token: str) -> str | None:
+        """The user's name (None when UserService has no such user), from the cache while it
+        is fresh; a stale entry keeps a known user going while UserService is down."""
         cached = self._cache.get(user_id)
         now = time.monotonic()
         if cached is not None and now - cached[1] < self._cache_ttl:
@@ -103,12 +122,12 @@ class UserDirectory:
             )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise FailedPrecondition(
-                    f"user {user_id} of the token does not exist in UserService",
-                    reason="UNKNOWN_SENDER",
-                ) from None
+                self._cache.pop(user_id, None)
+                return None
             if cached is not None:
                 return cached[0]  # degraded: a stale name beats no chat
             raise Unavailable(USER_SERVICE, f"{error.code().name}: {error.details()}") from None
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.pop(next(iter(self._cache)))  # the oldest entry
         self._cache[user_id] = (reply.user.name, now)
         return reply.user.name

@@ -13,19 +13,20 @@ from parley.chassis import (
     DeadlineExceeded,
     InvalidArgument,
     ServiceError,
+    current_identity,
     require_scope,
 )
 from parley.proto import user_pb2, user_pb2_grpc
 
 from .importing import MAX_IMPORT_ERRORS, RowErrors, receive_rows
 from .paging import NEXT_PAGE_TOKEN_KEY, Page, encode_token, resolve_page
+from .privacy import WRITE_SCOPE, redact_for_caller, redactor
 from .settings import ImportLimits
 from .store import UPDATABLE_FIELDS, NewUser, UserStore
 from .validation import age_problem, check, email_problem, id_problem, name_problem
 
 __all__ = ["MAX_IMPORT_ERRORS", "WRITE_SCOPE", "UserServicer"]
 
-WRITE_SCOPE = "users:write"
 # ListUsers reads a page from Postgres this many users at a time.
 LIST_CHUNK = 100
 # How long a finished import waits for a cancellation that gRPC has not delivered yet.
@@ -46,7 +47,11 @@ def _validated_create(request: user_pb2.CreateUserRequest) -> NewUser:
 
 
 class UserServicer(user_pb2_grpc.UserServiceServicer):
-    """Validates requests, checks scopes, and leaves storage to UserStore."""
+    """Validates requests, checks scopes, and leaves storage to UserStore.
+
+    Every User it returns goes through the caller's redactor (privacy.py): another user's
+    email only for a token with users:read or users:write.
+    """
 
     def __init__(self, store: UserStore, import_limits: ImportLimits) -> None:
         self._store = store
@@ -57,12 +62,13 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
     ) -> user_pb2.GetUserResponse:
         check(("id", id_problem(request.id)))
         user = await self._store.get(request.id, timeout=context.time_remaining())
-        return user_pb2.GetUserResponse(user=user)
+        return user_pb2.GetUserResponse(user=redact_for_caller(user))
 
     async def ListUsers(
         self, request: user_pb2.ListUsersRequest, context: Context
     ) -> AsyncIterator[user_pb2.User]:
         page = resolve_page(request.page, request.page_size, request.page_token)
+        redact = redactor(current_identity())  # decided once per call, applied per user
         # The page is read in chunks, each read in full and its connection returned before
         # any of it is sent: no pooled connection waits on a client that reads slowly or not
         # at all, and a stream whose client stalls holds one chunk in memory, not a page.
@@ -73,7 +79,7 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         while True:
             users = await self._store.list_page(chunk, timeout=context.time_remaining())
             for user in users:
-                yield user
+                yield redact(user)
                 last_id = user.id
             remaining -= chunk.size
             if not users.more or remaining == 0:
@@ -89,7 +95,7 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         name, email, age = _validated_create(request)
         user = await self._store.create(name, email, age, timeout=context.time_remaining())
         _log.info("created user %d", user.id)
-        return user_pb2.CreateUserResponse(user=user, success=True)
+        return user_pb2.CreateUserResponse(user=redact_for_caller(user), success=True)
 
     async def UpdateUser(
         self, request: user_pb2.UpdateUserRequest, context: Context
@@ -97,7 +103,7 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         require_scope(WRITE_SCOPE)
         changes = _changes(request)
         user = await self._store.update(request.user.id, changes, timeout=context.time_remaining())
-        return user_pb2.UpdateUserResponse(user=user)
+        return user_pb2.UpdateUserResponse(user=redact_for_caller(user))
 
     async def DeleteUser(
         self, request: user_pb2.DeleteUserRequest, context: Context

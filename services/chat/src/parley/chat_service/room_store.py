@@ -1,0 +1,293 @@
+"""Rooms and their members in Postgres: who owns a room, who may read it, who belongs to it.
+
+Postgres holds the truth about access. Every change of who may read a room (visibility,
+membership, deletion) takes a new `access_version` in the same transaction, on the room's row,
+which every message append also locks: a message stored after the change is read together
+with the new version (see the 0003 migration and RoomHub's access checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import errors as pg_errors
+
+from parley.chassis import Database
+
+__all__ = ["Access", "MemberRow", "RoomRow", "RoomStore", "direct_room_name"]
+
+DIRECT_PREFIX = "dm-"
+
+_ROOM_COLUMNS = "name, title, private, owner_id, direct, create_time, member_count"
+_IS_MEMBER = (
+    "EXISTS (SELECT FROM chat_room_members m WHERE m.room = r.name AND m.user_id = %(user_id)s)"
+)
+_CAN_READ = f"(NOT r.private OR {_IS_MEMBER})"
+
+
+def direct_room_name(a: int, b: int) -> str:
+    """The one name of the direct room of two users, whoever opens it."""
+    low, high = sorted((a, b))
+    return f"{DIRECT_PREFIX}{low}-{high}"
+
+
+@dataclass(frozen=True)
+class RoomRow:
+    name: str
+    title: str
+    private: bool
+    owner_id: int
+    direct: bool
+    create_time: datetime
+    member_count: int
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    user_id: int
+    join_time: datetime
+    owner: bool
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one user may do with one room, as of `version`."""
+
+    exists: bool
+    private: bool
+    member: bool
+    owner_id: int
+    direct: bool
+    version: int
+    last_sequence: int
+
+    @property
+    def readable(self) -> bool:
+        return self.exists and (not self.private or self.member)
+
+
+_NO_ROOM = Access(False, False, False, 0, False, 0, 0)
+
+
+def _room(row: tuple[Any, ...]) -> RoomRow:
+    return RoomRow(*row[:7])
+
+
+class RoomStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def access(
+        self, room: str, user_id: int, *, create: bool, timeout: float | None = None
+    ) -> Access:
+        """The user's access to `room`; with `create`, a missing room is made first (public,
+        no owner), unless its name belongs to direct rooms."""
+        create = create and not room.startswith(DIRECT_PREFIX)
+        async with self._db.connection(timeout) as conn:
+            if create:
+                await conn.execute(
+                    "INSERT INTO chat_rooms (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
+                    (room,),
+                )
+            cur = await conn.execute(
+                f"SELECT r.private, {_IS_MEMBER}, r.owner_id,"
+                " r.direct, r.access_version, r.last_sequence"
+                " FROM chat_rooms r WHERE r.name = %(room)s",
+                {"room": room, "user_id": user_id},
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return _NO_ROOM
+        return Access(True, bool(row[0]), bool(row[1]), row[2], bool(row[3]), row[4], row[5])
+
+    async def readers(self, room: str, user_ids: list[int]) -> tuple[int, set[int]] | None:
+        """The room's access version and which of `user_ids` may read it; None when the room
+        is gone. One statement, so both come from one snapshot."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT r.access_version, CASE WHEN r.private THEN"
+                " (SELECT coalesce(array_agg(m.user_id), '{}') FROM chat_room_members m"
+                "  WHERE m.room = r.name AND m.user_id = ANY(%(users)s::integer[]))"
+                " ELSE %(users)s::integer[] END"
+                " FROM chat_rooms r WHERE r.name = %(room)s",
+                {"room": room, "users": user_ids},
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return int(row[0]), set(row[1])
+
+    async def versions(self, rooms: list[str]) -> dict[str, int]:
+        """The access version of each of `rooms` that exists."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT name, access_version FROM chat_rooms WHERE name = ANY(%s)", (rooms,)
+            )
+            return {name: int(version) for name, version in await cur.fetchall()}
+
+    async def create(
+        self, name: str, title: str, private: bool, owner_id: int, *, max_owned: int
+    ) -> RoomRow | None:
+        """A new room owned (and joined) by `owner_id`; None when the owner already owns
+        `max_owned` rooms. Raises UniqueViolation when the name is taken."""
+        async with self._db.connection() as conn, conn.transaction():
+            # Serialises one owner's creations, so the count below cannot be raced past.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (0x524F, owner_id))
+            cur = await conn.execute(
+                "SELECT count(*) FROM chat_rooms WHERE owner_id = %s", (owner_id,)
+            )
+            owned = await cur.fetchone()
+            if owned is not None and owned[0] >= max_owned:
+                return None
+            cur = await conn.execute(
+                "INSERT INTO chat_rooms (name, title, private, owner_id, member_count)"
+                f" VALUES (%s, %s, %s, %s, 1) RETURNING {_ROOM_COLUMNS}",
+                (name, title, private, owner_id),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            await conn.execute(
+                "INSERT INTO chat_room_members (room, user_id) VALUES (%s, %s)", (name, owner_id)
+            )
+        return _room(row)
+
+    async def get(self, name: str) -> RoomRow | None:
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_ROOM_COLUMNS} FROM chat_rooms WHERE name = %s", (name,)
+            )
+            row = await cur.fetchone()
+        return None if row is None else _room(row)
+
+    async def visible(self, user_id: int, after: str, limit: int) -> list[RoomRow]:
+        """Up to `limit` rooms named after `after` that `user_id` may read, by name."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_ROOM_COLUMNS} FROM chat_rooms r"
+                f" WHERE r.name > %(after)s AND {_CAN_READ} ORDER BY r.name LIMIT %(limit)s",
+                {"after": after, "user_id": user_id, "limit": limit},
+            )
+            return [_room(row) for row in await cur.fetchall()]
+
+    async def update(
+        self, name: str, owner_id: int, *, title: str | None, private: bool | None
+    ) -> RoomRow | None:
+        """Changes the room if `owner_id` owns it; None otherwise. Making a room private takes
+        a new access version (its streams are checked again)."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE chat_rooms SET title = coalesce(%(title)s, title),"
+                " private = coalesce(%(private)s, private),"
+                " access_version = CASE WHEN %(private)s AND NOT private"
+                "  THEN nextval('chat_access_versions') ELSE access_version END"
+                f" WHERE name = %(name)s AND owner_id = %(owner)s RETURNING {_ROOM_COLUMNS}",
+                {"title": title, "private": private, "name": name, "owner": owner_id},
+            )
+            row = await cur.fetchone()
+        return None if row is None else _room(row)
+
+    async def delete(self, name: str, owner_id: int) -> bool:
+        """Deletes the room and its messages and members, if `owner_id` owns it."""
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM chat_rooms WHERE name = %s AND owner_id = %s RETURNING name",
+                (name, owner_id),
+            )
+            return await cur.fetchone() is not None
+
+    async def add_member(
+        self, room: str, user_id: int, *, max_members: int
+    ) -> tuple[MemberRow, bool] | None:
+        """Makes `user_id` a member; returns the membership and whether it is new, or None
+        when the room already has `max_members`. The caller has checked the room exists and
+        is not direct."""
+        async with self._db.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT member_count, owner_id FROM chat_rooms WHERE name = %s FOR UPDATE",
+                (room,),
+            )
+            locked = await cur.fetchone()
+            if locked is None:
+                raise LookupError(room)
+            count, owner_id = locked
+            cur = await conn.execute(
+                "SELECT join_time FROM chat_room_members WHERE room = %s AND user_id = %s",
+                (room, user_id),
+            )
+            existing = await cur.fetchone()
+            if existing is not None:
+                return MemberRow(user_id, existing[0], user_id == owner_id), False
+            if count >= max_members:
+                return None
+            cur = await conn.execute(
+                "INSERT INTO chat_room_members (room, user_id) VALUES (%s, %s) RETURNING join_time",
+                (room, user_id),
+            )
+            joined = await cur.fetchone()
+            assert joined is not None
+            await conn.execute(
+                "UPDATE chat_rooms SET member_count = member_count + 1 WHERE name = %s", (room,)
+            )
+        return MemberRow(user_id, joined[0], user_id == owner_id), True
+
+    async def remove_member(self, room: str, user_id: int) -> bool:
+        """Ends the membership, with a new access version; False when there was none."""
+        async with self._db.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "DELETE FROM chat_room_members WHERE room = %s AND user_id = %s RETURNING 1",
+                (room, user_id),
+            )
+            if await cur.fetchone() is None:
+                return False
+            await conn.execute(
+                "UPDATE chat_rooms SET member_count = member_count - 1,"
+                " access_version = nextval('chat_access_versions') WHERE name = %s",
+                (room,),
+            )
+        return True
+
+    async def members(self, room: str, after: int, limit: int) -> list[MemberRow]:
+        async with self._db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT m.user_id, m.join_time, m.user_id = r.owner_id"
+                " FROM chat_room_members m JOIN chat_rooms r ON r.name = m.room"
+                " WHERE m.room = %s AND m.user_id > %s ORDER BY m.user_id LIMIT %s",
+                (room, after, limit),
+            )
+            return [MemberRow(*row) for row in await cur.fetchall()]
+
+    async def open_direct(self, a: int, b: int) -> RoomRow:
+        """The direct room of users `a` and `b`, made on first use. Raises LookupError when
+        its name is held by a room that is not direct."""
+        name = direct_room_name(a, b)
+        async with self._db.connection() as conn:
+            for _ in range(2):
+                cur = await conn.execute(
+                    f"SELECT {_ROOM_COLUMNS} FROM chat_rooms WHERE name = %s", (name,)
+                )
+                row = await cur.fetchone()
+                if row is not None:
+                    found = _room(row)
+                    if not found.direct:
+                        raise LookupError(name)
+                    return found
+                try:
+                    async with conn.transaction():
+                        cur = await conn.execute(
+                            "INSERT INTO chat_rooms (name, private, direct, member_count)"
+                            f" VALUES (%s, true, true, 2) RETURNING {_ROOM_COLUMNS}",
+                            (name,),
+                        )
+                        created = await cur.fetchone()
+                        assert created is not None
+                        await conn.execute(
+                            "INSERT INTO chat_room_members (room, user_id)"
+                            " VALUES (%s, %s), (%s, %s)",
+                            (name, a, name, b),
+                        )
+                    return _room(created)
+                except pg_errors.UniqueViolation:
+                    continue  # opened at the same moment by the other user: read theirs
+        raise RuntimeError(f"direct room {name} could neither be read nor made")

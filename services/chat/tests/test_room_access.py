@@ -1,0 +1,397 @@
+"""Who may read and change a room, on real servers: the access matrix, and access taken away
+from open streams on every replica.
+
+The matrix is one table: public or private room, crossed with a caller who is not a member,
+a member, the owner and a `chat:admin` caller who is not a member, crossed with every chat
+RPC. Each cell is run against a fresh room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from parley.proto import chat_pb2, chat_pb2_grpc
+
+from .conftest import Person, Stack, bearer, make_token
+
+OK = grpc.StatusCode.OK
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+ROLES = ("stranger", "member", "owner", "admin")
+_rooms = itertools.count(1)
+
+
+@dataclass
+class World:
+    stack: Stack
+    stub: chat_pb2_grpc.ChatServiceStub
+    people: dict[str, Person]  # by role, and "third": a user who is nobody in the room
+
+    def md(self, role: str) -> list[tuple[str, str]]:
+        return bearer(self.people[role].token)
+
+    async def room(self, private: bool) -> str:
+        """A new room owned by the owner, with the member in it."""
+        name = f"matrix-{next(_rooms)}"
+        await self.stub.CreateRoom(
+            chat_pb2.CreateRoomRequest(
+                name=name, visibility=chat_pb2.Room.PRIVATE if private else chat_pb2.Room.PUBLIC
+            ),
+            metadata=self.md("owner"),
+            timeout=10,
+        )
+        await self.stub.AddMember(
+            chat_pb2.AddMemberRequest(room=name, user_id=self.people["member"].id),
+            metadata=self.md("owner"),
+            timeout=10,
+        )
+        return name
+
+
+async def _code(call: Awaitable[Any]) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return OK
+
+
+async def _stream_code(world: World, role: str, room: str) -> grpc.StatusCode:
+    """OK when a stream in `room` gets its own message back; else the status it ends with."""
+    call = world.stub.StreamChat(metadata=[*world.md(role), ("x-chat-room", room)], timeout=10)
+    try:
+        await call.write(chat_pb2.ChatMessage(text="hello", client_message_id="matrix"))
+        reply = await call.read()
+        if reply is grpc.aio.EOF:
+            return await call.code()
+        return OK
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    finally:
+        call.cancel()
+
+
+async def _listed(world: World, role: str, room: str) -> grpc.StatusCode:
+    """OK when ListRooms shows the room to the caller, else PERMISSION_DENIED."""
+    token = ""
+    while True:
+        reply = await world.stub.ListRooms(
+            chat_pb2.ListRoomsRequest(page_size=500, page_token=token),
+            metadata=world.md(role),
+            timeout=10,
+        )
+        if any(r.name == room for r in reply.rooms):
+            return OK
+        token = reply.next_page_token
+        if not token:
+            return DENIED
+
+
+Call = Callable[[World, str, str], Awaitable[grpc.StatusCode]]
+CALLS: dict[str, Call] = {
+    "StreamChat": _stream_code,
+    "ListRooms (sees it)": _listed,
+    "ListMessages": lambda w, role, room: _code(
+        w.stub.ListMessages(
+            chat_pb2.ListMessagesRequest(room=room), metadata=w.md(role), timeout=10
+        )
+    ),
+    "ListPresence": lambda w, role, room: _code(
+        w.stub.ListPresence(
+            chat_pb2.ListPresenceRequest(room=room), metadata=w.md(role), timeout=10
+        )
+    ),
+    "ListMembers": lambda w, role, room: _code(
+        w.stub.ListMembers(chat_pb2.ListMembersRequest(room=room), metadata=w.md(role), timeout=10)
+    ),
+    "GetRoom": lambda w, role, room: _code(
+        w.stub.GetRoom(chat_pb2.GetRoomRequest(name=room), metadata=w.md(role), timeout=10)
+    ),
+    "UpdateRoom": lambda w, role, room: _code(
+        w.stub.UpdateRoom(
+            chat_pb2.UpdateRoomRequest(name=room, title="renamed"), metadata=w.md(role), timeout=10
+        )
+    ),
+    "DeleteRoom": lambda w, role, room: _code(
+        w.stub.DeleteRoom(chat_pb2.DeleteRoomRequest(name=room), metadata=w.md(role), timeout=10)
+    ),
+    "AddMember": lambda w, role, room: _code(
+        w.stub.AddMember(
+            chat_pb2.AddMemberRequest(room=room, user_id=w.people["third"].id),
+            metadata=w.md(role),
+            timeout=10,
+        )
+    ),
+    "RemoveMember (the member)": lambda w, role, room: _code(
+        w.stub.RemoveMember(
+            chat_pb2.RemoveMemberRequest(room=room, user_id=w.people["member"].id),
+            metadata=w.md(role),
+            timeout=10,
+        )
+    ),
+    "RemoveMember (leave)": lambda w, role, room: _code(
+        w.stub.RemoveMember(
+            chat_pb2.RemoveMemberRequest(room=room), metadata=w.md(role), timeout=10
+        )
+    ),
+}
+
+READ = {"stranger": OK, "member": OK, "owner": OK, "admin": OK}
+READ_PRIVATE = {"stranger": DENIED, "member": OK, "owner": OK, "admin": DENIED}
+OWNER_ONLY = {"stranger": DENIED, "member": DENIED, "owner": OK, "admin": DENIED}
+MANAGE = {"stranger": DENIED, "member": DENIED, "owner": OK, "admin": OK}
+# The expected status of every (visibility, RPC, role). Leaving: the owner cannot (it deletes
+# the room instead); a non-member of a public room leaves nothing, which is fine; a non-member
+# of a private room learns nothing about it.
+READS = ("StreamChat", "ListRooms", "ListMessages", "ListPresence", "ListMembers", "GetRoom")
+MATRIX: dict[tuple[str, str], dict[str, grpc.StatusCode]] = {
+    **{("public", rpc): READ for rpc in CALLS if rpc.split()[0] in READS},
+    **{("private", rpc): READ_PRIVATE for rpc in CALLS if rpc.split()[0] in READS},
+    **{(v, "UpdateRoom"): OWNER_ONLY for v in ("public", "private")},
+    **{(v, "DeleteRoom"): OWNER_ONLY for v in ("public", "private")},
+    **{(v, "AddMember"): MANAGE for v in ("public", "private")},
+    # The member removing the member is the member leaving.
+    **{(v, "RemoveMember (the member)"): {**MANAGE, "member": OK} for v in ("public", "private")},
+    ("public", "RemoveMember (leave)"): {
+        "stranger": OK,
+        "member": OK,
+        "owner": PRECONDITION,
+        "admin": OK,
+    },
+    ("private", "RemoveMember (leave)"): {
+        "stranger": DENIED,
+        "member": OK,
+        "owner": PRECONDITION,
+        "admin": OK,
+    },
+}
+
+
+@pytest.fixture
+async def world(make_stack) -> World:
+    stack = await make_stack(
+        replicas=1, people=("Owner", "Member", "Stranger", "Admin", "Third"), in_process=True
+    )
+    people = {
+        "owner": stack.people["Owner"],
+        "member": stack.people["Member"],
+        "stranger": stack.people["Stranger"],
+        "third": stack.people["Third"],
+    }
+    admin = stack.people["Admin"]
+    people["admin"] = Person(admin.id, admin.name, make_token(str(admin.id), scope="chat:admin"))
+    channel = grpc.aio.insecure_channel(stack.replicas[0].target)
+    try:
+        yield World(stack, chat_pb2_grpc.ChatServiceStub(channel), people)
+    finally:
+        await channel.close()
+
+
+def test_the_matrix_covers_every_rpc_visibility_and_role() -> None:
+    assert {rpc for _, rpc in MATRIX} == set(CALLS)
+    assert {v for v, _ in MATRIX} == {"public", "private"}
+    assert all(set(row) == set(ROLES) for row in MATRIX.values())
+    room_rpcs = set(chat_pb2.DESCRIPTOR.services_by_name["ChatService"].methods_by_name)
+    covered = {rpc.split()[0] for rpc in CALLS} | {"CreateRoom", "OpenDirectRoom"}
+    assert room_rpcs == covered, room_rpcs ^ covered  # CreateRoom and direct rooms: below
+
+
+async def test_the_access_matrix(world: World, subtests) -> None:
+    for (visibility, rpc), row in MATRIX.items():
+        for role, expected in row.items():
+            with subtests.test(visibility=visibility, rpc=rpc, role=role):
+                room = await world.room(private=visibility == "private")
+                assert await CALLS[rpc](world, role, room) == expected
+
+
+async def test_a_room_that_does_not_exist_answers_like_a_private_one(world: World) -> None:
+    private = await world.room(private=True)
+    for rpc in ("ListMembers", "GetRoom", "UpdateRoom", "DeleteRoom", "AddMember"):
+        missing, hidden = "never-made-room", private
+        got_missing, got_hidden = await asyncio.gather(
+            CALLS[rpc](world, "stranger", missing), CALLS[rpc](world, "stranger", hidden)
+        )
+        assert got_missing == got_hidden == DENIED, rpc
+
+
+async def test_direct_rooms(world: World) -> None:
+    owner, member = world.people["owner"], world.people["member"]
+    one = await world.stub.OpenDirectRoom(
+        chat_pb2.OpenDirectRoomRequest(user_id=member.id), metadata=world.md("owner"), timeout=10
+    )
+    other_way = await world.stub.OpenDirectRoom(
+        chat_pb2.OpenDirectRoomRequest(user_id=owner.id), metadata=world.md("member"), timeout=10
+    )
+    assert one == other_way
+    assert one.direct and one.visibility == chat_pb2.Room.PRIVATE and one.member_count == 2
+    assert (
+        one.owner_id == 0
+        and one.name == f"dm-{min(owner.id, member.id)}-{max(owner.id, member.id)}"
+    )
+    assert await _stream_code(world, "member", one.name) == OK
+    assert await _stream_code(world, "stranger", one.name) == DENIED
+    assert await CALLS["AddMember"](world, "admin", one.name) == PRECONDITION
+    assert await CALLS["RemoveMember (leave)"](world, "member", one.name) == PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await world.stub.OpenDirectRoom(
+            chat_pb2.OpenDirectRoomRequest(user_id=2**31 - 1),
+            metadata=world.md("owner"),
+            timeout=10,
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as reserved:
+        await world.stub.CreateRoom(
+            chat_pb2.CreateRoomRequest(name="dm-1-2"), metadata=world.md("owner"), timeout=10
+        )
+    assert reserved.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_create_room_rules(world: World) -> None:
+    room = await world.stub.CreateRoom(
+        chat_pb2.CreateRoomRequest(name="made", title="Made here"),
+        metadata=world.md("owner"),
+        timeout=10,
+    )
+    assert (room.name, room.title, room.visibility, room.member_count) == (
+        "made",
+        "Made here",
+        chat_pb2.Room.PUBLIC,
+        1,
+    )
+    assert room.owner_id == world.people["owner"].id
+    for request, code in (
+        (chat_pb2.CreateRoomRequest(name="made"), grpc.StatusCode.ALREADY_EXISTS),
+        (chat_pb2.CreateRoomRequest(name="Bad Name"), grpc.StatusCode.INVALID_ARGUMENT),
+        (chat_pb2.CreateRoomRequest(name=""), grpc.StatusCode.INVALID_ARGUMENT),
+        (chat_pb2.CreateRoomRequest(name="t", title="x" * 201), grpc.StatusCode.INVALID_ARGUMENT),
+        (chat_pb2.CreateRoomRequest(name="t", title="a\x1b[2Jb"), grpc.StatusCode.INVALID_ARGUMENT),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await world.stub.CreateRoom(request, metadata=world.md("owner"), timeout=10)
+        assert refused.value.code() == code, request
+
+
+async def test_every_chat_rpc_needs_a_user_that_exists(world: World, stranger) -> None:
+    room = await world.room(private=False)
+    for person, code in (
+        (stranger("999999"), grpc.StatusCode.FAILED_PRECONDITION),  # no such user
+        (stranger("service-account"), DENIED),  # not a user id at all
+    ):
+        world.people["ghost"] = person
+        for rpc, call in CALLS.items():
+            if rpc.startswith("ListRooms"):
+                got = await _code(
+                    world.stub.ListRooms(chat_pb2.ListRoomsRequest(), metadata=world.md("ghost"))
+                )
+            else:
+                got = await call(world, "ghost", room)
+            assert got == code, (person.name, rpc)
+
+
+async def _streaming(world: World, replica: int, role: str, room: str) -> Any:
+    """A stream of `role` in `room` on the stack's replica `replica`, once it is in."""
+    channel = grpc.aio.insecure_channel(world.stack.replicas[replica].target)
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    call = stub.StreamChat(metadata=[*world.md(role), ("x-chat-room", room)])
+    await call.write(chat_pb2.ChatMessage(text=f"{role} is here", client_message_id=f"in-{role}"))
+    while True:  # until its own message comes back: it is in, and checked
+        reply = await asyncio.wait_for(call.read(), 10)
+        assert reply is not grpc.aio.EOF
+        if reply.client_message_id == f"in-{role}":
+            return call, channel
+
+
+@pytest.fixture
+async def two_replicas(make_stack) -> World:
+    stack = await make_stack(replicas=2, people=("Owner", "Member", "Stranger", "Third"))
+    people = {
+        "owner": stack.people["Owner"],
+        "member": stack.people["Member"],
+        "stranger": stack.people["Stranger"],
+        "third": stack.people["Third"],
+        "admin": stack.people["Third"],
+    }
+    channel = grpc.aio.insecure_channel(stack.replicas[0].target)
+    try:
+        yield World(stack, chat_pb2_grpc.ChatServiceStub(channel), people)
+    finally:
+        await channel.close()
+
+
+async def _ended(call: Any, limit: float) -> tuple[grpc.StatusCode, list[str], float]:
+    """Reads until the stream ends: its status, the texts it got, and how long that took."""
+    texts: list[str] = []
+    started = time.monotonic()
+    try:
+        while True:
+            reply = await asyncio.wait_for(call.read(), limit)
+            if reply is grpc.aio.EOF:
+                return await call.code(), texts, time.monotonic() - started
+            texts.append(reply.text)
+    except grpc.aio.AioRpcError as error:
+        return error.code(), texts, time.monotonic() - started
+
+
+@pytest.mark.parametrize("change", ["remove the member", "make it private", "delete it"])
+async def test_a_change_of_access_ends_streams_on_the_other_replica_within_a_second(
+    two_replicas: World, change: str
+) -> None:
+    world = two_replicas
+    private = change != "make it private"
+    room = await world.room(private=private)
+    # The member and (in the public room) a stranger stream on replica 1; the owner on 0.
+    member_call, member_channel = await _streaming(world, 1, "member", room)
+    stranger = None if private else await _streaming(world, 1, "stranger", room)
+    owner_call, owner_channel = await _streaming(world, 0, "owner", room)
+    shut_out = stranger[0] if change == "make it private" else member_call
+    try:
+        started = time.monotonic()
+        if change == "remove the member":
+            await world.stub.RemoveMember(
+                chat_pb2.RemoveMemberRequest(room=room, user_id=world.people["member"].id),
+                metadata=world.md("owner"),
+                timeout=10,
+            )
+        elif change == "make it private":
+            await world.stub.UpdateRoom(
+                chat_pb2.UpdateRoomRequest(name=room, visibility=chat_pb2.Room.PRIVATE),
+                metadata=world.md("owner"),
+                timeout=10,
+            )
+        else:
+            await world.stub.DeleteRoom(
+                chat_pb2.DeleteRoomRequest(name=room), metadata=world.md("owner"), timeout=10
+            )
+        changed = time.monotonic()
+        if change != "delete it":
+            # Stored after the change: it must never reach the stream that was shut out.
+            await owner_call.write(chat_pb2.ChatMessage(text="after the change"))
+        code, texts, _ = await _ended(shut_out, 5)
+        took = time.monotonic() - changed
+        assert code == DENIED
+        assert "after the change" not in texts
+        assert took < 1.0, (
+            f"the stream ended {took:.3f}s after the change ({changed - started:.3f}s to make it)"
+        )
+        if change == "make it private":
+            # The member stays and gets what was said after the change.
+            while True:
+                reply = await asyncio.wait_for(member_call.read(), 5)
+                assert reply is not grpc.aio.EOF
+                if reply.text == "after the change":
+                    break
+    finally:
+        for call in (member_call, owner_call, *(stranger[:1] if stranger else ())):
+            call.cancel()
+        await member_channel.close()
+        await owner_channel.close()
+        if stranger:
+            await stranger[1].close()
