@@ -46,8 +46,13 @@ USER_DEPENDENCY = "dependency/user-service"
 _SERVING_LINE = re.compile(r"serving gRPC on \S+:(\d+), metrics on \S+:(\d+)")
 
 
+# Tokens live as long as a whole `make test` may run: ADMIN_TOKEN is made when this module is
+# imported, and these tests run last, more than the default 10 minutes later on a busy machine.
+TOKEN_TTL = 3 * 3600
+
+
 def token(sub: str, scope: str = "") -> str:
-    return make_token(JWT_SECRET, sub, scope)
+    return make_token(JWT_SECRET, sub, scope, ttl=TOKEN_TTL)
 
 
 ADMIN_TOKEN = token("faults-admin", "users:write")
