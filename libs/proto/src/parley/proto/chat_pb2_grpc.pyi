@@ -63,11 +63,14 @@ class ChatServiceStub:
     CreateRoom: _grpc.UnaryUnaryMultiCallable[_chat_pb2.CreateRoomRequest, _chat_pb2.Room]
     """Rooms. Who may read a room: anyone in a PUBLIC room, only its members in a PRIVATE one.
     A caller who may not read a room gets PERMISSION_DENIED from StreamChat (before anything
-    is delivered), ListMessages, ListPresence, ListMembers and GetRoom, with the same answer
-    whether or not the room exists. A room that does not exist is created on first use by
-    StreamChat as a PUBLIC room without an owner (unless the deployment turns that off), so
-    `general` and any room a tutorial client names keep working. Names starting with `dm-`
-    belong to direct rooms and are never created that way.
+    is delivered), ListMessages, ListPresence, ListMembers and GetRoom, the same answer as
+    for a room that does not exist. A room that does not exist is created on first use by
+    StreamChat as a PUBLIC room without an owner, so `general` and any room a tutorial client
+    names keep working; until then ListMessages and ListPresence read it as an empty public
+    room. A deployment can turn that off (PARLEY_CHAT_AUTO_CREATE_ROOMS=false): a room that
+    does not exist is then PERMISSION_DENIED everywhere. Names starting with `dm-` belong to
+    direct rooms and are never created that way. For a caller with the `chat:admin` scope,
+    AddMember and RemoveMember on a room that does not exist are NOT_FOUND.
 
     CreateRoom makes a new room; the caller becomes its owner and first member.
     ALREADY_EXISTS when the name is taken.
@@ -132,11 +135,14 @@ class ChatServiceAsyncStub(ChatServiceStub):
     CreateRoom: _aio.UnaryUnaryMultiCallable[_chat_pb2.CreateRoomRequest, _chat_pb2.Room]  # type: ignore[assignment]
     """Rooms. Who may read a room: anyone in a PUBLIC room, only its members in a PRIVATE one.
     A caller who may not read a room gets PERMISSION_DENIED from StreamChat (before anything
-    is delivered), ListMessages, ListPresence, ListMembers and GetRoom, with the same answer
-    whether or not the room exists. A room that does not exist is created on first use by
-    StreamChat as a PUBLIC room without an owner (unless the deployment turns that off), so
-    `general` and any room a tutorial client names keep working. Names starting with `dm-`
-    belong to direct rooms and are never created that way.
+    is delivered), ListMessages, ListPresence, ListMembers and GetRoom, the same answer as
+    for a room that does not exist. A room that does not exist is created on first use by
+    StreamChat as a PUBLIC room without an owner, so `general` and any room a tutorial client
+    names keep working; until then ListMessages and ListPresence read it as an empty public
+    room. A deployment can turn that off (PARLEY_CHAT_AUTO_CREATE_ROOMS=false): a room that
+    does not exist is then PERMISSION_DENIED everywhere. Names starting with `dm-` belong to
+    direct rooms and are never created that way. For a caller with the `chat:admin` scope,
+    AddMember and RemoveMember on a room that does not exist are NOT_FOUND.
 
     CreateRoom makes a new room; the caller becomes its owner and first member.
     ALREADY_EXISTS when the name is taken.
@@ -222,11 +228,14 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_chat_pb2.Room, _abc.Awaitable[_chat_pb2.Room]]:
         """Rooms. Who may read a room: anyone in a PUBLIC room, only its members in a PRIVATE one.
         A caller who may not read a room gets PERMISSION_DENIED from StreamChat (before anything
-        is delivered), ListMessages, ListPresence, ListMembers and GetRoom, with the same answer
-        whether or not the room exists. A room that does not exist is created on first use by
-        StreamChat as a PUBLIC room without an owner (unless the deployment turns that off), so
-        `general` and any room a tutorial client names keep working. Names starting with `dm-`
-        belong to direct rooms and are never created that way.
+        is delivered), ListMessages, ListPresence, ListMembers and GetRoom, the same answer as
+        for a room that does not exist. A room that does not exist is created on first use by
+        StreamChat as a PUBLIC room without an owner, so `general` and any room a tutorial client
+        names keep working; until then ListMessages and ListPresence read it as an empty public
+        room. A deployment can turn that off (PARLEY_CHAT_AUTO_CREATE_ROOMS=false): a room that
+        does not exist is then PERMISSION_DENIED everywhere. Names starting with `dm-` belong to
+        direct rooms and are never created that way. For a caller with the `chat:admin` scope,
+        AddMember and RemoveMember on a room that does not exist are NOT_FOUND.
 
         CreateRoom makes a new room; the caller becomes its owner and first member.
         ALREADY_EXISTS when the name is taken.

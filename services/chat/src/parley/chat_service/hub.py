@@ -198,8 +198,9 @@ class RoomHub:
             while self._rooms.get(room):
                 self._again.discard(room)
                 members = self._rooms[room]
+                asked = {s.user_id for s in members}
                 try:
-                    found = await self._readers(room, sorted({s.user_id for s in members}))
+                    found = await self._readers(room, sorted(asked))
                 except Exception as exc:  # Postgres unavailable: messages wait, try again
                     _log.debug("checking access to room %s failed: %s", room, exc)
                     await asyncio.sleep(retry)
@@ -207,9 +208,10 @@ class RoomHub:
                     continue
                 retry = _RETRY_FIRST
                 if found is None:
-                    self._metrics.access_revoked.inc(len(members))
                     for subscriber in list(members):
-                        subscriber.close(denied(room))
+                        if subscriber.user_id in asked:
+                            self._metrics.access_revoked.inc()
+                            subscriber.close(denied(room))
                     # Whatever waited was the deleted room's. A room made again under the
                     # name starts unchecked: its streams are checked before delivery.
                     self._checked.pop(room, None)
@@ -218,6 +220,8 @@ class RoomHub:
                 version, allowed = found
                 changed = version > self._checked.get(room, 0)
                 for subscriber in list(members):
+                    if subscriber.user_id not in asked:
+                        continue  # joined during the read: its own check after joining holds
                     if subscriber.user_id not in allowed:
                         self._metrics.access_revoked.inc()
                         subscriber.close(denied(room))

@@ -1,0 +1,137 @@
+"""The hub's access checks, in memory: a message stored after a change of access waits until
+the room's streams have been checked, and only the streams that lost access end."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from parley.chassis import PermissionDenied
+from parley.chat_service.hub import RoomHub, Subscriber, outgoing
+from parley.chat_service.metrics import ChatMetrics
+from parley.proto import chat_pb2
+
+ROOM = "guarded"
+
+
+class Readers:
+    """Answers the hub's access reads from `allowed`, one read at a time on request."""
+
+    def __init__(self, version: int, allowed: set[int] | None) -> None:
+        self.version = version
+        self.allowed = allowed
+        self.asked: list[list[int]] = []
+        self.go = asyncio.Event()
+
+    async def __call__(self, room: str, users: list[int]) -> tuple[int, set[int]] | None:
+        self.asked.append(users)
+        await self.go.wait()
+        if self.allowed is None:
+            return None
+        return self.version, self.allowed & set(users)
+
+
+def item(sequence: int, version: int):
+    message = chat_pb2.ChatMessage(room=ROOM, sequence=sequence, text=f"m{sequence}")
+    return outgoing(message, version=version)
+
+
+async def offered(subscriber: Subscriber) -> list[int] | PermissionDenied:
+    """The sequences offered so far, or the error the stream ends with."""
+    got: list[int] = []
+    while True:
+        try:
+            next_item = await asyncio.wait_for(subscriber.next(), 0.01)
+        except TimeoutError:
+            return got
+        except PermissionDenied as error:
+            return error
+        assert next_item is not None
+        got.append(next_item.message.sequence)
+
+
+def make_hub(readers: Readers) -> tuple[RoomHub, CollectorRegistry]:
+    registry = CollectorRegistry()
+    hub = RoomHub(ChatMetrics(registry), queue_limit=100)
+    hub.check_access_with(readers)
+    return hub, registry
+
+
+async def until_asked(readers: Readers, count: int) -> None:
+    async with asyncio.timeout(5):
+        while len(readers.asked) < count:
+            await asyncio.sleep(0)
+
+
+async def test_a_newer_message_waits_for_the_check_and_reaches_only_who_may_read() -> None:
+    readers = Readers(version=7, allowed={1})
+    hub, registry = make_hub(readers)
+    stays, removed = hub.join(ROOM, 1), hub.join(ROOM, 2)
+    hub.deliver(item(1, version=7))  # stored after a change the streams were not checked at
+    await until_asked(readers, 1)
+    assert await offered(stays) == [] and await offered(removed) == []  # held back
+    readers.go.set()
+    await asyncio.sleep(0.05)
+    assert await offered(stays) == [1]
+    result = await offered(removed)
+    assert isinstance(result, PermissionDenied) and result.reason == "ROOM_ACCESS_DENIED"
+    assert registry.get_sample_value("parley_chat_access_revoked_total") == 1
+    # Checked at 7 now: the next message of that version goes out at once.
+    hub.deliver(item(2, version=7))
+    assert await offered(stays) == [2]
+    assert len(readers.asked) == 1
+    await hub.stop()
+
+
+async def test_a_stream_that_joins_during_a_check_is_not_judged_by_it() -> None:
+    readers = Readers(version=3, allowed={1})
+    hub, _ = make_hub(readers)
+    first = hub.join(ROOM, 1)
+    hub.note_version(ROOM, 3)
+    await until_asked(readers, 1)
+    late = hub.join(ROOM, 2)  # its user was not part of the read in flight
+    readers.go.set()
+    await asyncio.sleep(0.05)
+    assert readers.asked[0] == [1]
+    assert await offered(first) == [] and await offered(late) == []  # neither ended
+    await hub.stop()
+
+
+async def test_a_deleted_room_ends_every_stream() -> None:
+    readers = Readers(version=0, allowed=None)
+    hub, _ = make_hub(readers)
+    streams = [hub.join(ROOM, 1), hub.join(ROOM, 2)]
+    hub.recheck(ROOM)
+    readers.go.set()
+    await asyncio.sleep(0.05)
+    for stream in streams:
+        assert isinstance(await offered(stream), PermissionDenied)
+    await hub.stop()
+
+
+@pytest.mark.parametrize("newer", [False, True])
+async def test_a_message_of_a_checked_version_is_not_held(newer: bool) -> None:
+    readers = Readers(version=5, allowed={1})
+    hub, _ = make_hub(readers)
+    stream = hub.join(ROOM, 1)
+    hub.note_version(ROOM, 5)
+    readers.go.set()
+    await until_asked(readers, 1)
+    await asyncio.sleep(0.05)
+    if newer:
+        # Postgres holds the newer version before any message of it can be read.
+        readers.version = 6
+        readers.go.clear()
+    hub.deliver(item(1, version=6 if newer else 5))
+    got = await offered(stream)
+    # A newer one waits for a second read, then goes out; an old one goes at once.
+    assert got == ([] if newer else [1])
+    if newer:
+        await until_asked(readers, 2)
+        readers.go.set()
+        await asyncio.sleep(0.05)
+        assert await offered(stream) == [1]
+    assert len(readers.asked) == (2 if newer else 1)
+    await hub.stop()
