@@ -65,6 +65,16 @@ async def test_typed_usage_runs(
     assert last == 3 and states[0] == f"connected to {stack.chat2}"
 
 
+async def test_typed_rooms_run(
+    stack: RunningStack, person: Callable[[str], Person], room: str
+) -> None:
+    usage = _usage()
+    owner, member, outsider = person("Owner"), person("Member"), person("Outsider")
+    assert usage.team_room(stack.chat, owner.token, outsider.token, room, member.id)
+    name = await usage.direct_room_name(stack.chat, owner.token, member.id)
+    assert name == f"dm-{min(owner.id, member.id)}-{max(owner.id, member.id)}"
+
+
 def test_describe_failure(closed_port: int) -> None:
     usage = _usage()
     with UserClient(f"127.0.0.1:{closed_port}") as users:

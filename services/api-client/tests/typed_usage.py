@@ -19,14 +19,18 @@ from parley.client import (
     FieldViolation,
     HealthStatus,
     InvalidArgument,
+    MemberPage,
     NewUser,
     NotFound,
     ParleyError,
+    PermissionDenied,
     ReconnectPolicy,
     RefreshingToken,
+    RoomPage,
     TokenProvider,
     UserClient,
     UserPage,
+    Visibility,
 )
 from parley.proto import chat_pb2, user_pb2
 
@@ -113,3 +117,31 @@ async def chat_round_trip(target: str, token: str, room: str) -> tuple[int, list
 def describe_failure(error: ParleyError) -> str:
     """What a command line would print for a failed call."""
     return f"{error.code.name} at {error.target}: {error.hint}"
+
+
+def team_room(target: str, owner_token: str, outsider_token: str, room: str, member: int) -> bool:
+    """Sync room calls: a private room, a member, the pages; True when an outsider is denied."""
+    with ChatClient(target, token=owner_token) as chat:
+        created: chat_pb2.Room = chat.create_room(room, title="Typed", visibility="private")
+        assert Visibility.of(created) is Visibility.PRIVATE
+        membership: chat_pb2.Membership = chat.add_member(room, member)
+        assert not membership.owner
+        rooms: RoomPage = chat.list_rooms_page(page_size=10)
+        members: MemberPage = chat.list_members_page(room, page_size=10)
+        assert rooms.rooms and len(members.members) == 2
+        chat.update_room(room, title="Typed 2", visibility=Visibility.PRIVATE)
+    with ChatClient(target, token=outsider_token) as outsider:
+        try:
+            outsider.get_room(room)
+        except PermissionDenied:
+            return True
+    return False
+
+
+async def direct_room_name(target: str, token: str, other: int) -> str:
+    """asyncio room calls: the direct room with another user, and its members."""
+    async with AsyncChatClient(target, token=token) as chat:
+        room: chat_pb2.Room = await chat.open_direct_room(other)
+        ids: list[int] = [m.user_id async for m in chat.list_members(room.name)]
+        assert other in ids
+        return room.name

@@ -106,14 +106,17 @@ def parley(stack: RunningStack) -> Callable[..., Ran]:
 
 @pytest.fixture
 def start_parley(stack: RunningStack) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """`start_parley(*args, env=...)`: start the entry point in the background, with pipes."""
+    """`start_parley(*args, env=..., stdin=False)`: start the entry point in the background,
+    with pipes (stdin too when `stdin`, else /dev/null)."""
     started: list[subprocess.Popen[str]] = []
 
-    def start(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(
+        *args: str, env: Mapping[str, str] | None = None, stdin: bool = False
+    ) -> subprocess.Popen[str]:
         process = subprocess.Popen(
             [str(PARLEY), *args],
             env=base_env(stack) | dict(env or {}),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

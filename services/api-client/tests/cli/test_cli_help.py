@@ -39,7 +39,10 @@ def help_of(*path: str) -> str:
 def test_the_command_tree() -> None:
     assert sorted(" ".join(path) for path in command_paths()) == [
         "chat", "chat history", "chat send", "chat tail", "chat who",
-        "health", "token",
+        "dm", "health",
+        "rooms", "rooms add", "rooms create", "rooms delete", "rooms dm", "rooms get",
+        "rooms leave", "rooms list", "rooms members", "rooms remove", "rooms update",
+        "token",
         "users", "users create", "users delete", "users get", "users import", "users list",
         "users update",
     ]  # fmt: skip

@@ -19,6 +19,13 @@ asyncio clients and a live chat session:
             async for message in session:
                 ...
 
+Rooms, private rooms and direct rooms:
+
+    with ChatClient(token=token) as chat:
+        chat.create_room("team", title="Team", visibility="private")
+        chat.add_member("team", 42)
+        dm = chat.open_direct_room(42)               # dm-<low id>-<high id>, private
+
 Every call carries `authorization: Bearer <token>` (from `token=`, a `TokenProvider`, or
 $PARLEY_TOKEN), has a deadline (10 s unless `timeout=` says otherwise), and raises a
 `ParleyError` subclass with a hint when it fails. Idempotent calls are retried on
@@ -45,6 +52,7 @@ from parley.client.errors import (
     Unimplemented,
     UnknownError,
 )
+from parley.client.rooms import MemberPage, RoomPage, Visibility, VisibilityName
 from parley.client.session import (
     ChatSession,
     ConnectionEvent,
@@ -79,6 +87,7 @@ __all__ = [
     "ImportRow",
     "Internal",
     "InvalidArgument",
+    "MemberPage",
     "NewUser",
     "NotFound",
     "ParleyError",
@@ -87,6 +96,7 @@ __all__ = [
     "ReconnectPolicy",
     "RefreshingToken",
     "ResourceExhausted",
+    "RoomPage",
     "StateCallback",
     "TokenProvider",
     "Unauthenticated",
@@ -95,5 +105,7 @@ __all__ = [
     "UnknownError",
     "UserClient",
     "UserPage",
+    "Visibility",
+    "VisibilityName",
     "mint_token",
 ]

@@ -76,7 +76,7 @@ CHAT_SERVICE = ServiceSpec(
     name="chat.ChatService",
     address_env="PARLEY_CHAT_ADDR",
     default_target="localhost:50052",
-    idempotent=("ListMessages", "ListPresence"),
+    idempotent=("ListMessages", "ListPresence", "GetRoom", "ListRooms", "ListMembers"),
 )
 
 

@@ -8,10 +8,17 @@
 
 `session()` (asyncio only) joins a room and stays joined across dropped connections and
 replica restarts: see `parley.client.session.ChatSession`. The other methods read history
-and presence, and `post()` sends messages without staying in the room. Methods return the
-generated messages (`parley.proto.chat_pb2.ChatMessage`, ...). Every call except a session's
-stream has a deadline (the client's `timeout` or the call's `timeout=`); ListMessages and
-ListPresence are retried on UNAVAILABLE.
+and presence, `post()` sends messages without staying in the room, and the room methods
+(`create_room`, `get_room`, `list_rooms`, `update_room`, `delete_room`, `add_member`,
+`remove_member`, `leave_room`, `list_members`, `open_direct_room`) manage rooms, private
+ones and direct ones (see `parley.client.rooms`). Methods return the generated messages
+(`parley.proto.chat_pb2.ChatMessage`, `chat_pb2.Room`, ...). Every call except a session's
+stream has a deadline (the client's `timeout` or the call's `timeout=`); ListMessages,
+ListPresence, GetRoom, ListRooms and ListMembers are retried on UNAVAILABLE.
+
+A caller who may not read a private room gets `PermissionDenied` from every call about it,
+a session included: the session ends with it (it never reconnects after it), whether the
+room refused the stream at once or the caller's membership ended while it was open.
 """
 
 from __future__ import annotations
@@ -31,6 +38,18 @@ from parley.client.errors import (
     ParleyError,
     Unavailable,
     error_from_rpc,
+)
+from parley.client.rooms import (
+    DEFAULT_MEMBER_PAGE_SIZE,
+    DEFAULT_ROOM_PAGE_SIZE,
+    MemberPage,
+    RoomPage,
+    Visibility,
+    VisibilityName,
+    create_request,
+    members_request,
+    rooms_request,
+    update_request,
 )
 from parley.client.session import (
     MAX_TEXT_BYTES,
@@ -205,6 +224,194 @@ class ChatClient(SyncClientBase):
             )
         return [stored[r.client_message_id] for r in requests]
 
+    # --- Rooms -----------------------------------------------------------------------------
+
+    def create_room(
+        self,
+        name: str,
+        *,
+        title: str = "",
+        visibility: Visibility | VisibilityName = Visibility.PUBLIC,
+        timeout: float | None = None,
+    ) -> chat_pb2.Room:
+        """Create a room; the caller becomes its owner and first member. Not retried.
+
+        Raises `AlreadyExists` when the name is taken, `InvalidArgument` for a bad name or
+        title (names starting with `dm-` are reserved for direct rooms) and
+        `ResourceExhausted` when the caller owns as many rooms as they may.
+        """
+        deadline = self._deadline(timeout)
+        request = create_request(name, title, visibility)
+        return self._call(
+            "CreateRoom",
+            deadline,
+            lambda ch: self._stub(ch).CreateRoom(request, timeout=deadline),
+            idempotent=False,
+        )
+
+    def get_room(self, name: str, *, timeout: float | None = None) -> chat_pb2.Room:
+        """A room the caller may read. Raises `PermissionDenied` for a private room the
+        caller is not a member of (and, alike, for a name no room has)."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.GetRoomRequest(name=name)
+        return self._call(
+            "GetRoom",
+            deadline,
+            lambda ch: self._stub(ch).GetRoom(request, timeout=deadline),
+            idempotent=True,
+        )
+
+    def list_rooms_page(
+        self,
+        *,
+        page_size: int = DEFAULT_ROOM_PAGE_SIZE,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> RoomPage:
+        """One page of the rooms the caller may read (the public ones and those the caller
+        belongs to), by name, starting at `page_token` (the first page when empty)."""
+        deadline = self._deadline(timeout)
+        request = rooms_request(page_size, page_token)
+        reply = self._call(
+            "ListRooms",
+            deadline,
+            lambda ch: self._stub(ch).ListRooms(request, timeout=deadline),
+            idempotent=True,
+        )
+        return RoomPage(tuple(reply.rooms), reply.next_page_token)
+
+    def list_rooms(
+        self, *, page_size: int = DEFAULT_ROOM_PAGE_SIZE, timeout: float | None = None
+    ) -> Iterator[chat_pb2.Room]:
+        """Every room the caller may read, by name, fetched `page_size` at a time as the
+        iteration goes (each page one call with its own deadline)."""
+        token = ""
+        while True:
+            page = self.list_rooms_page(page_size=page_size, page_token=token, timeout=timeout)
+            yield from page.rooms
+            if not page.has_more:
+                return
+            token = page.next_page_token
+
+    def update_room(
+        self,
+        name: str,
+        *,
+        title: str | None = None,
+        visibility: Visibility | VisibilityName | None = None,
+        timeout: float | None = None,
+    ) -> chat_pb2.Room:
+        """Change a room's title and/or visibility (what is None stays) and return the room.
+
+        Only its owner may (`PermissionDenied` otherwise). Made private, the room's open
+        streams of non-members end with PERMISSION_DENIED. Passing neither is a ValueError.
+        """
+        deadline = self._deadline(timeout)
+        request = update_request(name, title, visibility)
+        return self._call(
+            "UpdateRoom",
+            deadline,
+            lambda ch: self._stub(ch).UpdateRoom(request, timeout=deadline),
+            idempotent=False,
+        )
+
+    def delete_room(self, name: str, *, timeout: float | None = None) -> None:
+        """Delete a room and every message in it; only its owner may. Not retried."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.DeleteRoomRequest(name=name)
+        self._call(
+            "DeleteRoom",
+            deadline,
+            lambda ch: self._stub(ch).DeleteRoom(request, timeout=deadline),
+            idempotent=False,
+        )
+
+    def add_member(
+        self, room: str, user_id: int, *, timeout: float | None = None
+    ) -> chat_pb2.Membership:
+        """Make a user a member of a room (the owner may, or a `chat:admin` token) and return
+        the membership, also when the user already was one.
+
+        Raises `NotFound` when the user does not exist and `FailedPrecondition` for a direct
+        room.
+        """
+        deadline = self._deadline(timeout)
+        request = chat_pb2.AddMemberRequest(room=room, user_id=user_id)
+        reply = self._call(
+            "AddMember",
+            deadline,
+            lambda ch: self._stub(ch).AddMember(request, timeout=deadline),
+            idempotent=False,
+        )
+        return reply.member
+
+    def remove_member(self, room: str, user_id: int, *, timeout: float | None = None) -> None:
+        """End a user's membership (the owner or a `chat:admin` token may remove anyone but the
+        owner). In a private room the user's open streams end with PERMISSION_DENIED."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.RemoveMemberRequest(room=room, user_id=user_id)
+        self._call(
+            "RemoveMember",
+            deadline,
+            lambda ch: self._stub(ch).RemoveMember(request, timeout=deadline),
+            idempotent=False,
+        )
+
+    def leave_room(self, room: str, *, timeout: float | None = None) -> None:
+        """End the caller's own membership of a room (`remove_member` of user 0)."""
+        self.remove_member(room, 0, timeout=timeout)
+
+    def list_members_page(
+        self,
+        room: str,
+        *,
+        page_size: int = DEFAULT_MEMBER_PAGE_SIZE,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> MemberPage:
+        """One page of a room's members, by user id, starting at `page_token`. Raises
+        `PermissionDenied` for a room the caller may not read."""
+        deadline = self._deadline(timeout)
+        request = members_request(room, page_size, page_token)
+        reply = self._call(
+            "ListMembers",
+            deadline,
+            lambda ch: self._stub(ch).ListMembers(request, timeout=deadline),
+            idempotent=True,
+        )
+        return MemberPage(tuple(reply.members), reply.next_page_token)
+
+    def list_members(
+        self,
+        room: str,
+        *,
+        page_size: int = DEFAULT_MEMBER_PAGE_SIZE,
+        timeout: float | None = None,
+    ) -> Iterator[chat_pb2.Membership]:
+        """Every member of a room, by user id, fetched `page_size` at a time."""
+        token = ""
+        while True:
+            page = self.list_members_page(
+                room, page_size=page_size, page_token=token, timeout=timeout
+            )
+            yield from page.members
+            if not page.has_more:
+                return
+            token = page.next_page_token
+
+    def open_direct_room(self, user_id: int, *, timeout: float | None = None) -> chat_pb2.Room:
+        """The private room of the caller and another user (`dm-<low id>-<high id>`), the same
+        every time, created on the first call. Raises `NotFound` when the user does not exist.
+        Chat in it like in any room, e.g. `session(room.name)`."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.OpenDirectRoomRequest(user_id=user_id)
+        return self._call(
+            "OpenDirectRoom",
+            deadline,
+            lambda ch: self._stub(ch).OpenDirectRoom(request, timeout=deadline),
+            idempotent=False,
+        )
+
 
 class AsyncChatClient(AsyncClientBase):
     """The asyncio client of ChatService: history, presence, posting, and live sessions.
@@ -331,6 +538,170 @@ class AsyncChatClient(AsyncClientBase):
                 method="/chat.ChatService/StreamChat",
                 hint=f"raise the timeout (it was {deadline:g}s) or check the server's load",
             ) from None
+
+    # --- Rooms -----------------------------------------------------------------------------
+
+    async def create_room(
+        self,
+        name: str,
+        *,
+        title: str = "",
+        visibility: Visibility | VisibilityName = Visibility.PUBLIC,
+        timeout: float | None = None,
+    ) -> chat_pb2.Room:
+        """Create a room; see `ChatClient.create_room`."""
+        deadline = self._deadline(timeout)
+        request = create_request(name, title, visibility)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.Room:
+            return await self._stub(channel).CreateRoom(request, timeout=deadline)
+
+        return await self._call("CreateRoom", deadline, invoke, idempotent=False)
+
+    async def get_room(self, name: str, *, timeout: float | None = None) -> chat_pb2.Room:
+        """A room the caller may read; see `ChatClient.get_room`."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.GetRoomRequest(name=name)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.Room:
+            return await self._stub(channel).GetRoom(request, timeout=deadline)
+
+        return await self._call("GetRoom", deadline, invoke, idempotent=True)
+
+    async def list_rooms_page(
+        self,
+        *,
+        page_size: int = DEFAULT_ROOM_PAGE_SIZE,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> RoomPage:
+        """One page of the rooms the caller may read; see `ChatClient.list_rooms_page`."""
+        deadline = self._deadline(timeout)
+        request = rooms_request(page_size, page_token)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.ListRoomsResponse:
+            return await self._stub(channel).ListRooms(request, timeout=deadline)
+
+        reply = await self._call("ListRooms", deadline, invoke, idempotent=True)
+        return RoomPage(tuple(reply.rooms), reply.next_page_token)
+
+    async def list_rooms(
+        self, *, page_size: int = DEFAULT_ROOM_PAGE_SIZE, timeout: float | None = None
+    ) -> AsyncIterator[chat_pb2.Room]:
+        """Every room the caller may read, by name, a page at a time."""
+        token = ""
+        while True:
+            page = await self.list_rooms_page(
+                page_size=page_size, page_token=token, timeout=timeout
+            )
+            for room in page.rooms:
+                yield room
+            if not page.has_more:
+                return
+            token = page.next_page_token
+
+    async def update_room(
+        self,
+        name: str,
+        *,
+        title: str | None = None,
+        visibility: Visibility | VisibilityName | None = None,
+        timeout: float | None = None,
+    ) -> chat_pb2.Room:
+        """Change a room's title and/or visibility; see `ChatClient.update_room`."""
+        deadline = self._deadline(timeout)
+        request = update_request(name, title, visibility)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.Room:
+            return await self._stub(channel).UpdateRoom(request, timeout=deadline)
+
+        return await self._call("UpdateRoom", deadline, invoke, idempotent=False)
+
+    async def delete_room(self, name: str, *, timeout: float | None = None) -> None:
+        """Delete a room and its messages; see `ChatClient.delete_room`."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.DeleteRoomRequest(name=name)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.DeleteRoomResponse:
+            return await self._stub(channel).DeleteRoom(request, timeout=deadline)
+
+        await self._call("DeleteRoom", deadline, invoke, idempotent=False)
+
+    async def add_member(
+        self, room: str, user_id: int, *, timeout: float | None = None
+    ) -> chat_pb2.Membership:
+        """Make a user a member of a room; see `ChatClient.add_member`."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.AddMemberRequest(room=room, user_id=user_id)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.AddMemberResponse:
+            return await self._stub(channel).AddMember(request, timeout=deadline)
+
+        return (await self._call("AddMember", deadline, invoke, idempotent=False)).member
+
+    async def remove_member(self, room: str, user_id: int, *, timeout: float | None = None) -> None:
+        """End a user's membership of a room; see `ChatClient.remove_member`."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.RemoveMemberRequest(room=room, user_id=user_id)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.RemoveMemberResponse:
+            return await self._stub(channel).RemoveMember(request, timeout=deadline)
+
+        await self._call("RemoveMember", deadline, invoke, idempotent=False)
+
+    async def leave_room(self, room: str, *, timeout: float | None = None) -> None:
+        """End the caller's own membership of a room (`remove_member` of user 0)."""
+        await self.remove_member(room, 0, timeout=timeout)
+
+    async def list_members_page(
+        self,
+        room: str,
+        *,
+        page_size: int = DEFAULT_MEMBER_PAGE_SIZE,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> MemberPage:
+        """One page of a room's members; see `ChatClient.list_members_page`."""
+        deadline = self._deadline(timeout)
+        request = members_request(room, page_size, page_token)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.ListMembersResponse:
+            return await self._stub(channel).ListMembers(request, timeout=deadline)
+
+        reply = await self._call("ListMembers", deadline, invoke, idempotent=True)
+        return MemberPage(tuple(reply.members), reply.next_page_token)
+
+    async def list_members(
+        self,
+        room: str,
+        *,
+        page_size: int = DEFAULT_MEMBER_PAGE_SIZE,
+        timeout: float | None = None,
+    ) -> AsyncIterator[chat_pb2.Membership]:
+        """Every member of a room, by user id, a page at a time."""
+        token = ""
+        while True:
+            page = await self.list_members_page(
+                room, page_size=page_size, page_token=token, timeout=timeout
+            )
+            for member in page.members:
+                yield member
+            if not page.has_more:
+                return
+            token = page.next_page_token
+
+    async def open_direct_room(
+        self, user_id: int, *, timeout: float | None = None
+    ) -> chat_pb2.Room:
+        """The private room of the caller and another user; see
+        `ChatClient.open_direct_room`."""
+        deadline = self._deadline(timeout)
+        request = chat_pb2.OpenDirectRoomRequest(user_id=user_id)
+
+        async def invoke(channel: grpc.aio.Channel) -> chat_pb2.Room:
+            return await self._stub(channel).OpenDirectRoom(request, timeout=deadline)
+
+        return await self._call("OpenDirectRoom", deadline, invoke, idempotent=False)
 
     def session(
         self,

@@ -160,7 +160,8 @@ class NotFound(ParleyError):
 
 
 class AlreadyExists(ParleyError):
-    """ALREADY_EXISTS: the email is taken by another user (emails are compared without case)."""
+    """ALREADY_EXISTS: the email is taken by another user (emails are compared without case),
+    or the room name by another room."""
 
 
 class InvalidArgument(ParleyError):
@@ -188,7 +189,8 @@ class Unauthenticated(ParleyError):
 
 
 class PermissionDenied(ParleyError):
-    """PERMISSION_DENIED: the token is valid but may not do this (e.g. lacks `users:write`)."""
+    """PERMISSION_DENIED: the token is valid but may not do this (e.g. lacks `users:write`,
+    reads a private room it is no member of, or changes a room it does not own)."""
 
 
 class Unavailable(ParleyError):
@@ -327,6 +329,14 @@ def _rich_details(
     return reason, info, violations
 
 
+_CHAT = "chat.ChatService"
+# Room calls only a room's owner (or, for members, a chat:admin token) may make.
+_OWNER_METHODS = frozenset({"UpdateRoom", "DeleteRoom", "AddMember", "RemoveMember"})
+_ROOM_METHODS = frozenset(
+    {"CreateRoom", "UpdateRoom", "DeleteRoom", "AddMember", "RemoveMember", "OpenDirectRoom"}
+)
+
+
 def _hint(
     code: grpc.StatusCode,
     message: str,
@@ -372,9 +382,21 @@ def _hint(
             "the token was refused (malformed, signed with another secret, or wrong iss/aud): "
             "mint one for this stack with `parley token --sub <user id>`"
         )
+    chat = context.method.startswith(f"/{_CHAT}/")
+    method = context.method.rsplit("/", 1)[-1]
     if code == grpc.StatusCode.PERMISSION_DENIED:
         if reason == "SUBJECT_NOT_A_USER" or "subject" in lowered:
             return "chat needs a token whose subject is a numeric user id (`parley token --sub 1`)"
+        if reason == "NOT_ROOM_OWNER" or (chat and method in _OWNER_METHODS and not reason):
+            return (
+                "only the room's owner may do this (adding and removing members also a "
+                "token with the chat:admin scope)"
+            )
+        if reason == "ROOM_ACCESS_DENIED" or (chat and "scope" not in info):
+            return (
+                "the room is private and the token's user is not a member (or there is no such "
+                "room): ask its owner to add you"
+            )
         return (
             "the token lacks the scope this call needs: mint one with "
             "`parley token --sub <user id> --scope users:write`"
@@ -382,14 +404,24 @@ def _hint(
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return "check the request fields named in the message (see field_violations)"
     if code == grpc.StatusCode.NOT_FOUND:
+        if chat:
+            return "check the room name and the user id: nothing with it exists"
         return "check the id: nothing with it exists (it may have been deleted)"
     if code == grpc.StatusCode.ALREADY_EXISTS:
+        if chat:
+            return "the room name is taken: use another one"
         return "the email is taken (emails are compared without case): use another one"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if chat and method in _ROOM_METHODS:
+            return "a limit was reached (such as the rooms one user may own): free some first"
         return "too many requests (e.g. the chat rate limit): slow down and retry after a pause"
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         if reason == "UNKNOWN_SENDER":
             return "the token's user does not exist: create the user first, or use its id as --sub"
+        if reason == "DIRECT_ROOM":
+            return "a direct room cannot be changed: its two users stay its only members"
+        if reason == "ROOM_OWNER":
+            return "the owner cannot leave their room: delete it instead (delete_room)"
         return "the system is not in the state this call needs; fix that first, then retry"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return (

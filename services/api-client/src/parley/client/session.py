@@ -26,7 +26,9 @@ What the session does so that its caller does not have to:
   any other limit (the user's streams on a replica, calls on a connection) ends the session.
 - Any other error (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION,
   ...) ends the session: the iterator raises it as the typed `ParleyError` after the messages
-  already received, and `send()` raises it too.
+  already received, and `send()` raises it too. In particular PERMISSION_DENIED (a private
+  room the caller is not, or is no longer, a member of; a deleted room) is never retried,
+  whether the server refuses the stream at once or ends an open one later.
 
 Writes racing a rejection: when grpcio's asyncio stream is written to just after the server
 ended it, grpcio replaces the server's status with INTERNAL "Internal error from Core"
@@ -318,7 +320,13 @@ class ChatSession:
         if self._resume_after is not None:
             start = self._resume_after
         else:
-            history, start = await self._client._recent(self._room, self._history, None)
+            try:
+                history, start = await self._client._recent(self._room, self._history, None)
+            except ParleyError as error:
+                # E.g. PERMISSION_DENIED for a private room: the session has failed like it
+                # would on its stream (state FAILED, `error` set, `send()` raises it).
+                self._fail(error)
+                raise
             if history:
                 start = max(start, history[-1].sequence)
                 self._delivered = history[0].sequence - 1

@@ -2,6 +2,8 @@
 
     parley users get|list|create|update|delete|import
     parley chat [send|tail|history|who]
+    parley rooms create|list|get|update|delete|members|add|remove|leave|dm
+    parley dm USER_ID
     parley health
     parley token
 

@@ -17,6 +17,7 @@ from parley.client.cli.context import (
 )
 from parley.client.cli.errors import EXIT_CODES_HELP
 from parley.client.cli.health import HEALTH_EXAMPLES, health
+from parley.client.cli.rooms import DM_EXAMPLES, dm, rooms_app
 from parley.client.cli.token import TOKEN_EXAMPLES, token
 from parley.client.cli.users import users_app
 
@@ -31,6 +32,8 @@ ROOT_EPILOG = f"""
   parley chat send --room lobby 'hello'
   parley chat tail --room lobby --history 10
   parley chat --room lobby
+  parley rooms create team --visibility private && parley rooms add team 2
+  parley dm 2
   parley health
 
 [bold]Environment[/bold]
@@ -110,7 +113,7 @@ def main(
         typer.Option("--debug", help=root_options_help("debug"), rich_help_panel=GLOBAL_PANEL),
     ] = False,
 ) -> None:
-    """Talk to a Parley deployment from the command line: users, chat and health.
+    """Talk to a Parley deployment from the command line: users, chat, rooms and health.
 
     Every command takes the global options, before or after its name. Results print as
     tables, or as JSON Lines with -o json. A failure prints one line on stderr (the status,
@@ -130,5 +133,7 @@ def main(
 
 app.add_typer(users_app)
 app.add_typer(chat_app)
+app.add_typer(rooms_app)
+app.command("dm", epilog=DM_EXAMPLES)(dm)
 app.command("health", epilog=HEALTH_EXAMPLES)(health)
 app.command("token", epilog=TOKEN_EXAMPLES)(token)

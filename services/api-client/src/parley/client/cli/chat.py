@@ -211,7 +211,15 @@ async def _send(settings: Settings, room: str, texts: Sequence[str]) -> None:
                 else:
                     console.print(message_line(message), soft_wrap=True)
 
-        await both(produce(), acknowledge())
+        async def watch() -> None:
+            # Reads what the room delivers (only the acknowledgements matter here), so the
+            # session's buffer never fills, and raises the session's error the moment it ends,
+            # e.g. PERMISSION_DENIED when our membership of a private room is removed while
+            # stdin is still open.
+            async for _ in session:
+                pass
+
+        await until_done(both(produce(), acknowledge()), watch())
 
 
 async def both(first: Awaitable[None], second: Awaitable[None]) -> None:
@@ -226,6 +234,22 @@ async def both(first: Awaitable[None], second: Awaitable[None]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def until_done(work: Awaitable[None], watcher: Awaitable[None]) -> None:
+    """Run `work` to its end while `watcher` runs beside it; when the watcher fails first,
+    cancel the work and raise the watcher's error."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(watcher)
+    try:
+        await asyncio.wait([work_task, watch_task], return_when=asyncio.FIRST_COMPLETED)
+        if watch_task.done() and not watch_task.cancelled():
+            watch_task.result()  # raises the watcher's failure
+        await work_task
+    finally:
+        for task in (work_task, watch_task):
+            task.cancel()
+        await asyncio.gather(work_task, watch_task, return_exceptions=True)
 
 
 async def _aiter(items: Sequence[_T]) -> AsyncIterator[_T]:

@@ -67,6 +67,34 @@ _FIELD_FLAG = {
     "text": "the message text",
 }
 
+# The same for the room commands, whose room is an argument.
+_ROOM_FIELD_FLAG = {
+    "name": "ROOM",
+    "room": "ROOM",
+    "title": "--title",
+    "visibility": "--visibility",
+    "user_id": "USER_ID",
+    "page_size": "--page-size",
+    "page_token": "--page-size",
+}
+_ROOM_FIELDS_METHODS = frozenset(
+    {
+        "CreateRoom",
+        "GetRoom",
+        "ListRooms",
+        "UpdateRoom",
+        "DeleteRoom",
+        "AddMember",
+        "RemoveMember",
+        "ListMembers",
+        "OpenDirectRoom",
+    }
+)
+_OWNER_METHODS = frozenset({"UpdateRoom", "DeleteRoom", "AddMember", "RemoveMember"})
+_ROOM_METHODS = frozenset(
+    {"CreateRoom", "UpdateRoom", "DeleteRoom", "AddMember", "RemoveMember", "OpenDirectRoom"}
+)
+
 _GET_TOKEN = "parley token --sub 1 --scope users:write"
 
 
@@ -140,21 +168,46 @@ def _explain(error: ParleyError, *, timeout: float | None, token_given: bool) ->
             message,
             f"use a token signed for this stack: `{_GET_TOKEN}` in the directory of make run",
         )
+    method = error.method.rsplit("/", 1)[-1]
+    chat = full == "chat.ChatService"
     if code is grpc.StatusCode.PERMISSION_DENIED:
         if error.reason == "SUBJECT_NOT_A_USER":
             return message, "chat as a user: `parley token --sub <your user id>`"
+        owner_only = error.reason == "NOT_ROOM_OWNER" or (
+            chat and method in _OWNER_METHODS and not error.reason
+        )
+        if owner_only:
+            return (
+                message,
+                "ask the room's owner (`parley rooms get ROOM` names them); adding and "
+                "removing members also works with a token with the chat:admin scope",
+            )
+        if error.reason == "ROOM_ACCESS_DENIED" or (chat and "scope" not in error.metadata):
+            return (
+                message,
+                "if the room exists, it is private: ask its owner to add you (`parley rooms "
+                "add ROOM <your user id>`), or pick one of `parley rooms list`",
+            )
         scope = error.metadata.get("scope", "users:write")
         return message, f"use a token with that scope: `parley token --sub 1 --scope {scope}`"
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         violations = getattr(error, "field_violations", [])
         if violations:
+            names = _ROOM_FIELD_FLAG if method in _ROOM_FIELDS_METHODS else _FIELD_FLAG
             what = "; ".join(f"{v.field}: {v.description}" for v in violations)
-            flags = ", ".join(dict.fromkeys(_FIELD_FLAG.get(v.field, v.field) for v in violations))
+            flags = ", ".join(dict.fromkeys(names.get(v.field, v.field) for v in violations))
             return f"invalid {what}", f"fix {flags}"
         return message, "fix the value named in the message"
     if code is grpc.StatusCode.NOT_FOUND:
+        if chat:
+            return (
+                message,
+                "check the room (`parley rooms list`) and the user id (`parley users list`)",
+            )
         return message, "check the id (`parley users list` shows them)"
     if code is grpc.StatusCode.ALREADY_EXISTS:
+        if chat:
+            return message, "use another room name (`parley rooms list` shows those taken)"
         return message, "use another email (emails are compared without case)"
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         if error.reason == "UNKNOWN_SENDER":
@@ -162,8 +215,15 @@ def _explain(error: ParleyError, *, timeout: float | None, token_given: bool) ->
                 message,
                 "create the user (`parley users create`), then `parley token --sub <its id>`",
             )
+        if error.reason == "ROOM_OWNER":
+            return message, "delete the room instead (`parley rooms delete ROOM`)"
         return message, error.hint
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if chat and method in _ROOM_METHODS:
+            return message, (
+                "a room limit was reached: delete rooms (`parley rooms delete ROOM`) or "
+                "members you no longer need"
+            )
         return message, "slow down, and retry after a pause"
     if code is grpc.StatusCode.UNIMPLEMENTED:
         return (

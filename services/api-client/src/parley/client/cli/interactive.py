@@ -76,9 +76,17 @@ class _Room:
                 _print_message(message)
                 self.prompt.app.invalidate()  # the prompt's count of messages sending
         except ParleyError as error:
+            # The session ended for good (e.g. PERMISSION_DENIED: our membership of a private
+            # room was removed): stop the prompt, and `run` raises the error. The prompt may be
+            # between two lines (a line being handled, or the next prompt starting), so keep
+            # trying until it runs; `run_chat` cancels this task once `run` has returned.
             self.failure = error
-            if self.prompt.app.is_running:
-                self.prompt.app.exit(exception=error)
+            while True:
+                app = self.prompt.app
+                if app.is_running and app.future is not None and not app.future.done():
+                    app.exit(exception=error)
+                    return
+                await asyncio.sleep(0.05)
 
     async def handle(self, line: str) -> bool:
         """Act on one typed line; False to leave."""

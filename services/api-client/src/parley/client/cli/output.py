@@ -31,11 +31,15 @@ __all__ = [
     "emit_json",
     "json_line",
     "member_json",
+    "members_table",
+    "membership_json",
     "message_json",
     "message_line",
     "notice",
     "print_table",
     "printable",
+    "room_json",
+    "rooms_table",
     "safe_text",
     "stderr_console",
     "stdout_console",
@@ -141,6 +145,34 @@ def member_json(member: chat_pb2.RoomMember) -> dict[str, Any]:
     return {"user_id": member.user_id, "user": member.user, "stream_count": member.stream_count}
 
 
+def visibility_name(room: chat_pb2.Room) -> str:
+    """`public` or `private`."""
+    return "private" if room.visibility == chat_pb2.Room.PRIVATE else "public"
+
+
+def room_json(room: chat_pb2.Room) -> dict[str, Any]:
+    """The JSON form of a room."""
+    return {
+        "name": room.name,
+        "title": room.title,
+        "visibility": visibility_name(room),
+        "owner_id": room.owner_id,
+        "member_count": room.member_count,
+        "direct": room.direct,
+        "create_time": timestamp(room.create_time, room.HasField("create_time")),
+    }
+
+
+def membership_json(member: chat_pb2.Membership, room: str) -> dict[str, Any]:
+    """The JSON form of a room membership."""
+    return {
+        "room": room,
+        "user_id": member.user_id,
+        "owner": member.owner,
+        "join_time": timestamp(member.join_time, member.HasField("join_time")),
+    }
+
+
 def emit_json(value: Mapping[str, Any]) -> None:
     """Print one JSON object on its own line, flushed at once (streams are read live)."""
     sys.stdout.write(json_line(value) + "\n")
@@ -164,6 +196,48 @@ def users_table(users: Iterable[user_pb2.User], title: str | None = None) -> Tab
         table.add_row(
             str(user.id), safe_text(user.name), safe_text(user.email), str(user.age), created
         )
+    return table
+
+
+def rooms_table(rooms: Iterable[chat_pb2.Room], title: str | None = None) -> Table:
+    """Rooms as a table: name, title, visibility, owner, members, creation time (local).
+
+    Names and titles go through `printable`: a title is anybody's text."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("Name", no_wrap=True)
+    table.add_column("Title", overflow="fold")
+    table.add_column("Visibility", no_wrap=True)
+    table.add_column("Owner", justify="right", no_wrap=True)
+    table.add_column("Members", justify="right", no_wrap=True)
+    table.add_column("Created", no_wrap=True)
+    for room in rooms:
+        created = (
+            _local_time(room.create_time, "%Y-%m-%d %H:%M:%S")
+            if room.HasField("create_time")
+            else ""
+        )
+        kind = visibility_name(room) + (" (direct)" if room.direct else "")
+        owner = str(room.owner_id) if room.owner_id else ""
+        table.add_row(
+            safe_text(room.name), safe_text(room.title), kind, owner, str(room.member_count),
+            created,
+        )  # fmt: skip
+    return table
+
+
+def members_table(members: Iterable[chat_pb2.Membership], title: Text | None = None) -> Table:
+    """Room members as a table: user id, owner or member, when they joined (local)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("User ID", justify="right", no_wrap=True)
+    table.add_column("Role", no_wrap=True)
+    table.add_column("Joined", no_wrap=True)
+    for member in members:
+        joined = (
+            _local_time(member.join_time, "%Y-%m-%d %H:%M:%S")
+            if member.HasField("join_time")
+            else ""
+        )
+        table.add_row(str(member.user_id), "owner" if member.owner else "member", joined)
     return table
 
 
