@@ -55,6 +55,9 @@ def common_env(database: str) -> dict[str, str]:
         "PARLEY_HEALTH_CHECK_INTERVAL": "0.2",
         "PARLEY_SHUTDOWN_GRACE": "2",
         "PARLEY_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
+        # Every test streams in rooms of its own, most as the one chat user, and each such
+        # room counts as one that user made.
+        "PARLEY_CHAT_MAX_ROOMS_PER_USER": "100000",
     }
 
 

@@ -57,10 +57,12 @@ class Postgres:
 
     async def after(
         self, room: str, sequence: int, limit: int
-    ) -> tuple[list[chat_pb2.ChatMessage], int | None]:
-        """The messages and the room's access version (None: no such room), one snapshot."""
+    ) -> tuple[list[chat_pb2.ChatMessage], tuple[int, int] | None]:
+        """The messages and the room's (id, access version) (None: no such room), one
+        snapshot."""
         rows = await self._query(
-            f"SELECT r.access_version, m.* FROM chat_rooms r LEFT JOIN LATERAL (SELECT {_COLUMNS}"
+            "SELECT r.room_id, r.access_version, m.* FROM chat_rooms r LEFT JOIN LATERAL"
+            f" (SELECT {_COLUMNS}"
             " FROM chat_messages WHERE room = r.name AND sequence > %s ORDER BY sequence"
             " LIMIT %s) AS m ON true WHERE r.name = %s ORDER BY m.sequence",
             sequence,
@@ -70,7 +72,7 @@ class Postgres:
         if not rows:
             return [], None
         messages = []
-        for _version, *row in rows:
+        for _room_id, _version, *row in rows:
             if row[0] is None:
                 continue
             message = chat_pb2.ChatMessage(
@@ -79,7 +81,7 @@ class Postgres:
             message.create_time.FromDatetime(row[6])
             messages.append(message)
         self.rows_read += [m.sequence for m in messages]
-        return messages, int(rows[0][0])
+        return messages, (int(rows[0][0]), int(rows[0][1]))
 
     async def last(self, room: str) -> int:
         rows = await self._query("SELECT last_sequence FROM chat_rooms WHERE name = %s", room)

@@ -16,26 +16,37 @@ from parley.proto import chat_pb2
 ROOM = "guarded"
 
 
+ROOM_ID = 100
+
+
 class Readers:
     """Answers the hub's access reads from `allowed`, one read at a time on request."""
 
-    def __init__(self, version: int, allowed: set[int] | None) -> None:
+    def __init__(self, version: int, allowed: set[int] | None, room_id: int = ROOM_ID) -> None:
         self.version = version
         self.allowed = allowed
+        self.room_id = room_id
         self.asked: list[list[int]] = []
         self.go = asyncio.Event()
 
-    async def __call__(self, room: str, users: list[int]) -> tuple[int, set[int]] | None:
+    async def __call__(self, room: str, users: list[int]) -> tuple[int, int, set[int]] | None:
         self.asked.append(users)
         await self.go.wait()
         if self.allowed is None:
             return None
-        return self.version, self.allowed & set(users)
+        return self.room_id, self.version, self.allowed & set(users)
 
 
-def item(sequence: int, version: int):
+def item(sequence: int, version: int, room_id: int = ROOM_ID):
     message = chat_pb2.ChatMessage(room=ROOM, sequence=sequence, text=f"m{sequence}")
-    return outgoing(message, version=version)
+    return outgoing(message, version=version, room_id=room_id)
+
+
+def join(hub: RoomHub, user_id: int, version: int = 1, room_id: int = ROOM_ID) -> Subscriber:
+    """A stream as StreamChat makes one: joined, then stamped with its own access read."""
+    subscriber = hub.join(ROOM, user_id)
+    subscriber.room_id, subscriber.version = room_id, version
+    return subscriber
 
 
 async def offered(subscriber: Subscriber) -> list[int] | PermissionDenied:
@@ -68,7 +79,7 @@ async def until_asked(readers: Readers, count: int) -> None:
 async def test_a_newer_message_waits_for_the_check_and_reaches_only_who_may_read() -> None:
     readers = Readers(version=7, allowed={1})
     hub, registry = make_hub(readers)
-    stays, removed = hub.join(ROOM, 1), hub.join(ROOM, 2)
+    stays, removed = join(hub, 1), join(hub, 2)
     hub.deliver(item(1, version=7))  # stored after a change the streams were not checked at
     await until_asked(readers, 1)
     assert await offered(stays) == [] and await offered(removed) == []  # held back
@@ -85,24 +96,67 @@ async def test_a_newer_message_waits_for_the_check_and_reaches_only_who_may_read
     await hub.stop()
 
 
-async def test_a_stream_that_joins_during_a_check_is_not_judged_by_it() -> None:
-    readers = Readers(version=3, allowed={1})
+async def test_a_stream_that_joins_during_a_check_is_judged_before_anything_goes_out() -> None:
+    # B joins while a read that did not ask about B is in flight, and is removed meanwhile:
+    # the message stored after the removal must not reach B, and B's stream must end.
+    readers = Readers(version=4, allowed={1})
     hub, _ = make_hub(readers)
-    first = hub.join(ROOM, 1)
-    hub.note_version(ROOM, 3)
+    first = join(hub, 1, version=3)
+    hub.note_access(ROOM, ROOM_ID, 3)
     await until_asked(readers, 1)
-    late = hub.join(ROOM, 2)  # its user was not part of the read in flight
+    late = join(hub, 2, version=3)  # its own read came before the removal
+    hub.deliver(item(1, version=4))  # stored after the removal
     readers.go.set()
     await asyncio.sleep(0.05)
-    assert readers.asked[0] == [1]
-    assert await offered(first) == [] and await offered(late) == []  # neither ended
+    assert readers.asked[:2] == [[1], [1, 2]]  # asked again, about B too
+    assert await offered(first) == [1]
+    assert isinstance(await offered(late), PermissionDenied)
+    await hub.stop()
+
+
+async def test_a_stream_checked_at_an_older_version_is_checked_again() -> None:
+    readers = Readers(version=5, allowed={1, 2})
+    readers.go.set()
+    hub, _ = make_hub(readers)
+    join(hub, 1, version=5)
+    hub.note_access(ROOM, ROOM_ID, 5)
+    await until_asked(readers, 1)
+    await asyncio.sleep(0.05)
+    join(hub, 2, version=4)
+    hub.note_access(ROOM, ROOM_ID, 4)  # older than the room was checked at: check again
+    await until_asked(readers, 2)
+    # The periodic check does the same for a stream whose own check is behind.
+    stale = join(hub, 2, version=3)
+    hub.verify({ROOM: (ROOM_ID, 5)})
+    await until_asked(readers, 3)
+    await asyncio.sleep(0.05)
+    assert stale.version == 5
+    await hub.stop()
+
+
+async def test_a_room_made_again_under_the_name_ends_the_old_rooms_streams() -> None:
+    # The private room 100 was deleted and a public room 200 made under its name: the old
+    # streams end even though everyone may read the new room, and nothing of either room
+    # that waited goes to them.
+    readers = Readers(version=9, allowed={1, 2, 3}, room_id=200)
+    hub, _ = make_hub(readers)
+    old = [join(hub, 1, version=5), join(hub, 2, version=5)]
+    hub.deliver(item(6, version=8))  # the old room's, stored after a change
+    readers.go.set()
+    await asyncio.sleep(0.05)
+    for stream in old:
+        assert isinstance(await offered(stream), PermissionDenied)
+    new = join(hub, 3, version=9, room_id=200)
+    hub.deliver(item(1, version=9, room_id=200))
+    await asyncio.sleep(0.05)
+    assert await offered(new) == [1]
     await hub.stop()
 
 
 async def test_a_deleted_room_ends_every_stream() -> None:
     readers = Readers(version=0, allowed=None)
     hub, _ = make_hub(readers)
-    streams = [hub.join(ROOM, 1), hub.join(ROOM, 2)]
+    streams = [join(hub, 1), join(hub, 2)]
     hub.recheck(ROOM)
     readers.go.set()
     await asyncio.sleep(0.05)
@@ -115,8 +169,8 @@ async def test_a_deleted_room_ends_every_stream() -> None:
 async def test_a_message_of_a_checked_version_is_not_held(newer: bool) -> None:
     readers = Readers(version=5, allowed={1})
     hub, _ = make_hub(readers)
-    stream = hub.join(ROOM, 1)
-    hub.note_version(ROOM, 5)
+    stream = join(hub, 1, version=5)
+    hub.note_access(ROOM, ROOM_ID, 5)
     readers.go.set()
     await until_asked(readers, 1)
     await asyncio.sleep(0.05)

@@ -278,9 +278,9 @@ async def test_a_page_ends_with_the_message_that_reaches_max_bytes(store_for, da
     assert await sequences(2, 100, 10) == [3]
     assert await sequences(0, 2, 10**6) == [1, 2]
     assert await sequences(7, 100, 10) == []
-    unbounded, version = await store.after("pages", 0, 100)
+    unbounded, stamp = await store.after("pages", 0, 100)
     assert [len(m.text.encode()) for m in unbounded] == sizes
-    assert version is not None and await store.after("no-such-room", 0, 100) == ([], None)
+    assert stamp is not None and await store.after("no-such-room", 0, 100) == ([], None)
 
 
 async def test_a_resumed_stream_gets_every_message_across_pages_cut_by_size(

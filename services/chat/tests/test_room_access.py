@@ -68,7 +68,9 @@ async def _stream_code(world: World, role: str, room: str) -> grpc.StatusCode:
     """OK when a stream in `room` gets its own message back; else the status it ends with."""
     call = world.stub.StreamChat(metadata=[*world.md(role), ("x-chat-room", room)], timeout=10)
     try:
-        await call.write(chat_pb2.ChatMessage(text="hello", client_message_id="matrix"))
+        # A new client id each time: a resent one is answered with the stored message,
+        # which a stream that started after it does not get again.
+        await call.write(chat_pb2.ChatMessage(text="hello", client_message_id=f"m{next(_rooms)}"))
         reply = await call.read()
         if reply is grpc.aio.EOF:
             return await call.code()
@@ -395,3 +397,92 @@ async def test_a_change_of_access_ends_streams_on_the_other_replica_within_a_sec
         await owner_channel.close()
         if stranger:
             await stranger[1].close()
+
+
+async def test_a_room_deleted_and_made_again_under_its_name_is_another_room(
+    two_replicas: World,
+) -> None:
+    """The owner deletes a private room and a stranger at once makes a public one under the
+    same name (StreamChat makes it on first use): the old room's streams end, and nothing of
+    the new room reaches them; the new room starts from sequence 1."""
+    world = two_replicas
+    room = await world.room(private=True)
+    member_call, member_channel = await _streaming(world, 1, "member", room)
+    try:
+        await world.stub.DeleteRoom(
+            chat_pb2.DeleteRoomRequest(name=room), metadata=world.md("owner"), timeout=10
+        )
+        squatter, squatter_channel = await _streaming(world, 1, "stranger", room)
+        try:
+            await squatter.write(chat_pb2.ChatMessage(text="in the new room"))
+            code, texts, took = await _ended(member_call, 5)
+            assert code == DENIED, code
+            assert "in the new room" not in texts and "stranger is here" not in texts
+            assert took < 1.0
+            listed = await world.stub.ListMessages(
+                chat_pb2.ListMessagesRequest(room=room), metadata=world.md("stranger"), timeout=10
+            )
+            assert [m.sequence for m in listed.messages][:1] == [1]
+            assert all(m.user_id == world.people["stranger"].id for m in listed.messages)
+        finally:
+            squatter.cancel()
+            await squatter_channel.close()
+    finally:
+        member_call.cancel()
+        await member_channel.close()
+
+
+async def test_a_chat_admin_may_delete_a_room_made_on_first_use(world: World) -> None:
+    made = f"first-use-{next(_rooms)}"
+    assert await _stream_code(world, "stranger", made) == OK  # made, with no owner
+    for role in ("stranger", "member", "owner"):
+        assert await CALLS["DeleteRoom"](world, role, made) == DENIED, role
+    assert await CALLS["DeleteRoom"](world, "admin", made) == OK
+    assert await CALLS["GetRoom"](world, "stranger", made) == DENIED  # gone
+    direct = await world.stub.OpenDirectRoom(
+        chat_pb2.OpenDirectRoomRequest(user_id=world.people["member"].id),
+        metadata=world.md("owner"),
+        timeout=10,
+    )
+    assert await CALLS["DeleteRoom"](world, "admin", direct.name) == DENIED  # not direct ones
+
+
+@pytest.fixture
+async def two_rooms_each(make_stack) -> World:
+    stack = await make_stack(
+        replicas=1, people=("Maker", "Other"), in_process=True, PARLEY_CHAT_MAX_ROOMS_PER_USER="2"
+    )
+    people = {"maker": stack.people["Maker"], "other": stack.people["Other"]}
+    channel = grpc.aio.insecure_channel(stack.replicas[0].target)
+    try:
+        yield World(stack, chat_pb2_grpc.ChatServiceStub(channel), people)
+    finally:
+        await channel.close()
+
+
+async def test_rooms_made_on_first_use_and_direct_rooms_count_against_the_quota(
+    two_rooms_each: World,
+) -> None:
+    world = two_rooms_each
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await _stream_code(world, "maker", "quota-one") == OK  # made on first use: 1
+    await world.stub.OpenDirectRoom(
+        chat_pb2.OpenDirectRoomRequest(user_id=world.people["other"].id),
+        metadata=world.md("maker"),
+        timeout=10,
+    )  # 2
+    assert await _stream_code(world, "maker", "quota-three") == exhausted
+    assert (
+        await _code(
+            world.stub.CreateRoom(
+                chat_pb2.CreateRoomRequest(name="quota-four"),
+                metadata=world.md("maker"),
+                timeout=10,
+            )
+        )
+        == exhausted
+    )
+    # Rooms that exist are not made again: streaming in them costs nothing.
+    assert await _stream_code(world, "maker", "quota-one") == OK
+    assert await _stream_code(world, "other", "quota-three") == OK  # someone else's quota
+    assert await _stream_code(world, "maker", "quota-three") == OK

@@ -151,7 +151,8 @@ class ChatServiceServicer:
         AddMember and RemoveMember on a room that does not exist are NOT_FOUND.
 
         CreateRoom makes a new room; the caller becomes its owner and first member.
-        ALREADY_EXISTS when the name is taken.
+        ALREADY_EXISTS when the name is taken; RESOURCE_EXHAUSTED when the caller has made as many
+        rooms as the deployment allows (rooms made on first use and direct rooms count too).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,8 +182,9 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteRoom(self, request, context):
-        """DeleteRoom deletes a room and every message in it; only its owner may. Its open streams
-        end with PERMISSION_DENIED.
+        """DeleteRoom deletes a room and every message in it; only its owner may, or, for a room
+        made on first use (no owner), a caller with the `chat:admin` scope. Its open streams end
+        with PERMISSION_DENIED. A room made later under the same name is another room.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

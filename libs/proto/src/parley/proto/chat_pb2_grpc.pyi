@@ -73,7 +73,8 @@ class ChatServiceStub:
     AddMember and RemoveMember on a room that does not exist are NOT_FOUND.
 
     CreateRoom makes a new room; the caller becomes its owner and first member.
-    ALREADY_EXISTS when the name is taken.
+    ALREADY_EXISTS when the name is taken; RESOURCE_EXHAUSTED when the caller has made as many
+    rooms as the deployment allows (rooms made on first use and direct rooms count too).
     """
     GetRoom: _grpc.UnaryUnaryMultiCallable[_chat_pb2.GetRoomRequest, _chat_pb2.Room]
     """GetRoom returns a room the caller may read."""
@@ -86,8 +87,9 @@ class ChatServiceStub:
     room's open streams of callers who are not members end with PERMISSION_DENIED.
     """
     DeleteRoom: _grpc.UnaryUnaryMultiCallable[_chat_pb2.DeleteRoomRequest, _chat_pb2.DeleteRoomResponse]
-    """DeleteRoom deletes a room and every message in it; only its owner may. Its open streams
-    end with PERMISSION_DENIED.
+    """DeleteRoom deletes a room and every message in it; only its owner may, or, for a room
+    made on first use (no owner), a caller with the `chat:admin` scope. Its open streams end
+    with PERMISSION_DENIED. A room made later under the same name is another room.
     """
     AddMember: _grpc.UnaryUnaryMultiCallable[_chat_pb2.AddMemberRequest, _chat_pb2.AddMemberResponse]
     """AddMember makes a user a member of a room: its owner may, or a caller with the
@@ -145,7 +147,8 @@ class ChatServiceAsyncStub(ChatServiceStub):
     AddMember and RemoveMember on a room that does not exist are NOT_FOUND.
 
     CreateRoom makes a new room; the caller becomes its owner and first member.
-    ALREADY_EXISTS when the name is taken.
+    ALREADY_EXISTS when the name is taken; RESOURCE_EXHAUSTED when the caller has made as many
+    rooms as the deployment allows (rooms made on first use and direct rooms count too).
     """
     GetRoom: _aio.UnaryUnaryMultiCallable[_chat_pb2.GetRoomRequest, _chat_pb2.Room]  # type: ignore[assignment]
     """GetRoom returns a room the caller may read."""
@@ -158,8 +161,9 @@ class ChatServiceAsyncStub(ChatServiceStub):
     room's open streams of callers who are not members end with PERMISSION_DENIED.
     """
     DeleteRoom: _aio.UnaryUnaryMultiCallable[_chat_pb2.DeleteRoomRequest, _chat_pb2.DeleteRoomResponse]  # type: ignore[assignment]
-    """DeleteRoom deletes a room and every message in it; only its owner may. Its open streams
-    end with PERMISSION_DENIED.
+    """DeleteRoom deletes a room and every message in it; only its owner may, or, for a room
+    made on first use (no owner), a caller with the `chat:admin` scope. Its open streams end
+    with PERMISSION_DENIED. A room made later under the same name is another room.
     """
     AddMember: _aio.UnaryUnaryMultiCallable[_chat_pb2.AddMemberRequest, _chat_pb2.AddMemberResponse]  # type: ignore[assignment]
     """AddMember makes a user a member of a room: its owner may, or a caller with the
@@ -238,7 +242,8 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         AddMember and RemoveMember on a room that does not exist are NOT_FOUND.
 
         CreateRoom makes a new room; the caller becomes its owner and first member.
-        ALREADY_EXISTS when the name is taken.
+        ALREADY_EXISTS when the name is taken; RESOURCE_EXHAUSTED when the caller has made as many
+        rooms as the deployment allows (rooms made on first use and direct rooms count too).
         """
 
     @_abc_1.abstractmethod
@@ -275,8 +280,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _chat_pb2.DeleteRoomRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_chat_pb2.DeleteRoomResponse, _abc.Awaitable[_chat_pb2.DeleteRoomResponse]]:
-        """DeleteRoom deletes a room and every message in it; only its owner may. Its open streams
-        end with PERMISSION_DENIED.
+        """DeleteRoom deletes a room and every message in it; only its owner may, or, for a room
+        made on first use (no owner), a caller with the `chat:admin` scope. Its open streams end
+        with PERMISSION_DENIED. A room made later under the same name is another room.
         """
 
     @_abc_1.abstractmethod

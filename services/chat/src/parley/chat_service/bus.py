@@ -34,8 +34,8 @@ _log = logging.getLogger("parley.chat.bus")
 # The largest message Parley publishes is well below this (4 KiB of text, a 64-character
 # client id, a display name and a room name); anything longer is not parsed.
 MAX_HINT_BYTES = 64 * 1024
-# `await versions(rooms)`: the access version of each of `rooms` that still exists.
-AccessVersions = Callable[[list[str]], Awaitable[dict[str, int]]]
+# `await versions(rooms)`: (room id, access version) of each of `rooms` that still exists.
+AccessVersions = Callable[[list[str]], Awaitable[dict[str, tuple[int, int]]]]
 # Hints handled in a row before the subscription lets other tasks run.
 _BATCH = 256
 

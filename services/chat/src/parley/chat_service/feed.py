@@ -58,8 +58,10 @@ _REJECT_LOG_INTERVAL = 30.0
 _RETRY_FIRST, _RETRY_LAST = 0.1, 2.0
 
 # `await read_after(room, sequence, limit)`: up to `limit` messages after `sequence` and the
-# room's access version, from one snapshot; version None when the room no longer exists.
-ReadAfter = Callable[[str, int, int], Awaitable[tuple[list[chat_pb2.ChatMessage], int | None]]]
+# room's (id, access version), from one snapshot; None for those when there is no such room.
+ReadAfter = Callable[
+    [str, int, int], Awaitable[tuple[list[chat_pb2.ChatMessage], tuple[int, int] | None]]
+]
 ReadLast = Callable[[str], Awaitable[int]]
 
 
@@ -268,11 +270,11 @@ class RoomFeed:
             return None
         async with self._reads:
             self._metrics.room_reads.inc()
-            page, version = await self._read_after(room, sequence - 1, 1)
-        if version is None:
+            page, stamp = await self._read_after(room, sequence - 1, 1)
+        if stamp is None:
             self._hub.recheck(room)  # deleted: its streams end
             return None
-        return outgoing(page[0], version=version) if page else None
+        return outgoing(page[0], room_id=stamp[0], version=stamp[1]) if page else None
 
     async def _read(self, room: str, wanted: int) -> int | None:
         """Offers the room's stored messages after its position, up to `wanted` at least (to
@@ -284,14 +286,15 @@ class RoomFeed:
         while confirmed is not None:
             async with self._reads:
                 self._metrics.room_reads.inc()
-                page, version = await self._read_after(room, confirmed, self._page)
+                page, stamp = await self._read_after(room, confirmed, self._page)
             position = hub.position(room)  # own messages may have been offered meanwhile
             if position is None:
                 return None
-            if version is None:
+            if stamp is None:
                 hub.recheck(room)  # the room was deleted: its streams end
                 return None
-            hub.note_version(room, version)
+            room_id, version = stamp
+            hub.note_access(room, room_id, version)
             if not page:
                 return max(confirmed, position)
             fresh = [message for message in page if message.sequence > position]
@@ -302,7 +305,7 @@ class RoomFeed:
                 hub.catch_up(room, through=stored)
                 return max(stored, page[-1].sequence)
             for message in fresh:
-                hub.deliver(outgoing(message, version=version))
+                hub.deliver(outgoing(message, version=version, room_id=room_id))
             confirmed = max(page[-1].sequence, position)
             if confirmed >= wanted:
                 return confirmed

@@ -23,14 +23,16 @@ from parley.proto import chat_pb2
 from .metrics import ChatMetrics
 from .tasks import cancel_and_wait
 
-__all__ = ["Outgoing", "Readers", "RoomHub", "Subscriber", "denied", "outgoing"]
+__all__ = ["Outgoing", "Readers", "RoomHub", "Stamp", "Subscriber", "denied", "outgoing"]
 
 _ids = itertools.count(1)
 _log = logging.getLogger("parley.chat.hub")
 
-# `await readers(room, user_ids)`: the room's access version and which of the users may read
-# it, from one snapshot; None when the room no longer exists.
-Readers = Callable[[str, list[int]], Awaitable[tuple[int, set[int]] | None]]
+# (room id, access version): which room a name stands for, and who may read it as of when.
+Stamp = tuple[int, int]
+# `await readers(room, user_ids)`: the room's id and access version and which of the users may
+# read it, from one snapshot; None when there is no such room.
+Readers = Callable[[str, list[int]], Awaitable[tuple[int, int, set[int]] | None]]
 # After a check that found nothing new (a forged hint, say), the room's next one waits this long.
 _CHECK_PAUSE = 0.02
 _RETRY_FIRST, _RETRY_LAST = 0.1, 2.0
@@ -61,10 +63,15 @@ class Outgoing(NamedTuple):
     payload: bytes  # the message's wire form, written as is to every stream
     stored_at: float  # its create_time, in seconds since the epoch
     version: int  # the room's access version read with the message (0: not checked)
+    room_id: int  # which room the name stood for (0: not known)
 
 
 def outgoing(
-    message: chat_pb2.ChatMessage, payload: bytes | None = None, *, version: int = 0
+    message: chat_pb2.ChatMessage,
+    payload: bytes | None = None,
+    *,
+    version: int = 0,
+    room_id: int = 0,
 ) -> Outgoing:
     """`message` ready for fan-out; `payload` is its serialized form when already at hand."""
     return Outgoing(
@@ -72,6 +79,7 @@ def outgoing(
         message.SerializeToString() if payload is None else payload,
         message.create_time.seconds + message.create_time.nanos / 1e9,
         version,
+        room_id,
     )
 
 
@@ -84,7 +92,9 @@ class Subscriber:
         self.room = room
         self.user_id = user_id
         self.user_name = ""
-        # The room's access version this stream's user was last found allowed at.
+        # Which room the name stood for when this stream joined, and the access version its
+        # user was last found allowed at.
+        self.room_id = 0
         self.version = 0
         self._limit = limit
         self._metrics = metrics
@@ -116,6 +126,10 @@ class Subscriber:
         self._error = error
         self._ready.set()
 
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
     async def next(self) -> Outgoing | None:
         """The next buffered message, or None when the stream must catch up from Postgres."""
         while True:
@@ -135,7 +149,12 @@ class RoomHub:
     """The rooms of this replica and their subscribers."""
 
     def __init__(
-        self, metrics: ChatMetrics, queue_limit: int, reorder_wait: float = REORDER_WAIT
+        self,
+        metrics: ChatMetrics,
+        queue_limit: int,
+        reorder_wait: float = REORDER_WAIT,
+        *,
+        check_concurrency: int = 4,
     ) -> None:
         self._metrics = metrics
         self._queue_limit = queue_limit
@@ -149,25 +168,26 @@ class RoomHub:
         # Rooms whose head is known to cover what their streams started from (see settle).
         self._settled: set[str] = set()
         self._opened: Callable[[str], None] | None = None
-        # Access control (see the module's docstring): the version each room's streams were
-        # last checked at, messages waiting for a check, the running checks, and the rooms
-        # whose check must run once more (something newer was heard of meanwhile).
+        # Access control (see the module's docstring): which room each name's streams were
+        # last checked in and at what access version, messages waiting for a check, the
+        # running checks, and the rooms whose check must run once more.
         self._readers: Readers | None = None
-        self._checked: dict[str, int] = {}
+        self._checked: dict[str, Stamp] = {}
         self._waiting: dict[str, list[Outgoing]] = {}
         self._checks: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        self._check_slots = asyncio.Semaphore(check_concurrency)
 
     def check_access_with(self, readers: Readers) -> None:
         """Turns on access checks, asking `readers` (see Readers)."""
         self._readers = readers
 
-    def note_version(self, room: str, version: int) -> None:
-        """Postgres showed `room` at access `version`: its streams are checked again if that
-        is newer than what they were checked at."""
+    def note_access(self, room: str, room_id: int, version: int) -> None:
+        """Postgres showed `room` as room `room_id` at access `version`: its streams are
+        checked again unless they were checked at exactly that."""
         if self._readers is None or not self._rooms.get(room):
             return
-        if version > self._checked.get(room, 0):
+        if (room_id, version) != self._checked.get(room):
             self._check(room)
 
     def recheck(self, room: str) -> None:
@@ -176,12 +196,23 @@ class RoomHub:
         if self._readers is not None and self._rooms.get(room):
             self._check(room)
 
-    def verify(self, versions: dict[str, int]) -> None:
-        """The periodic check: `versions` holds the access version of every room with streams
-        here that still exists. A room missing from it, or newer there, is checked again."""
-        for room in list(self._rooms):
-            if versions.get(room, 2**63 - 1) > self._checked.get(room, 0):
+    def verify(self, stamps: dict[str, Stamp]) -> None:
+        """The periodic check: `stamps` holds (room id, access version) of every room with
+        streams here that still exists. A room that is gone, another room now, newer, or
+        with a stream checked at less, is checked again."""
+        for room, members in list(self._rooms.items()):
+            stamp = stamps.get(room)
+            if (
+                stamp is None
+                or stamp != self._checked.get(room)
+                or any(s.room_id != stamp[0] or s.version < stamp[1] for s in members)
+            ):
                 self.recheck(room)
+
+    def _covered(self, room: str, item: Outgoing) -> bool:
+        """Whether the room's streams were checked for `item`: in its room, at its version."""
+        room_id, version = self._checked.get(room, (0, 0))
+        return item.room_id in (0, room_id) and item.version <= version and room_id != 0
 
     def _check(self, room: str) -> None:
         if room in self._checks:
@@ -197,56 +228,77 @@ class RoomHub:
         try:
             while self._rooms.get(room):
                 self._again.discard(room)
-                members = self._rooms[room]
-                asked = {s.user_id for s in members}
+                asked = {s.user_id for s in self._rooms[room] if s.room_id and not s.closed}
                 try:
-                    found = await self._readers(room, sorted(asked))
+                    async with self._check_slots:
+                        found = await self._readers(room, sorted(asked))
                 except Exception as exc:  # Postgres unavailable: messages wait, try again
                     _log.debug("checking access to room %s failed: %s", room, exc)
                     await asyncio.sleep(retry)
                     retry = min(retry * 2, _RETRY_LAST)
                     continue
                 retry = _RETRY_FIRST
-                if found is None:
-                    for subscriber in list(members):
-                        if subscriber.user_id in asked:
-                            self._metrics.access_revoked.inc()
-                            subscriber.close(denied(room))
-                    # Whatever waited was the deleted room's. A room made again under the
-                    # name starts unchecked: its streams are checked before delivery.
-                    self._checked.pop(room, None)
-                    self._waiting.pop(room, None)
-                    return
-                version, allowed = found
-                changed = version > self._checked.get(room, 0)
+                members = self._rooms.get(room, set())
+                room_id, version, allowed = found if found is not None else (0, 0, set[int]())
+                before = self._checked.get(room)
+                changed = (room_id, version) != before
+                self._metrics.access_checks.labels("changed" if changed else "unchanged").inc()
+                if before is not None and room_id != before[0]:
+                    # Deleted, or another room under the name now: nothing of the old one
+                    # goes out, and whatever stays re-reads the room from Postgres.
+                    self._heads.pop(room, None)
+                    self._settled.discard(room)
+                    self._drop_early(room)
+                late = False
                 for subscriber in list(members):
+                    if subscriber.closed:
+                        continue
+                    if subscriber.room_id == 0:
+                        continue  # its own check after joining is under way; see _offer_to
                     if subscriber.user_id not in asked:
-                        continue  # joined during the read: its own check after joining holds
-                    if subscriber.user_id not in allowed:
+                        late = True  # joined during the read: judged by the next one
+                    elif subscriber.room_id != room_id or subscriber.user_id not in allowed:
                         self._metrics.access_revoked.inc()
                         subscriber.close(denied(room))
                     else:
                         subscriber.version = max(subscriber.version, version)
-                self._checked[room] = max(version, self._checked.get(room, 0))
-                self._release_waiting(room)
+                if found is None:
+                    self._checked.pop(room, None)
+                    self._waiting.pop(room, None)
+                    if not late:
+                        return
+                    self._again.add(room)
+                    continue
+                if before is None or room_id != before[0] or version > before[1]:
+                    self._checked[room] = (room_id, version)
+                if late:
+                    # Nothing goes out before every stream of the room has been judged.
+                    self._again.add(room)
+                else:
+                    self._release_waiting(room)
                 if room not in self._again:
                     return
-                if not changed:
+                if not changed and not late:
                     await asyncio.sleep(_CHECK_PAUSE)  # a flood of hints costs a read per pause
         finally:
             self._checks.pop(room, None)
             self._again.discard(room)
 
     def _release_waiting(self, room: str) -> None:
-        """Delivers the messages that waited for the room's check and are covered by it."""
-        checked = self._checked.get(room, 0)
+        """Delivers the messages that waited for the room's check and are covered by it;
+        drops those of a room the name no longer stands for."""
+        room_id, _ = self._checked.get(room, (0, 0))
         waiting = self._waiting.pop(room, [])
-        later = [item for item in waiting if item.version > checked]
+        later = [
+            item
+            for item in waiting
+            if item.room_id in (0, room_id) and not self._covered(room, item)
+        ]
         if later:
             self._waiting[room] = later
             self._again.add(room)
         for item in waiting:
-            if item.version <= checked:
+            if self._covered(room, item):
                 self._deliver_in_order(item)
 
     def watch_rooms(self, opened: Callable[[str], None]) -> None:
@@ -304,14 +356,14 @@ class RoomHub:
         self._heads[room] = stored
         if newest is None:
             return
-        if self._readers is not None and newest.version > self._checked.get(room, 0):
+        if self._readers is not None and not self._covered(room, newest):
             # Not offered before a check: the streams re-read Postgres, which checks each.
             self._check(room)
             for subscriber in members:
                 subscriber.catch_up()
             return
         for subscriber in members:
-            subscriber.offer(newest)
+            self._offer_to(subscriber, newest)
 
     def deliver(self, item: Outgoing) -> None:
         """Offers a stored message to every local stream of its room, in sequence order.
@@ -323,10 +375,9 @@ class RoomHub:
         room = message.room
         if not self._rooms.get(room):
             return
-        if self._readers is not None and (
-            room in self._checks or item.version > self._checked.get(room, 0)
-        ):
-            # Stored after the streams' last check, or while one runs: it waits for the check.
+        if self._readers is not None and not self._covered(room, item):
+            # Stored after the streams' last check (or in another room under the name): it
+            # waits for a check.
             waiting = self._waiting.setdefault(room, [])
             if len(waiting) >= self._queue_limit:
                 # More than a stream could buffer: the streams re-read Postgres instead, where
@@ -336,8 +387,7 @@ class RoomHub:
                     subscriber.catch_up()
             else:
                 waiting.append(item)
-            if item.version > self._checked.get(room, 0):
-                self._check(room)
+            self._check(room)
             return
         self._deliver_in_order(item)
 
@@ -365,7 +415,22 @@ class RoomHub:
             if early is not None:  # the same message, held back, from the other source
                 early.pop(sequence, None)
         for subscriber in self._rooms.get(room, ()):
-            subscriber.offer(item)
+            self._offer_to(subscriber, item)
+
+    def _offer_to(self, subscriber: Subscriber, item: Outgoing) -> None:
+        """Offers `item` to one stream, if that stream's user is known to be allowed to read
+        it: checked in its room at its version or later. A stream that is not (it joined a
+        moment ago and its own check is under way or older) re-reads the room from Postgres
+        instead, where each read checks its access, and the room is checked again."""
+        if subscriber.closed:
+            return
+        if self._readers is not None and (
+            item.room_id not in (0, subscriber.room_id) or item.version > subscriber.version
+        ):
+            subscriber.catch_up()
+            self._check(subscriber.room)
+            return
+        subscriber.offer(item)
 
     def _release(self, room: str) -> None:
         """Offers held-back messages that are next in line now."""

@@ -76,3 +76,12 @@ class ChatMetrics:
             "the room (removed, the room made private or deleted).",
             registry=registry,
         )
+        self.access_checks = Counter(
+            "parley_chat_access_checks_total",
+            "Reads of who may read a room, for this replica's streams, by whether they found a "
+            "change (a flood of 'unchanged' ones is forged access announcements).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("changed", "unchanged"):
+            self.access_checks.labels(outcome)

@@ -144,22 +144,22 @@ class RoomRpcs:
         owner = await self._caller(context)
         try:
             row = await self._rooms.create(
-                name,
-                title,
-                request.visibility == chat_pb2.Room.PRIVATE,
-                owner,
-                max_owned=self._max_rooms,
+                name, title, request.visibility == chat_pb2.Room.PRIVATE, owner
             )
         except pg_errors.UniqueViolation:
             raise AlreadyExists(f"room {name!r} already exists") from None
         if row is None:
-            raise LimitExceeded(
-                ROOMS_PER_USER,
-                "PARLEY_CHAT_MAX_ROOMS_PER_USER",
-                self._max_rooms,
-                f"this user already owns {self._max_rooms} rooms; delete one first",
-            )
+            raise self.too_many_rooms()
         return room_message(row)
+
+    def too_many_rooms(self) -> LimitExceeded:
+        return LimitExceeded(
+            ROOMS_PER_USER,
+            "PARLEY_CHAT_MAX_ROOMS_PER_USER",
+            self._max_rooms,
+            f"this user has made {self._max_rooms} rooms (with CreateRoom, on first use or as "
+            "direct rooms); delete one first",
+        )
 
     async def GetRoom(self, request: chat_pb2.GetRoomRequest, context: Context) -> chat_pb2.Room:
         name = check_room(request.name, field="name", default=None)
@@ -201,11 +201,13 @@ class RoomRpcs:
             else request.visibility == chat_pb2.Room.PRIVATE
         )
         user_id = await self._caller(context)
-        before = await self._owned(name, user_id, "change")
+        await self._owned(name, user_id, "change")
         row = await self._rooms.update(name, user_id, title=title, private=private)
         if row is None:  # deleted since
             raise denied(name)
-        if row.private and not before.private:
+        if private:
+            # Announced whenever asked for, not only when this call saw it public: a
+            # concurrent change may have made it public in between.
             await self._announce(name)
         return room_message(row)
 
@@ -214,8 +216,14 @@ class RoomRpcs:
     ) -> chat_pb2.DeleteRoomResponse:
         name = check_room(request.name, field="name", default=None)
         user_id = await self._caller(context)
-        await self._owned(name, user_id, "delete")
-        if not await self._rooms.delete(name, user_id):
+        access = await self._rooms.access(name, user_id, create=False)
+        ownerless = access.exists and access.owner_id == 0 and not access.direct
+        if ownerless and ADMIN_SCOPE in current_identity().scopes:
+            owner = 0  # a room made on first use: a chat:admin may delete it
+        else:
+            await self._owned(name, user_id, "delete")
+            owner = user_id
+        if not await self._rooms.delete(name, owner):
             raise denied(name)
         await self._announce(name)
         return chat_pb2.DeleteRoomResponse()
@@ -316,6 +324,8 @@ class RoomRpcs:
                 f"room {error.args[0]!r} exists and is not a direct room",
                 reason="DIRECT_ROOM_NAME_TAKEN",
             ) from None
+        if row is None:
+            raise self.too_many_rooms()
         return room_message(row)
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:

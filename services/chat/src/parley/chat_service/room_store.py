@@ -62,52 +62,67 @@ class Access:
     direct: bool
     version: int
     last_sequence: int
+    room_id: int = 0  # which room the name stands for (see the 0004 migration)
 
     @property
     def readable(self) -> bool:
         return self.exists and (not self.private or self.member)
 
 
-_NO_ROOM = Access(False, False, False, 0, False, 0, 0)
+_NO_ROOM = Access(False, False, False, 0, False, 0, 0, 0)
 
 
 def _room(row: tuple[Any, ...]) -> RoomRow:
     return RoomRow(*row[:7])
 
 
+# Makes a room on first use, unless its maker has made `max` rooms already. Another maker at
+# the same moment may overshoot the count by one room each: a bound, not an exact quota.
+_MAKE_ON_FIRST_USE = """
+INSERT INTO chat_rooms (name, creator_id)
+SELECT %(room)s, %(user_id)s
+WHERE (SELECT count(*) FROM chat_rooms WHERE creator_id = %(user_id)s) < %(max)s
+ON CONFLICT (name) DO NOTHING
+"""
+
+
 class RoomStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, max_rooms_per_user: int) -> None:
         self._db = db
+        self._max_rooms = max_rooms_per_user
 
     async def access(
         self, room: str, user_id: int, *, create: bool, timeout: float | None = None
     ) -> Access:
         """The user's access to `room`; with `create`, a missing room is made first (public,
-        no owner), unless its name belongs to direct rooms."""
+        no owner, counted as one of the user's), unless its name belongs to direct rooms or
+        the user has made PARLEY_CHAT_MAX_ROOMS_PER_USER rooms (then it stays missing)."""
         create = create and not room.startswith(DIRECT_PREFIX)
         async with self._db.connection(timeout) as conn:
             if create:
                 await conn.execute(
-                    "INSERT INTO chat_rooms (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
-                    (room,),
+                    _MAKE_ON_FIRST_USE,
+                    {"room": room, "user_id": user_id, "max": self._max_rooms},
                 )
             cur = await conn.execute(
                 f"SELECT r.private, {_IS_MEMBER}, r.owner_id,"
-                " r.direct, r.access_version, r.last_sequence"
+                " r.direct, r.access_version, r.last_sequence, r.room_id"
                 " FROM chat_rooms r WHERE r.name = %(room)s",
                 {"room": room, "user_id": user_id},
             )
             row = await cur.fetchone()
         if row is None:
             return _NO_ROOM
-        return Access(True, bool(row[0]), bool(row[1]), row[2], bool(row[3]), row[4], row[5])
+        return Access(
+            True, bool(row[0]), bool(row[1]), row[2], bool(row[3]), row[4], row[5], row[6]
+        )
 
-    async def readers(self, room: str, user_ids: list[int]) -> tuple[int, set[int]] | None:
-        """The room's access version and which of `user_ids` may read it; None when the room
-        is gone. One statement, so both come from one snapshot."""
+    async def readers(self, room: str, user_ids: list[int]) -> tuple[int, int, set[int]] | None:
+        """Which room the name stands for, its access version, and which of `user_ids` may
+        read it; None when there is no such room. One statement, so one snapshot."""
         async with self._db.connection() as conn:
             cur = await conn.execute(
-                "SELECT r.access_version, CASE WHEN r.private THEN"
+                "SELECT r.room_id, r.access_version, CASE WHEN r.private THEN"
                 " (SELECT coalesce(array_agg(m.user_id), '{}') FROM chat_room_members m"
                 "  WHERE m.room = r.name AND m.user_id = ANY(%(users)s::integer[]))"
                 " ELSE %(users)s::integer[] END"
@@ -117,34 +132,30 @@ class RoomStore:
             row = await cur.fetchone()
         if row is None:
             return None
-        return int(row[0]), set(row[1])
+        return int(row[0]), int(row[1]), set(row[2])
 
-    async def versions(self, rooms: list[str]) -> dict[str, int]:
-        """The access version of each of `rooms` that exists."""
+    async def versions(self, rooms: list[str]) -> dict[str, tuple[int, int]]:
+        """Which room each of `rooms` that exists stands for, and its access version."""
         async with self._db.connection() as conn:
             cur = await conn.execute(
-                "SELECT name, access_version FROM chat_rooms WHERE name = ANY(%s)", (rooms,)
+                "SELECT name, room_id, access_version FROM chat_rooms WHERE name = ANY(%s)",
+                (rooms,),
             )
-            return {name: int(version) for name, version in await cur.fetchall()}
+            return {name: (int(rid), int(version)) for name, rid, version in await cur.fetchall()}
 
-    async def create(
-        self, name: str, title: str, private: bool, owner_id: int, *, max_owned: int
-    ) -> RoomRow | None:
-        """A new room owned (and joined) by `owner_id`; None when the owner already owns
-        `max_owned` rooms. Raises UniqueViolation when the name is taken."""
+    async def create(self, name: str, title: str, private: bool, owner_id: int) -> RoomRow | None:
+        """A new room owned (and joined) by `owner_id`; None when the owner has made
+        PARLEY_CHAT_MAX_ROOMS_PER_USER rooms already. Raises UniqueViolation when the name is
+        taken."""
         async with self._db.connection() as conn, conn.transaction():
-            # Serialises one owner's creations, so the count below cannot be raced past.
+            # Serialises one user's CreateRoom calls, so the count below is not raced past.
             await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (0x524F, owner_id))
-            cur = await conn.execute(
-                "SELECT count(*) FROM chat_rooms WHERE owner_id = %s", (owner_id,)
-            )
-            owned = await cur.fetchone()
-            if owned is not None and owned[0] >= max_owned:
+            if not await self._may_make(conn, owner_id):
                 return None
             cur = await conn.execute(
-                "INSERT INTO chat_rooms (name, title, private, owner_id, member_count)"
-                f" VALUES (%s, %s, %s, %s, 1) RETURNING {_ROOM_COLUMNS}",
-                (name, title, private, owner_id),
+                "INSERT INTO chat_rooms (name, title, private, owner_id, creator_id, member_count)"
+                f" VALUES (%s, %s, %s, %s, %s, 1) RETURNING {_ROOM_COLUMNS}",
+                (name, title, private, owner_id, owner_id),
             )
             row = await cur.fetchone()
             assert row is not None
@@ -152,6 +163,13 @@ class RoomStore:
                 "INSERT INTO chat_room_members (room, user_id) VALUES (%s, %s)", (name, owner_id)
             )
         return _room(row)
+
+    async def _may_make(self, conn: Any, user_id: int) -> bool:
+        cur = await conn.execute(
+            "SELECT count(*) FROM chat_rooms WHERE creator_id = %s", (user_id,)
+        )
+        made = await cur.fetchone()
+        return made is None or int(made[0]) < self._max_rooms
 
     async def get(self, name: str) -> RoomRow | None:
         async with self._db.connection() as conn:
@@ -189,10 +207,12 @@ class RoomStore:
         return None if row is None else _room(row)
 
     async def delete(self, name: str, owner_id: int) -> bool:
-        """Deletes the room and its messages and members, if `owner_id` owns it."""
+        """Deletes the room and its messages and members, if `owner_id` owns it (0: a room
+        without an owner that is not direct, as a chat:admin may)."""
         async with self._db.connection() as conn:
             cur = await conn.execute(
-                "DELETE FROM chat_rooms WHERE name = %s AND owner_id = %s RETURNING name",
+                "DELETE FROM chat_rooms WHERE name = %s AND owner_id = %s"
+                " AND NOT (owner_id = 0 AND direct) RETURNING name",
                 (name, owner_id),
             )
             return await cur.fetchone() is not None
@@ -258,9 +278,10 @@ class RoomStore:
             )
             return [MemberRow(*row) for row in await cur.fetchall()]
 
-    async def open_direct(self, a: int, b: int) -> RoomRow:
-        """The direct room of users `a` and `b`, made on first use. Raises LookupError when
-        its name is held by a room that is not direct."""
+    async def open_direct(self, a: int, b: int) -> RoomRow | None:
+        """The direct room of users `a` and `b`, made on first use (one of `a`'s rooms);
+        None when `a` may make no more rooms. Raises LookupError when its name is held by a
+        room that is not direct."""
         name = direct_room_name(a, b)
         async with self._db.connection() as conn:
             for _ in range(2):
@@ -273,12 +294,15 @@ class RoomStore:
                     if not found.direct:
                         raise LookupError(name)
                     return found
+                if not await self._may_make(conn, a):
+                    return None
                 try:
                     async with conn.transaction():
                         cur = await conn.execute(
-                            "INSERT INTO chat_rooms (name, private, direct, member_count)"
-                            f" VALUES (%s, true, true, 2) RETURNING {_ROOM_COLUMNS}",
-                            (name,),
+                            "INSERT INTO chat_rooms"
+                            " (name, private, direct, member_count, creator_id)"
+                            f" VALUES (%s, true, true, 2, %s) RETURNING {_ROOM_COLUMNS}",
+                            (name, a),
                         )
                         created = await cur.fetchone()
                         assert created is not None

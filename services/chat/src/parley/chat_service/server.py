@@ -32,7 +32,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     """A ready-to-start server bound to its port (read `.port`; port 0 picks a free one)."""
     db = Database(settings.database, application_name="parley-chat")
     store = MessageStore(db, rate=settings.rate_limit, burst=settings.rate_burst)
-    rooms = RoomStore(db)
+    rooms = RoomStore(db, max_rooms_per_user=settings.max_rooms_per_user)
     users = UserDirectory(
         settings.user_service,
         timeout=settings.user_timeout,
@@ -49,7 +49,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
 
     async def messages_after(
         room: str, sequence: int, limit: int
-    ) -> tuple[list[chat_pb2.ChatMessage], int | None]:
+    ) -> tuple[list[chat_pb2.ChatMessage], tuple[int, int] | None]:
         return await store.after(room, sequence, limit)
 
     # The app owns the metrics registry, so it is built before the parts that count.
@@ -60,7 +60,11 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     )
     metrics = ChatMetrics(app.metrics.registry)
     app.metrics.initialize_limits(CHAT_LIMITS)
-    hub = RoomHub(metrics, settings.queue_limit)
+    # Access checks share the pool with the calls too: a flood of forged access hints takes a
+    # quarter of it at most.
+    hub = RoomHub(
+        metrics, settings.queue_limit, check_concurrency=max(1, settings.database.pool_max // 4)
+    )
     hub.check_access_with(rooms.readers)
     feed = RoomFeed(
         hub,

@@ -205,10 +205,12 @@ class ChatServicer:
             access = await self._rooms.access(
                 room, user_id, create=self._auto_create, timeout=context.time_remaining()
             )
+            if not access.exists and self._auto_create and not room.startswith(DIRECT_PREFIX):
+                raise self._room_rpcs.too_many_rooms()  # not made: the user's quota is spent
             if not access.readable:
                 raise denied(room)
-            subscriber.version = access.version
-            self._hub.note_version(room, access.version)
+            subscriber.room_id, subscriber.version = access.room_id, access.version
+            self._hub.note_access(room, access.room_id, access.version)
             if resume_after is None:
                 last = access.last_sequence
             else:
@@ -219,7 +221,7 @@ class ChatServicer:
             while True:
                 item = await subscriber.next()
                 if item is None:
-                    async for stored in self._catch_up(room, user_id, last):
+                    async for stored in self._catch_up(subscriber, last):
                         last = stored.sequence
                         delivered.inc()
                         yield stored.SerializeToString()
@@ -228,7 +230,7 @@ class ChatServicer:
                 if sequence <= last:
                     continue  # already delivered
                 if sequence > last + 1:
-                    async for stored in self._catch_up(room, user_id, last, sequence - 1):
+                    async for stored in self._catch_up(subscriber, last, sequence - 1):
                         last = stored.sequence
                         delivered.inc()
                         yield stored.SerializeToString()
@@ -249,20 +251,25 @@ class ChatServicer:
             await self._presence.withdraw(room, subscriber.id, user_id, subscriber.user_name)
 
     async def _catch_up(
-        self, room: str, reader: int, after: int, until: int | None = None
+        self, subscriber: Subscriber, after: int, until: int | None = None
     ) -> AsyncIterator[chat_pb2.ChatMessage]:
         """Stored messages after `after` (up to `until`, else to the end), oldest first.
 
         One bounded page at a time (see _CATCH_UP_BYTES), read before anything is sent: no
         pooled connection waits on the client, and a client that stops reading pins a page.
         """
+        room = subscriber.room
         more = True
         while more and (until is None or after < until):
             page = await self._store.page(
-                room, reader=reader, after=after, size=_CATCH_UP_PAGE, max_bytes=_CATCH_UP_BYTES
+                room,
+                reader=subscriber.user_id,
+                after=after,
+                size=_CATCH_UP_PAGE,
+                max_bytes=_CATCH_UP_BYTES,
             )
-            if not page.allowed:
-                raise denied(room)
+            if not page.allowed or page.room_id != subscriber.room_id:
+                raise denied(room)  # removed, or the room deleted (and made again)
             more = page.more
             for message in page.messages:
                 if until is not None and message.sequence > until:
@@ -286,7 +293,9 @@ class ChatServicer:
                 appended = await self._append(subscriber, name, request)
                 assert appended.message is not None
                 self._metrics.received.inc()
-                item = outgoing(appended.message, version=appended.version)
+                item = outgoing(
+                    appended.message, version=appended.version, room_id=subscriber.room_id
+                )
                 # Publish before the local fan-out: the streams it wakes would otherwise run
                 # first, and the other replicas would wait for this one's delivery work.
                 if appended.outcome == "new":
@@ -327,10 +336,10 @@ class ChatServicer:
                 return appended
             # The room's access changed since this stream was checked: check it again.
             access = await self._rooms.access(subscriber.room, subscriber.user_id, create=False)
-            if not access.readable:
-                raise denied(subscriber.room)
+            if not access.readable or access.room_id != subscriber.room_id:
+                raise denied(subscriber.room)  # removed, or the room deleted (and made again)
             subscriber.version = access.version
-            self._hub.note_version(subscriber.room, access.version)
+            self._hub.note_access(subscriber.room, access.room_id, access.version)
         raise Unavailable("postgres", "the room's access kept changing; send again")
 
     async def ListMessages(

@@ -72,7 +72,7 @@ class ChatSettings:
     user_tls: UserServiceTls | None = None
     auto_create_rooms: bool = True
     """A room that does not exist is made (public, no owner) when a stream first names it."""
-    max_rooms_per_user: int = 100
+    max_rooms_per_user: int = 1000
     max_members: int = 1000
 
     @classmethod
@@ -113,7 +113,7 @@ class ChatSettings:
             ).lower()
             == "true",
             max_rooms_per_user=env.integer(
-                "PARLEY_CHAT_MAX_ROOMS_PER_USER", 100, minimum=0, maximum=1_000_000
+                "PARLEY_CHAT_MAX_ROOMS_PER_USER", 1000, minimum=0, maximum=1_000_000
             ),
             max_members=env.integer("PARLEY_CHAT_MAX_MEMBERS", 1000, minimum=2, maximum=1_000_000),
         )

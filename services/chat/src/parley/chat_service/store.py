@@ -78,7 +78,7 @@ ORDER BY sequence {order}
 # no row when the room does not exist; one row of NULLs when the reader may not read it or the
 # page is empty.
 _CHECKED_PAGE = """
-SELECT r.access_version, r.last_sequence, allowed, page.* FROM chat_rooms r
+SELECT r.access_version, r.last_sequence, r.room_id, allowed, page.* FROM chat_rooms r
 CROSS JOIN LATERAL (SELECT NOT r.private OR EXISTS (
     SELECT FROM chat_room_members m WHERE m.room = r.name AND m.user_id = %(reader)s
 ) AS allowed) AS access
@@ -116,6 +116,7 @@ class Page(NamedTuple):
     allowed: bool  # the reader may read the room (False when it does not exist)
     version: int
     last_sequence: int  # the room's highest sequence when the page was read
+    room_id: int = 0  # which room the name stood for
 
 
 def _message(row: tuple[Any, ...]) -> chat_pb2.ChatMessage:
@@ -212,13 +213,13 @@ class MessageStore:
 
     async def after(
         self, room: str, after_sequence: int, limit: int, *, timeout: float | None = None
-    ) -> tuple[list[chat_pb2.ChatMessage], int | None]:
+    ) -> tuple[list[chat_pb2.ChatMessage], tuple[int, int] | None]:
         """Up to `limit` messages with a sequence above `after_sequence`, oldest first, and
-        the room's access version read with them (None: the room does not exist)."""
+        the room's (id, access version) read with them (None: the room does not exist)."""
         async with self._db.connection(timeout) as conn:
             cur = await conn.execute(
                 sql.SQL(
-                    "SELECT r.access_version, m.* FROM chat_rooms r LEFT JOIN LATERAL ("
+                    "SELECT r.room_id, r.access_version, m.* FROM chat_rooms r LEFT JOIN LATERAL ("
                     " SELECT {} FROM chat_messages WHERE room = r.name AND sequence > %s"
                     " ORDER BY sequence LIMIT %s) AS m ON true WHERE r.name = %s"
                     " ORDER BY m.sequence"
@@ -228,7 +229,8 @@ class MessageStore:
             rows = await cur.fetchall()
         if not rows:
             return [], None
-        return [_message(row[1:]) for row in rows if row[1] is not None], int(rows[0][0])
+        messages = [_message(row[2:]) for row in rows if row[2] is not None]
+        return messages, (int(rows[0][0]), int(rows[0][1]))
 
     async def page(
         self,
@@ -258,13 +260,20 @@ class MessageStore:
             rows = await cur.fetchall()
         if not rows:
             return Page([], False, exists=False, allowed=False, version=0, last_sequence=0)
-        version, last, allowed = int(rows[0][0]), int(rows[0][1]), bool(rows[0][2])
-        found = [row[3:] for row in rows if row[3] is not None]
+        version, last, room_id = int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+        allowed = bool(rows[0][3])
+        found = [row[4:] for row in rows if row[4] is not None]
         kept = found[:size]
         more = bool(found) and int(found[0][7]) > len(kept)
         messages = [_message(row) for row in kept]
         if before > 0:
             messages.reverse()
         return Page(
-            messages, more, exists=True, allowed=allowed, version=version, last_sequence=last
+            messages,
+            more,
+            exists=True,
+            allowed=allowed,
+            version=version,
+            last_sequence=last,
+            room_id=room_id,
         )

@@ -97,10 +97,11 @@ def started_stack() -> Iterator[Target]:
                 PARLEY_LOG_LEVEL="WARNING",
                 # Senders here are machines, and the listeners share one user (and, through
                 # grpc's shared subchannels, one connection): lift chat's per-user rate and
-                # stream limits and the per-connection call limit.
+                # stream limits, the rooms one user may make, and the per-connection call limit.
                 PARLEY_CHAT_RATE_LIMIT="100000",
                 PARLEY_CHAT_RATE_BURST="100000",
                 PARLEY_CHAT_MAX_STREAMS_PER_USER="100000",
+                PARLEY_CHAT_MAX_ROOMS_PER_USER="100000",
                 PARLEY_MAX_STREAMS_PER_CONNECTION="100000",
             )
             stack = Stack(StackConfig.throwaway(data_dir, environ))
