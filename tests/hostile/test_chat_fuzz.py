@@ -197,7 +197,17 @@ def test_stream_chat_fuzz(stack, messages, room, resume) -> None:  # type: ignor
     assume_fresh = target.startswith("fz-")
     if not assume_fresh:  # a junk header that is a valid room: history is shared
         return
-    skip = resume_point or 0
+    if resume_point:
+        # Past the end of the (new, empty) room: no point of this room, refused before
+        # anything is read or stored.
+        received, code = stack.stream_chat(
+            messages, expect=1, token=stack.chatter_token, metadata=metadata
+        )
+        assert code == grpc.StatusCode.OUT_OF_RANGE, code
+        assert received == []
+        assert stored(stack, target) == before
+        return
+    skip = 0
     echoes = max(0, len(expected) - skip)
     received, code = stack.stream_chat(
         messages,
@@ -360,8 +370,13 @@ def test_metadata_values_of_any_length_fuzz(stack, entry) -> None:  # type: igno
         valid = value == "" or ROOM.fullmatch(value) is not None
         stream_expected = grpc.StatusCode.OK if valid else grpc.StatusCode.INVALID_ARGUMENT
     elif key == "x-chat-resume-after":
+        # The room is new and empty: a point past 0 is not one of its points.
         stream_expected = (
-            grpc.StatusCode.OK if resume_ok(value) else grpc.StatusCode.INVALID_ARGUMENT
+            grpc.StatusCode.INVALID_ARGUMENT
+            if not resume_ok(value)
+            else grpc.StatusCode.OUT_OF_RANGE
+            if resume_value(value) > 0
+            else grpc.StatusCode.OK
         )
     elif key == "authorization":
         stream_expected = grpc.StatusCode.UNAUTHENTICATED

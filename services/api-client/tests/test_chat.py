@@ -9,6 +9,7 @@ import pytest
 
 from parley.client import AsyncChatClient, ChatClient, HealthStatus, Unavailable
 from parley.client.chat import check_text
+from parley.testing import wait_until
 
 if TYPE_CHECKING:
     from conftest import Person, RunningStack
@@ -55,10 +56,14 @@ async def test_async_history_and_presence(
 
         assert await chat.presence(room) == []
         async with chat.session(room):
-            members = await chat.presence(room)
-            assert [(m.user_id, m.user, m.stream_count) for m in members] == [
-                (grace.id, "Grace", 1)
-            ]
+            # The stream is listed once the server has checked it into the room, which can
+            # come a moment after the session is open.
+            async def listed() -> list[tuple[int, str, int]]:
+                members = await chat.presence(room)
+                return [(m.user_id, m.user, m.stream_count) for m in members]
+
+            await wait_until(listed, 10, "the session's stream in presence")
+            assert await listed() == [(grace.id, "Grace", 1)]
 
 
 def test_sync_presence_of_an_empty_room(

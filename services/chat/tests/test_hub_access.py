@@ -189,3 +189,22 @@ async def test_a_message_of_a_checked_version_is_not_held(newer: bool) -> None:
         assert await offered(stream) == [1]
     assert len(readers.asked) == (2 if newer else 1)
     await hub.stop()
+
+
+async def test_a_second_stream_of_a_user_is_not_judged_by_a_read_that_started_before_it() -> None:
+    # The user's first stream is in the read; the second joins the room made again (room 200)
+    # while that read, of the old room 100, is in flight: only the first one is judged by it.
+    readers = Readers(version=5, allowed={1})
+    hub, _ = make_hub(readers)
+    first = join(hub, 1, version=5)
+    hub.note_access(ROOM, 999, 5)  # any stamp the hub has not checked: a read starts
+    await until_asked(readers, 1)
+    second = join(hub, 1, version=7, room_id=200)
+    readers.go.set()
+    await asyncio.sleep(0.05)
+    assert await offered(first) == []
+    # The next read finds room 100 (the Readers' room): the second stream, of room 200, ends
+    # only then, judged by a read that started after it had joined.
+    assert len(readers.asked) >= 2
+    assert isinstance(await offered(second), PermissionDenied)
+    await hub.stop()

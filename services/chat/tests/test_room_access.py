@@ -486,3 +486,27 @@ async def test_rooms_made_on_first_use_and_direct_rooms_count_against_the_quota(
     assert await _stream_code(world, "maker", "quota-one") == OK
     assert await _stream_code(world, "other", "quota-three") == OK  # someone else's quota
     assert await _stream_code(world, "maker", "quota-three") == OK
+
+
+async def test_a_resume_point_past_the_rooms_end_is_out_of_range(world: World) -> None:
+    """A client resuming at 50 in a room that was deleted and made again (now at 1) would
+    skip the new room's first 50 messages: it is refused, and told to resume from 0."""
+    room = await world.room(private=False)
+    assert await _stream_code(world, "member", room) == OK  # the room is at 1
+    call = world.stub.StreamChat(
+        metadata=[*world.md("member"), ("x-chat-room", room), ("x-chat-resume-after", "50")],
+        timeout=10,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call.read()
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "resume from 0" in (refused.value.details() or "")
+    resumed = world.stub.StreamChat(
+        metadata=[*world.md("member"), ("x-chat-room", room), ("x-chat-resume-after", "1")],
+        timeout=10,
+    )
+    try:
+        await resumed.write(chat_pb2.ChatMessage(text="again"))
+        assert (await resumed.read()).text == "again"
+    finally:
+        resumed.cancel()

@@ -24,6 +24,7 @@ __all__ = [
     "InvalidArgument",
     "LimitExceeded",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "ServiceError",
@@ -135,6 +136,11 @@ class LimitExceeded(ResourceExhausted):
         )
         self.limit = limit
         self.setting = setting
+
+
+class OutOfRange(ServiceError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "OUT_OF_RANGE"
 
 
 class FailedPrecondition(ServiceError):

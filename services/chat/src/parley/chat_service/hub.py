@@ -205,7 +205,11 @@ class RoomHub:
             if (
                 stamp is None
                 or stamp != self._checked.get(room)
-                or any(s.room_id != stamp[0] or s.version < stamp[1] for s in members)
+                or any(
+                    s.room_id != stamp[0] or s.version < stamp[1]
+                    for s in members
+                    if s.room_id and not s.closed
+                )
             ):
                 self.recheck(room)
 
@@ -228,10 +232,12 @@ class RoomHub:
         try:
             while self._rooms.get(room):
                 self._again.discard(room)
-                asked = {s.user_id for s in self._rooms[room] if s.room_id and not s.closed}
+                # The streams this read judges: stamped by their own check after joining, and
+                # not ended. Any other stream stamped meanwhile is judged by the next read.
+                judged = {s for s in self._rooms[room] if s.room_id and not s.closed}
                 try:
                     async with self._check_slots:
-                        found = await self._readers(room, sorted(asked))
+                        found = await self._readers(room, sorted({s.user_id for s in judged}))
                 except Exception as exc:  # Postgres unavailable: messages wait, try again
                     _log.debug("checking access to room %s failed: %s", room, exc)
                     await asyncio.sleep(retry)
@@ -255,8 +261,8 @@ class RoomHub:
                         continue
                     if subscriber.room_id == 0:
                         continue  # its own check after joining is under way; see _offer_to
-                    if subscriber.user_id not in asked:
-                        late = True  # joined during the read: judged by the next one
+                    if subscriber not in judged:
+                        late = True  # stamped during the read: judged by the next one
                     elif subscriber.room_id != room_id or subscriber.user_id not in allowed:
                         self._metrics.access_revoked.inc()
                         subscriber.close(denied(room))
@@ -428,7 +434,8 @@ class RoomHub:
             item.room_id not in (0, subscriber.room_id) or item.version > subscriber.version
         ):
             subscriber.catch_up()
-            self._check(subscriber.room)
+            if subscriber.room_id:  # a stream still joining asks for its check itself
+                self._check(subscriber.room)
             return
         subscriber.offer(item)
 

@@ -63,6 +63,7 @@ class Access:
     version: int
     last_sequence: int
     room_id: int = 0  # which room the name stands for (see the 0004 migration)
+    quota_spent: bool = False  # missing, and not made: the user may make no more rooms
 
     @property
     def readable(self) -> bool:
@@ -70,6 +71,7 @@ class Access:
 
 
 _NO_ROOM = Access(False, False, False, 0, False, 0, 0, 0)
+_QUOTA_SPENT = Access(False, False, False, 0, False, 0, 0, 0, quota_spent=True)
 
 
 def _room(row: tuple[Any, ...]) -> RoomRow:
@@ -78,11 +80,20 @@ def _room(row: tuple[Any, ...]) -> RoomRow:
 
 # Makes a room on first use, unless its maker has made `max` rooms already. Another maker at
 # the same moment may overshoot the count by one room each: a bound, not an exact quota.
+# Makes a room on first use, unless its maker has made `max` rooms already (counted up to
+# `max` only). Returns whether the maker was under the quota; makers at the same moment may
+# each overshoot it by one room.
 _MAKE_ON_FIRST_USE = """
-INSERT INTO chat_rooms (name, creator_id)
-SELECT %(room)s, %(user_id)s
-WHERE (SELECT count(*) FROM chat_rooms WHERE creator_id = %(user_id)s) < %(max)s
-ON CONFLICT (name) DO NOTHING
+WITH allowed AS (
+    SELECT count(*) < %(max)s AS ok FROM (
+        SELECT FROM chat_rooms WHERE creator_id = %(user_id)s LIMIT %(max)s
+    ) AS made
+), made AS (
+    INSERT INTO chat_rooms (name, creator_id)
+    SELECT %(room)s, %(user_id)s FROM allowed WHERE ok
+    ON CONFLICT (name) DO NOTHING
+)
+SELECT ok FROM allowed
 """
 
 
@@ -98,19 +109,22 @@ class RoomStore:
         no owner, counted as one of the user's), unless its name belongs to direct rooms or
         the user has made PARLEY_CHAT_MAX_ROOMS_PER_USER rooms (then it stays missing)."""
         create = create and not room.startswith(DIRECT_PREFIX)
+        query = (
+            f"SELECT r.private, {_IS_MEMBER}, r.owner_id,"
+            " r.direct, r.access_version, r.last_sequence, r.room_id"
+            " FROM chat_rooms r WHERE r.name = %(room)s"
+        )
+        params = {"room": room, "user_id": user_id, "max": self._max_rooms}
         async with self._db.connection(timeout) as conn:
-            if create:
-                await conn.execute(
-                    _MAKE_ON_FIRST_USE,
-                    {"room": room, "user_id": user_id, "max": self._max_rooms},
-                )
-            cur = await conn.execute(
-                f"SELECT r.private, {_IS_MEMBER}, r.owner_id,"
-                " r.direct, r.access_version, r.last_sequence, r.room_id"
-                " FROM chat_rooms r WHERE r.name = %(room)s",
-                {"room": room, "user_id": user_id},
-            )
+            cur = await conn.execute(query, params)
             row = await cur.fetchone()
+            if row is None and create:  # made only when missing: a join costs one read
+                cur = await conn.execute(_MAKE_ON_FIRST_USE, params)
+                allowed = await cur.fetchone()
+                if allowed is None or not allowed[0]:
+                    return _QUOTA_SPENT
+                cur = await conn.execute(query, params)
+                row = await cur.fetchone()
         if row is None:
             return _NO_ROOM
         return Access(
@@ -166,7 +180,8 @@ class RoomStore:
 
     async def _may_make(self, conn: Any, user_id: int) -> bool:
         cur = await conn.execute(
-            "SELECT count(*) FROM chat_rooms WHERE creator_id = %s", (user_id,)
+            "SELECT count(*) FROM (SELECT FROM chat_rooms WHERE creator_id = %s LIMIT %s) AS m",
+            (user_id, self._max_rooms),
         )
         made = await cur.fetchone()
         return made is None or int(made[0]) < self._max_rooms

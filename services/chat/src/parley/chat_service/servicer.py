@@ -21,6 +21,7 @@ from parley.chassis import (
     FieldViolation,
     Internal,
     InvalidArgument,
+    OutOfRange,
     PermissionDenied,
     ServiceError,
     Unavailable,
@@ -205,7 +206,7 @@ class ChatServicer:
             access = await self._rooms.access(
                 room, user_id, create=self._auto_create, timeout=context.time_remaining()
             )
-            if not access.exists and self._auto_create and not room.startswith(DIRECT_PREFIX):
+            if access.quota_spent:
                 raise self._room_rpcs.too_many_rooms()  # not made: the user's quota is spent
             if not access.readable:
                 raise denied(room)
@@ -213,6 +214,14 @@ class ChatServicer:
             self._hub.note_access(room, access.room_id, access.version)
             if resume_after is None:
                 last = access.last_sequence
+            elif resume_after > access.last_sequence:
+                # Not a point of this room: the room was deleted and made again under its
+                # name (or the client is confused). Going on would skip its messages.
+                raise OutOfRange(
+                    f"{RESUME_KEY} {resume_after} is past the last message of room {room!r} "
+                    f"({access.last_sequence}): the room was made again since; resume from 0",
+                    reason="RESUME_POINT_NOT_IN_ROOM",
+                )
             else:
                 last = resume_after
                 subscriber.catch_up()
@@ -296,10 +305,13 @@ class ChatServicer:
                 item = outgoing(
                     appended.message, version=appended.version, room_id=subscriber.room_id
                 )
+                # A resend is not delivered again: every stream had the message when it was
+                # stored, or reads it from Postgres (with its access checked) as it resumes.
+                if appended.outcome != "new":
+                    continue
                 # Publish before the local fan-out: the streams it wakes would otherwise run
                 # first, and the other replicas would wait for this one's delivery work.
-                if appended.outcome == "new":
-                    await self._bus.publish(item)
+                await self._bus.publish(item)
                 self._hub.deliver(item)
         except ServiceError as error:
             subscriber.close(error)
@@ -338,7 +350,7 @@ class ChatServicer:
             access = await self._rooms.access(subscriber.room, subscriber.user_id, create=False)
             if not access.readable or access.room_id != subscriber.room_id:
                 raise denied(subscriber.room)  # removed, or the room deleted (and made again)
-            subscriber.version = access.version
+            subscriber.version = max(subscriber.version, access.version)
             self._hub.note_access(subscriber.room, access.room_id, access.version)
         raise Unavailable("postgres", "the room's access kept changing; send again")
 
