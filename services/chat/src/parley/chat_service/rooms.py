@@ -60,17 +60,7 @@ def check_text(text: str) -> None:
         raise InvalidArgument(
             [FieldViolation("text", f"must be at most {MAX_TEXT_BYTES} bytes, got {size}")]
         )
-    control = _CONTROL.search(text)
-    if control is not None:
-        raise InvalidArgument(
-            [
-                FieldViolation(
-                    "text",
-                    "must not contain control characters other than tab and newline "
-                    f"(U+{ord(control.group()):04X} at character {control.start() + 1})",
-                )
-            ]
-        )
+    _refuse_control(_CONTROL, text, "text", "control characters other than tab and newline")
 
 
 def check_client_message_id(value: str) -> None:
@@ -94,15 +84,20 @@ def check_title(title: str) -> str:
         raise InvalidArgument(
             [FieldViolation("title", f"must be at most {MAX_TITLE_CHARS} characters")]
         )
-    control = _ANY_CONTROL.search(title)
+    _refuse_control(_ANY_CONTROL, title, "title", "control characters")
+    return title
+
+
+def _refuse_control(pattern: re.Pattern[str], value: str, field: str, what: str) -> None:
+    """INVALID_ARGUMENT naming the first character of `value` that `pattern` refuses."""
+    control = pattern.search(value)
     if control is not None:
         raise InvalidArgument(
             [
                 FieldViolation(
-                    "title",
-                    "must not contain control characters "
+                    field,
+                    f"must not contain {what} "
                     f"(U+{ord(control.group()):04X} at character {control.start() + 1})",
                 )
             ]
         )
-    return title

@@ -170,6 +170,11 @@ class ChatServicer:
         await self._users.display_name(user_id, _token(context))
         return user_id
 
+    def _made_on_first_use(self, room: str) -> bool:
+        """Whether a missing `room` would be made by the first stream that names it (so a
+        read of it is a read of an empty public room, not a refusal)."""
+        return self._auto_create and not room.startswith(DIRECT_PREFIX)
+
     async def _user_exists(self, user_id: int, context: Context) -> None:
         await self._users.require(user_id, _token(context))
 
@@ -381,7 +386,7 @@ class ChatServicer:
             max_bytes=MAX_PAGE_BYTES,
             timeout=context.time_remaining(),
         )
-        if not page.exists and self._auto_create and not room.startswith(DIRECT_PREFIX):
+        if not page.exists and self._made_on_first_use(room):
             return chat_pb2.ListMessagesResponse()  # made on first use: empty until then
         if not page.allowed:
             raise denied(room)
@@ -453,7 +458,7 @@ class ChatServicer:
         room = check_room(request.room)
         user_id = await self._caller(context)
         access = await self._rooms.access(room, user_id, create=False)
-        if not access.exists and self._auto_create and not room.startswith(DIRECT_PREFIX):
+        if not access.exists and self._made_on_first_use(room):
             return chat_pb2.ListPresenceResponse()  # made on first use: nobody there yet
         if not access.readable:
             raise denied(room)
