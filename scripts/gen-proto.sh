@@ -12,6 +12,6 @@ python -m grpc_tools.protoc \
     --mypy_grpc_out="$out" \
     proto/*.proto
 cat > "$out/parley/proto/__init__.py" <<'PY'
-"""Generated from proto/ by `make proto`; do not edit."""
+"""Generated from proto/ by `make proto`; do not edit (contract.py is written by hand)."""
 PY
 : > "$out/parley/proto/py.typed"

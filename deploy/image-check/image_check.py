@@ -578,6 +578,7 @@ def check_chat_rpc(stack: Stack, user_id: int, detail: list[str]) -> None:
 
     from parley.client.tokens import mint_token
     from parley.proto import chat_pb2, chat_pb2_grpc
+    from parley.proto.contract import ROOM_KEY
 
     token = mint_token(stack.secret, str(user_id), ttl=600)
     room = f"image-check-{stack.run_id}"
@@ -592,7 +593,7 @@ def check_chat_rpc(stack: Stack, user_id: int, detail: list[str]) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{stack.ports['chat']}") as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         call = stub.StreamChat(
-            requests(), metadata=(*auth, ("x-chat-room", room)), timeout=CALL_TIMEOUT * 3
+            requests(), metadata=(*auth, (ROOM_KEY, room)), timeout=CALL_TIMEOUT * 3
         )
         outgoing.put(chat_pb2.ChatMessage(text=text, client_message_id=f"ic-{stack.run_id}"))
         echoed = None

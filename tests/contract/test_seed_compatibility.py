@@ -282,12 +282,29 @@ def test_the_append_check_reports_fields_numbered_among_the_seeds(project: Contr
     ]
 
 
+# Written by hand beside the generated code (make proto leaves it alone).
+HAND_WRITTEN = {"contract.py"}
+
+
 def _relative_files(root: Path) -> set[str]:
     return {
         path.relative_to(root).as_posix()
         for path in root.rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+        if path.is_file()
+        and "__pycache__" not in path.parts
+        and path.suffix != ".pyc"
+        and path.relative_to(root).as_posix() not in HAND_WRITTEN
     }
+
+
+def test_every_metadata_key_of_the_contract_is_documented_in_the_protos() -> None:
+    from parley.proto import contract
+
+    protos = "\n".join(p.read_text() for p in (REPO_ROOT / "proto").glob("*.proto"))
+    keys = {name: getattr(contract, name) for name in contract.__all__ if name.endswith("_KEY")}
+    assert keys, "parley.proto.contract names no metadata key"
+    missing = {name: key for name, key in keys.items() if f"`{key}`" not in protos}
+    assert not missing, f"metadata keys no .proto comment documents: {missing}"
 
 
 def test_generated_code_is_not_stale(tmp_path: Path) -> None:

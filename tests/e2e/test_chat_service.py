@@ -29,12 +29,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
+from parley.proto.contract import RESUME_KEY, ROOM_KEY
 
 CALL_TIMEOUT = 10.0
 # The whole life of one StreamChat call; each read and write on it has CALL_TIMEOUT.
 STREAM_DEADLINE = 60.0
-ROOM_KEY = "x-chat-room"
-RESUME_KEY = "x-chat-resume-after"
 
 Metadata = tuple[tuple[str, str], ...]
 

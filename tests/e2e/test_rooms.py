@@ -1,8 +1,9 @@
 """Rooms, owners and members as a client sees them, over gRPC only.
 
 The access matrix (public or private room, crossed with a caller who is a stranger, a member,
-the owner or a `chat:admin` caller who is not a member, crossed with every room RPC) is the
-chat service's own table, copied here as data: each cell runs against a room of its own. Then
+the owner or a `chat:admin` caller who is not a member, crossed with every room RPC) is
+`parley.testing.room_access`, the table the in-process suite runs too: each cell runs against
+a room of its own. Then
 rooms that do not exist, direct rooms, access taken away from a stream on the other replica
 (within a second, and nothing said afterwards reaches it), and a client that knows nothing of
 rooms and still chats in `general`.
@@ -28,9 +29,10 @@ import jwt
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
+from parley.proto.contract import ROOM_KEY
+from parley.testing.room_access import CALL_NAMES, MATRIX, ROLES, VISIBILITIES, uncovered_rpcs
 
 CALL_TIMEOUT = 10.0
-ROOM_KEY = "x-chat-room"
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -74,9 +76,6 @@ def _sign(secret: str, subject: str, scope: str = "") -> str:
     if scope:
         claims["scope"] = scope
     return jwt.encode(claims, secret, algorithm="HS256")
-
-
-ROLES = ("stranger", "member", "owner", "admin")
 
 
 @pytest.fixture(scope="module")
@@ -261,34 +260,6 @@ CALLS: dict[str, Call] = {
     ),
 }
 
-# A copy of the MATRIX of services/chat/tests/test_room_access.py (e2e imports nothing from
-# services/): the expected status of every (visibility, RPC, role).
-READ = {"stranger": OK, "member": OK, "owner": OK, "admin": OK}
-READ_PRIVATE = {"stranger": DENIED, "member": OK, "owner": OK, "admin": DENIED}
-OWNER_ONLY = {"stranger": DENIED, "member": DENIED, "owner": OK, "admin": DENIED}
-MANAGE = {"stranger": DENIED, "member": DENIED, "owner": OK, "admin": OK}
-READS = ("StreamChat", "ListRooms", "ListMessages", "ListPresence", "ListMembers", "GetRoom")
-MATRIX: dict[tuple[str, str], dict[str, grpc.StatusCode]] = {
-    **{("public", rpc): READ for rpc in CALLS if rpc.split()[0] in READS},
-    **{("private", rpc): READ_PRIVATE for rpc in CALLS if rpc.split()[0] in READS},
-    **{(v, "UpdateRoom"): OWNER_ONLY for v in ("public", "private")},
-    **{(v, "DeleteRoom"): OWNER_ONLY for v in ("public", "private")},
-    **{(v, "AddMember"): MANAGE for v in ("public", "private")},
-    # The member removing the member is the member leaving.
-    **{(v, "RemoveMember (the member)"): {**MANAGE, "member": OK} for v in ("public", "private")},
-    ("public", "RemoveMember (leave)"): {
-        "stranger": OK,
-        "member": OK,
-        "owner": PRECONDITION,
-        "admin": OK,
-    },
-    ("private", "RemoveMember (leave)"): {
-        "stranger": DENIED,
-        "member": OK,
-        "owner": PRECONDITION,
-        "admin": OK,
-    },
-}
 CELLS = [
     pytest.param(visibility, rpc, role, expected, id=f"{visibility}-{rpc}-{role}")
     for (visibility, rpc), row in MATRIX.items()
@@ -297,12 +268,11 @@ CELLS = [
 
 
 def test_the_matrix_covers_every_rpc_visibility_and_role() -> None:
-    assert {rpc for _, rpc in MATRIX} == set(CALLS)
-    assert {v for v, _ in MATRIX} == {"public", "private"}
+    assert {call for _, call in MATRIX} == set(CALLS) == set(CALL_NAMES)
+    assert {v for v, _ in MATRIX} == set(VISIBILITIES)
     assert all(set(row) == set(ROLES) for row in MATRIX.values())
-    room_rpcs = set(chat_pb2.DESCRIPTOR.services_by_name["ChatService"].methods_by_name)
-    covered = {rpc.split()[0] for rpc in CALLS} | {"CreateRoom", "OpenDirectRoom"}
-    assert room_rpcs == covered, room_rpcs ^ covered  # CreateRoom and direct rooms: below
+    methods = set(chat_pb2.DESCRIPTOR.services_by_name["ChatService"].methods_by_name)
+    assert not uncovered_rpcs(methods), uncovered_rpcs(methods)
 
 
 @pytest.mark.parametrize(("visibility", "rpc", "role", "expected"), CELLS)

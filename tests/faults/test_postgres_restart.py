@@ -12,6 +12,7 @@ import grpc
 import psycopg
 
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 from parley.testing import bearer, wait_until
 
 from .conftest import (
@@ -50,7 +51,7 @@ async def chat_write(channel: grpc.aio.Channel, token: str, text: str) -> tuple[
     returns (seconds, the stored message or the status code that ended the stream)."""
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     started = time.monotonic()
-    call = stub.StreamChat(metadata=[*bearer(token), ("x-chat-room", "pg")], timeout=DEADLINE)
+    call = stub.StreamChat(metadata=[*bearer(token), (ROOM_KEY, "pg")], timeout=DEADLINE)
     client_id = uuid.uuid4().hex
     try:
         await call.write(chat_pb2.ChatMessage(text=text, client_message_id=client_id))

@@ -85,6 +85,16 @@ async def test_rejected_calls_are_unauthenticated(
         ("Bearer and spaces", [("authorization", "Bearer   ")], "malformed authorization"),
         ("Basic", [("authorization", "Basic dXNlcjpwYXNz")], "malformed authorization"),
         ("no scheme", [("authorization", "abc")], "malformed authorization"),
+        (
+            "two tokens",
+            [*bearer(make_token(sub="1")), *bearer(make_token(sub="2"))],
+            "2 authorization metadata entries",
+        ),
+        (
+            "a good token and junk",
+            [*bearer(make_token(sub="1")), ("authorization", "x")],
+            "2 authorization metadata entries",
+        ),
         ("not a JWT", bearer("not-a-jwt"), "invalid token"),
         ("three junk parts", bearer("a.b.c"), "invalid token"),
         (

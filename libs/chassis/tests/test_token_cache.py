@@ -128,3 +128,14 @@ def test_cache_size_zero_verifies_every_time(decodes: list[str]):
     assert decodes == [same, same]
     with pytest.raises(ValueError):
         TokenVerifier(settings(), cache_size=-1)
+
+
+@pytest.mark.parametrize("leeway", [0.0, 30.0])
+def test_the_identity_carries_its_token_and_when_it_stops_being_accepted(leeway: float):
+    verifier = TokenVerifier(settings(leeway))
+    issued = token(ttl=60)
+    exp = jwt.decode(issued, options={"verify_signature": False})["exp"]
+    identity = verifier.verify(issued)
+    assert identity.token == issued and identity.valid_until == exp + leeway
+    assert issued not in repr(identity)
+    assert verifier.verify(issued).valid_until == exp + leeway  # the cached one too

@@ -16,13 +16,16 @@ from parley.client import (
     ConnectionEvent,
     ConnectionState,
     FailedPrecondition,
+    ParleyError,
     PermissionDenied,
     ReconnectPolicy,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
+from parley.client.tokens import mint_token
 from parley.proto import chat_pb2
+from parley.testing import wait_until
 
 if TYPE_CHECKING:
     from conftest import ExtraReplica, Person, RunningStack
@@ -285,3 +288,101 @@ async def test_a_user_over_the_stream_limit_fails_at_once(
         assert caught.value.metadata.get("limit") == "chat_streams_per_user"
         assert "PARLEY_CHAT_MAX_STREAMS_PER_USER=16" in caught.value.message
         assert time.monotonic() - started < 10, "failed at once, not after retrying"
+
+
+def token_expired_since(stack: RunningStack, person: Person, seconds: int) -> str:
+    """A token for `person` whose exp was `seconds` ago."""
+    endpoints = stack.endpoints
+    return mint_token(
+        endpoints.jwt_secret,
+        str(person.id),
+        ttl=1,
+        now=int(time.time()) - seconds - 1,
+        issuer=endpoints.jwt_issuer,
+        audience=endpoints.jwt_audience,
+    )
+
+
+async def test_a_session_whose_token_expires_reconnects_with_a_fresh_one(
+    stack: RunningStack, person: Callable[[str], Person], room: str, collector: Any
+) -> None:
+    """The server ends a stream whose token expired (UNAUTHENTICATED, TOKEN_EXPIRED); the
+    session asks its token provider again and resumes, missing nothing."""
+    ada = person("Ada")
+    # exp 27 s ago: the servers allow 30 s of clock skew, so it is good for 3 s more.
+    expiring = token_expired_since(stack, ada, 27)
+    handed: list[str] = []
+
+    def provider() -> str:
+        handed.append(expiring if not handed else ada.token)
+        return handed[-1]
+
+    events: list[ConnectionEvent] = []
+    seen: Messages = []
+    async with (
+        AsyncChatClient(stack.chat, token=provider) as chat,
+        chat.session(room, resume_after=0, on_state=events.append) as session,
+    ):
+        await session.send("with the old token")
+        await collector(session, seen, lambda ms: len(ms) >= 1)
+        await wait_until(
+            lambda: any(e.state is ConnectionState.CONNECTED for e in events[1:]),
+            20,
+            "the session to reconnect after its token expired",
+        )
+        await session.send("with the new token")
+        await collector(session, seen, lambda ms: len(ms) >= 2)
+
+    assert [m.text for m in seen] == ["with the old token", "with the new token"]
+    assert contiguous(seen)
+    lost = next(e for e in events if e.state is ConnectionState.RECONNECTING)
+    assert isinstance(lost.error, Unauthenticated) and lost.error.reason == "TOKEN_EXPIRED"
+    assert handed[0] == expiring and handed[-1] == ada.token
+
+
+async def test_a_session_refused_at_once_for_an_expired_token_ends(
+    stack: RunningStack, person: Callable[[str], Person], room: str
+) -> None:
+    ada = person("Ada")
+    expired = token_expired_since(stack, ada, 3600)
+    async with AsyncChatClient(stack.chat, token=expired) as chat:
+        with pytest.raises(Unauthenticated) as refused:
+            async with chat.session(room, resume_after=0) as session:
+                async for _ in session:
+                    pass
+    assert refused.value.reason == "TOKEN_EXPIRED"
+
+
+async def test_a_resume_point_is_refused_in_a_room_made_again(
+    stack: RunningStack, person: Callable[[str], Person], room: str, collector: Any
+) -> None:
+    """`last_sequence` with `room_id`: a later session resumes in the same room, and is
+    refused (OUT_OF_RANGE) in a room deleted and made again under the name."""
+    ada = person("Ada")
+    seen: Messages = []
+    async with AsyncChatClient(stack.chat, token=ada.token) as chat:
+        await chat.create_room(room)
+        async with chat.session(room, resume_after=0) as session:
+            for text in ("one", "two"):
+                await session.send(text)
+            await collector(session, seen, lambda ms: len(ms) >= 1)
+            point, room_id = session.last_sequence, session.room_id
+        assert (point, room_id) == (1, seen[0].room_id) and room_id > 0
+
+        again: Messages = []
+        async with chat.session(room, resume_after=point, resume_room_id=room_id) as session:
+            await collector(session, again, lambda ms: len(ms) >= 1)
+        assert [m.text for m in again] == ["two"]
+
+        await chat.delete_room(room)
+        await chat.create_room(room)
+        async with chat.session(room, resume_after=0) as session:
+            for text in ("new one", "new two"):
+                await session.send(text)
+            await session.wait_acknowledged(timeout=10)
+        with pytest.raises(ParleyError) as refused:
+            async with chat.session(room, resume_after=point, resume_room_id=room_id) as session:
+                async for _ in session:
+                    pass
+    assert refused.value.code == grpc.StatusCode.OUT_OF_RANGE
+    assert refused.value.reason == "RESUME_POINT_NOT_IN_ROOM"

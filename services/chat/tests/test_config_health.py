@@ -230,3 +230,27 @@ async def test_a_one_second_user_service_timeout_leaves_time_for_the_lookup(
     await wait_for(lambda: client.received or client.ended, 10, "the message or an error")
     assert client.error is None
     assert [m.user for m in client.received] == ["Ada"]
+
+
+async def test_a_cached_user_is_honoured_only_for_the_stale_allowance(
+    make_stack, launcher, chat, wait_for, details
+):
+    """PARLEY_USER_CACHE_MAX_STALE bounds how long a known user goes on unconfirmed while
+    UserService cannot answer (a user deleted just before the outage goes no further)."""
+    stack = await make_stack(
+        replicas=1,
+        people=("Ada",),
+        in_process=True,
+        PARLEY_USER_CACHE_TTL="0",
+        PARLEY_USER_CACHE_MAX_STALE="0",
+    )
+    replica = stack.replicas[0]
+    ada = stack.people["Ada"]
+    before = await chat(ada, replica, room="ops", resume_after=0)
+    await before.send("before the outage")
+    await wait_for(lambda: before.received, 10, "the first message")
+
+    await launcher.stop(stack.users)
+    again = await chat(ada, replica, room="ops", resume_after=0)
+    assert await again.wait_until_ended() == grpc.StatusCode.UNAVAILABLE
+    assert details(again.error).metadata == {"dependency": "user-service"}

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from parley.chassis import ConfigError, Database, DatabaseSettings, Env, InvalidArgument
 from parley.chat_service import ChatSettings
 from parley.chat_service.rooms import check_text
-from parley.chat_service.servicer import MAX_PAGE_BYTES, RESUME_KEY, _resume_point
+from parley.chat_service.servicer import MAX_PAGE_BYTES, _resume_point
 from parley.chat_service.store import Appended, MessageStore
+from parley.proto.contract import RESUME_KEY
 
 BASE_ENV = {
     "PARLEY_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",

@@ -1,9 +1,10 @@
 """Who may read and change a room, on real servers: the access matrix, and access taken away
 from open streams on every replica.
 
-The matrix is one table: public or private room, crossed with a caller who is not a member,
-a member, the owner and a `chat:admin` caller who is not a member, crossed with every chat
-RPC. Each cell is run against a fresh room.
+The matrix is one table (parley.testing.room_access, shared with tests/e2e): public or
+private room, crossed with a caller who is not a member, a member, the owner and a
+`chat:admin` caller who is not a member, crossed with every chat RPC. Each cell is run
+against a fresh room.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import grpc
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.testing.room_access import CALL_NAMES, MATRIX, ROLES, VISIBILITIES, uncovered_rpcs
 
 from .conftest import Person, Stack, bearer, make_token
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-ROLES = ("stranger", "member", "owner", "admin")
 _rooms = itertools.count(1)
 
 
@@ -146,36 +147,6 @@ CALLS: dict[str, Call] = {
     ),
 }
 
-READ = {"stranger": OK, "member": OK, "owner": OK, "admin": OK}
-READ_PRIVATE = {"stranger": DENIED, "member": OK, "owner": OK, "admin": DENIED}
-OWNER_ONLY = {"stranger": DENIED, "member": DENIED, "owner": OK, "admin": DENIED}
-MANAGE = {"stranger": DENIED, "member": DENIED, "owner": OK, "admin": OK}
-# The expected status of every (visibility, RPC, role). Leaving: the owner cannot (it deletes
-# the room instead); a non-member of a public room leaves nothing, which is fine; a non-member
-# of a private room learns nothing about it.
-READS = ("StreamChat", "ListRooms", "ListMessages", "ListPresence", "ListMembers", "GetRoom")
-MATRIX: dict[tuple[str, str], dict[str, grpc.StatusCode]] = {
-    **{("public", rpc): READ for rpc in CALLS if rpc.split()[0] in READS},
-    **{("private", rpc): READ_PRIVATE for rpc in CALLS if rpc.split()[0] in READS},
-    **{(v, "UpdateRoom"): OWNER_ONLY for v in ("public", "private")},
-    **{(v, "DeleteRoom"): OWNER_ONLY for v in ("public", "private")},
-    **{(v, "AddMember"): MANAGE for v in ("public", "private")},
-    # The member removing the member is the member leaving.
-    **{(v, "RemoveMember (the member)"): {**MANAGE, "member": OK} for v in ("public", "private")},
-    ("public", "RemoveMember (leave)"): {
-        "stranger": OK,
-        "member": OK,
-        "owner": PRECONDITION,
-        "admin": OK,
-    },
-    ("private", "RemoveMember (leave)"): {
-        "stranger": DENIED,
-        "member": OK,
-        "owner": PRECONDITION,
-        "admin": OK,
-    },
-}
-
 
 @pytest.fixture
 async def world(make_stack) -> World:
@@ -198,12 +169,11 @@ async def world(make_stack) -> World:
 
 
 def test_the_matrix_covers_every_rpc_visibility_and_role() -> None:
-    assert {rpc for _, rpc in MATRIX} == set(CALLS)
-    assert {v for v, _ in MATRIX} == {"public", "private"}
+    assert {call for _, call in MATRIX} == set(CALLS) == set(CALL_NAMES)
+    assert {v for v, _ in MATRIX} == set(VISIBILITIES)
     assert all(set(row) == set(ROLES) for row in MATRIX.values())
-    room_rpcs = set(chat_pb2.DESCRIPTOR.services_by_name["ChatService"].methods_by_name)
-    covered = {rpc.split()[0] for rpc in CALLS} | {"CreateRoom", "OpenDirectRoom"}
-    assert room_rpcs == covered, room_rpcs ^ covered  # CreateRoom and direct rooms: below
+    methods = set(chat_pb2.DESCRIPTOR.services_by_name["ChatService"].methods_by_name)
+    assert not uncovered_rpcs(methods), uncovered_rpcs(methods)
 
 
 async def test_the_access_matrix(world: World, subtests) -> None:
@@ -510,3 +480,82 @@ async def test_a_resume_point_past_the_rooms_end_is_out_of_range(world: World) -
         assert (await resumed.read()).text == "again"
     finally:
         resumed.cancel()
+
+
+async def test_a_resume_point_of_a_room_made_again_is_out_of_range(world: World) -> None:
+    """Each message carries its room's id; a resume point sent with it (`x-chat-room-id`) is
+    refused in a room deleted and made again, even one that has reached the point again."""
+
+    async def say(text: str, room: str, *extra: tuple[str, str]) -> chat_pb2.ChatMessage:
+        call = world.stub.StreamChat(
+            metadata=[*world.md("owner"), ("x-chat-room", room), *extra], timeout=10
+        )
+        try:
+            await call.write(chat_pb2.ChatMessage(text=text, client_message_id=text))
+            reply = await call.read()
+            assert isinstance(reply, chat_pb2.ChatMessage), await call.code()
+            return reply
+        finally:
+            call.cancel()
+
+    room = await world.room(private=False)
+    first = await say("old-1", room)
+    await say("old-2", room)
+    assert first.room_id > 0
+    listed = await world.stub.ListMessages(
+        chat_pb2.ListMessagesRequest(room=room), metadata=world.md("owner"), timeout=10
+    )
+    assert {m.room_id for m in listed.messages} == {first.room_id}
+
+    await world.stub.DeleteRoom(
+        chat_pb2.DeleteRoomRequest(name=room), metadata=world.md("owner"), timeout=10
+    )
+    await world.stub.CreateRoom(
+        chat_pb2.CreateRoomRequest(name=room), metadata=world.md("owner"), timeout=10
+    )
+    for text in ("new-1", "new-2", "new-3"):
+        newer = await say(text, room)
+    assert newer.room_id not in (0, first.room_id)
+
+    def resume(after: str, room_id: str) -> Any:
+        return world.stub.StreamChat(
+            metadata=[
+                *world.md("member"),
+                ("x-chat-room", room),
+                ("x-chat-resume-after", after),
+                ("x-chat-room-id", room_id),
+            ],
+            timeout=10,
+        )
+
+    # Resuming after old-1 (sequence 1) would skip new-1: refused by its room id.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await resume("1", str(first.room_id)).read()
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "resume from 0" in (refused.value.details() or "")
+
+    # The same point in the room it came from goes on from there.
+    resumed = resume("1", str(newer.room_id))
+    try:
+        assert [(await resumed.read()).text for _ in range(2)] == ["new-2", "new-3"]
+    finally:
+        resumed.cancel()
+
+    with pytest.raises(grpc.aio.AioRpcError) as malformed:
+        await resume("", "-1").read()
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # 0 is no room id (what a message from a server without room ids carried).
+    unknown = resume("1", "0")
+    try:
+        assert (await unknown.read()).text == "new-2"
+    finally:
+        unknown.cancel()
+
+    # A resume point of a room that is gone never makes the room again.
+    await world.stub.DeleteRoom(
+        chat_pb2.DeleteRoomRequest(name=room), metadata=world.md("owner"), timeout=10
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await resume("3", str(newer.room_id)).read()
+    assert gone.value.code() == DENIED
+    assert await CALLS["GetRoom"](world, "owner", room) == DENIED

@@ -33,6 +33,7 @@ PARLEY_DB_POOL_MIN: {{ $v.config.dbPoolMin | quote }}
 PARLEY_DB_POOL_MAX: {{ $v.config.dbPoolMax | quote }}
 PARLEY_DB_POOL_TIMEOUT: {{ $v.config.dbPoolTimeout | quote }}
 PARLEY_MAX_STREAMS: {{ $v.config.maxStreams | quote }}
+PARLEY_MAX_UNARY_CALLS: {{ $v.config.maxUnaryCalls | quote }}
 {{- $t := .root.Values.tls }}
 {{- if $t.enabled }}
 PARLEY_TLS_CERT_FILE: {{ include "parley.tls.file" "tls.crt" | quote }}

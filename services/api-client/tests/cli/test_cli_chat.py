@@ -8,6 +8,8 @@ import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from parley.client import AsyncChatClient, ChatClient
 
 if TYPE_CHECKING:
@@ -47,10 +49,32 @@ def test_tail_receives_what_send_sent(
         (1, "one"), (2, "two"), (3, "three"), (4, "four")
     ]  # fmt: skip
     assert list(received[0]) == [
-        "room", "sequence", "user_id", "user", "text", "create_time", "client_message_id"
+        "room", "sequence", "user_id", "user", "text", "create_time", "client_message_id",
+        "room_id",
     ]  # fmt: skip
+    assert len({m["room_id"] for m in received}) == 1 and received[0]["room_id"] > 0
     assert {(m["room"], m["user"], m["user_id"]) for m in received} == {(room, "Ada", ada.id)}
     assert err == ""
+
+
+def test_tail_refuses_a_resume_point_of_another_room_id(
+    cli: Run, person: Callable[[str], Person], room: str
+) -> None:
+    ada = person("Ada")
+    sent = cli("chat", "send", "--room", room, "one", "two", "-o", "json", token=ada.token)
+    assert sent.code == 0, sent
+    room_id = sent.json_lines()[0]["room_id"]
+    same = cli(
+        "chat", "tail", "--room", room, "--after", "1", "--room-id", str(room_id),
+        "--count", "1", token=ada.token,
+    )  # fmt: skip
+    assert same.code == 0 and same.stdout.rstrip().endswith("two"), same
+    other = cli(
+        "chat", "tail", "--room", room, "--after", "1", "--room-id", str(room_id + 1000),
+        "--count", "1", "--wait", "30", token=ada.token,
+    )  # fmt: skip
+    assert other.code == 10 + grpc.StatusCode.OUT_OF_RANGE.value[0], other
+    assert "resume from 0" in other.stderr
 
 
 def test_send_prints_sequence_numbers(cli: Run, person: Callable[[str], Person], room: str) -> None:

@@ -132,6 +132,7 @@ def test_debug_shows_the_traceback(parley: Run, stack: RunningStack) -> None:
         (["users", "get", "abc"], r"Invalid value for 'USER_ID'"),
         (["users", "list", "-o", "yaml"], r"'yaml' is not one of"),
         (["chat", "tail", "--history", "3", "--after", "2"], r"give --history or --after"),
+        (["chat", "tail", "--room-id", "3"], r"--room-id goes with --after"),
     ],
 )
 def test_usage_errors_exit_2(parley: Run, args: list[str], complaint: str) -> None:

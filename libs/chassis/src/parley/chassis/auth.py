@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,16 @@ PUBLIC_SERVICES = frozenset(
 
 @dataclass(frozen=True)
 class Identity:
-    """Who is calling: the token's subject (a user id) and its scopes."""
+    """Who is calling: the token's subject (a user id) and its scopes; and the token itself,
+    with the time it stops being accepted, for what outlives the call's start (a stream)."""
 
     subject: str
     scopes: frozenset[str]
+    token: str = field(default="", repr=False, compare=False)
+    """The bearer token, for calls made on the caller's behalf (never logged)."""
+    valid_until: float = 0.0
+    """Seconds since the epoch from which the token is refused: its exp plus the clock-skew
+    leeway (0: not known)."""
 
     @property
     def user_id(self) -> int | None:
@@ -246,11 +252,17 @@ class TokenVerifier:
             raise Unauthenticated(
                 "invalid token: sub must be a non-empty string", reason="TOKEN_INVALID"
             )
-        identity = Identity(subject=subject, scopes=_scopes(claims))
+        # jwt.decode checked that exp, and nbf and iat where present, are integers.
+        expires = float(int(claims["exp"]))
+        identity = Identity(
+            subject=subject,
+            scopes=_scopes(claims),
+            token=token,
+            valid_until=expires + settings.leeway,
+        )
         if self._cache_size > 0:
-            # jwt.decode checked that exp, and nbf and iat where present, are integers.
             not_before = max(int(claims.get("nbf", 0)), int(claims.get("iat", 0)))
-            self._cache[token] = _Verified(identity, float(int(claims["exp"])), not_before)
+            self._cache[token] = _Verified(identity, expires, not_before)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return identity
@@ -272,6 +284,12 @@ def _bearer_token(metadata: Collection[tuple[str, str | bytes]] | None) -> str:
         raise Unauthenticated(
             "missing authorization metadata; send 'authorization: Bearer <token>'",
             reason="TOKEN_MISSING",
+        )
+    if len(values) > 1:
+        # Each part of a server may read another one: the call carries one token or none.
+        raise Unauthenticated(
+            f"{len(values)} authorization metadata entries; send exactly one",
+            reason="TOKEN_MALFORMED",
         )
     value = values[0]
     text = value.decode(errors="replace") if isinstance(value, bytes) else value

@@ -170,6 +170,9 @@ class ServerSettings:
     max_streams_per_connection: int = 200
     # Streaming calls of the service's own methods open at once on this replica.
     max_streams: int = 10_000
+    # Unary calls of the service's own methods open at once on this replica, each counted
+    # until its answer is written: one whose client does not read holds its answer.
+    max_unary_calls: int = 1_000
     # The unauthenticated health service: the longest service name (UTF-8 bytes), and the
     # Watch streams one connection, and the whole replica, may hold.
     health_max_service_name: int = 256
@@ -211,6 +214,9 @@ class ServerSettings:
                 "PARLEY_MAX_STREAMS_PER_CONNECTION", 200, minimum=1, maximum=100_000
             ),
             max_streams=env.integer("PARLEY_MAX_STREAMS", 10_000, minimum=1, maximum=1_000_000),
+            max_unary_calls=env.integer(
+                "PARLEY_MAX_UNARY_CALLS", 1_000, minimum=1, maximum=1_000_000
+            ),
             health_max_service_name=env.integer(
                 "PARLEY_HEALTH_MAX_SERVICE_NAME", 256, minimum=16, maximum=65_536
             ),

@@ -1,5 +1,9 @@
 """Admission limits: how many calls one connection, and the whole replica, may hold open.
 
+A call holds its place until grpc has finished it, past the handler's return: a unary call
+whose client does not read its answer keeps holding it, and its answer, until the client
+reads, resets the stream or the connection goes.
+
 Each refusal is a LimitExceeded (RESOURCE_EXHAUSTED naming the limit and its setting), which
 the observability interceptor counts in `parley_limit_refusals_total{limit}`.
 """
@@ -21,6 +25,7 @@ __all__ = [
     "HEALTH_WATCHES_PER_REPLICA",
     "STREAMS_PER_CONNECTION",
     "STREAMS_PER_REPLICA",
+    "UNARY_CALLS_PER_REPLICA",
     "LimitsInterceptor",
     "Quota",
 ]
@@ -30,12 +35,14 @@ _HEALTH = "grpc.health.v1.Health"
 # The `limit` label of each refusal the chassis makes.
 STREAMS_PER_CONNECTION = "streams_per_connection"
 STREAMS_PER_REPLICA = "streams_per_replica"
+UNARY_CALLS_PER_REPLICA = "unary_calls_per_replica"
 HEALTH_SERVICE_NAME = "health_service_name"
 HEALTH_WATCHES_PER_CONNECTION = "health_watches_per_connection"
 HEALTH_WATCHES_PER_REPLICA = "health_watches_per_replica"
 CHASSIS_LIMITS = (
     STREAMS_PER_CONNECTION,
     STREAMS_PER_REPLICA,
+    UNARY_CALLS_PER_REPLICA,
     HEALTH_SERVICE_NAME,
     HEALTH_WATCHES_PER_CONNECTION,
     HEALTH_WATCHES_PER_REPLICA,
@@ -75,18 +82,21 @@ class Quota:
 
 
 class _Admission(CallScope):
-    """Holds a place on the caller's connection (and on the replica, for a stream) for a call,
-    from its start until grpc has finished it: past the handler's return, while the response
-    still waits for the client to read it."""
+    """Holds a place on the caller's connection, and on the replica for the kind of call it
+    is, from its start until grpc has finished it: past the handler's return, while the
+    response still waits for the client to read it."""
 
-    __slots__ = ("_context", "_limits", "_stream")
+    __slots__ = ("_context", "_kind", "_limits")
 
     def __init__(
-        self, limits: LimitsInterceptor, context: grpc.aio.ServicerContext[Any, Any], stream: bool
+        self,
+        limits: LimitsInterceptor,
+        context: grpc.aio.ServicerContext[Any, Any],
+        kind: Quota | None,
     ) -> None:
         self._limits = limits
         self._context = context
-        self._stream = stream
+        self._kind = kind  # the replica's quota of streams or of unary calls (None: neither)
 
     async def __aenter__(self) -> None:
         limits = self._limits
@@ -100,20 +110,29 @@ class _Admission(CallScope):
                 "too many calls open at once on this connection; wait for one to end "
                 "or open another connection",
             )
-        if self._stream and not limits.streams.take(None):
+        kind = self._kind
+        if kind is not None and not kind.take(None):
             limits.per_connection.give_back(peer)
+            if kind is limits.streams:
+                raise LimitExceeded(
+                    STREAMS_PER_REPLICA,
+                    "PARLEY_MAX_STREAMS",
+                    kind.limit,
+                    "this replica holds as many streams as it may; retry later or on another "
+                    "replica",
+                )
             raise LimitExceeded(
-                STREAMS_PER_REPLICA,
-                "PARLEY_MAX_STREAMS",
-                limits.streams.limit,
-                "this replica holds as many streams as it may; retry later or on another replica",
+                UNARY_CALLS_PER_REPLICA,
+                "PARLEY_MAX_UNARY_CALLS",
+                kind.limit,
+                "this replica holds as many calls as it may (answers not yet read count); "
+                "retry later or on another replica",
             )
-        stream = self._stream
 
         def release(_: grpc.aio.ServicerContext[Any, Any]) -> None:
             limits.per_connection.give_back(peer)
-            if stream:
-                limits.streams.give_back(None)
+            if kind is not None:
+                kind.give_back(None)
 
         # grpc calls this once the call is over however it ended (a response written, an
         # error, a cancellation), so a response the client never reads keeps its place.
@@ -121,25 +140,31 @@ class _Admission(CallScope):
 
 
 class LimitsInterceptor(WrappingInterceptor):
-    """Refuses a call beyond PARLEY_MAX_STREAMS_PER_CONNECTION on its connection, and a
-    streaming call (reflection's too) beyond PARLEY_MAX_STREAMS on the replica.
+    """Refuses a call beyond PARLEY_MAX_STREAMS_PER_CONNECTION on its connection, a
+    streaming call (reflection's too) beyond PARLEY_MAX_STREAMS on the replica, and a unary
+    call beyond PARLEY_MAX_UNARY_CALLS on the replica.
 
-    Health Watch streams count per connection only here; the health service has limits of
-    its own (BoundedHealthServicer), so that probes never compete with the service's streams.
+    Health calls count per connection only here; the health service has limits of its own
+    (BoundedHealthServicer), so that probes never compete with the service's calls.
     """
 
     def __init__(self, settings: ServerSettings) -> None:
         super().__init__()
         self.per_connection = Quota(settings.max_streams_per_connection)
         self.streams = Quota(settings.max_streams)
+        self.unary_calls = Quota(settings.max_unary_calls)
 
     def open_streams(self) -> int:
         return self.streams.held(None)
 
+    def open_unary_calls(self) -> int:
+        return self.unary_calls.held(None)
+
     def wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        stream = method.lstrip("/").partition("/")[0] != _HEALTH and (
-            handler.request_streaming or handler.response_streaming
-        )
-        return wrap_handler(handler, lambda context: _Admission(self, context, stream))
+        kind: Quota | None = None
+        if method.lstrip("/").partition("/")[0] != _HEALTH:
+            streaming = handler.request_streaming or handler.response_streaming
+            kind = self.streams if streaming else self.unary_calls
+        return wrap_handler(handler, lambda context: _Admission(self, context, kind))

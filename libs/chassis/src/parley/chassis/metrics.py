@@ -140,6 +140,12 @@ class GrpcServerMetrics:
             "(limited by PARLEY_MAX_STREAMS).",
             registry=self.registry,
         )
+        self.open_unary_calls = Gauge(
+            "parley_unary_calls_open",
+            "Unary calls open on this replica, health checks aside, counted until their answer "
+            "is written (limited by PARLEY_MAX_UNARY_CALLS).",
+            registry=self.registry,
+        )
         self._methods: dict[tuple[str, str, str], MethodMetrics] = {}
 
     def method(self, grpc_type: str, service: str, method: str) -> MethodMetrics:

@@ -89,6 +89,7 @@ class GrpcApp:
         self.metrics.initialize_limits([*CHASSIS_LIMITS, MESSAGE_BYTES])
         self.limits = LimitsInterceptor(settings)
         self.metrics.open_streams.set_function(self.limits.open_streams)
+        self.metrics.open_unary_calls.set_function(self.limits.open_unary_calls)
         self.monitor = DependencyMonitor(
             self.health, service_names, checks, self.metrics, settings.health_check_interval
         )

@@ -1,1 +1,1 @@
-"""Generated from proto/ by `make proto`; do not edit."""
+"""Generated from proto/ by `make proto`; do not edit (contract.py is written by hand)."""

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ChatMessage(_message.Message):
-    __slots__ = ("user", "text", "room", "sequence", "create_time", "user_id", "client_message_id")
+    __slots__ = ("user", "text", "room", "sequence", "create_time", "user_id", "client_message_id", "room_id")
     USER_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ROOM_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ChatMessage(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROOM_ID_FIELD_NUMBER: _ClassVar[int]
     user: str
     text: str
     room: str
@@ -26,7 +27,8 @@ class ChatMessage(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     user_id: int
     client_message_id: str
-    def __init__(self, user: _Optional[str] = ..., text: _Optional[str] = ..., room: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[int] = ..., client_message_id: _Optional[str] = ...) -> None: ...
+    room_id: int
+    def __init__(self, user: _Optional[str] = ..., text: _Optional[str] = ..., room: _Optional[str] = ..., sequence: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[int] = ..., client_message_id: _Optional[str] = ..., room_id: _Optional[int] = ...) -> None: ...
 
 class ListMessagesRequest(_message.Message):
     __slots__ = ("room", "after_sequence", "before_sequence", "page_size")

@@ -119,6 +119,11 @@ class ChatServiceServicer:
         - `x-chat-resume-after`: a sequence number. The stream first replays every message of
         the room with a greater sequence, then goes on live without a gap or a duplicate.
         Absent means live messages only. A reconnecting client sends the last sequence it saw.
+        - `x-chat-room-id`: the `room_id` of the message the resume point was taken from. When
+        the room's id differs (it was deleted and made again under its name), the stream is
+        refused with OUT_OF_RANGE, reason RESUME_POINT_NOT_IN_ROOM, instead of skipping the
+        new room's first messages. Without it, only a resume point past the room's last
+        message is refused that way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,6 +55,11 @@ class ChatServiceStub:
     - `x-chat-resume-after`: a sequence number. The stream first replays every message of
       the room with a greater sequence, then goes on live without a gap or a duplicate.
       Absent means live messages only. A reconnecting client sends the last sequence it saw.
+    - `x-chat-room-id`: the `room_id` of the message the resume point was taken from. When
+      the room's id differs (it was deleted and made again under its name), the stream is
+      refused with OUT_OF_RANGE, reason RESUME_POINT_NOT_IN_ROOM, instead of skipping the
+      new room's first messages. Without it, only a resume point past the room's last
+      message is refused that way.
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]
     """ListMessages returns a page of a room's stored messages, oldest first."""
@@ -129,6 +134,11 @@ class ChatServiceAsyncStub(ChatServiceStub):
     - `x-chat-resume-after`: a sequence number. The stream first replays every message of
       the room with a greater sequence, then goes on live without a gap or a duplicate.
       Absent means live messages only. A reconnecting client sends the last sequence it saw.
+    - `x-chat-room-id`: the `room_id` of the message the resume point was taken from. When
+      the room's id differs (it was deleted and made again under its name), the stream is
+      refused with OUT_OF_RANGE, reason RESUME_POINT_NOT_IN_ROOM, instead of skipping the
+      new room's first messages. Without it, only a resume point past the room's last
+      message is refused that way.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_chat_pb2.ListMessagesRequest, _chat_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """ListMessages returns a page of a room's stored messages, oldest first."""
@@ -206,6 +216,11 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
         - `x-chat-resume-after`: a sequence number. The stream first replays every message of
           the room with a greater sequence, then goes on live without a gap or a duplicate.
           Absent means live messages only. A reconnecting client sends the last sequence it saw.
+        - `x-chat-room-id`: the `room_id` of the message the resume point was taken from. When
+          the room's id differs (it was deleted and made again under its name), the stream is
+          refused with OUT_OF_RANGE, reason RESUME_POINT_NOT_IN_ROOM, instead of skipping the
+          new room's first messages. Without it, only a resume point past the room's last
+          message is refused that way.
         """
 
     @_abc_1.abstractmethod

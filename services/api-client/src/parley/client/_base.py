@@ -133,6 +133,11 @@ class _ClientCore:
         """The default deadline of each call, in seconds (None: no deadline)."""
         return self._timeout
 
+    @property
+    def token_provider(self) -> TokenProvider | None:
+        """What every call asks for its token (None: calls carry no token)."""
+        return self._token
+
     def _deadline(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else timeout
 

@@ -59,6 +59,7 @@ from parley.client.session import (
     check_text,
 )
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 
 __all__ = [
     "DEFAULT_ROOM",
@@ -69,8 +70,6 @@ __all__ = [
 ]
 
 DEFAULT_ROOM = "general"
-ROOM_KEY = "x-chat-room"
-RESUME_KEY = "x-chat-resume-after"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 500
 # "After the highest possible sequence": an empty page that still reports the room's last one.
@@ -713,12 +712,15 @@ class AsyncChatClient(AsyncClientBase):
         on_state: StateCallback | None = None,
         buffer_size: int = 1024,
         flush_timeout: float = 5.0,
+        resume_room_id: int = 0,
     ) -> ChatSession:
         """A live session in `room`, joined by `async with` (or `await session.open()`).
 
         - `history=N` first delivers the room's last N messages, then live ones.
         - `resume_after=S` delivers every message after sequence S, then live ones (use the
           `last_sequence` of an earlier session to continue it). Not together with `history`.
+          With its `room_id` as `resume_room_id`, a room deleted and made again under its
+          name meanwhile refuses the point (OUT_OF_RANGE) instead of skipping messages.
         - Neither: the messages stored after joining.
 
         The session reconnects by itself (see `ReconnectPolicy`); `on_state` is called with a
@@ -728,6 +730,7 @@ class AsyncChatClient(AsyncClientBase):
             self,
             room,
             resume_after=resume_after,
+            resume_room_id=resume_room_id,
             history=history,
             policy=policy or ReconnectPolicy(),
             on_state=on_state,

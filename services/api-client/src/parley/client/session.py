@@ -13,7 +13,10 @@ What the session does so that its caller does not have to:
   after `ReconnectPolicy.give_up_after` seconds without a connection. With several targets
   it moves on to the next one; with a `dns:///` name round_robin picks a live replica.
 - Resumes after the last sequence number it received (`x-chat-resume-after`), so the server
-  replays what was missed, and drops anything at or below it: no gap, no duplicate.
+  replays what was missed, and drops anything at or below it: no gap, no duplicate. It sends
+  that message's `room_id` too (`x-chat-room-id`): a room deleted and made again under its
+  name while the session was away ends it with OUT_OF_RANGE (reason
+  RESUME_POINT_NOT_IN_ROOM) instead of skipping the new room's first messages.
 - Resends every message it sent whose echo (the server's acknowledgement, carrying the same
   `client_message_id`) has not come back, with its original id; the server stores and
   delivers a resent message once.
@@ -24,6 +27,10 @@ What the session does so that its caller does not have to:
   `retry_rate_limited=False` the iterator raises `ResourceExhausted` instead. A replica that
   holds all the streams it may (limit `streams_per_replica`) is left for the next address;
   any other limit (the user's streams on a replica, calls on a connection) ends the session.
+- An open stream whose token expired is ended by the server with UNAUTHENTICATED (reason
+  TOKEN_EXPIRED): when the token provider then gives another token (a `RefreshingToken` is
+  made to ask its own provider again), the session reconnects with it and resumes; when it
+  gives the same one (a fixed token), the session ends with that error.
 - Any other error (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION,
   ...) ends the session: the iterator raises it as the typed `ParleyError` after the messages
   already received, and `send()` raises it too. In particular PERMISSION_DENIED (a private
@@ -65,10 +72,12 @@ from parley.client.errors import (
     DeadlineExceeded,
     ParleyError,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     UnknownError,
 )
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
 
 if TYPE_CHECKING:
     from parley.client.chat import AsyncChatClient
@@ -91,14 +100,13 @@ MAX_TEXT_BYTES = 4096
 _ACK_MEMORY = 1024
 _MASKED_STATUS = "internal error from core"
 
-_ROOM_KEY = "x-chat-room"
-_RESUME_KEY = "x-chat-resume-after"
-
 # Errors a session reconnects after; the rest end it. CANCELLED and DEADLINE_EXCEEDED can only
 # come from the server side here (the session's stream has no deadline, and it cancels its
 # calls only when it is closed).
 # The ErrorInfo reason of the chat send rate, and the `limit` of a replica that is full.
 _RATE_LIMITED = "RATE_LIMITED"
+# The reason of an open stream ended because its token expired.
+_TOKEN_EXPIRED = "TOKEN_EXPIRED"
 _REPLICA_FULL = "streams_per_replica"
 _RECONNECT_AFTER = (Unavailable, Cancelled, DeadlineExceeded)
 
@@ -227,6 +235,7 @@ class ChatSession:
         resume_after: int | None,
         history: int,
         policy: ReconnectPolicy,
+        resume_room_id: int = 0,
         on_state: StateCallback | None,
         buffer_size: int,
         flush_timeout: float,
@@ -237,6 +246,8 @@ class ChatSession:
             raise ValueError(f"resume_after must not be negative, got {resume_after}")
         if history < 0:
             raise ValueError(f"history must not be negative, got {history}")
+        if resume_room_id < 0:
+            raise ValueError(f"resume_room_id must not be negative, got {resume_room_id}")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be positive, got {buffer_size}")
         self._client = client
@@ -253,6 +264,12 @@ class ChatSession:
         # The stored form of recently acknowledged messages, for wait_stored().
         self._acknowledged: OrderedDict[str, chat_pb2.ChatMessage] = OrderedDict()
         self._received = 0  # last sequence taken off the stream: the resume point
+        # The room_id of the message it was taken from (0: none yet), sent with the resume
+        # point so that a room deleted and made again under its name refuses it.
+        self._room_id = resume_room_id
+        self._delivered_room_id = resume_room_id  # of the last message handed to the caller
+        # The token the latest stream was opened with (None: the client's provider has none).
+        self._stream_token: str | None = None
         self._delivered = 0  # last sequence handed to the caller
         self._state = ConnectionState.CONNECTING
         self._target = client.target
@@ -288,6 +305,14 @@ class ChatSession:
         """The sequence of the last message the iterator returned; before the first, the
         point the session started after. Pass it as `resume_after` to continue later."""
         return self._delivered
+
+    @property
+    def room_id(self) -> int:
+        """The `room_id` of the last message the iterator returned (0 before the first, unless
+        given as `resume_room_id`). Pass it as `resume_room_id` with `resume_after`: a room
+        deleted and made again meanwhile then refuses the resume point (OUT_OF_RANGE)
+        instead of the session skipping the new room's first messages."""
+        return self._delivered_room_id
 
     @property
     def reconnects(self) -> int:
@@ -329,6 +354,7 @@ class ChatSession:
                 raise
             if history:
                 start = max(start, history[-1].sequence)
+                self._room_id = history[-1].room_id
                 self._delivered = history[0].sequence - 1
                 self._buffer.extend(history)
         self._received = start
@@ -439,6 +465,7 @@ class ChatSession:
             if self._buffer:
                 message = self._buffer.popleft()
                 self._delivered = message.sequence
+                self._delivered_room_id = message.room_id or self._delivered_room_id
                 self._notify()  # room in the buffer again
                 return message
             if self._failure is not None:
@@ -508,7 +535,18 @@ class ChatSession:
     async def _stream(self, channel: grpc.aio.Channel, *, settle: bool) -> bool:
         """One stream, until it ends; True when it delivered any message. Raises RpcError."""
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        metadata = ((_ROOM_KEY, self._room), (_RESUME_KEY, str(self._received)))
+        metadata: tuple[tuple[str, str], ...] = (
+            (ROOM_KEY, self._room),
+            (RESUME_KEY, str(self._received)),
+        )
+        if self._room_id:
+            metadata += ((ROOM_ID_KEY, str(self._room_id)),)
+        provider = self._client.token_provider
+        self._stream_token = None if provider is None else provider()
+        if self._stream_token is not None:
+            # Sent explicitly (it wins over the client's own), so the session knows which
+            # token a refusal or an end was about.
+            metadata += (("authorization", f"Bearer {self._stream_token}"),)
         # No deadline: the stream lasts as long as the session. wait_for_ready stays off so an
         # unreachable replica fails at once and the loop can move on to another target.
         call = stub.StreamChat(metadata=metadata, wait_for_ready=False)
@@ -570,6 +608,7 @@ class ChatSession:
         while len(self._buffer) >= self._buffer_size:
             await self._wait_change()  # the caller is behind: stop reading the stream
         self._received = message.sequence
+        self._room_id = message.room_id
         self._buffer.append(message)
         self._notify()
 
@@ -582,7 +621,20 @@ class ChatSession:
             # The send rate refills; any other limit (this user's streams, the connection's
             # calls) stays exhausted however often the session retries.
             return error.reason == _RATE_LIMITED and self._policy.retry_rate_limited
+        if isinstance(error, Unauthenticated):
+            return error.reason == _TOKEN_EXPIRED and self._fresh_token()
         return isinstance(error, _RECONNECT_AFTER)
+
+    def _fresh_token(self) -> bool:
+        """Whether the token provider now gives another token than the one the latest
+        stream was refused or ended for (a RefreshingToken is made to ask again first)."""
+        provider = self._client.token_provider
+        if provider is None or self._stream_token is None:
+            return False
+        invalidate = getattr(provider, "invalidate", None)
+        if callable(invalidate):
+            invalidate()
+        return provider() != self._stream_token
 
     # --- Bookkeeping ---------------------------------------------------------------------
 

@@ -92,6 +92,10 @@ class Subscriber:
         self.room = room
         self.user_id = user_id
         self.user_name = ""
+        # The stream's bearer token (to ask UserService about its user again) and when it
+        # stops being accepted (seconds since the epoch; 0: never checked).
+        self.token = ""
+        self.valid_until = 0.0
         # Which room the name stood for when this stream joined, and the access version its
         # user was last found allowed at.
         self.room_id = 0
@@ -129,6 +133,11 @@ class Subscriber:
     @property
     def closed(self) -> bool:
         return self._error is not None
+
+    def raise_if_closed(self) -> None:
+        """Raises the error the stream was closed with, if it was."""
+        if self._error is not None:
+            raise self._error
 
     async def next(self) -> Outgoing | None:
         """The next buffered message, or None when the stream must catch up from Postgres."""

@@ -18,6 +18,7 @@ from .metrics import ChatMetrics
 from .migrations import MIGRATIONS
 from .presence import Presence
 from .room_store import RoomStore
+from .senders import SenderCheck
 from .servicer import CHAT_LIMITS, ChatServicer
 from .settings import ChatSettings, UserServiceTls
 from .store import MessageStore
@@ -37,6 +38,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         settings.user_service,
         timeout=settings.user_timeout,
         cache_ttl=settings.user_cache_ttl,
+        max_stale=settings.user_cache_max_stale,
         credentials=_user_credentials(settings.user_tls),
     )
 
@@ -100,6 +102,9 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         max_members=settings.max_members,
     )
     servicer.add_to_server(app.server)
+    # Streams whose token expired end within the interval; those of users deleted from
+    # UserService within PARLEY_USER_CACHE_TTL plus the interval.
+    senders = SenderCheck(hub, users, interval=settings.resync_interval)
     db.register_metrics(app.metrics.registry)
 
     async def drain() -> None:
@@ -109,7 +114,9 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     app.on_start(db.open)
     app.on_start(bus.start)
     app.on_start(presence.start)
+    app.on_start(senders.start)
     app.on_drain(drain)
+    app.on_stop(senders.stop)
     app.on_stop(presence.stop)
     app.on_stop(bus.stop)
     app.on_stop(feed.stop)

@@ -30,6 +30,7 @@ from parley.chassis import (
 from parley.chassis.errors import LimitExceeded
 from parley.chassis.limits import Quota
 from parley.proto import chat_pb2
+from parley.proto.contract import RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
 
 from .bus import RedisBus
 from .hub import RoomHub, Subscriber, denied, outgoing
@@ -44,8 +45,6 @@ from .users import UserDirectory
 
 __all__ = [
     "CHAT_LIMITS",
-    "RESUME_KEY",
-    "ROOM_KEY",
     "SEND_RATE",
     "STREAMS_PER_USER",
     "ChatServicer",
@@ -53,8 +52,6 @@ __all__ = [
 ]
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
-ROOM_KEY = "x-chat-room"
-RESUME_KEY = "x-chat-resume-after"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 # A ListMessages page also ends after the message that brings its text to this many bytes.
@@ -83,25 +80,25 @@ def _metadata(context: Context) -> dict[str, str]:
     }
 
 
-def _resume_point(value: str | None) -> int | None:
+def _resume_point(
+    value: str | None, key: str = RESUME_KEY, what: str = "sequence number"
+) -> int | None:
+    """A non-negative int64 from metadata `key` (None when absent or empty)."""
     if value is None or value == "":
         return None
     if not _SEQUENCE.fullmatch(value):
-        raise InvalidArgument(
-            [FieldViolation(RESUME_KEY, "must be a sequence number (a non-negative integer)")]
-        )
+        raise InvalidArgument([FieldViolation(key, f"must be a {what} (a non-negative integer)")])
     # Leading zeros aside, more than 19 digits is out of range: never int() a long string
     # (Python refuses over 4,300 digits, and the work grows with the length).
     digits = value.lstrip("0")
     if len(digits) > len(str(_MAX_SEQUENCE)) or int(digits or "0") > _MAX_SEQUENCE:
-        raise InvalidArgument(
-            [FieldViolation(RESUME_KEY, f"must be a sequence number of at most {_MAX_SEQUENCE}")]
-        )
+        raise InvalidArgument([FieldViolation(key, f"must be a {what} of at most {_MAX_SEQUENCE}")])
     return int(digits or "0")
 
 
 def _token(context: Context) -> str:
-    return _metadata(context).get("authorization", "").partition(" ")[2].strip()
+    """The bearer token the call was let in with (the chassis refuses a second one)."""
+    return current_identity().token
 
 
 def _sender_id() -> int:
@@ -190,7 +187,10 @@ class ChatServicer:
         metadata = _metadata(context)
         room = check_room(metadata.get(ROOM_KEY, ""), field=ROOM_KEY)
         resume_after = _resume_point(metadata.get(RESUME_KEY))
-        token = _token(context)
+        # 0 is no room: what a message from a server without room ids carried.
+        resume_room = _resume_point(metadata.get(ROOM_ID_KEY), ROOM_ID_KEY, "room id") or None
+        identity = current_identity()
+        token = identity.token
         if not self._streams.take(user_id):
             raise LimitExceeded(
                 STREAMS_PER_USER,
@@ -201,6 +201,7 @@ class ChatServicer:
             )
         # Join first, then read the starting point: nothing published in between is missed.
         subscriber = self._hub.join(room, user_id)
+        subscriber.token, subscriber.valid_until = token, identity.valid_until
         reader: asyncio.Task[None] | None = None
         delivered = self._metrics.delivered
         latency = self._metrics.latency
@@ -208,8 +209,12 @@ class ChatServicer:
             subscriber.user_name = await self._users.display_name(user_id, token)
             # After joining: a change of access from now on reaches this stream through the
             # hub's checks, so this one read is enough.
+            # A resume point of a room id is never a reason to make the room: that room is gone.
             access = await self._rooms.access(
-                room, user_id, create=self._auto_create, timeout=context.time_remaining()
+                room,
+                user_id,
+                create=self._auto_create and resume_room is None,
+                timeout=context.time_remaining(),
             )
             if access.quota_spent:
                 raise self._room_rpcs.too_many_rooms()  # not made: the user's quota is spent
@@ -217,6 +222,12 @@ class ChatServicer:
                 raise denied(room)
             subscriber.room_id, subscriber.version = access.room_id, access.version
             self._hub.note_access(room, access.room_id, access.version)
+            if resume_room is not None and resume_room != access.room_id:
+                raise OutOfRange(
+                    f"{ROOM_ID_KEY} {resume_room} is not room {room!r} (id {access.room_id}):"
+                    " the room was deleted and made again since; resume from 0",
+                    reason="RESUME_POINT_NOT_IN_ROOM",
+                )
             if resume_after is None:
                 last = access.last_sequence
             elif resume_after > access.last_sequence:
@@ -275,6 +286,7 @@ class ChatServicer:
         room = subscriber.room
         more = True
         while more and (until is None or after < until):
+            subscriber.raise_if_closed()  # e.g. its token expired: not one page more
             page = await self._store.page(
                 room,
                 reader=subscriber.user_id,
@@ -288,6 +300,7 @@ class ChatServicer:
             for message in page.messages:
                 if until is not None and message.sequence > until:
                     return
+                subscriber.raise_if_closed()
                 self._metrics.backfilled.inc()
                 after = message.sequence
                 yield message

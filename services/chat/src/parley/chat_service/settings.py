@@ -74,6 +74,9 @@ class ChatSettings:
     """A room that does not exist is made (public, no owner) when a stream first names it."""
     max_rooms_per_user: int = 1000
     max_members: int = 1000
+    user_cache_max_stale: float = 300.0
+    """How long past PARLEY_USER_CACHE_TTL a cached user is honoured while UserService
+    cannot answer."""
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ChatSettings:
@@ -116,4 +119,5 @@ class ChatSettings:
                 "PARLEY_CHAT_MAX_ROOMS_PER_USER", 1000, minimum=0, maximum=1_000_000
             ),
             max_members=env.integer("PARLEY_CHAT_MAX_MEMBERS", 1000, minimum=2, maximum=1_000_000),
+            user_cache_max_stale=env.seconds("PARLEY_USER_CACHE_MAX_STALE", 300.0, maximum=86400),
         )

@@ -40,19 +40,22 @@ WITH existing AS (
     UPDATE chat_rooms AS r SET last_sequence = r.last_sequence + 1
     WHERE r.name = %(room)s AND r.access_version = %(version)s
       AND EXISTS (SELECT FROM budget) AND NOT EXISTS (SELECT FROM existing)
-    RETURNING r.last_sequence, r.access_version
+    RETURNING r.last_sequence, r.access_version, r.room_id
 ), added AS (
     INSERT INTO chat_messages (room, sequence, user_id, user_name, text, client_message_id)
     SELECT %(room)s, last_sequence, %(user_id)s, %(name)s, %(text)s, %(client_id)s FROM next
     RETURNING {columns}
 )
-SELECT {columns}, 'new', (SELECT access_version FROM next) FROM added
+SELECT {columns}, 'new', (SELECT access_version FROM next), (SELECT room_id FROM next)
+FROM added
 UNION ALL
-SELECT {columns}, 'resent', NULL::bigint FROM existing WHERE EXISTS (SELECT FROM budget)
+SELECT {columns}, 'resent', NULL::bigint,
+    (SELECT room_id FROM chat_rooms WHERE name = %(room)s)
+FROM existing WHERE EXISTS (SELECT FROM budget)
 UNION ALL
 SELECT NULL::text, NULL::bigint, NULL::integer, NULL::text, NULL::text, NULL::text,
     NULL::timestamptz, CASE WHEN EXISTS (SELECT FROM budget) THEN 'stale' ELSE 'rate' END,
-    NULL::bigint
+    NULL::bigint, NULL::bigint
 WHERE NOT EXISTS (SELECT FROM added)
   AND NOT (EXISTS (SELECT FROM existing) AND EXISTS (SELECT FROM budget))
 """
@@ -119,8 +122,9 @@ class Page(NamedTuple):
     room_id: int = 0  # which room the name stood for
 
 
-def _message(row: tuple[Any, ...]) -> chat_pb2.ChatMessage:
+def _message(row: tuple[Any, ...], room_id: int) -> chat_pb2.ChatMessage:
     message = chat_pb2.ChatMessage(
+        room_id=room_id,
         room=row[0],
         sequence=row[1],
         user_id=row[2],
@@ -187,7 +191,7 @@ class MessageStore:
         outcome = row[7]
         if outcome in ("rate", "stale"):
             return Appended(outcome, None, 0)
-        return Appended(outcome, _message(row), int(row[8] or 0))
+        return Appended(outcome, _message(row, int(row[9] or 0)), int(row[8] or 0))
 
     async def _by_client_id(
         self, room: str, user_id: int, client_message_id: str, timeout: float | None
@@ -195,13 +199,14 @@ class MessageStore:
         async with self._db.connection(timeout) as conn:
             cur = await conn.execute(
                 sql.SQL(
-                    "SELECT {} FROM chat_messages"
+                    "SELECT {}, (SELECT room_id FROM chat_rooms WHERE name = room)"
+                    " FROM chat_messages"
                     " WHERE room = %s AND user_id = %s AND client_message_id = %s"
                 ).format(_COLUMNS),
                 (room, user_id, client_message_id),
             )
             row = await cur.fetchone()
-        return None if row is None else _message(row)
+        return None if row is None else _message(row, int(row[7]))
 
     async def last_sequence(self, room: str, *, timeout: float | None = None) -> int:
         async with self._db.connection(timeout) as conn:
@@ -229,8 +234,9 @@ class MessageStore:
             rows = await cur.fetchall()
         if not rows:
             return [], None
-        messages = [_message(row[2:]) for row in rows if row[2] is not None]
-        return messages, (int(rows[0][0]), int(rows[0][1]))
+        room_id = int(rows[0][0])
+        messages = [_message(row[2:], room_id) for row in rows if row[2] is not None]
+        return messages, (room_id, int(rows[0][1]))
 
     async def page(
         self,
@@ -265,7 +271,7 @@ class MessageStore:
         found = [row[4:] for row in rows if row[4] is not None]
         kept = found[:size]
         more = bool(found) and int(found[0][7]) > len(kept)
-        messages = [_message(row) for row in kept]
+        messages = [_message(row, room_id) for row in kept]
         if before > 0:
             messages.reverse()
         return Page(

@@ -2,7 +2,8 @@
 
 Deadlines on every call, retries on UNAVAILABLE through the service config, client-side
 round_robin (give a `dns:///` target, such as a Kubernetes headless service), and a short
-cache whose stale entries keep the chat going for known users while UserService is down.
+cache whose stale entries keep the chat going for known users while UserService cannot
+answer, for a bounded time.
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from grpc_health.v1 import health_pb2
 from parley.chassis import FailedPrecondition, NotFound, Unavailable
 from parley.proto import user_pb2, user_pb2_grpc
 
-__all__ = ["USER_SERVICE", "UserDirectory", "service_config"]
+__all__ = ["USER_SERVICE", "UserDirectory", "service_config", "unknown_sender"]
 
 USER_SERVICE = "user-service"
 # Names kept at most; every chat call looks its caller up, so the cache is bounded.
 _CACHE_LIMIT = 100_000
+
+
+def unknown_sender(user_id: int) -> FailedPrecondition:
+    """The refusal of a caller, or of an open stream, whose token's user does not exist."""
+    return FailedPrecondition(
+        f"user {user_id} of the token does not exist in UserService", reason="UNKNOWN_SENDER"
+    )
 
 
 def service_config() -> str:
@@ -56,10 +64,12 @@ class UserDirectory:
         *,
         timeout: float,
         cache_ttl: float,
+        max_stale: float,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._timeout = timeout
         self._cache_ttl = cache_ttl
+        self._max_stale = max_stale
         self._cache: dict[int, tuple[str, float]] = {}
         options: list[tuple[str, str | int]] = [
             ("grpc.service_config", service_config()),
@@ -96,11 +106,13 @@ class UserDirectory:
         token's user does not exist."""
         name = await self._name(user_id, token)
         if name is None:
-            raise FailedPrecondition(
-                f"user {user_id} of the token does not exist in UserService",
-                reason="UNKNOWN_SENDER",
-            )
+            raise unknown_sender(user_id)
         return name
+
+    async def exists(self, user_id: int, token: str) -> bool:
+        """Whether UserService still has the user (from the cache while it is fresh).
+        Raises Unavailable when that cannot be told."""
+        return await self._name(user_id, token) is not None
 
     async def require(self, user_id: int, token: str) -> None:
         """NOT_FOUND unless UserService has user `user_id` (asked with the caller's token)."""
@@ -109,7 +121,9 @@ class UserDirectory:
 
     async def _name(self, user_id: int, token: str) -> str | None:
         """The user's name (None when UserService has no such user), from the cache while it
-        is fresh; a stale entry keeps a known user going while UserService is down."""
+        is fresh; a stale entry keeps a known user's calls going while UserService cannot
+        answer, for at most `max_stale` past its freshness (open streams are another matter:
+        see senders.py)."""
         cached = self._cache.get(user_id)
         now = time.monotonic()
         if cached is not None and now - cached[1] < self._cache_ttl:
@@ -124,7 +138,7 @@ class UserDirectory:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 self._cache.pop(user_id, None)
                 return None
-            if cached is not None:
+            if cached is not None and now - cached[1] < self._cache_ttl + self._max_stale:
                 return cached[0]  # degraded: a stale name beats no chat
             raise Unavailable(USER_SERVICE, f"{error.code().name}: {error.details()}") from None
         if len(self._cache) >= _CACHE_LIMIT:

@@ -38,6 +38,7 @@ from parley.bench.plan import Plan
 from parley.bench.report import Report, Row
 from parley.bench.target import Target
 from parley.proto import chat_pb2, user_pb2, user_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 
 __all__ = ["ChatSetup", "FanOutResult", "chat_tokens", "measure_chat", "run_fan_out"]
 
@@ -540,7 +541,7 @@ def measure_chat(target: Target, broadcast_address: str, plan: Plan, report: Rep
     listener_token, sender_tokens = chat_tokens(target, plan.chat_senders)
 
     def metadata(token: str) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {token}"), ("x-chat-room", room))
+        return (("authorization", f"Bearer {token}"), (ROOM_KEY, room))
 
     base_setup = ChatSetup(
         addresses=(broadcast_address,),

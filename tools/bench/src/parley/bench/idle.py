@@ -25,6 +25,7 @@ from parley.bench.plan import Plan
 from parley.bench.report import Report, Row
 from parley.bench.target import Target
 from parley.proto import chat_pb2
+from parley.proto.contract import ROOM_KEY
 
 __all__ = ["measure_idle", "rss_bytes"]
 
@@ -90,7 +91,7 @@ async def _measure(
     address: str, metrics: str, pid: int, token: str, sender_token: str, count: int
 ) -> Row:
     room = f"idle-{uuid.uuid4().hex[:8]}"
-    metadata = (("authorization", f"Bearer {token}"), ("x-chat-room", room))
+    metadata = (("authorization", f"Bearer {token}"), (ROOM_KEY, room))
     channels = [grpc.aio.insecure_channel(address) for _ in range(CHANNELS)]
 
     async def server_count() -> float:
@@ -127,7 +128,7 @@ async def _measure(
 
             # Every open stream is live: one message reaches each.
             text = f"to everyone {uuid.uuid4().hex[:8]}"
-            sender_metadata = (("authorization", f"Bearer {sender_token}"), ("x-chat-room", room))
+            sender_metadata = (("authorization", f"Bearer {sender_token}"), (ROOM_KEY, room))
             sender = _Idle(channels[0], sender_metadata)
             await sender.call.write(chat_pb2.ChatMessage(text=text))
             live = [s for s in crowd if s.ended is None]

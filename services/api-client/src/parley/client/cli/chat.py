@@ -326,6 +326,15 @@ def tail(
             "--after", min=0, help="First print every message after this sequence number."
         ),
     ] = None,
+    room_id: Annotated[
+        int,
+        typer.Option(
+            "--room-id",
+            min=0,
+            help="The room_id of the message --after names: a room deleted and made again "
+            "since refuses it (OUT_OF_RANGE) instead of skipping messages.",
+        ),
+    ] = 0,
     count: Annotated[
         int | None,
         typer.Option("--count", "-c", min=1, help="Exit after N messages (history included)."),
@@ -346,25 +355,32 @@ def tail(
     """
     if history is not None and after is not None:
         raise typer.BadParameter("give --history or --after, not both")
-    asyncio.run(_tail(settings, _room(settings, room), history, after, count, wait))
+    if room_id and after is None:
+        raise typer.BadParameter("--room-id goes with --after")
+    asyncio.run(_tail(settings, _room(settings, room), history, (after, room_id), count, wait))
 
 
 async def _tail(
     settings: Settings,
     room: str,
     history: int | None,
-    after: int | None,
+    resume: tuple[int | None, int],
     count: int | None,
     wait: float | None,
 ) -> None:
     console = stdout_console()
+    after, room_id = resume
     printed = 0
     try:
         async with (
             asyncio.timeout(wait),
             async_chat_client(settings) as client,
             client.session(
-                room, history=history or 0, resume_after=after, on_state=_stderr_notices()
+                room,
+                history=history or 0,
+                resume_after=after,
+                resume_room_id=room_id,
+                on_state=_stderr_notices(),
             ) as session,
         ):
             async for message in session:

@@ -11,6 +11,7 @@ import grpc
 
 from parley.client.cli.output import printable
 from parley.client.errors import ParleyError, is_connection_lost
+from parley.proto.contract import ROOM_KEY
 
 __all__ = [
     "EXIT_CODES_HELP",
@@ -61,7 +62,7 @@ _FIELD_FLAG = {
     "email": "--email",
     "age": "--age",
     "id": "the user id",
-    "x-chat-room": "--room",
+    ROOM_KEY: "--room",
     "room": "--room",
     "page_size": "--page-size",
     "text": "the message text",

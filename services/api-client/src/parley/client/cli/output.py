@@ -137,6 +137,7 @@ def message_json(message: chat_pb2.ChatMessage) -> dict[str, Any]:
         "text": message.text,
         "create_time": timestamp(message.create_time, message.HasField("create_time")),
         "client_message_id": message.client_message_id,
+        "room_id": message.room_id,
     }
 
 
