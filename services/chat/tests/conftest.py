@@ -290,20 +290,9 @@ _SERVING_LINE = re.compile(r"serving gRPC on \S+:(\d+), metrics on \S+:(\d+)")
 
 def _stop_metrics_in_background(app: GrpcApp, threads: list[threading.Thread]) -> None:
     # The metrics HTTP server polls for shutdown every 0.5 s; wait for it on a thread.
-    metrics_server = getattr(app, "_metrics_server", None)
-    if metrics_server is None:
-        return
-    app._metrics_server = None
-    server, thread = metrics_server
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-    stopper = threading.Thread(target=stop, name="metrics-stop", daemon=True)
-    stopper.start()
-    threads.append(stopper)
+    stopping = app.release_metrics_server()
+    if stopping is not None:
+        threads.append(stopping)
 
 
 @pytest.fixture(scope="session")

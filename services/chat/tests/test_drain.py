@@ -53,7 +53,7 @@ async def test_a_replica_drained_mid_conversation_ends_its_streams_at_once(
 async def test_a_task_that_drops_its_cancellation_is_still_stopped():
     """As redis-py's and psycopg_pool's calls do on Python 3.11: `asyncio.wait_for` returns
     normally when the cancellation lands just as the operation it waits for completes."""
-    from parley.chat_service.tasks import cancel_and_wait
+    from parley.chassis.tasks import cancel_and_wait
 
     operation = asyncio.get_running_loop().create_future()
     waiting = asyncio.Event()

@@ -101,24 +101,12 @@ async def start_server(_background_stops: list[threading.Thread]) -> AsyncIterat
 
     yield start
     for app in apps:
-        # The metrics HTTP server polls for shutdown every 0.5 s; let that wait happen on a
-        # thread so the next test can start meanwhile. Everything else stops as usual.
-        metrics = getattr(app, "_metrics_server", None)
-        if metrics is not None:
-            app._metrics_server = None
-            _background_stops.append(_stop_metrics_in_background(*metrics))
+        # The metrics HTTP server polls for shutdown every 0.5 s: the next test starts
+        # meanwhile. Everything else stops as usual.
+        stopping = app.release_metrics_server()
+        if stopping is not None:
+            _background_stops.append(stopping)
         await app.stop()
-
-
-def _stop_metrics_in_background(server: Any, thread: threading.Thread) -> threading.Thread:
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-    stopper = threading.Thread(target=stop, name="metrics-stop", daemon=True)
-    stopper.start()
-    return stopper
 
 
 @pytest.fixture

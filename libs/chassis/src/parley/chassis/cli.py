@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from parley.chassis.config import ConfigError, DatabaseSettings, Env
+from parley.chassis.config import ConfigError, DatabaseSettings, Env, log_settings
 from parley.chassis.database import redact_url
 from parley.chassis.logs import configure_logging
 from parley.chassis.migrations import MigrationSet
@@ -21,18 +21,9 @@ __all__ = ["run_service_command"]
 _log = logging.getLogger("parley.cli")
 
 
-def _logging_from_env(env: Env) -> tuple[str, str]:
-    return (
-        env.choice("PARLEY_LOG_FORMAT", "plain", ("plain", "json")),
-        env.choice(
-            "PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), ignore_case=True
-        ),
-    )
-
-
 async def _serve(build: Callable[[Env], GrpcApp]) -> int:
     env = Env()
-    configure_logging(*_logging_from_env(env))
+    configure_logging(*log_settings(env))
     app = build(env)
     await app.run()
     return 0
@@ -43,7 +34,7 @@ async def _migrate(migrations: MigrationSet) -> int:
     database = DatabaseSettings.from_env(env)
     # How long to retry a database that is not up yet (a container or pod started with it).
     wait = env.seconds("PARLEY_MIGRATE_WAIT", 60.0, minimum=0.0, maximum=3600.0)
-    configure_logging(*_logging_from_env(env))
+    configure_logging(*log_settings(env))
     applied = await migrations.apply(database.url, wait=wait)
     _log.info(
         "%s schema of %s is at version %d (%s)",

@@ -18,6 +18,7 @@ __all__ = [
     "Env",
     "ServerSettings",
     "TlsSettings",
+    "log_settings",
     "read_pem",
 ]
 
@@ -138,6 +139,17 @@ class TlsSettings:
         )
 
 
+def log_settings(env: Env) -> tuple[str, str]:
+    """PARLEY_LOG_FORMAT and PARLEY_LOG_LEVEL: read here only, by the server's settings and
+    by the commands that log before a server is built."""
+    return (
+        env.choice("PARLEY_LOG_FORMAT", "plain", ("plain", "json")),
+        env.choice(
+            "PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), ignore_case=True
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Where a service listens and how its connections and shutdown behave."""
@@ -181,6 +193,7 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, env: Env, *, default_port: int, default_metrics_port: int) -> ServerSettings:
+        log_format, log_level = log_settings(env)
         return cls(
             host=env.string("PARLEY_GRPC_HOST", "0.0.0.0"),
             port=env.port("PARLEY_GRPC_PORT", default_port),
@@ -196,10 +209,8 @@ class ServerSettings:
             health_check_interval=env.seconds(
                 "PARLEY_HEALTH_CHECK_INTERVAL", 5.0, minimum=0.05, maximum=300
             ),
-            log_format=env.choice("PARLEY_LOG_FORMAT", "plain", ("plain", "json")),
-            log_level=env.choice(
-                "PARLEY_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), ignore_case=True
-            ),
+            log_format=log_format,
+            log_level=log_level,
             tls=TlsSettings.from_env(env),
             health_port=(
                 None if env.raw("PARLEY_HEALTH_PORT") is None else env.port("PARLEY_HEALTH_PORT", 0)

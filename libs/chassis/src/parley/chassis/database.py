@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from parley.chassis.config import DatabaseSettings
 from parley.chassis.errors import DeadlineExceeded, Unavailable
+from parley.chassis.tasks import cancel_and_wait
 
 __all__ = ["Database", "redact_url"]
 
@@ -99,8 +100,7 @@ class Database:
 
     async def close(self) -> None:
         if self._reachability_check is not None:
-            self._reachability_check.cancel()
-            await asyncio.gather(self._reachability_check, return_exceptions=True)
+            await cancel_and_wait(self._reachability_check)
         await self.pool.close()
 
     @asynccontextmanager

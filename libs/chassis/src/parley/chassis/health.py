@@ -21,6 +21,7 @@ from parley.chassis.limits import (
     Quota,
 )
 from parley.chassis.metrics import GrpcServerMetrics
+from parley.chassis.tasks import cancel_and_wait
 
 __all__ = ["BoundedHealthServicer", "DependencyCheck", "DependencyMonitor", "WatchRefused"]
 
@@ -182,8 +183,7 @@ class DependencyMonitor:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def _loop(self) -> None:

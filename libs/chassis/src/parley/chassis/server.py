@@ -16,11 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from parley.chassis.auth import AuthInterceptor, TokenVerifier
-from parley.chassis.config import ServerSettings
+from parley.chassis.config import DatabaseSettings, ServerSettings
+from parley.chassis.database import Database
 from parley.chassis.health import BoundedHealthServicer, DependencyCheck, DependencyMonitor
 from parley.chassis.limits import CHASSIS_LIMITS, LimitsInterceptor
 from parley.chassis.malformed import MESSAGE_BYTES
 from parley.chassis.metrics import GrpcServerMetrics, start_metrics_server
+from parley.chassis.migrations import MigrationSet
 from parley.chassis.observability import ObservabilityInterceptor
 
 __all__ = ["GrpcApp", "ShutdownHook", "http2_stream_ceiling", "server_options"]
@@ -130,6 +132,25 @@ class GrpcApp:
         self._on_start: list[ShutdownHook] = []
         self._on_drain: list[ShutdownHook] = []
         self._on_stop: list[ShutdownHook] = []
+        self._databases: list[Database] = []
+
+    def use_database(
+        self, settings: DatabaseSettings, *, application_name: str, migrations: MigrationSet
+    ) -> Database:
+        """The service's Postgres pool: opened before the server starts, closed after every
+        on_stop hook (they may still read), its metrics registered, and readiness `postgres`
+        reporting whether the schema is at `migrations`' latest version."""
+        db = Database(settings, application_name=application_name)
+
+        async def schema_is_current() -> None:
+            async with db.connection() as conn:
+                await migrations.require_current(conn)
+
+        self.monitor.add(DependencyCheck("postgres", schema_is_current))
+        db.register_metrics(self.metrics.registry)
+        self.on_start(db.open)
+        self._databases.append(db)
+        return db
 
     def on_start(self, hook: ShutdownHook) -> None:
         """Run `hook` before the server accepts calls."""
@@ -171,14 +192,31 @@ class GrpcApp:
             await self.health_server.stop(0)
         for hook in self._on_stop:
             await hook()
-        if self._metrics_server is not None:
-            server, thread = self._metrics_server
+        for db in self._databases:
+            await db.close()
+        stopping = self.release_metrics_server()
+        if stopping is not None:
             # shutdown() blocks for up to its 0.5 s poll interval; keep the event loop free.
-            await asyncio.to_thread(server.shutdown)
+            await asyncio.to_thread(stopping.join, 5)
+        _log.info("stopped")
+
+    def release_metrics_server(self) -> Thread | None:
+        """Stops serving /metrics without waiting: returns the thread that shuts the HTTP
+        server down (it polls every 0.5 s; join it when convenient), or None when it is not
+        running. stop() calls it; a test that starts many apps may call it first."""
+        if self._metrics_server is None:
+            return None
+        server, thread = self._metrics_server
+        self._metrics_server = None
+
+        def shut_down() -> None:
+            server.shutdown()
             server.server_close()
             thread.join(timeout=5)
-            self._metrics_server = None
-        _log.info("stopped")
+
+        stopping = Thread(target=shut_down, name="metrics-server-stop", daemon=True)
+        stopping.start()
+        return stopping
 
     async def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then drain and return."""

@@ -20,12 +20,12 @@ import redis.asyncio as redis
 from google.protobuf.message import DecodeError
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
 
 from .feed import BAD_SEQUENCE, TOO_LARGE, UNREADABLE, WRONG_ROOM, RoomFeed
 from .hub import Outgoing, RoomHub
 from .metrics import ChatMetrics
-from .tasks import cancel_and_wait
 
 __all__ = ["MAX_HINT_BYTES", "AccessVersions", "RedisBus"]
 

@@ -20,11 +20,11 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 
+from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
 
 from .hub import Outgoing, RoomHub, outgoing
 from .metrics import ChatMetrics
-from .tasks import cancel_and_wait
 
 __all__ = [
     "BAD_SEQUENCE",

@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from parley.chassis import PermissionDenied, ServiceError
+from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
 
 from .metrics import ChatMetrics
-from .tasks import cancel_and_wait
 
 __all__ = ["Outgoing", "Readers", "RoomHub", "Stamp", "Subscriber", "denied", "outgoing"]
 

@@ -12,10 +12,10 @@ from collections import defaultdict
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
+from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
 
 from .hub import RoomHub
-from .tasks import cancel_and_wait
 
 __all__ = ["Presence"]
 

@@ -23,9 +23,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 from parley.chassis import ServiceError, Unauthenticated
+from parley.chassis.tasks import cancel_and_wait
 
 from .hub import RoomHub, Subscriber
-from .tasks import cancel_and_wait
 from .users import UserDirectory, unknown_sender
 
 __all__ = ["SenderCheck"]

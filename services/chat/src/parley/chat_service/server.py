@@ -8,7 +8,7 @@ import uuid
 
 import grpc
 
-from parley.chassis import Database, DependencyCheck, GrpcApp, TokenVerifier, Unavailable
+from parley.chassis import DependencyCheck, GrpcApp, TokenVerifier, Unavailable
 from parley.proto import chat_pb2
 
 from .bus import RedisBus
@@ -31,7 +31,13 @@ SERVICE_NAME = "chat.ChatService"
 
 def create_server(settings: ChatSettings) -> GrpcApp:
     """A ready-to-start server bound to its port (read `.port`; port 0 picks a free one)."""
-    db = Database(settings.database, application_name="parley-chat")
+    # The app owns the metrics registry, so it is built before the parts that count.
+    app = GrpcApp(
+        settings.server,
+        services=[chat_pb2.DESCRIPTOR.services_by_name["ChatService"]],
+        verifier=TokenVerifier(settings.auth),
+    )
+    db = app.use_database(settings.database, application_name="parley-chat", migrations=MIGRATIONS)
     store = MessageStore(db, rate=settings.rate_limit, burst=settings.rate_burst)
     rooms = RoomStore(db, max_rooms_per_user=settings.max_rooms_per_user)
     users = UserDirectory(
@@ -42,10 +48,6 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         credentials=_user_credentials(settings.user_tls),
     )
 
-    async def postgres_ready() -> None:
-        async with db.connection() as conn:
-            await MIGRATIONS.require_current(conn)
-
     async def last_sequence(room: str) -> int:
         return await store.last_sequence(room)
 
@@ -54,12 +56,6 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     ) -> tuple[list[chat_pb2.ChatMessage], tuple[int, int] | None]:
         return await store.after(room, sequence, limit)
 
-    # The app owns the metrics registry, so it is built before the parts that count.
-    app = GrpcApp(
-        settings.server,
-        services=[chat_pb2.DESCRIPTOR.services_by_name["ChatService"]],
-        verifier=TokenVerifier(settings.auth),
-    )
     metrics = ChatMetrics(app.metrics.registry)
     app.metrics.initialize_limits(CHAT_LIMITS)
     # Access checks share the pool with the calls too: a flood of forged access hints takes a
@@ -83,7 +79,6 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     bus.check_access_with(rooms.versions)
     replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     presence = Presence(bus.client, settings.redis_prefix, replica, hub, settings.presence_ttl)
-    app.monitor.add(DependencyCheck("postgres", postgres_ready))
     app.monitor.add(DependencyCheck("redis", bus.ping))
     app.monitor.add(DependencyCheck(USER_SERVICE, users.probe, critical=False))
     servicer = ChatServicer(
@@ -105,13 +100,11 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     # Streams whose token expired end within the interval; those of users deleted from
     # UserService within PARLEY_USER_CACHE_TTL plus the interval.
     senders = SenderCheck(hub, users, interval=settings.resync_interval)
-    db.register_metrics(app.metrics.registry)
 
     async def drain() -> None:
         # Ends every stream so its client reconnects to another replica and resumes.
         hub.close_all(Unavailable("this chat replica", "it is shutting down; reconnect and resume"))
 
-    app.on_start(db.open)
     app.on_start(bus.start)
     app.on_start(presence.start)
     app.on_start(senders.start)
@@ -122,7 +115,6 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     app.on_stop(feed.stop)
     app.on_stop(hub.stop)
     app.on_stop(users.close)
-    app.on_stop(db.close)
     return app
 
 

@@ -29,6 +29,7 @@ from parley.chassis import (
 )
 from parley.chassis.errors import LimitExceeded
 from parley.chassis.limits import Quota
+from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
 from parley.proto.contract import RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
 
@@ -40,7 +41,6 @@ from .room_rpcs import MEMBERS_PER_ROOM, ROOMS_PER_USER, RoomRpcs
 from .room_store import DIRECT_PREFIX, RoomStore
 from .rooms import check_client_message_id, check_room, check_text
 from .store import Appended, MessageStore
-from .tasks import cancel_and_wait
 from .users import UserDirectory
 
 __all__ = [
