@@ -297,16 +297,6 @@ def _relative_files(root: Path) -> set[str]:
     }
 
 
-def test_every_metadata_key_of_the_contract_is_documented_in_the_protos() -> None:
-    from parley.proto import contract
-
-    protos = "\n".join(p.read_text() for p in (REPO_ROOT / "proto").glob("*.proto"))
-    keys = {name: getattr(contract, name) for name in contract.__all__ if name.endswith("_KEY")}
-    assert keys, "parley.proto.contract names no metadata key"
-    missing = {name: key for name, key in keys.items() if f"`{key}`" not in protos}
-    assert not missing, f"metadata keys no .proto comment documents: {missing}"
-
-
 def test_generated_code_is_not_stale(tmp_path: Path) -> None:
     # The venv's python and its protoc plugins (protoc-gen-mypy_grpc) come first on PATH.
     env = dict(os.environ)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import re
 
 from parley.chassis import FieldViolation, InvalidArgument
+from parley.proto.contract import (
+    DEFAULT_ROOM,
+    MAX_CLIENT_MESSAGE_ID,
+    MAX_TEXT_BYTES,
+    MAX_TITLE_CHARS,
+)
 
 __all__ = [
     "DEFAULT_ROOM",
@@ -17,10 +23,6 @@ __all__ = [
     "check_title",
 ]
 
-DEFAULT_ROOM = "general"
-MAX_TEXT_BYTES = 4096
-MAX_CLIENT_MESSAGE_ID = 64
-MAX_TITLE_CHARS = 200
 _ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # C0 and C1 control characters and DEL, except tab and newline: they drive terminals (escape
 # sequences, carriage returns that overwrite a line), and Postgres text cannot hold NUL.

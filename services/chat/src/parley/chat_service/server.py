@@ -10,6 +10,7 @@ import grpc
 
 from parley.chassis import DependencyCheck, GrpcApp, TokenVerifier, Unavailable
 from parley.proto import chat_pb2
+from parley.proto.contract import CHAT_SERVICE
 
 from .bus import RedisBus
 from .feed import RoomFeed
@@ -26,7 +27,7 @@ from .users import USER_SERVICE, UserDirectory
 
 __all__ = ["SERVICE_NAME", "create_server"]
 
-SERVICE_NAME = "chat.ChatService"
+SERVICE_NAME = CHAT_SERVICE
 
 
 def create_server(settings: ChatSettings) -> GrpcApp:

@@ -31,7 +31,7 @@ from parley.chassis.errors import LimitExceeded
 from parley.chassis.limits import Quota
 from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
-from parley.proto.contract import RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
+from parley.proto.contract import CHAT_SERVICE, RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
 
 from .bus import RedisBus
 from .hub import RoomHub, Subscriber, denied, outgoing
@@ -51,7 +51,6 @@ __all__ = [
     "RateLimited",
 ]
 
-SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 # A ListMessages page also ends after the message that brings its text to this many bytes.
@@ -461,9 +460,9 @@ class ChatServicer:
         }
         handlers = {name: self._counted(name, handler) for name, handler in handlers.items()}
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+            (grpc.method_handlers_generic_handler(CHAT_SERVICE, handlers),)
         )
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+        server.add_registered_method_handlers(CHAT_SERVICE, handlers)
 
     async def ListPresence(
         self, request: chat_pb2.ListPresenceRequest, context: Context

@@ -8,16 +8,16 @@ answer, for a bounded time.
 
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from parley.chassis import FailedPrecondition, NotFound, Unavailable
-from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto import contract, user_pb2, user_pb2_grpc
+from parley.proto.contract import service_config
 
-__all__ = ["USER_SERVICE", "UserDirectory", "service_config", "unknown_sender"]
+__all__ = ["USER_SERVICE", "UserDirectory", "unknown_sender"]
 
 USER_SERVICE = "user-service"
 # Names kept at most; every chat call looks its caller up, so the cache is bounded.
@@ -28,32 +28,6 @@ def unknown_sender(user_id: int) -> FailedPrecondition:
     """The refusal of a caller, or of an open stream, whose token's user does not exist."""
     return FailedPrecondition(
         f"user {user_id} of the token does not exist in UserService", reason="UNKNOWN_SENDER"
-    )
-
-
-def service_config() -> str:
-    # No per-method "timeout" here: grpcio starts that clock one to two seconds before the
-    # call (grpc/grpc#34547), so a 2 s timeout expired within milliseconds and a 1 s one at
-    # once. Every call passes its own deadline instead.
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            # Stop picking a UserService replica once it reports its overall health ("")
-            # NOT_SERVING, which it does as it begins to drain.
-            "healthCheckConfig": {"serviceName": ""},
-            "methodConfig": [
-                {
-                    "name": [{"service": "user.UserService"}, {"service": "grpc.health.v1.Health"}],
-                    "retryPolicy": {
-                        "maxAttempts": 3,
-                        "initialBackoff": "0.05s",
-                        "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ],
-        }
     )
 
 
@@ -72,7 +46,7 @@ class UserDirectory:
         self._max_stale = max_stale
         self._cache: dict[int, tuple[str, float]] = {}
         options: list[tuple[str, str | int]] = [
-            ("grpc.service_config", service_config()),
+            ("grpc.service_config", service_config(contract.USER_SERVICE, methods=["GetUser"])),
             ("grpc.enable_retries", 1),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from parley.chassis import GrpcApp, TokenVerifier
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto.contract import USER_SERVICE
 
 from .importing import IMPORT_LIMITS
 from .migrations import MIGRATIONS
@@ -13,7 +14,7 @@ from .store import UserStore
 
 __all__ = ["SERVICE_NAME", "create_server"]
 
-SERVICE_NAME = "user.UserService"
+SERVICE_NAME = USER_SERVICE
 
 
 def create_server(settings: UserSettings) -> GrpcApp:
