@@ -21,17 +21,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
-import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from parley.client.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
 from parley.proto import user_pb2, user_pb2_grpc
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -243,19 +241,18 @@ def jwt_secret() -> str:
 
 
 @pytest.fixture(scope="session")
-def sign_token(jwt_secret: str) -> Callable[[str], str]:
-    """`sign_token(subject)`: a token for `subject` signed with PARLEY_JWT_SECRET."""
-    return lambda subject: _sign(jwt_secret, subject)
+def sign_token(jwt_secret: str) -> Callable[..., str]:
+    """`sign_token(subject, scope="")`: a token for `subject` signed with PARLEY_JWT_SECRET
+    (and the stack's PARLEY_JWT_ISSUER and PARLEY_JWT_AUDIENCE), as `parley token` makes."""
 
+    def sign(subject: str, scope: str = "") -> str:
+        return mint_token(
+            jwt_secret,
+            subject,
+            scope.split(),
+            ttl=TOKEN_TTL,
+            issuer=os.environ.get("PARLEY_JWT_ISSUER", "").strip() or DEFAULT_ISSUER,
+            audience=os.environ.get("PARLEY_JWT_AUDIENCE", "").strip() or DEFAULT_AUDIENCE,
+        )
 
-def _sign(secret: str, subject: str) -> str:
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "sub": subject,
-        "iss": os.environ.get("PARLEY_JWT_ISSUER", "").strip() or "parley",
-        "aud": os.environ.get("PARLEY_JWT_AUDIENCE", "").strip() or "parley",
-        "iat": now,
-        "nbf": now,
-        "exp": now + TOKEN_TTL,
-    }
-    return jwt.encode(claims, secret, algorithm="HS256")
+    return sign

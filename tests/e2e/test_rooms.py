@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import jwt
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
@@ -62,25 +61,13 @@ class Person:
         return self.auth if room is None else (*self.auth, (ROOM_KEY, room))
 
 
-def _sign(secret: str, subject: str, scope: str = "") -> str:
-    """A token for `subject` as tests/e2e/conftest.py signs them, with `scope` when given."""
-    now = int(time.time())
-    claims: dict[str, Any] = {
-        "sub": subject,
-        "iss": os.environ.get("PARLEY_JWT_ISSUER", "").strip() or "parley",
-        "aud": os.environ.get("PARLEY_JWT_AUDIENCE", "").strip() or "parley",
-        "iat": now,
-        "nbf": now,
-        "exp": now + 600,
-    }
-    if scope:
-        claims["scope"] = scope
-    return jwt.encode(claims, secret, algorithm="HS256")
-
-
 @pytest.fixture(scope="module")
 def cast(
-    user_addr: str, user_service_ready: None, token: str, jwt_secret: str, chat_addr: str
+    user_addr: str,
+    user_service_ready: None,
+    token: str,
+    sign_token: Callable[..., str],
+    chat_addr: str,
 ) -> Iterator[dict[str, Person]]:
     """The people of the room tests, by role: the owner of the test rooms, a member, a
     stranger, an admin (`chat:admin`, a member of nothing) and `third`, whom they add.
@@ -101,7 +88,7 @@ def cast(
                     timeout=CALL_TIMEOUT,
                 ).user
                 scope = ADMIN_SCOPE if role == "admin" else ""
-                people[role] = Person(user.id, user.name, _sign(jwt_secret, str(user.id), scope))
+                people[role] = Person(user.id, user.name, sign_token(str(user.id), scope))
             yield people
         finally:
             for person in people.values():

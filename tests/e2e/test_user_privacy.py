@@ -7,13 +7,9 @@ User with `email` empty and every other field as stored. GetUser and ListUsers b
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import jwt
 import pytest
 
 from parley.proto import user_pb2, user_pb2_grpc
@@ -46,24 +42,9 @@ CALLERS = {
 
 
 @pytest.fixture(scope="module")
-def sign(jwt_secret: str) -> Callable[[str, str], str]:
+def sign(sign_token: Callable[..., str]) -> Callable[[str, str], str]:
     """`sign(subject, scope)`: a token signed with PARLEY_JWT_SECRET, like the suite's own."""
-
-    def make(subject: str, scope: str) -> str:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "sub": subject,
-            "iss": os.environ.get("PARLEY_JWT_ISSUER", "").strip() or "parley",
-            "aud": os.environ.get("PARLEY_JWT_AUDIENCE", "").strip() or "parley",
-            "iat": now,
-            "nbf": now,
-            "exp": now + TOKEN_TTL,
-        }
-        if scope:
-            claims["scope"] = scope
-        return jwt.encode(claims, jwt_secret, algorithm="HS256")
-
-    return make
+    return sign_token
 
 
 @pytest.fixture
