@@ -16,10 +16,10 @@ from parley.chassis.errors import LimitExceeded, ServiceError, to_status
 from parley.chassis.logs import request_id_var
 from parley.chassis.malformed import MalformedRequest
 from parley.chassis.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
+from parley.proto.contract import REQUEST_ID_KEY
 
 __all__ = ["REQUEST_ID_KEY", "ObservabilityInterceptor"]
 
-REQUEST_ID_KEY = "x-request-id"
 
 _log = logging.getLogger("parley.rpc")
 

@@ -18,7 +18,6 @@ service-config timeout before the call is made (grpc/grpc#34547).
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import grpc.aio
 
 from parley.client._auth import AuthInterceptor, async_auth_interceptors
 from parley.client.tokens import TokenProvider
+from parley.proto import contract
 
 __all__ = [
     "CHAT_SERVICE",
@@ -47,7 +47,7 @@ __all__ = [
 DEFAULT_TIMEOUT = 10.0
 """Seconds a call may take unless the client or the call says otherwise."""
 
-HEALTH_SERVICE = "grpc.health.v1.Health"
+HEALTH_SERVICE = contract.HEALTH_SERVICE
 
 _VERSION = "0.1.0"
 
@@ -67,16 +67,16 @@ class ServiceSpec:
 
 
 USER_SERVICE = ServiceSpec(
-    name="user.UserService",
+    name=contract.USER_SERVICE,
     address_env="PARLEY_USER_ADDR",
     default_target="localhost:50051",
-    idempotent=("GetUser", "ListUsers"),
+    idempotent=contract.IDEMPOTENT_METHODS[contract.USER_SERVICE],
 )
 CHAT_SERVICE = ServiceSpec(
-    name="chat.ChatService",
+    name=contract.CHAT_SERVICE,
     address_env="PARLEY_CHAT_ADDR",
     default_target="localhost:50052",
-    idempotent=("ListMessages", "ListPresence", "GetRoom", "ListRooms", "ListMembers"),
+    idempotent=contract.IDEMPOTENT_METHODS[contract.CHAT_SERVICE],
 )
 
 
@@ -124,37 +124,8 @@ def _check_target(target: str) -> None:
 
 def service_config(spec: ServiceSpec) -> str:
     """The JSON service config: round_robin with health checking, retries of the idempotent
-    methods."""
-    names = [{"service": spec.name, "method": method} for method in spec.idempotent]
-    names.append({"service": HEALTH_SERVICE})
-    return json.dumps(
-        {
-            "loadBalancingConfig": [{"round_robin": {}}],
-            # Client-side health checking: each connection watches the server's overall
-            # health (service ""), which a Parley server sets NOT_SERVING as it starts to
-            # drain; round_robin then sends new calls elsewhere before the server stops.
-            # Readiness (a dependency down) does not turn it off, so a replica whose
-            # database is down still answers with the precise error.
-            "healthCheckConfig": {"serviceName": ""},
-            "methodConfig": [
-                {
-                    "name": names,
-                    "retryPolicy": {
-                        "maxAttempts": 4,
-                        "initialBackoff": "0.1s",
-                        "maxBackoff": "1s",
-                        "backoffMultiplier": 2,
-                        # A replica that stops while a call is on its way to a handler ends
-                        # it CANCELLED; for a read, trying another replica is as safe as it
-                        # is for UNAVAILABLE. (A cancellation by this client is never retried.)
-                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
-                    },
-                }
-            ],
-            # A client facing a failing server stops retrying instead of multiplying its load.
-            "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
-        }
-    )
+    methods (see parley.proto.contract.service_config)."""
+    return contract.service_config(spec.name, methods=spec.idempotent)
 
 
 def channel_options(

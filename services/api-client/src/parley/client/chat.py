@@ -32,13 +32,8 @@ import grpc.aio
 
 from parley.client._base import AsyncClientBase, SyncClientBase
 from parley.client._channel import CHAT_SERVICE
-from parley.client.errors import (
-    CallContext,
-    DeadlineExceeded,
-    ParleyError,
-    Unavailable,
-    error_from_rpc,
-)
+from parley.client._history import INT64_MAX, MAX_PAGE_SIZE, last_messages
+from parley.client.errors import DeadlineExceeded, Unavailable
 from parley.client.rooms import (
     DEFAULT_MEMBER_PAGE_SIZE,
     DEFAULT_ROOM_PAGE_SIZE,
@@ -58,7 +53,7 @@ from parley.client.session import (
     StateCallback,
     check_text,
 )
-from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto import chat_pb2, chat_pb2_grpc, contract
 from parley.proto.contract import ROOM_KEY
 
 __all__ = [
@@ -69,11 +64,8 @@ __all__ = [
     "check_text",
 ]
 
-DEFAULT_ROOM = "general"
+DEFAULT_ROOM = contract.DEFAULT_ROOM
 DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 500
-# "After the highest possible sequence": an empty page that still reports the room's last one.
-_INT64_MAX = 2**63 - 1
 
 
 def _check_page_size(page_size: int) -> None:
@@ -157,7 +149,7 @@ class ChatClient(SyncClientBase):
     ) -> list[chat_pb2.ChatMessage]:
         """The last `count` messages of a room, oldest first."""
         messages: list[chat_pb2.ChatMessage] = []
-        before = _INT64_MAX
+        before = INT64_MAX
         while len(messages) < count:
             page = self.list_messages_page(
                 room,
@@ -465,35 +457,12 @@ class AsyncChatClient(AsyncClientBase):
         self, room: str = DEFAULT_ROOM, count: int = 20, *, timeout: float | None = None
     ) -> list[chat_pb2.ChatMessage]:
         """The last `count` messages of a room, oldest first."""
-        messages, _ = await self._recent(room, count, timeout)
+        messages, _ = await last_messages(self, room, count, timeout)
         return messages
-
-    async def _recent(
-        self, room: str, count: int, timeout: float | None
-    ) -> tuple[list[chat_pb2.ChatMessage], int]:
-        """The last `count` messages, and the room's last sequence when the first page was read."""
-        messages: list[chat_pb2.ChatMessage] = []
-        last: int | None = None
-        before = _INT64_MAX
-        while True:
-            page = await self.list_messages_page(
-                room,
-                before=before,
-                page_size=max(1, min(count - len(messages), MAX_PAGE_SIZE)),
-                timeout=timeout,
-            )
-            if last is None:
-                last = page.last_sequence
-            if count <= 0:
-                return [], last
-            messages[:0] = page.messages
-            if len(messages) >= count or not page.has_more or not page.messages:
-                return messages, last
-            before = page.messages[0].sequence
 
     async def last_sequence(self, room: str = DEFAULT_ROOM, *, timeout: float | None = None) -> int:
         """The highest sequence stored in a room (0 for a room without messages)."""
-        page = await self.list_messages_page(room, after=_INT64_MAX, page_size=1, timeout=timeout)
+        page = await self.list_messages_page(room, after=INT64_MAX, page_size=1, timeout=timeout)
         return page.last_sequence
 
     async def presence(
@@ -738,22 +707,16 @@ class AsyncChatClient(AsyncClientBase):
             flush_timeout=flush_timeout,
         )
 
-    # What a ChatSession needs from its client, kept narrow on purpose.
+    # --- What its sessions use (`parley.client.session.SessionClient`) ---------------------
 
-    def _stream_target(self) -> tuple[str, grpc.aio.Channel]:
+    def stream_channel(self) -> tuple[str, grpc.aio.Channel]:
+        """The address a new long-lived stream goes to now, and the client's channel to it.
+
+        The channel belongs to the client: `close()` closes it. With several addresses, a
+        call that cannot reach this one, or `advance_target()`, moves the client on."""
         return self._targets.current, self._targets.channel()
 
-    def _next_target(self) -> None:
+    def advance_target(self) -> None:
+        """Move on to the next of the client's addresses, round the list (with one address,
+        nothing changes); the next call or `stream_channel()` uses it."""
         self._targets.advance()
-
-    def _stream_error(self, error: grpc.RpcError) -> ParleyError:
-        return error_from_rpc(
-            error,
-            CallContext(
-                target=self._targets.text,
-                method="/chat.ChatService/StreamChat",
-                address_env=self._service.address_env,
-                timeout=None,
-                token_sent=self._token is not None,
-            ),
-        )

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from parley.proto.contract import REQUEST_ID_KEY
+
 __all__ = [
     "AlreadyExists",
     "Cancelled",
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 _DETAILS_KEY = "grpc-status-details-bin"
-_REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID_KEY = REQUEST_ID_KEY
 
 # What grpcio puts in the details of calls that never reached a server, or lost it.
 _CONNECTION_LOST = (

@@ -62,12 +62,15 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import Protocol, Self
 
 import grpc
 import grpc.aio
 
+from parley.client._channel import CHAT_SERVICE
+from parley.client._history import MessagePages, last_messages
 from parley.client.errors import (
+    CallContext,
     Cancelled,
     DeadlineExceeded,
     ParleyError,
@@ -75,12 +78,11 @@ from parley.client.errors import (
     Unauthenticated,
     Unavailable,
     UnknownError,
+    error_from_rpc,
 )
-from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.client.tokens import TokenProvider
+from parley.proto import chat_pb2, chat_pb2_grpc, contract
 from parley.proto.contract import RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
-
-if TYPE_CHECKING:
-    from parley.client.chat import AsyncChatClient
 
 __all__ = [
     "MAX_TEXT_BYTES",
@@ -88,16 +90,18 @@ __all__ = [
     "ConnectionEvent",
     "ConnectionState",
     "ReconnectPolicy",
+    "SessionClient",
     "StateCallback",
     "check_text",
 ]
 
 _log = logging.getLogger("parley.client")
 
-MAX_TEXT_BYTES = 4096
+MAX_TEXT_BYTES = contract.MAX_TEXT_BYTES
 """The longest message text the server accepts, in UTF-8 bytes."""
 
 _ACK_MEMORY = 1024
+_STREAM_METHOD = "/chat.ChatService/StreamChat"
 _MASKED_STATUS = "internal error from core"
 
 # Errors a session reconnects after; the rest end it. CANCELLED and DEADLINE_EXCEEDED can only
@@ -216,6 +220,32 @@ class ReconnectPolicy:
         return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
+class SessionClient(MessagePages, Protocol):
+    """What a `ChatSession` needs from the client that opened it; `AsyncChatClient` is one.
+
+    Defined here, on the session's side, so that the session never imports the client: the
+    client's module imports this one, and nothing runs the other way.
+    """
+
+    @property
+    def target(self) -> str:
+        """Every address of the client, as given (errors name them)."""
+        ...
+
+    @property
+    def token_provider(self) -> TokenProvider | None:
+        """What gives the token of each stream (None: streams carry no token)."""
+        ...
+
+    def stream_channel(self) -> tuple[str, grpc.aio.Channel]:
+        """The address a new stream goes to, and the client's channel to it."""
+        ...
+
+    def advance_target(self) -> None:
+        """Move on to the client's next address (nothing changes when it has one)."""
+        ...
+
+
 class ChatSession:
     """A room joined for as long as the session is open. Create it with
     `AsyncChatClient.session()`; join with `async with` (or `open()` and `close()`).
@@ -229,7 +259,7 @@ class ChatSession:
 
     def __init__(
         self,
-        client: AsyncChatClient,
+        client: SessionClient,
         room: str,
         *,
         resume_after: int | None,
@@ -346,7 +376,7 @@ class ChatSession:
             start = self._resume_after
         else:
             try:
-                history, start = await self._client._recent(self._room, self._history, None)
+                history, start = await last_messages(self._client, self._room, self._history, None)
             except ParleyError as error:
                 # E.g. PERMISSION_DENIED for a private room: the session has failed like it
                 # would on its stream (state FAILED, `error` set, `send()` raises it).
@@ -488,7 +518,7 @@ class ChatSession:
         lost_since: float | None = None
         settle = False
         while True:
-            target, channel = self._client._stream_target()
+            target, channel = self._client.stream_channel()
             self._target = target
             opened_at = time.monotonic()
             error: ParleyError | None = None
@@ -496,7 +526,7 @@ class ChatSession:
             try:
                 delivered = await self._stream(channel, settle=settle)
             except grpc.RpcError as rpc_error:
-                error = self._client._stream_error(rpc_error)
+                error = self._stream_error(rpc_error)
             settle = error is not None and _masked(error)
             if delivered or time.monotonic() - opened_at >= self._policy.max_delay:
                 attempt, lost_since = 0, None
@@ -517,7 +547,7 @@ class ChatSession:
                 isinstance(error, ResourceExhausted)
                 and error.metadata.get("limit") == _REPLICA_FULL
             ):
-                self._client._next_target()
+                self._client.advance_target()
             if not settle:
                 # A masked INTERNAL is no lost connection, only grpcio hiding the server's
                 # status: the next stream reads it, and nobody is told of a reconnect.
@@ -611,6 +641,18 @@ class ChatSession:
         self._room_id = message.room_id
         self._buffer.append(message)
         self._notify()
+
+    def _stream_error(self, error: grpc.RpcError) -> ParleyError:
+        return error_from_rpc(
+            error,
+            CallContext(
+                target=self._client.target,
+                method=_STREAM_METHOD,
+                address_env=CHAT_SERVICE.address_env,
+                timeout=None,
+                token_sent=self._client.token_provider is not None,
+            ),
+        )
 
     def _reconnects_after(self, error: ParleyError) -> bool:
         if _masked(error):

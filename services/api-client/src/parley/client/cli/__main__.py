@@ -1,5 +1,5 @@
 """`python -m parley.client.cli`: the same as the `parley` command."""
 
-from parley.client.cli import app
+from parley.client.cli import main
 
-app(prog_name="parley")
+main()

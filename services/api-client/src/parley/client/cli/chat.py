@@ -12,16 +12,10 @@ from typing import Annotated, TypeVar
 import typer
 from rich.table import Table
 
-from parley.client import (
-    AsyncChatClient,
-    ChatClient,
-    ConnectionEvent,
-    ConnectionState,
-    DeadlineExceeded,
-    ReconnectPolicy,
-)
+from parley.client import ConnectionEvent, DeadlineExceeded, ReconnectPolicy
 from parley.client.chat import DEFAULT_ROOM, check_text
-from parley.client.cli.context import Settings, address_errors, command, examples, positive
+from parley.client.cli.chat_connection import async_chat_client, chat_client, reconnect_notices
+from parley.client.cli.context import Settings, command, examples, positive
 from parley.client.cli.errors import EXIT_USAGE
 from parley.client.cli.output import (
     emit_json,
@@ -40,8 +34,6 @@ from parley.proto import chat_pb2
 __all__ = ["chat_app"]
 
 _T = TypeVar("_T")
-
-CHAT_ADDRESS_FLAG = "--chat-addr / PARLEY_CHAT_ADDR"
 
 CHAT_EXAMPLES = examples(
     "parley chat --room lobby",
@@ -74,33 +66,6 @@ RoomOption = Annotated[
 
 def _room(settings: Settings, room: str | None) -> str:
     return room or settings.room or DEFAULT_ROOM
-
-
-def async_chat_client(settings: Settings) -> AsyncChatClient:
-    """An asyncio ChatService client for the run's addresses, token and timeout."""
-    with address_errors(CHAT_ADDRESS_FLAG):
-        return AsyncChatClient(
-            settings.chat_addr, token=settings.token, timeout=settings.call_timeout
-        )
-
-
-def reconnect_notices(print_notice: Callable[[str], None]) -> Callable[[ConnectionEvent], None]:
-    """An `on_state` callback printing one line when the stream is lost and one when it is
-    back, however many attempts it takes in between."""
-    lost = False
-
-    def on_state(event: ConnectionEvent) -> None:
-        nonlocal lost
-        if event.state is ConnectionState.RECONNECTING and not lost:
-            lost = True
-            why = f" ({event.error.code.name})" if event.error is not None else ""
-            print_notice(f"connection to {event.target} lost{why}; reconnecting")
-        elif event.state is ConnectionState.CONNECTED and lost:
-            lost = False
-            resent = f", resent {event.resent} unacknowledged" if event.resent else ""
-            print_notice(f"reconnected to {event.target}{resent}")
-
-    return on_state
 
 
 @chat_app.callback(epilog=CHAT_EXAMPLES)
@@ -400,12 +365,6 @@ async def _tail(
 
 
 # --- history and who -----------------------------------------------------------------------
-
-
-def chat_client(settings: Settings) -> ChatClient:
-    """A sync ChatService client for the run's addresses, token and timeout."""
-    with address_errors(CHAT_ADDRESS_FLAG):
-        return ChatClient(settings.chat_addr, token=settings.token, timeout=settings.call_timeout)
 
 
 @chat_app.command(

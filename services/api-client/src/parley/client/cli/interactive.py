@@ -21,7 +21,7 @@ from prompt_toolkit.styles import Style
 
 from parley.client import ChatSession, ParleyError
 from parley.client.chat import AsyncChatClient, check_text
-from parley.client.cli.chat import async_chat_client, reconnect_notices
+from parley.client.cli.chat_connection import async_chat_client, reconnect_notices
 from parley.client.cli.context import Settings
 from parley.client.cli.output import message_parts, printable
 from parley.proto import chat_pb2

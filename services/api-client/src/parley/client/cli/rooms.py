@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from parley.client.cli.chat import chat_client
+from parley.client.cli.chat_connection import chat_client
 from parley.client.cli.context import Settings, command, examples
 from parley.client.cli.errors import EXIT_USAGE
 from parley.client.cli.output import (
