@@ -168,8 +168,8 @@ kind-up: ## Create the kind cluster (deploy/kind/cluster.yaml) unless it exists
 kind-load: ## Build both images, tag them by image ID, load them into kind, record the tags
 	@mkdir -p $(sort $(KIND_STATE) $(patsubst %/,%,$(dir $(KIND_TAG_FILE)))) && \
 		rm -f $(KIND_STATE)/user.iid $(KIND_STATE)/chat.iid
-	$(DOCKER) build -f services/user/Dockerfile --iidfile $(KIND_STATE)/user.iid .
-	$(DOCKER) build -f services/chat/Dockerfile --iidfile $(KIND_STATE)/chat.iid .
+	$(DOCKER) build -f Dockerfile --build-arg SERVICE=user --iidfile $(KIND_STATE)/user.iid .
+	$(DOCKER) build -f Dockerfile --build-arg SERVICE=chat --iidfile $(KIND_STATE)/chat.iid .
 	set -e; \
 	user_id=$$(sed 's/^sha256://' $(KIND_STATE)/user.iid); \
 	chat_id=$$(sed 's/^sha256://' $(KIND_STATE)/chat.iid); \

@@ -147,13 +147,17 @@ def service_images() -> list[ic.Image]:
     """image-check's images under the names docker-compose.yml gives them."""
     raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
     names: dict[str, str] = {}
-    for service in raw["services"].values():
+    for name, service in raw["services"].items():
         build = service.get("build")
         if build:
-            names[build["dockerfile"]] = service["image"]
+            # image-check builds from the repository root with its Dockerfile; so must compose.
+            where = (build.get("context"), build.get("dockerfile", "Dockerfile"))
+            if where != (".", ic.DOCKERFILE):
+                raise RuntimeError(f"{name} builds {where}, not ('.', {ic.DOCKERFILE!r})")
+            names[build["args"]["SERVICE"]] = service["image"]
     images = []
     for image in ic.IMAGES:
-        name = names[image.dockerfile]
+        name = names[image.name]
         # podman resolves the short name parley-user:dev to localhost/parley-user:dev.
         tag = name if "/" in name.split(":")[0] else f"localhost/{name}"
         images.append(replace(image, tag=tag))

@@ -7,15 +7,19 @@
    `podman import` and kept in podman's storage under a tag derived from its recipe, so a
    second run reuses it (`--base-image` uses an existing image instead, such as the official
    Python slim image where it can be pulled);
-3. build the user and chat images from their Dockerfiles with `--build-arg BASE_IMAGE=...`;
-4. check each image's configuration: a non-root user, SIGTERM as the stop signal, an
+3. build the user and chat images from the one Dockerfile with `--build-arg SERVICE=...` and
+   `--build-arg BASE_IMAGE=...`;
+4. show that each image holds only its own workspace members: in a copy of the build context,
+   a change to the SDK, the tools, the test helpers and the other service rebuilds no layer
+   of it (the same image ID, every step a cache hit), while a change to its own service does;
+5. check each image's configuration: a non-root user, SIGTERM as the stop signal, an
    exec-form entrypoint, and no compiler;
-5. in a database of its own and under a Redis prefix of its own, run `parley-user migrate`
+6. in a database of its own and under a Redis prefix of its own, run `parley-user migrate`
    and `parley-chat migrate`, start both services with their real command on free ports,
    wait for grpc.health.v1 (liveness and readiness), make real RPCs (CreateUser and GetUser;
    StreamChat and ListMessages), read /metrics, check the processes run as non-root, and stop
    each with `podman stop` (SIGTERM), which must end it with exit code 0 within its grace;
-6. always remove the containers, the database and the Redis keys, print a summary, and exit
+7. always remove the containers, the database and the Redis keys, print a summary, and exit
    non-zero when any check failed.
 
 Podman runs here with `--runtime runc --cgroup-manager=cgroupfs` and explicit ulimits; see
@@ -31,6 +35,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import secrets
 import shlex
 import shutil
@@ -85,25 +90,36 @@ CALL_TIMEOUT = 10.0
 STOP_GRACE = 10
 
 
+# Both images come from this Dockerfile (relative to the build context, the repository root);
+# the build argument SERVICE names the image's service.
+DOCKERFILE = "Dockerfile"
+
+
 @dataclass(frozen=True)
 class Image:
-    name: str  # user or chat
-    dockerfile: str
+    name: str  # user or chat: the Dockerfile's SERVICE, and services/<name>
     tag: str
     grpc_service: str
     command: str  # the console script, also the entrypoint
 
+    @property
+    def build_args(self) -> list[str]:
+        return ["--build-arg", f"SERVICE={self.name}"]
+
 
 IMAGES = [
-    Image(
-        "user", "services/user/Dockerfile", "localhost/parley-user:imagecheck", "user.UserService",
-        "parley-user",
-    ),
-    Image(
-        "chat", "services/chat/Dockerfile", "localhost/parley-chat:imagecheck", "chat.ChatService",
-        "parley-chat",
-    ),
+    Image("user", "localhost/parley-user:imagecheck", "user.UserService", "parley-user"),
+    Image("chat", "localhost/parley-chat:imagecheck", "chat.ChatService", "parley-chat"),
+]
+
+# Build-context entries the cache check does not copy: what .dockerignore keeps out anyway,
+# and the large local state (virtualenv, tools, the local stack's data).
+CONTEXT_SKIP = [
+    ".git", ".venv", ".tools", ".parley", "__pycache__", ".pytest_cache", ".mypy_cache",
+    ".ruff_cache", ".hypothesis", "node_modules",
 ]  # fmt: skip
+# Workspace members neither image holds: a change to any of them must rebuild no layer.
+NOT_IN_ANY_IMAGE = ["services/api-client", "tools/devstack", "tools/bench", "libs/testing"]
 
 
 class Abort(Exception):
@@ -323,23 +339,139 @@ def make_base(detail: list[str]) -> str:
 
 
 def build_image(image: Image, base: str, detail: list[str], *, log_dir: Path = WORK) -> None:
+    podman_build(image, base, ROOT, log_dir / f"build-{image.name}.log", "-t", image.tag)
+    detail.append(f"{image.tag}, {image_size(image.tag)}")
+
+
+def podman_build(image: Image, base: str, context: Path, log: Path, *extra: str) -> None:
+    """`podman build` of `image` from `context`, its output in `log`."""
     args = [
         "build", "--network", "host", *ULIMITS, "--build-arg", f"BASE_IMAGE={base}",
-        "-f", image.dockerfile, "-t", image.tag,
+        *image.build_args, "-f", str(context / DOCKERFILE), *extra,
     ]  # fmt: skip
     if HOST_CA_BUNDLE.is_file():
         # A TLS-intercepting proxy's CA, trusted by the host but not by a fresh base, for the
         # build steps that download from PyPI. Mounts are not stored in layers.
         args += ["-v", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro"]
-    log = log_dir / f"build-{image.name}.log"
     with open(log, "w") as out:
         result = subprocess.run(
-            [*PODMAN, *args, str(ROOT)], stdout=out, stderr=subprocess.STDOUT, check=False
+            [*PODMAN, *args, str(context)], stdout=out, stderr=subprocess.STDOUT, check=False
         )
     if result.returncode != 0:
         tail = "\n".join(log.read_text().strip().splitlines()[-20:])
         raise RuntimeError(f"podman build exited {result.returncode} (log: {log}):\n{tail}")
-    detail.append(f"{image.tag}, {image_size(image.tag)}")
+
+
+@dataclass(frozen=True)
+class Build:
+    image_id: str
+    steps: int  # the steps podman ran or took from its cache (FROM excluded)
+    cached: int  # those taken from the cache
+    created: list[str]  # the images of the steps podman ran, oldest first
+    log: Path
+
+    @property
+    def all_cached(self) -> bool:
+        return self.steps > 0 and self.cached == self.steps
+
+
+def cache_build(image: Image, base: str, context: Path, log: Path) -> Build:
+    """Builds `image` from `context` (untagged) and reads which steps were cache hits."""
+    iidfile = log.with_suffix(".iid")
+    podman_build(image, base, context, log, "--iidfile", str(iidfile))
+    steps = cached = 0
+    created: list[str] = []
+    pending = False
+    # podman prints "STEP n/m: INSTRUCTION ...", then "--> Using cache <id>" for a cache hit
+    # or "--> <id>" for the image of a step it ran.
+    for line in log.read_text().splitlines():
+        step = re.match(r"(\[\d+/\d+\] )?STEP \d+/\d+: (\S+)", line)
+        if step:
+            pending = step.group(2).upper() != "FROM"
+            steps += pending
+        elif pending and line.startswith("--> "):
+            if line.startswith("--> Using cache "):
+                cached += 1
+            else:
+                created.append(line.split()[1])
+            pending = False
+    image_id = iidfile.read_text().strip().removeprefix("sha256:")[:12]
+    return Build(image_id, steps, cached, created, log)
+
+
+def change_member(context: Path, member: str, mark: str) -> None:
+    """Edits a member's sources in the copied context: one file changed and one added."""
+    folder = context / member
+    existing = sorted((folder / "src").rglob("*.py"))
+    if not existing:
+        raise RuntimeError(f"{member} has no Python sources to change")
+    with open(existing[0], "a") as source:
+        source.write(f"\n# image-check: changed ({mark})\n")
+    (existing[0].parent / f"image_check_{mark}.py").write_text('"""Added by image-check."""\n')
+
+
+def check_build_cache(base: str, detail: list[str]) -> None:
+    """Each image copies only its own members: changes elsewhere rebuild none of its layers."""
+    user, chat = (next(i for i in IMAGES if i.name == name) for name in ("user", "chat"))
+    # New in every run, so the control below can never be a cache hit of an earlier run.
+    run_id = secrets.token_hex(4)
+    builds: list[Build] = []
+    with (
+        contextlib.ExitStack() as cleanup,
+        tempfile.TemporaryDirectory(prefix="context-", dir=WORK) as folder,
+    ):
+        cleanup.callback(remove_created, builds)
+        context = Path(folder) / "parley"
+        shutil.copytree(ROOT, context, symlinks=True, ignore=shutil.ignore_patterns(*CONTEXT_SKIP))
+
+        def build(image: Image, label: str) -> Build:
+            log = WORK / f"cache-{image.name}-{label}.log"
+            builds.append(cache_build(image, base, context, log))
+            return builds[-1]
+
+        def unchanged(image: Image, before: Build, label: str, changed: str) -> Build:
+            after = build(image, label)
+            if after.image_id != before.image_id or not after.all_cached:
+                raise RuntimeError(
+                    f"a change to {changed} rebuilt the {image.name} image: "
+                    f"{after.steps - after.cached} of {after.steps} steps not cached, "
+                    f"image {before.image_id} -> {after.image_id} (log: {after.log})"
+                )
+            return after
+
+        first = {image.name: build(image, "first") for image in (user, chat)}
+        outside = ", ".join(NOT_IN_ANY_IMAGE)
+        for member in NOT_IN_ANY_IMAGE:
+            change_member(context, member, f"{run_id}a")
+        change_member(context, "services/chat", f"{run_id}a")
+        ran = unchanged(user, first["user"], "second", f"{outside} and services/chat")
+        # The control: the chat image does see a change to its own service.
+        control = build(chat, "second")
+        if control.image_id == first["chat"].image_id or control.all_cached:
+            raise RuntimeError(
+                f"a change to services/chat left the chat image as it was (log: {control.log})"
+            )
+        for member in NOT_IN_ANY_IMAGE:
+            change_member(context, member, f"{run_id}b")
+        change_member(context, "services/user", f"{run_id}b")
+        unchanged(chat, control, "third", f"{outside} and services/user")
+    detail.append(
+        f"user {ran.image_id} kept after changes to {outside} and services/chat "
+        f"({ran.cached}/{ran.steps} steps cached); chat {control.image_id} kept after changes "
+        f"to them and services/user; its own change rebuilt chat "
+        f"({control.steps - control.cached} steps)"
+    )
+
+
+def remove_created(builds: list[Build]) -> None:
+    """Removes the untagged images the cache check's builds made (newest first), so they do
+    not pile up; a cache hit reused an image that was there before and is kept."""
+    for image_id in reversed([i for b in builds for i in (*b.created, b.image_id) if b.created]):
+        tags = podman(
+            "image", "inspect", "--format", "{{len .RepoTags}}", image_id, check=False, capture=True
+        )
+        if tags.stdout.strip() == "0":  # never an image someone tagged
+            podman("rmi", image_id, check=False, capture=True)
 
 
 def image_size(tag: str) -> str:
@@ -770,6 +902,8 @@ def main(argv: list[str] | None = None) -> int:
         for image in IMAGES:
             with report.step(f"{image.name}: build") as detail:
                 build_image(image, base, detail)
+        with report.step("build cache: each image copies only its members", fatal=False) as detail:
+            check_build_cache(base, detail)
         for image in IMAGES:
             with report.step(f"{image.name}: image configuration", fatal=False) as detail:
                 check_config(image, detail)

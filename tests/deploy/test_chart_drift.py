@@ -31,7 +31,7 @@ from parley.chassis import Env
 from parley.chat_service import server as chat_server
 from parley.chat_service import settings as chat_settings
 from parley.chat_service.settings import ChatSettings
-from parley.chat_service.users import service_config
+from parley.proto.contract import USER_SERVICE, service_config
 from parley.testing.certificates import CertificateAuthority
 from parley.user_service import server as user_server
 from parley.user_service import settings as user_settings
@@ -44,15 +44,11 @@ STOP_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class Service:
-    name: str  # the chart's component, and services/<name>/
+    name: str  # the chart's component, services/<name>/ and the Dockerfile's SERVICE
     grpc_port: int
     metrics_port: int
     readiness: str  # the health service name its readiness reflects
     settings: Callable[[Env], Any]
-
-    @property
-    def dockerfile(self) -> Path:
-        return REPO / "services" / self.name / "Dockerfile"
 
     @property
     def script(self) -> str:
@@ -199,8 +195,7 @@ def test_ports_are_the_services_own(
         ("metrics", "metrics"),
     }
 
-    exposed = next(args for word, args in deploy.dockerfile_final_stage(service.dockerfile)
-                   if word == "EXPOSE")  # fmt: skip
+    exposed = deploy.image_config(deploy.service_image(service.name))["EXPOSE"]
     assert {int(p) for p in exposed.split()} == {service.grpc_port, service.metrics_port}
 
 
@@ -266,8 +261,7 @@ def test_termination_grace_covers_prestop_and_drain(
 def test_image_runs_the_service_command_and_stops_it_with_sigterm(
     deploy: Any, helm4: str, service: Service
 ) -> None:
-    stage = deploy.dockerfile_final_stage(service.dockerfile)
-    last = {word: args for word, args in stage}
+    last = deploy.image_config(deploy.service_image(service.name))
     assert last["STOPSIGNAL"] == "SIGTERM"
     # Exec form: the service is PID 1 and receives the signal itself (no shell in between).
     assert deploy.exec_form(last["ENTRYPOINT"]) == [service.script]
@@ -306,7 +300,7 @@ def test_chat_dials_the_headless_user_service_with_round_robin(
         ("grpc", user_ports["grpc"], "grpc")
     ]
     assert port == user_ports["grpc"]
-    policy = json.loads(service_config())["loadBalancingConfig"]
+    policy = json.loads(service_config(USER_SERVICE))["loadBalancingConfig"]
     assert policy == [{"round_robin": {}}], "chat does not balance over the resolved pods"
 
 

@@ -104,10 +104,12 @@ def compose(dot_env: dict[str, str]) -> dict[str, Any]:
 
 
 def _component(service: dict[str, Any]) -> str | None:
-    """ "user" or "chat" for a service running a Parley image (from the Dockerfile it builds)."""
-    dockerfile = service.get("build", {}).get("dockerfile", "")
-    match = re.fullmatch(r"services/([a-z-]+)/Dockerfile", dockerfile)
-    return match.group(1) if match else None
+    """ "user" or "chat" for a service running a Parley image (the SERVICE it is built with)."""
+    build = service.get("build", {})
+    if build.get("dockerfile", "Dockerfile") != "Dockerfile":
+        return None
+    component = build.get("args", {}).get("SERVICE")
+    return str(component) if component else None
 
 
 def _parley(compose: dict[str, Any]) -> dict[str, tuple[str, str, dict[str, Any]]]:
@@ -140,7 +142,7 @@ def test_the_compose_file_matches_the_compose_spec(deploy: Any) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_build_has_its_dockerfile(compose: dict[str, Any]) -> None:
+def test_every_build_has_its_dockerfile(deploy: Any, compose: dict[str, Any]) -> None:
     images: dict[str, dict[str, Any]] = {}
     for name, service in compose["services"].items():
         if "build" not in service:
@@ -150,9 +152,14 @@ def test_every_build_has_its_dockerfile(compose: dict[str, Any]) -> None:
         assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
         # Services sharing an image tag must build it the same way, or the tag is a race.
         assert images.setdefault(service["image"], build) == build, name
-    built = {Path(b["context"], b["dockerfile"]).as_posix() for b in images.values()}
-    for dockerfile in sorted(REPO.glob("services/*/Dockerfile")):
-        assert dockerfile.relative_to(REPO).as_posix() in built, f"nothing builds {dockerfile}"
+    # Every image of the one Dockerfile, each from the repository root (the context it needs).
+    built: dict[str, dict[str, Any]] = {}
+    for build in images.values():
+        path = Path(build["context"], build.get("dockerfile", "Dockerfile")).as_posix()
+        if path == "Dockerfile":
+            built[build["args"]["SERVICE"]] = build
+    assert sorted(built) == sorted(deploy.image_services()), "nothing builds some SERVICE"
+    assert all(build["context"] == "." for build in built.values())
 
 
 def test_parley_services_get_only_settings_their_command_reads(
@@ -403,10 +410,11 @@ def test_compose_check_stands_in_for_each_pulled_image() -> None:
         assert "STAND-IN" in (folder / "Dockerfile").read_text(encoding="utf-8")
 
 
-def test_health_checks_run_a_python_the_images_have(compose: dict[str, Any]) -> None:
+def test_health_checks_run_a_python_the_images_have(deploy: Any, compose: dict[str, Any]) -> None:
     """The exec-form checks run `python`: the venv's, first on the images' PATH."""
-    for name, (_, _, service) in _serving(compose).items():
+    for name, (component, _, service) in _serving(compose).items():
         assert service["healthcheck"]["test"][:3] == ["CMD", "python", "-c"], name
-        dockerfile = (REPO / service["build"]["dockerfile"]).read_text(encoding="utf-8")
-        assert "COPY --from=build /app/.venv /app/.venv" in dockerfile, name
-        assert re.search(r"^ENV PATH=/app/\.venv/bin:", dockerfile, re.M), name
+        image = [i for stage in deploy.service_image(component) for i in stage.instructions]
+        assert ("COPY", "--from=build /app/.venv /app/.venv") in image, name
+        path = [rest for word, rest in image if word == "ENV" and rest.startswith("PATH=")]
+        assert path and path[-1].startswith("PATH=/app/.venv/bin:"), name

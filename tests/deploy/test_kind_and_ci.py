@@ -160,8 +160,9 @@ def test_kind_targets_use_the_given_tools_and_the_kind_values(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     out = _joined(result.stdout)
     assert "/opt/kind create cluster --name ci --config deploy/kind/cluster.yaml" in out
-    assert "/opt/docker build -f services/user/Dockerfile --iidfile .parley/kind/user.iid ." in out
-    assert "/opt/docker build -f services/chat/Dockerfile --iidfile .parley/kind/chat.iid ." in out
+    for image in ("user", "chat"):
+        assert (f"/opt/docker build -f Dockerfile --build-arg SERVICE={image} "
+                f"--iidfile .parley/kind/{image}.iid .") in out  # fmt: skip
     assert "/opt/kind load docker-image --name ci" in out
     assert re.search(r"/opt/helm upgrade --install parley deploy/helm/parley .*"
                      r"-f deploy/helm/parley/ci/kind-values.yaml .*--wait", out)  # fmt: skip
@@ -179,7 +180,8 @@ def test_kind_targets_use_the_given_tools_and_the_kind_values(tmp_path: Path) ->
 
 # Stand-ins for docker/podman, kind, helm and kubectl: each logs its arguments (and kind's
 # KIND_EXPERIMENTAL_PROVIDER) as a JSON line to $FAKE_LOG. The engine answers --version with
-# $FAKE_VERSION and "builds" an image whose ID is a hash of $FAKE_CONTENT and the Dockerfile.
+# $FAKE_VERSION and "builds" an image whose ID is a hash of $FAKE_CONTENT, the Dockerfile and
+# its build argument.
 FAKE_TOOL = """\
 import hashlib, json, os, sys
 
@@ -192,7 +194,7 @@ if name in ("docker", "podman"):
         print(os.environ["FAKE_VERSION"])
         sys.exit(0)
     if args[0] == "build":
-        content = os.environ["FAKE_CONTENT"] + option("-f")
+        content = os.environ["FAKE_CONTENT"] + option("-f") + option("--build-arg")
         with open(option("--iidfile"), "w") as iid:
             iid.write("sha256:" + hashlib.sha256(content.encode()).hexdigest())
     elif args[0] == "save":
@@ -269,7 +271,7 @@ def test_kind_dry_run_with_each_helm_and_engine(
     # Built, tagged by image ID, recorded for kind-deploy; loaded the engine's way.
     user = "docker.io/library/parley-user"
     for image in ("user", "chat"):
-        assert (f"{engine_command} build -f services/{image}/Dockerfile "
+        assert (f"{engine_command} build -f Dockerfile --build-arg SERVICE={image} "
                 f"--iidfile .parley/kind/{image}.iid .") in out  # fmt: skip
     assert f"user={user}:kind-${{user_id:0:12}}" in out
     assert f'{engine_command} tag "$user_id" "$user"' in out
@@ -334,8 +336,7 @@ def test_kind_load_tags_each_build_by_content_and_kind_deploy_rolls_to_it(
         return recorded, calls
 
     def image_id(content: str, image: str) -> str:
-        dockerfile = f"services/{image}/Dockerfile"
-        return hashlib.sha256((content + dockerfile).encode()).hexdigest()
+        return hashlib.sha256(f"{content}DockerfileSERVICE={image}".encode()).hexdigest()
 
     first, calls = load_and_deploy("code v1")
     assert first == {image: f"kind-{image_id('code v1', image)[:12]}" for image in ("user", "chat")}
