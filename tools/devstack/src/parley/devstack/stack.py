@@ -187,7 +187,8 @@ class Stack:
         self._check_ports(embed_postgres=database_url is None, embed_redis=redis_url is None)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if database_url is None and unprivileged_user() is not None:
-            # Postgres runs as another user and must pass through to its data directory.
+            # Our own directory: Postgres, running as another user, then names its data
+            # directory by its path wherever the directories above let that user through.
             self.data_dir.chmod(0o711)
         logs = self.data_dir / "logs"
 
