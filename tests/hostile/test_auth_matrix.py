@@ -19,6 +19,7 @@ from google.protobuf import field_mask_pb2
 
 from parley import testing
 from parley.proto import chat_pb2, user_pb2
+from parley.proto.contract import ROOM_KEY
 from parley.testing import bearer
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -136,7 +137,7 @@ def call(stack: Any, rpc: str, metadata: list[tuple[str, str]], env: dict[str, A
     return stack.stream_chat(
         [chat_pb2.ChatMessage(text="intruder was here")],
         expect=1,
-        metadata=[*metadata, ("x-chat-room", env["room"])],
+        metadata=[*metadata, (ROOM_KEY, env["room"])],
     )
 
 
@@ -149,7 +150,7 @@ def target(stack: Any) -> dict[str, Any]:
         [chat_pb2.ChatMessage(text="secret")],
         expect=1,
         token=stack.chatter_token,
-        metadata=[("x-chat-room", room)],
+        metadata=[(ROOM_KEY, room)],
     )
     assert code is None and [m.text for m in received] == ["secret"]
     # A private room of the chat user's with the victim in it: what the room RPCs go after.

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parley.proto import chat_pb2
+from parley.proto.contract import RESUME_KEY, ROOM_KEY
 from parley.testing import bearer, rich_error
 
 MAX_TEXT_BYTES = 4096
@@ -158,15 +159,15 @@ def test_stream_chat_fuzz(stack, messages, room, resume) -> None:  # type: ignor
     target = fresh_room()
     room_valid = True
     if room == "fresh" or room is None:
-        metadata.append(("x-chat-room", target))
+        metadata.append((ROOM_KEY, target))
     else:
-        metadata.append(("x-chat-room", room))
+        metadata.append((ROOM_KEY, room))
         room_valid = room == "" or ROOM.fullmatch(room) is not None
         target = room or "general"
     resume_point: int | None = None
     resume_valid = True
     if resume is not None:
-        metadata.append(("x-chat-resume-after", resume))
+        metadata.append((RESUME_KEY, resume))
         resume_valid = resume_ok(resume)
         resume_point = resume_value(resume) if resume_valid and resume else None
     before = stored(stack, target)
@@ -244,7 +245,7 @@ def history(stack) -> tuple[str, list[Stored]]:  # type: ignore[no-untyped-def]
         chat_pb2.ChatMessage(text=t, client_message_id=f"h{i}") for i, t in enumerate(texts)
     ]
     received, code = stack.stream_chat(
-        messages, expect=len(texts), token=stack.chatter_token, metadata=[("x-chat-room", room)]
+        messages, expect=len(texts), token=stack.chatter_token, metadata=[(ROOM_KEY, room)]
     )
     assert code is None and len(received) == len(texts)
     rows = stored(stack, room)
@@ -348,8 +349,8 @@ def stream_outcome(stack, metadata: list[tuple[str, str]]) -> grpc.StatusCode:  
 
 
 metadata_values = {
-    "x-chat-room": st.one_of(any_length, st.from_regex(ROOM, fullmatch=True)),
-    "x-chat-resume-after": st.one_of(any_length, digit_strings),
+    ROOM_KEY: st.one_of(any_length, st.from_regex(ROOM, fullmatch=True)),
+    RESUME_KEY: st.one_of(any_length, digit_strings),
     "x-request-id": any_length,
     "authorization": st.one_of(any_length, any_length.map(lambda v: f"Bearer {v}")),
 }
@@ -363,13 +364,13 @@ metadata_entries = st.sampled_from(sorted(metadata_values)).flatmap(
 def test_metadata_values_of_any_length_fuzz(stack, entry) -> None:  # type: ignore[no-untyped-def]
     key, value = entry
     room = fresh_room()
-    headers = {"authorization": f"Bearer {stack.chatter_token}", "x-chat-room": room}
+    headers = {"authorization": f"Bearer {stack.chatter_token}", ROOM_KEY: room}
     headers[key] = value
     metadata = list(headers.items())
-    if key == "x-chat-room":
+    if key == ROOM_KEY:
         valid = value == "" or ROOM.fullmatch(value) is not None
         stream_expected = grpc.StatusCode.OK if valid else grpc.StatusCode.INVALID_ARGUMENT
-    elif key == "x-chat-resume-after":
+    elif key == RESUME_KEY:
         # The room is new and empty: a point past 0 is not one of its points.
         stream_expected = (
             grpc.StatusCode.INVALID_ARGUMENT
@@ -459,7 +460,7 @@ def test_stream_chat_messages_with_invalid_utf8_are_invalid_argument(stack, bad,
         raw += _field(2, b"after")
     call = stack.channel(stack.chat.target).stream_stream("/chat.ChatService/StreamChat")(
         iter([good, raw]),
-        metadata=[*bearer(stack.chatter_token), ("x-chat-room", room)],
+        metadata=[*bearer(stack.chatter_token), (ROOM_KEY, room)],
         timeout=10,
     )
     received = []

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 from parley.testing import bearer, rich_error, sample_key, scrape_metrics, wait_until
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -51,7 +52,7 @@ class Listener:
 
     def __init__(self, channel: grpc.aio.Channel, token: str, room: str) -> None:
         self.call: Any = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(
-            metadata=[*bearer(token), ("x-chat-room", room)], timeout=60
+            metadata=[*bearer(token), (ROOM_KEY, room)], timeout=60
         )
         self.texts: list[str] = []
         self.error: grpc.aio.AioRpcError | None = None
@@ -153,7 +154,7 @@ class Flood:
 
     def __init__(self, channel: grpc.aio.Channel, token: str, room: str, name: str) -> None:
         self._stub: Any = chat_pb2_grpc.ChatServiceStub(channel)
-        self._metadata = [*bearer(token), ("x-chat-room", room)]
+        self._metadata = [*bearer(token), (ROOM_KEY, room)]
         self._name = name
         self.attempts = 0
         self.refusals: list[Any] = []
@@ -202,7 +203,7 @@ async def test_a_users_sends_are_limited_across_all_of_their_streams(
         # Another user, sending within the burst meanwhile, is never refused.
         calm_stub: Any = chat_pb2_grpc.ChatServiceStub(calm_channel)
         calm_call = calm_stub.StreamChat(
-            metadata=[*bearer(token(str(calm.id))), ("x-chat-room", room)], timeout=30
+            metadata=[*bearer(token(str(calm.id))), (ROOM_KEY, room)], timeout=30
         )
         for i in range(BURST):
             await calm_call.write(chat_pb2.ChatMessage(text="calm", client_message_id=f"c{i}"))

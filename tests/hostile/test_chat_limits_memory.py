@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import RESUME_KEY, ROOM_KEY
 from parley.testing import bearer, sample_key, scrape_metrics, wait_until
 
 STREAMS = 500
@@ -73,7 +74,7 @@ class Stalled:
     """A StreamChat call resuming from 0; the test reads what it wants of it, then nothing."""
 
     def __init__(self, channel: grpc.aio.Channel, token: str, room: str) -> None:
-        metadata = [*bearer(token), ("x-chat-room", room), ("x-chat-resume-after", "0")]
+        metadata = [*bearer(token), (ROOM_KEY, room), (RESUME_KEY, "0")]
         self.call: Any = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(
             metadata=metadata, timeout=300
         )
@@ -138,7 +139,7 @@ async def test_stalled_catch_ups_hold_bounded_memory(stack: Any, serve: Callable
         # Live messages for the room: each stalled stream's queue fills, overflows and is
         # dropped (the stream will catch up from Postgres), holding no copies of its own.
         sender: Any = chat_pb2_grpc.ChatServiceStub(channels[0]).StreamChat(
-            metadata=[*bearer(stack.chatter_token), ("x-chat-room", room)], timeout=120
+            metadata=[*bearer(stack.chatter_token), (ROOM_KEY, room)], timeout=120
         )
         text = "y" * TEXT_BYTES
         for i in range(LIVE):

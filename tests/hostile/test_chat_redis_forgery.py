@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 from parley.testing import bearer, free_port, sample_key, scrape_metrics, wait_until
 
 from .conftest import JWT_SECRET, REDIS_URL, Server, Stack, _serve, _stop
@@ -90,7 +91,7 @@ class Client:
 
     def __init__(self, channel: grpc.aio.Channel, token: str, room: str) -> None:
         stub: Any = chat_pb2_grpc.ChatServiceStub(channel)
-        self.call = stub.StreamChat(metadata=[*bearer(token), ("x-chat-room", room)])
+        self.call = stub.StreamChat(metadata=[*bearer(token), (ROOM_KEY, room)])
         self.received: list[chat_pb2.ChatMessage] = []
         self.error: grpc.aio.AioRpcError | None = None
         self._task = asyncio.create_task(self._read())

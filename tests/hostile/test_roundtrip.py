@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from parley.proto import chat_pb2, user_pb2
+from parley.proto.contract import RESUME_KEY, ROOM_KEY
 from parley.testing import bearer
 
 NASTY = [
@@ -69,7 +70,7 @@ def test_chat_texts_round_trip(stack: Any) -> None:
         ],
         expect=len(texts),
         token=stack.chatter_token,
-        metadata=[("x-chat-room", room)],
+        metadata=[(ROOM_KEY, room)],
     )
     assert code is None
     assert [m.text.encode() for m in echoes] == [t.encode() for t in texts]
@@ -84,7 +85,7 @@ def test_chat_texts_round_trip(stack: Any) -> None:
         [],
         expect=len(texts),
         token=stack.chatter_token,
-        metadata=[("x-chat-room", room), ("x-chat-resume-after", "0")],
+        metadata=[(ROOM_KEY, room), (RESUME_KEY, "0")],
     )
     assert code is None
     assert [m.text.encode() for m in replay] == [t.encode() for t in texts]

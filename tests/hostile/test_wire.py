@@ -15,6 +15,7 @@ import pytest
 
 from parley.chassis import ConfigError, Env, ServerSettings
 from parley.proto import chat_pb2, user_pb2, user_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 from parley.testing import bearer
 
 LIMIT = 65536  # PARLEY_MAX_MESSAGE_BYTES of the test servers (conftest)
@@ -71,7 +72,7 @@ def test_oversized_requests_are_resource_exhausted(stack: Any, size: int) -> Non
         [chat_pb2.ChatMessage(text="before"), chat_pb2.ChatMessage(text=big)],
         expect=2,
         token=stack.chatter_token,
-        metadata=[("x-chat-room", room)],
+        metadata=[(ROOM_KEY, room)],
     )
     assert code == RESOURCE_EXHAUSTED
     assert [m.text for m in received] in ([], ["before"])
@@ -172,7 +173,7 @@ def test_garbage_and_stalled_connections_leave_the_servers_serving(
             [chat_pb2.ChatMessage(text="still here")],
             expect=1,
             token=stack.chatter_token,
-            metadata=[("x-chat-room", f"wire-{uuid.uuid4().hex[:12]}")],
+            metadata=[(ROOM_KEY, f"wire-{uuid.uuid4().hex[:12]}")],
         )
         assert code is None and [m.text for m in received] == ["still here"]
     # Garbage is answered by closing the connection, not by waiting for more.

@@ -35,6 +35,7 @@ from parley.chat_service import ChatSettings
 from parley.chat_service import create_server as create_chat_server
 from parley.chat_service.migrations import MIGRATIONS as CHAT_MIGRATIONS
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
+from parley.proto.contract import RESUME_KEY, ROOM_KEY
 from parley.testing import (
     DatabaseFactory,
     RedisServer,
@@ -595,9 +596,9 @@ class ChatClient:
     def metadata(self, resume_after: int | str | None) -> list[tuple[str, str]]:
         metadata = bearer(self.person.token)
         if self.room is not None:
-            metadata.append(("x-chat-room", self.room))
+            metadata.append((ROOM_KEY, self.room))
         if resume_after is not None:
-            metadata.append(("x-chat-resume-after", str(resume_after)))
+            metadata.append((RESUME_KEY, str(resume_after)))
         return metadata
 
     async def connect(

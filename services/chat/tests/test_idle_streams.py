@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 
 ROOM = "idle"
 STREAMS = 2000
@@ -38,7 +39,7 @@ class Idle:
     """An open StreamChat call that only listens, recording what arrives and how it ends."""
 
     def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        metadata = [("authorization", f"Bearer {token}"), ("x-chat-room", ROOM)]
+        metadata = [("authorization", f"Bearer {token}"), (ROOM_KEY, ROOM)]
         self.call = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(metadata=metadata)
         self.texts: list[str] = []
         self.ended: str | None = None

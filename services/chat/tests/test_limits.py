@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import RESUME_KEY, ROOM_KEY
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 ROOM = "limits"
@@ -107,7 +108,7 @@ async def test_a_bad_room_name_is_invalid_argument(stack, chat, channels, detail
     await ends_with(client, INVALID)
     error = details(client.error)
     assert error.reason == "INVALID_ROOM"
-    assert error.fields == ["x-chat-room"]
+    assert error.fields == [ROOM_KEY]
 
     stub = chat_pb2_grpc.ChatServiceStub(channels.get(stack.replicas[0].target))
     auth = [("authorization", f"Bearer {ada.token}")]
@@ -138,7 +139,7 @@ async def test_good_room_names_work(stack, chat, wait_for):
 async def test_a_bad_resume_point_is_invalid_argument(stack, chat, details, resume_after):
     client = await chat(stack.people["Ada"], stack.replicas[0], resume_after=resume_after)
     await ends_with(client, INVALID)
-    assert details(client.error).fields == ["x-chat-resume-after"]
+    assert details(client.error).fields == [RESUME_KEY]
 
 
 async def test_bad_history_requests_are_invalid_argument(stack, channels, details):

@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
 from parley.testing.room_access import CALL_NAMES, MATRIX, ROLES, VISIBILITIES, uncovered_rpcs
 
 from .conftest import Person, Stack, bearer, make_token
@@ -67,7 +68,7 @@ async def _code(call: Awaitable[Any]) -> grpc.StatusCode:
 
 async def _stream_code(world: World, role: str, room: str) -> grpc.StatusCode:
     """OK when a stream in `room` gets its own message back; else the status it ends with."""
-    call = world.stub.StreamChat(metadata=[*world.md(role), ("x-chat-room", room)], timeout=10)
+    call = world.stub.StreamChat(metadata=[*world.md(role), (ROOM_KEY, room)], timeout=10)
     try:
         # A new client id each time: a resent one is answered with the stored message,
         # which a stream that started after it does not get again.
@@ -272,7 +273,7 @@ async def _streaming(world: World, replica: int, role: str, room: str) -> Any:
     """A stream of `role` in `room` on the stack's replica `replica`, once it is in."""
     channel = grpc.aio.insecure_channel(world.stack.replicas[replica].target)
     stub = chat_pb2_grpc.ChatServiceStub(channel)
-    call = stub.StreamChat(metadata=[*world.md(role), ("x-chat-room", room)])
+    call = stub.StreamChat(metadata=[*world.md(role), (ROOM_KEY, room)])
     await call.write(chat_pb2.ChatMessage(text=f"{role} is here", client_message_id=f"in-{role}"))
     while True:  # until its own message comes back: it is in, and checked
         reply = await asyncio.wait_for(call.read(), 10)
@@ -464,7 +465,7 @@ async def test_a_resume_point_past_the_rooms_end_is_out_of_range(world: World) -
     room = await world.room(private=False)
     assert await _stream_code(world, "member", room) == OK  # the room is at 1
     call = world.stub.StreamChat(
-        metadata=[*world.md("member"), ("x-chat-room", room), ("x-chat-resume-after", "50")],
+        metadata=[*world.md("member"), (ROOM_KEY, room), (RESUME_KEY, "50")],
         timeout=10,
     )
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -472,7 +473,7 @@ async def test_a_resume_point_past_the_rooms_end_is_out_of_range(world: World) -
     assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert "resume from 0" in (refused.value.details() or "")
     resumed = world.stub.StreamChat(
-        metadata=[*world.md("member"), ("x-chat-room", room), ("x-chat-resume-after", "1")],
+        metadata=[*world.md("member"), (ROOM_KEY, room), (RESUME_KEY, "1")],
         timeout=10,
     )
     try:
@@ -488,7 +489,7 @@ async def test_a_resume_point_of_a_room_made_again_is_out_of_range(world: World)
 
     async def say(text: str, room: str, *extra: tuple[str, str]) -> chat_pb2.ChatMessage:
         call = world.stub.StreamChat(
-            metadata=[*world.md("owner"), ("x-chat-room", room), *extra], timeout=10
+            metadata=[*world.md("owner"), (ROOM_KEY, room), *extra], timeout=10
         )
         try:
             await call.write(chat_pb2.ChatMessage(text=text, client_message_id=text))
@@ -521,9 +522,9 @@ async def test_a_resume_point_of_a_room_made_again_is_out_of_range(world: World)
         return world.stub.StreamChat(
             metadata=[
                 *world.md("member"),
-                ("x-chat-room", room),
-                ("x-chat-resume-after", after),
-                ("x-chat-room-id", room_id),
+                (ROOM_KEY, room),
+                (RESUME_KEY, after),
+                (ROOM_ID_KEY, room_id),
             ],
             timeout=10,
         )

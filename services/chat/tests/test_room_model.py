@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 )
 
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 
 from .conftest import MakeStack, bearer, make_token
 
@@ -267,7 +268,7 @@ class RoomMachine(RuleBasedStateMachine):
         self.calls += 1
         call = self.stubs[replica].StreamChat(
             iter([chat_pb2.ChatMessage(text="hello", client_message_id=client_id)]),
-            metadata=[*bearer(self.token(actor)), ("x-chat-room", name)],
+            metadata=[*bearer(self.token(actor)), (ROOM_KEY, name)],
             timeout=CALL_TIMEOUT,
         )
         try:

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from parley.proto import chat_pb2, chat_pb2_grpc
+from parley.proto.contract import ROOM_KEY
 
 ROOM = "churn"
 CONCURRENCY = 20
@@ -37,7 +38,7 @@ GROWTH_BOUND = 4 * 1024 * 1024
 
 async def _converse(channel: grpc.aio.Channel, person: Any, text: str) -> None:
     """Join, send one message, wait for its echo, then cancel the call."""
-    metadata = [("authorization", f"Bearer {person.token}"), ("x-chat-room", ROOM)]
+    metadata = [("authorization", f"Bearer {person.token}"), (ROOM_KEY, ROOM)]
     call = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(metadata=metadata, timeout=20)
     client_id = uuid.uuid4().hex
     await call.write(chat_pb2.ChatMessage(text=text, client_message_id=client_id))
@@ -50,7 +51,7 @@ async def _converse(channel: grpc.aio.Channel, person: Any, text: str) -> None:
 async def _on_fresh_channel(target: str, person: Any, text: str) -> None:
     """A conversation whose channel is closed under the open call."""
     channel = grpc.aio.insecure_channel(target)
-    metadata = [("authorization", f"Bearer {person.token}"), ("x-chat-room", ROOM)]
+    metadata = [("authorization", f"Bearer {person.token}"), (ROOM_KEY, ROOM)]
     call = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(metadata=metadata, timeout=20)
     client_id = uuid.uuid4().hex
     await call.write(chat_pb2.ChatMessage(text=text, client_message_id=client_id))
@@ -62,7 +63,7 @@ async def _on_fresh_channel(target: str, person: Any, text: str) -> None:
 
 async def _refused(channel: grpc.aio.Channel, person: Any) -> None:
     """A stream the server ends at once: the room name is invalid."""
-    metadata = [("authorization", f"Bearer {person.token}"), ("x-chat-room", "Not A Room!")]
+    metadata = [("authorization", f"Bearer {person.token}"), (ROOM_KEY, "Not A Room!")]
     call = chat_pb2_grpc.ChatServiceStub(channel).StreamChat(metadata=metadata, timeout=20)
     try:
         async for _ in call:
