@@ -1,15 +1,14 @@
-"""The stack's secrets (the JWT signing secret, the embedded Redis's password), and the tokens
-it hands to commands run against the stack."""
+"""The stack's secrets (the JWT signing secret, the embedded Redis's password). The tokens it
+hands to commands run against the stack are the SDK's (`mint_token`, as `parley token` makes
+them)."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import time
-from collections.abc import Iterable
 from pathlib import Path
 
-import jwt
+from parley.client.tokens import mint_token
 
 __all__ = [
     "REDIS_PASSWORD_FILE_NAME",
@@ -39,28 +38,3 @@ def load_or_create_secret(path: Path) -> str:
         file.write(secret + "\n")
     path.chmod(0o600)
     return secret
-
-
-def mint_token(
-    secret: str,
-    subject: str,
-    scopes: Iterable[str] = (),
-    *,
-    ttl: int = 3600,
-    issuer: str = "parley",
-    audience: str = "parley",
-) -> str:
-    """An HS256 JWT with the claims Parley's services check, like `parley token` prints."""
-    now = int(time.time())
-    claims: dict[str, str | int] = {
-        "sub": subject,
-        "iss": issuer,
-        "aud": audience,
-        "iat": now,
-        "nbf": now,
-        "exp": now + ttl,
-    }
-    scope = " ".join(scopes)
-    if scope:
-        claims["scope"] = scope
-    return jwt.encode(claims, secret, algorithm="HS256")
