@@ -18,7 +18,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +25,7 @@ import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
 from parley.proto.contract import RESUME_KEY, ROOM_KEY
-from parley.testing import bearer, sample_key, scrape_metrics, wait_until
+from parley.testing import bearer, rss_bytes, sample_key, scrape_metrics, wait_until
 
 STREAMS = 500
 LIVE = 300  # more than PARLEY_CHAT_QUEUE_LIMIT (256): every stalled stream's queue overflows
@@ -38,13 +37,6 @@ TEXT_BYTES = 4096
 # messages (800 KiB of text) per stream is far beyond it.
 MEMORY_BOUND = STREAMS * 192 * 1024
 QUIET_FOR = 2.0  # seconds without a message written: every catch-up has stalled
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 def fill_room(stack: Any, room: str) -> None:

@@ -55,7 +55,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from parley.proto import chat_pb2, chat_pb2_grpc
-from parley.testing import bearer, sample_key, scrape_metrics
+from parley.testing import bearer, rss_bytes, sample_key, scrape_metrics
 
 POOL_SIZE = 10
 STALLED = 2 * POOL_SIZE  # of each method: 40 connections in all
@@ -76,13 +76,6 @@ BUSY_IN_POSTGRES = (
     " AND application_name = 'parley-chat'"
     " AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')"
 )
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 def grpc_connections(pid: int, port: int) -> int:

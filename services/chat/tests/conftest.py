@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ import psycopg
 import pytest
 import redis
 from grpc_health.v1 import health_pb2
-from prometheus_client.parser import text_string_to_metric_families
 
 from parley import testing
 from parley.chassis import Env, GrpcApp
@@ -39,11 +37,9 @@ from parley.proto.contract import RESUME_KEY, ROOM_KEY
 from parley.testing import (
     DatabaseFactory,
     RedisServer,
-    RichError,
     bearer,
     free_port,
     health_status,
-    rich_error,
     wait_until,
 )
 from parley.user_service import UserSettings
@@ -69,69 +65,9 @@ def make_token(sub: str, scope: str = "", ttl: float = 600, **claims: Any) -> st
 
 
 @pytest.fixture
-def unused_port() -> int:
-    """A port with nothing listening on it."""
-    return free_port()
-
-
-@pytest.fixture
-def wait_for() -> Callable[..., Awaitable[Any]]:
-    """`await wait_for(condition, timeout, what)`: poll a condition, fail on timeout."""
-    return wait_until
-
-
-@pytest.fixture
 def token() -> Callable[..., str]:
     """`token(sub, scope="", ttl=600, **claims)`: a signed JWT."""
     return make_token
-
-
-@pytest.fixture
-def details() -> Callable[[grpc.RpcError], RichError]:
-    """`details(error)`: the decoded status of a failed call."""
-    return rich_error
-
-
-@pytest.fixture
-def health() -> Callable[[int, str], Awaitable[int]]:
-    """`await health(port, service)`: the health status of a service."""
-    return health_status
-
-
-def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
-
-
-async def scrape(port: int) -> dict[str, float]:
-    """Every sample on a metrics port, keyed as `name` or `name{label="value",...}`."""
-    return await asyncio.to_thread(_scrape, port)
-
-
-@pytest.fixture
-def metrics() -> Callable[[int], Awaitable[dict[str, float]]]:
-    """`await metrics(port)`: the samples served on a metrics port."""
-    return scrape
-
-
-def rss_bytes(pid: int) -> int:
-    """The resident set size of a process, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
-
-
-@pytest.fixture
-def rss() -> Callable[[int], int]:
-    """`rss(pid)`: a process's resident memory in bytes."""
-    return rss_bytes
 
 
 # --- Databases ------------------------------------------------------------------------------

@@ -23,11 +23,7 @@ from parley.chassis import Env, GrpcApp
 from parley.proto import user_pb2_grpc
 from parley.testing import (
     DatabaseFactory,
-    RichError,
     free_port,
-    health_status,
-    rich_error,
-    wait_until,
 )
 from parley.user_service import UserSettings, create_server
 from parley.user_service.migrations import apply_migrations
@@ -138,29 +134,6 @@ def read_auth() -> list[tuple[str, str]]:
 
 
 # --- Helpers shared by the test modules, handed out as fixtures. ---------------------------
-
-
-@pytest.fixture
-def details() -> Callable[[grpc.RpcError], RichError]:
-    """`details(error)`: the decoded status of a failed call."""
-    return rich_error
-
-
-@pytest.fixture
-def wait_for() -> Callable[..., Awaitable[Any]]:
-    """`await wait_for(condition, timeout, what)`: poll a condition, fail on timeout."""
-    return wait_until
-
-
-@pytest.fixture
-def unused_port() -> int:
-    return free_port()
-
-
-@pytest.fixture
-def health() -> Callable[[int, str], Awaitable[int]]:
-    """`await health(port, service)`: the health status of a service."""
-    return health_status
 
 
 def pool_stats(app: GrpcApp) -> dict[str, float]:

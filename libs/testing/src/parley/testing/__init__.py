@@ -8,6 +8,7 @@ from parley.testing.databases import ADMIN_URL, DatabaseFactory, database_url
 from parley.testing.errors import RichError, rich_error
 from parley.testing.metrics import sample_key, scrape_metrics
 from parley.testing.network import free_port, health_status
+from parley.testing.processes import rss_bytes
 from parley.testing.redis_server import RedisServer
 from parley.testing.tokens import bearer, make_token
 from parley.testing.waiting import wait_until
@@ -23,6 +24,7 @@ __all__ = [
     "health_status",
     "make_token",
     "rich_error",
+    "rss_bytes",
     "sample_key",
     "scrape_metrics",
     "wait_until",
