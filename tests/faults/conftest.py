@@ -31,11 +31,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from parley.chat_service.migrations import MIGRATIONS as CHAT_MIGRATIONS
 from parley.client import AsyncChatClient, AsyncUserClient, ChatSession, ReconnectPolicy
 from parley.devstack.postgres import EmbeddedPostgres
 from parley.testing import RedisServer, free_port, health_status, make_token, wait_until
-from parley.user_service.migrations import apply_migrations
+from parley.testing.schemas import migrate_both
 
 JWT_SECRET = os.urandom(32).hex()
 BIN = Path(sys.executable).parent
@@ -104,8 +103,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         with psycopg.connect(postgres.url(), autocommit=True) as conn:
             conn.execute("CREATE DATABASE parley_faults")
         database = postgres.url("parley_faults")
-        await apply_migrations(database)
-        await CHAT_MIGRATIONS.apply(database)
+        await migrate_both(database)
         yield Cluster(postgres, redis, database, f"faults-{uuid.uuid4().hex[:10]}")
     finally:
         await redis.stop()

@@ -8,7 +8,6 @@ not gRPC's built-in 4 MiB.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -27,10 +26,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from parley import testing
-from parley.chat_service.migrations import MIGRATIONS as CHAT_MIGRATIONS
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
 from parley.testing import DatabaseFactory, bearer, free_port
-from parley.user_service.migrations import apply_migrations
+from parley.testing.schemas import migrate_both_sync
 
 JWT_SECRET = os.urandom(32).hex()
 MAX_MESSAGE_BYTES = 65536
@@ -59,14 +57,6 @@ def common_env(database: str) -> dict[str, str]:
         # room counts as one that user made.
         "PARLEY_CHAT_MAX_ROOMS_PER_USER": "100000",
     }
-
-
-def _migrate(url: str) -> None:
-    async def run() -> None:
-        await apply_migrations(url)
-        await CHAT_MIGRATIONS.apply(url)
-
-    asyncio.run(run())
 
 
 @dataclass
@@ -216,7 +206,7 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    factory = DatabaseFactory("parley_hostile_test", _migrate, ahead=0)
+    factory = DatabaseFactory("parley_hostile_test", migrate_both_sync, ahead=0)
     directory = Path(tempfile.mkdtemp(prefix="parley-hostile-"))
     servers: list[Server] = []
     stack: Stack | None = None

@@ -31,7 +31,6 @@ from parley import testing
 from parley.chassis import Env, GrpcApp
 from parley.chat_service import ChatSettings
 from parley.chat_service import create_server as create_chat_server
-from parley.chat_service.migrations import MIGRATIONS as CHAT_MIGRATIONS
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
 from parley.proto.contract import RESUME_KEY, ROOM_KEY
 from parley.testing import (
@@ -42,9 +41,9 @@ from parley.testing import (
     health_status,
     wait_until,
 )
+from parley.testing.schemas import migrate_both_sync
 from parley.user_service import UserSettings
 from parley.user_service import create_server as create_user_server
-from parley.user_service.migrations import apply_migrations
 
 SHARED_REDIS_URL = os.environ.get("PARLEY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 JWT_SECRET = os.urandom(32).hex()
@@ -73,18 +72,9 @@ def token() -> Callable[..., str]:
 # --- Databases ------------------------------------------------------------------------------
 
 
-async def migrate(url: str) -> None:
-    await apply_migrations(url)
-    await CHAT_MIGRATIONS.apply(url)
-
-
-def _migrate(url: str) -> None:
-    asyncio.run(migrate(url))
-
-
 @pytest.fixture(scope="session")
 def database_factory() -> Iterator[DatabaseFactory]:
-    factory = DatabaseFactory("parley_chat_test", _migrate)
+    factory = DatabaseFactory("parley_chat_test", migrate_both_sync)
     try:
         yield factory
     finally:
