@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import grpc
+import jwt
 import pytest
 from google.protobuf import descriptor_pool, field_mask_pb2
 from google.rpc import error_details_pb2
@@ -22,6 +24,12 @@ from parley.proto import user_pb2, user_pb2_grpc
 CALL_TIMEOUT = 10.0
 NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
 UNSHARED_CHANNEL = [("grpc.use_local_subchannel_pool", 1)]
+# ImportUsers' declaration that the client ends its import with `commit` (see ImportUsers in
+# proto/user.proto), and a message that carries only that signal.
+IMPORT_COMMIT = ("x-import-commit", "explicit")
+COMMIT = user_pb2.CreateUserRequest(commit=True)
+# How many imports the deadline test cuts off, each with a short deadline.
+DEADLINE_RUNS = 30
 
 Metadata = tuple[tuple[str, str], ...]
 CreateUser = Callable[..., user_pb2.User]
@@ -44,6 +52,19 @@ def _status_details(error: grpc.RpcError) -> tuple[list[tuple[str, str]], list[s
             detail.Unpack(info)
             domains.append(info.domain)
     return violations, domains
+
+
+def _error_reason(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of an error's rich status."""
+    assert isinstance(error, grpc.Call)
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries no google.rpc.Status details"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    raise AssertionError("the error carries no google.rpc.ErrorInfo")
 
 
 def _trailing(call: grpc.Call, key: str) -> str | None:
@@ -442,7 +463,7 @@ def test_a_tiny_deadline_fails_fast_with_deadline_exceeded(
 
 def _import_until_deadline(
     users: user_pb2_grpc.UserServiceStub,
-    auth: Metadata,
+    metadata: Metadata,
     row: user_pb2.CreateUserRequest,
     deadline: float,
 ) -> grpc.RpcError:
@@ -455,7 +476,7 @@ def _import_until_deadline(
 
     try:
         with pytest.raises(grpc.RpcError) as info:
-            users.ImportUsers(stalled_rows(), metadata=auth, timeout=deadline)
+            users.ImportUsers(stalled_rows(), metadata=metadata, timeout=deadline)
     finally:
         release.set()
     return info.value
@@ -474,26 +495,11 @@ def test_an_import_whose_client_never_finishes_ends_at_its_deadline(
     assert time.monotonic() - started < CALL_TIMEOUT
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=False,
-    reason="service bug: ImportUsers sometimes commits the rows of a call cut off by its "
-    "deadline (about 1 call in 10 with a 1 s deadline); the request stream ends before the "
-    "cancellation reaches the handler, and the check before the commit does not always see it",
-)
-def test_an_import_cut_off_by_its_deadline_stores_nothing(
-    users: user_pb2_grpc.UserServiceStub,
-    auth: Metadata,
-    new_email: Callable[[], str],
-    created_ids: list[int],
-) -> None:
-    email = new_email()
-    row = user_pb2.CreateUserRequest(name="Stalled Import", email=email, age=1)
-
-    error = _import_until_deadline(users, auth, row, deadline=1.0)
-
-    # The documented contract: an import cut short stores nothing, so the email is still free.
-    stored: str | None = None
+def _email_is_free(
+    users: user_pb2_grpc.UserServiceStub, auth: Metadata, email: str, created_ids: list[int]
+) -> str | None:
+    """None when a new user may take `email` (it does, and is deleted after the test);
+    otherwise the status that refused it."""
     try:
         created = users.CreateUser(
             user_pb2.CreateUserRequest(name="After Import", email=email, age=1),
@@ -501,9 +507,205 @@ def test_an_import_cut_off_by_its_deadline_stores_nothing(
             timeout=CALL_TIMEOUT,
         )
     except grpc.RpcError as rpc_error:
-        stored = f"{rpc_error.code().name}: {rpc_error.details()}"
-    else:
-        created_ids.append(created.user.id)
-    assert stored is None, (
-        f"a row of the import that ended with {error.code().name} was stored ({stored})"
+        return f"{rpc_error.code().name}: {rpc_error.details()}"
+    created_ids.append(created.user.id)
+    return None
+
+
+def test_an_import_cut_off_by_its_deadline_stores_nothing(
+    users: user_pb2_grpc.UserServiceStub,
+    auth: Metadata,
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> None:
+    """A client that declares `x-import-commit: explicit` sends a row and neither commits nor
+    half-closes; the deadline ends the call. Before the commit signal, about 1 such call in 10
+    with a 1 s deadline was stored all the same; repeated here with deadlines of 0.2 to 0.5 s."""
+    declared = (*auth, IMPORT_COMMIT)
+    stored: list[str] = []
+    for run in range(DEADLINE_RUNS):
+        email = new_email()
+        row = user_pb2.CreateUserRequest(name="Stalled Import", email=email, age=1)
+
+        error = _import_until_deadline(users, declared, row, deadline=0.2 + (run % 7) * 0.05)
+
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+        # An import cut off before its commit stores nothing, so the email is still free.
+        refused = _email_is_free(users, auth, email, created_ids)
+        if refused is not None:
+            stored.append(f"run {run}: {refused}")
+    assert not stored, (
+        f"imports cut off by their deadline stored rows in {len(stored)} runs: {stored}"
     )
+
+
+# ImportUsers' commit signal (see ImportUsers in proto/user.proto).
+
+
+def _ids_with_email(
+    users: user_pb2_grpc.UserServiceStub, auth: Metadata, emails: set[str]
+) -> dict[str, int]:
+    found = {}
+    for page in _list_all_pages(users, auth, page_size=1000):
+        found.update({user.email: user.id for user in page if user.email in emails})
+    return found
+
+
+def test_an_import_is_stored_once_its_commit_arrives(
+    users: user_pb2_grpc.UserServiceStub,
+    auth: Metadata,
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> None:
+    declared = (*auth, IMPORT_COMMIT)
+    emails = [new_email() for _ in range(3)]
+    # The commit on the last row ...
+    on_last_row = users.ImportUsers(
+        iter(
+            [
+                user_pb2.CreateUserRequest(name="First", email=emails[0], age=1),
+                user_pb2.CreateUserRequest(name="", email=new_email(), age=1),
+                user_pb2.CreateUserRequest(name="Second", email=emails[1], age=2, commit=True),
+            ]
+        ),
+        metadata=declared,
+        timeout=CALL_TIMEOUT,
+    )
+    # ... or in a message of its own, which is no row.
+    on_its_own = users.ImportUsers(
+        iter([user_pb2.CreateUserRequest(name="Third", email=emails[2], age=3), COMMIT]),
+        metadata=declared,
+        timeout=CALL_TIMEOUT,
+    )
+
+    stored = _ids_with_email(users, auth, set(emails))
+    created_ids.extend(stored.values())
+    assert (on_last_row.created_count, on_last_row.failed_count) == (2, 1)
+    assert [(e.index, e.field) for e in on_last_row.errors] == [(1, "name")]
+    assert (on_its_own.created_count, on_its_own.failed_count) == (1, 0)
+    assert set(stored) == set(emails)
+
+
+def test_a_declared_import_that_ends_without_commit_stores_nothing(
+    users: user_pb2_grpc.UserServiceStub,
+    auth: Metadata,
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> None:
+    email = new_email()
+    with pytest.raises(grpc.RpcError) as info:
+        users.ImportUsers(
+            iter([user_pb2.CreateUserRequest(name="Uncommitted", email=email, age=1)]),
+            metadata=(*auth, IMPORT_COMMIT),
+            timeout=CALL_TIMEOUT,
+        )
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _error_reason(info.value) == "IMPORT_NOT_COMMITTED"
+    violations, _ = _status_details(info.value)
+    assert [field for field, _ in violations] == ["commit"]
+    assert _email_is_free(users, auth, email, created_ids) is None
+
+
+def test_a_seed_style_import_commits_when_it_half_closes(
+    users: user_pb2_grpc.UserServiceStub,
+    auth: Metadata,
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> None:
+    """A client generated from a proto without `commit` (grpcurl, the tutorial's style)."""
+    email = new_email()
+    response = users.ImportUsers(
+        iter([user_pb2.CreateUserRequest(name="Seed Style", email=email, age=1)]),
+        metadata=auth,
+        timeout=CALL_TIMEOUT,
+    )
+
+    stored = _ids_with_email(users, auth, {email})
+    created_ids.extend(stored.values())
+    assert (response.created_count, response.failed_count) == (1, 0)
+    assert set(stored) == {email}
+
+
+def test_create_user_refuses_the_import_commit(
+    users: user_pb2_grpc.UserServiceStub,
+    auth: Metadata,
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> None:
+    email = new_email()
+    with pytest.raises(grpc.RpcError) as info:
+        users.CreateUser(
+            user_pb2.CreateUserRequest(name="Ada", email=email, age=1, commit=True),
+            metadata=auth,
+            timeout=CALL_TIMEOUT,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations, _ = _status_details(info.value)
+    assert [field for field, _ in violations] == ["commit"]
+    assert _email_is_free(users, auth, email, created_ids) is None
+
+
+def test_a_declared_import_with_a_bad_row_stores_nothing(
+    user_channel: grpc.Channel,
+    auth: Metadata,
+    users: user_pb2_grpc.UserServiceStub,
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> None:
+    """A row whose bytes do not parse, or one over PARLEY_MAX_MESSAGE_BYTES (1 MiB by
+    default), ends the whole import before its commit, as it does without the declaration."""
+    email = new_email()
+    good = user_pb2.CreateUserRequest(name="Good", email=email, age=1).SerializeToString()
+    mark = "MARK"
+    unparsable = (
+        user_pb2.CreateUserRequest(name=mark, email=new_email(), age=1)
+        .SerializeToString()
+        .replace(mark.encode(), b"\xff\xfe\xfd\xfc")  # not UTF-8, as long as the mark
+    )
+    oversized = user_pb2.CreateUserRequest(
+        name="x" * 1_200_000, email=new_email(), age=1
+    ).SerializeToString()
+    import_users = user_channel.stream_unary("/user.UserService/ImportUsers")
+    for bad, code in (
+        (unparsable, grpc.StatusCode.INVALID_ARGUMENT),
+        (oversized, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            import_users(
+                iter([good, bad, COMMIT.SerializeToString()]),
+                metadata=(*auth, IMPORT_COMMIT),
+                timeout=CALL_TIMEOUT,
+            )
+        assert info.value.code() == code, info.value
+    assert _email_is_free(users, auth, email, created_ids) is None
+
+
+def test_a_declared_import_needs_a_valid_token_that_may_write(
+    users: user_pb2_grpc.UserServiceStub,
+    auth: Metadata,
+    readonly_auth: Metadata,
+    new_email: Callable[[], str],
+    created_ids: list[int],
+) -> None:
+    email = new_email()
+    forged = jwt.encode(
+        {"sub": "1", "iss": "parley", "aud": "parley", "exp": 2**40, "scope": "users:write"},
+        secrets.token_urlsafe(32),  # not the stack's
+        algorithm="HS256",
+    )
+    cases = [
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer not-a-jwt"),), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", f"Bearer {forged}"),), grpc.StatusCode.UNAUTHENTICATED),
+        (readonly_auth, grpc.StatusCode.PERMISSION_DENIED),
+    ]
+    for metadata, code in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            users.ImportUsers(
+                iter([user_pb2.CreateUserRequest(name="Intruder", email=email, commit=True)]),
+                metadata=(*metadata, IMPORT_COMMIT),
+                timeout=CALL_TIMEOUT,
+            )
+        assert info.value.code() == code, info.value
+    assert _email_is_free(users, auth, email, created_ids) is None

@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from parley import testing
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY
 from parley.testing import DatabaseFactory, bearer, free_port, rich_error
 from parley.user_service.migrations import apply_migrations
 from tests.hostile.conftest import Server, _serve, _stop
@@ -44,6 +45,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NEVER_READS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
 # Each import and each list runs on a channel of its own: one connection per stalled client.
 UNSHARED = [("grpc.use_local_subchannel_pool", 1)]
+DECLARE_COMMIT = (IMPORT_COMMIT_KEY, EXPLICIT_IMPORT_COMMIT)
 
 
 @dataclass
@@ -293,8 +295,9 @@ def test_import_clients_that_never_finish_sending_do_not_hold_the_pool(
         imports = []
         for index in range(STALLED):
             importer = stack.enter_context(grpc.insecure_channel(server.target, options=UNSHARED))
+            # Declared: cut short before its commit, an import stores nothing.
             future = user_pb2_grpc.UserServiceStub(importer).ImportUsers.future(
-                one_row_then_stall(index), metadata=writer, timeout=300
+                one_row_then_stall(index), metadata=[*writer, DECLARE_COMMIT], timeout=300
             )
             stack.callback(future.cancel)
             imports.append(future)
@@ -328,9 +331,14 @@ def test_import_clients_that_never_finish_sending_do_not_hold_the_pool(
         statuses = readiness.close()
 
     assert statuses == [SERVING], f"readiness changed: {statuses}"
+    # A declared import the client cancels before its commit may be recorded Canceled or,
+    # when its request stream ended first, InvalidArgument (IMPORT_NOT_COMMITTED).
     _wait(
         lambda: (
             server.metric("grpc_server_handled_total", grpc_code="Canceled", **import_labels)
+            + server.metric(
+                "grpc_server_handled_total", grpc_code="InvalidArgument", **import_labels
+            )
             == STALLED
         ),
         20,

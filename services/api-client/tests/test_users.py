@@ -219,3 +219,32 @@ async def test_async_calls_run_concurrently(stack: RunningStack, email: Email) -
         )
         fetched = await asyncio.gather(*(users.get_user(u.id) for u in made))
         assert fetched == made
+
+
+async def test_an_import_whose_rows_fail_partway_stores_nothing(
+    stack: RunningStack, email: Email
+) -> None:
+    """The SDK declares its commit: an import cut short before its last row (here, its row
+    iterator raises after two rows reached the server) stores none of them, on every try."""
+    prefix = f"cut-{uuid.uuid4().hex[:10]}"
+
+    async def rows(attempt: int) -> AsyncIterator[user_pb2.CreateUserRequest]:
+        for index in range(2):
+            # A row's own commit is dropped: the SDK sends the import's after the last row.
+            yield user_pb2.CreateUserRequest(
+                name="Cut", email=f"{prefix}.{attempt}.{index}@example.com", age=1, commit=True
+            )
+        raise RuntimeError("the source of the rows failed")
+
+    async with AsyncUserClient(stack.user, token=stack.admin_token) as users:
+        for attempt in range(10):
+            # grpcio cancels the call and raises asyncio.CancelledError for a failing iterator.
+            with pytest.raises((RuntimeError, asyncio.CancelledError)):
+                await users.import_users(rows(attempt))
+        stored = [u.email async for u in users.list_users() if u.email.startswith(prefix)]
+        assert stored == []
+        # The same rows with no failure are stored: a row's `commit` did not end the import.
+        reply = await users.import_users(
+            [NewUser("Whole", f"{prefix}.whole.{i}@example.com", 1) for i in range(3)]
+        )
+        assert (reply.created_count, reply.failed_count) == (3, 0)

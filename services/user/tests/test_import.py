@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from parley.proto import user_pb2
+from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY
 
 OPEN_TRANSACTION = """
 SELECT count(*) FROM pg_stat_activity
@@ -171,7 +172,9 @@ async def _pool_settled(pool, server) -> bool:
 
 
 async def test_a_cancelled_import_stores_nothing(stub, auth, pg, wait_for, server, pool):
-    call = await _stream_until_rows_are_received(stub, auth, pg, wait_for, server, pool)
+    # Declared: a call cut short before its commit stores nothing, whatever the timing.
+    declared = [*auth, (IMPORT_COMMIT_KEY, EXPLICIT_IMPORT_COMMIT)]
+    call = await _stream_until_rows_are_received(stub, declared, pg, wait_for, server, pool)
 
     assert call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -188,8 +191,9 @@ async def test_a_cancelled_import_stores_nothing(stub, auth, pg, wait_for, serve
 
 
 async def test_an_import_past_its_deadline_stores_nothing(stub, auth, pg, wait_for, server, pool):
+    declared = [*auth, (IMPORT_COMMIT_KEY, EXPLICIT_IMPORT_COMMIT)]
     call = await _stream_until_rows_are_received(
-        stub, auth, pg, wait_for, server, pool, timeout=1.0
+        stub, declared, pg, wait_for, server, pool, timeout=1.0
     )
 
     with pytest.raises(grpc.aio.AioRpcError) as info:

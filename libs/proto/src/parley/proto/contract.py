@@ -15,7 +15,9 @@ from parley.proto import chat_pb2, user_pb2
 __all__ = [
     "CHAT_SERVICE",
     "DEFAULT_ROOM",
+    "EXPLICIT_IMPORT_COMMIT",
     "HEALTH_SERVICE",
+    "IMPORT_COMMIT_KEY",
     "IDEMPOTENT_METHODS",
     "MAX_CLIENT_MESSAGE_ID",
     "MAX_TEXT_BYTES",
@@ -40,6 +42,11 @@ REQUEST_ID_KEY = "x-request-id"
 ROOM_KEY = "x-chat-room"
 RESUME_KEY = "x-chat-resume-after"
 ROOM_ID_KEY = "x-chat-room-id"
+
+# ImportUsers' request metadata (see the comment on UserService.ImportUsers in user.proto):
+# `x-import-commit: explicit` declares that the client ends its import with `commit`.
+IMPORT_COMMIT_KEY = "x-import-commit"
+EXPLICIT_IMPORT_COMMIT = "explicit"
 
 # Chat's limits on what a client sends (the comments in chat.proto state them).
 DEFAULT_ROOM = "general"

@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17parley/proto/user.proto\x12\x04user\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x05\"+\n\x0fGetUserResponse\x12\x18\n\x04user\x18\x01 \x01(\x0b\x32\n.user.User\"\x9e\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0b\n\x03\x61ge\x18\x04 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x10ListUsersRequest\x12\x0c\n\x04page\x18\x01 \x01(\x05\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"=\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0b\n\x03\x61ge\x18\x03 \x01(\x05\"?\n\x12\x43reateUserResponse\x12\x18\n\x04user\x18\x01 \x01(\x0b\x32\n.user.User\x12\x0f\n\x07success\x18\x02 \x01(\x08\"^\n\x11UpdateUserRequest\x12\x18\n\x04user\x18\x01 \x01(\x0b\x32\n.user.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\".\n\x12UpdateUserResponse\x12\x18\n\x04user\x18\x01 \x01(\x0b\x32\n.user.User\"\x1f\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x05\"\x14\n\x12\x44\x65leteUserResponse\"i\n\x13ImportUsersResponse\x12\x15\n\rcreated_count\x18\x01 \x01(\x05\x12\x14\n\x0c\x66\x61iled_count\x18\x02 \x01(\x05\x12%\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x15.user.ImportUserError\"N\n\x0fImportUserError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t2\x80\x03\n\x0bUserService\x12\x36\n\x07GetUser\x12\x14.user.GetUserRequest\x1a\x15.user.GetUserResponse\x12\x31\n\tListUsers\x12\x16.user.ListUsersRequest\x1a\n.user.User0\x01\x12?\n\nCreateUser\x12\x17.user.CreateUserRequest\x1a\x18.user.CreateUserResponse\x12?\n\nUpdateUser\x12\x17.user.UpdateUserRequest\x1a\x18.user.UpdateUserResponse\x12?\n\nDeleteUser\x12\x17.user.DeleteUserRequest\x1a\x18.user.DeleteUserResponse\x12\x43\n\x0bImportUsers\x12\x17.user.CreateUserRequest\x1a\x19.user.ImportUsersResponse(\x01\x42\x32\n\x0f\x64\x65v.parley.userP\x01Z\x1dparley.dev/gen/go/user;userpbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17parley/proto/user.proto\x12\x04user\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x1c\n\x0eGetUserRequest\x12\n\n\x02id\x18\x01 \x01(\x05\"+\n\x0fGetUserResponse\x12\x18\n\x04user\x18\x01 \x01(\x0b\x32\n.user.User\"\x9e\x01\n\x04User\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x0b\n\x03\x61ge\x18\x04 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x10ListUsersRequest\x12\x0c\n\x04page\x18\x01 \x01(\x05\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"M\n\x11\x43reateUserRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0b\n\x03\x61ge\x18\x03 \x01(\x05\x12\x0e\n\x06\x63ommit\x18\x04 \x01(\x08\"?\n\x12\x43reateUserResponse\x12\x18\n\x04user\x18\x01 \x01(\x0b\x32\n.user.User\x12\x0f\n\x07success\x18\x02 \x01(\x08\"^\n\x11UpdateUserRequest\x12\x18\n\x04user\x18\x01 \x01(\x0b\x32\n.user.User\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\".\n\x12UpdateUserResponse\x12\x18\n\x04user\x18\x01 \x01(\x0b\x32\n.user.User\"\x1f\n\x11\x44\x65leteUserRequest\x12\n\n\x02id\x18\x01 \x01(\x05\"\x14\n\x12\x44\x65leteUserResponse\"i\n\x13ImportUsersResponse\x12\x15\n\rcreated_count\x18\x01 \x01(\x05\x12\x14\n\x0c\x66\x61iled_count\x18\x02 \x01(\x05\x12%\n\x06\x65rrors\x18\x03 \x03(\x0b\x32\x15.user.ImportUserError\"N\n\x0fImportUserError\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t2\x80\x03\n\x0bUserService\x12\x36\n\x07GetUser\x12\x14.user.GetUserRequest\x1a\x15.user.GetUserResponse\x12\x31\n\tListUsers\x12\x16.user.ListUsersRequest\x1a\n.user.User0\x01\x12?\n\nCreateUser\x12\x17.user.CreateUserRequest\x1a\x18.user.CreateUserResponse\x12?\n\nUpdateUser\x12\x17.user.UpdateUserRequest\x1a\x18.user.UpdateUserResponse\x12?\n\nDeleteUser\x12\x17.user.DeleteUserRequest\x1a\x18.user.DeleteUserResponse\x12\x43\n\x0bImportUsers\x12\x17.user.CreateUserRequest\x1a\x19.user.ImportUsersResponse(\x01\x42\x32\n\x0f\x64\x65v.parley.userP\x01Z\x1dparley.dev/gen/go/user;userpbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,21 +43,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTUSERSREQUEST']._serialized_start=336
   _globals['_LISTUSERSREQUEST']._serialized_end=407
   _globals['_CREATEUSERREQUEST']._serialized_start=409
-  _globals['_CREATEUSERREQUEST']._serialized_end=470
-  _globals['_CREATEUSERRESPONSE']._serialized_start=472
-  _globals['_CREATEUSERRESPONSE']._serialized_end=535
-  _globals['_UPDATEUSERREQUEST']._serialized_start=537
-  _globals['_UPDATEUSERREQUEST']._serialized_end=631
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=633
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=679
-  _globals['_DELETEUSERREQUEST']._serialized_start=681
-  _globals['_DELETEUSERREQUEST']._serialized_end=712
-  _globals['_DELETEUSERRESPONSE']._serialized_start=714
-  _globals['_DELETEUSERRESPONSE']._serialized_end=734
-  _globals['_IMPORTUSERSRESPONSE']._serialized_start=736
-  _globals['_IMPORTUSERSRESPONSE']._serialized_end=841
-  _globals['_IMPORTUSERERROR']._serialized_start=843
-  _globals['_IMPORTUSERERROR']._serialized_end=921
-  _globals['_USERSERVICE']._serialized_start=924
-  _globals['_USERSERVICE']._serialized_end=1308
+  _globals['_CREATEUSERREQUEST']._serialized_end=486
+  _globals['_CREATEUSERRESPONSE']._serialized_start=488
+  _globals['_CREATEUSERRESPONSE']._serialized_end=551
+  _globals['_UPDATEUSERREQUEST']._serialized_start=553
+  _globals['_UPDATEUSERREQUEST']._serialized_end=647
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=649
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=695
+  _globals['_DELETEUSERREQUEST']._serialized_start=697
+  _globals['_DELETEUSERREQUEST']._serialized_end=728
+  _globals['_DELETEUSERRESPONSE']._serialized_start=730
+  _globals['_DELETEUSERRESPONSE']._serialized_end=750
+  _globals['_IMPORTUSERSRESPONSE']._serialized_start=752
+  _globals['_IMPORTUSERSRESPONSE']._serialized_end=857
+  _globals['_IMPORTUSERERROR']._serialized_start=859
+  _globals['_IMPORTUSERERROR']._serialized_end=937
+  _globals['_USERSERVICE']._serialized_start=940
+  _globals['_USERSERVICE']._serialized_end=1324
 # @@protoc_insertion_point(module_scope)

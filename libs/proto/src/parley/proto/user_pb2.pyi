@@ -49,14 +49,16 @@ class ListUsersRequest(_message.Message):
     def __init__(self, page: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class CreateUserRequest(_message.Message):
-    __slots__ = ("name", "email", "age")
+    __slots__ = ("name", "email", "age", "commit")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EMAIL_FIELD_NUMBER: _ClassVar[int]
     AGE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     email: str
     age: int
-    def __init__(self, name: _Optional[str] = ..., email: _Optional[str] = ..., age: _Optional[int] = ...) -> None: ...
+    commit: bool
+    def __init__(self, name: _Optional[str] = ..., email: _Optional[str] = ..., age: _Optional[int] = ..., commit: _Optional[bool] = ...) -> None: ...
 
 class CreateUserResponse(_message.Message):
     __slots__ = ("user", "success")

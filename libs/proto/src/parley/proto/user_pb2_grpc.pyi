@@ -61,7 +61,27 @@ class UserServiceStub:
     """ImportUsers creates users from a client stream and reports each row that failed.
 
     Rows are independent: a bad row is reported and skipped, the good rows are
-    created. Nothing is stored if the call is cancelled or its deadline passes.
+    created, all in one transaction once the import has ended.
+
+    gRPC ends the request stream in the same way when the client half-closes and when
+    the call is cancelled or its deadline passes, so the end of the stream does not say
+    that the client finished. The message that sets `commit` does. A client that sends
+    the request metadata `x-import-commit: explicit` declares that it will send one:
+    then the import is stored only once that message has arrived, and a stream that
+    ends without it stores nothing and ends INVALID_ARGUMENT (reason
+    `IMPORT_NOT_COMMITTED`, field violation `commit`). A call cut off before its commit
+    arrived never stores anything; its client sees CANCELLED or DEADLINE_EXCEEDED.
+    `x-import-commit` with any other value is INVALID_ARGUMENT before a row is read.
+
+    Without the declaration (a client that only half-closes, such as grpcurl or one
+    generated before `commit` existed), the half-close commits, as it always did. A
+    cut-off that reaches the server before the commit stores nothing, but one that
+    reaches it later (a call cut off in the moment it half-closes, or while it is still
+    sending) leaves the rows stored although the client sees CANCELLED or
+    DEADLINE_EXCEEDED; sending them again reports each row ALREADY_EXISTS.
+
+    The message that sets `commit` must be the last, declared or not: a message after
+    it is INVALID_ARGUMENT (reason `MESSAGE_AFTER_COMMIT`) and nothing is stored.
     """
 
 @_typing.type_check_only
@@ -91,7 +111,27 @@ class UserServiceAsyncStub(UserServiceStub):
     """ImportUsers creates users from a client stream and reports each row that failed.
 
     Rows are independent: a bad row is reported and skipped, the good rows are
-    created. Nothing is stored if the call is cancelled or its deadline passes.
+    created, all in one transaction once the import has ended.
+
+    gRPC ends the request stream in the same way when the client half-closes and when
+    the call is cancelled or its deadline passes, so the end of the stream does not say
+    that the client finished. The message that sets `commit` does. A client that sends
+    the request metadata `x-import-commit: explicit` declares that it will send one:
+    then the import is stored only once that message has arrived, and a stream that
+    ends without it stores nothing and ends INVALID_ARGUMENT (reason
+    `IMPORT_NOT_COMMITTED`, field violation `commit`). A call cut off before its commit
+    arrived never stores anything; its client sees CANCELLED or DEADLINE_EXCEEDED.
+    `x-import-commit` with any other value is INVALID_ARGUMENT before a row is read.
+
+    Without the declaration (a client that only half-closes, such as grpcurl or one
+    generated before `commit` existed), the half-close commits, as it always did. A
+    cut-off that reaches the server before the commit stores nothing, but one that
+    reaches it later (a call cut off in the moment it half-closes, or while it is still
+    sending) leaves the rows stored although the client sees CANCELLED or
+    DEADLINE_EXCEEDED; sending them again reports each row ALREADY_EXISTS.
+
+    The message that sets `commit` must be the last, declared or not: a message after
+    it is INVALID_ARGUMENT (reason `MESSAGE_AFTER_COMMIT`) and nothing is stored.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -154,7 +194,27 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """ImportUsers creates users from a client stream and reports each row that failed.
 
         Rows are independent: a bad row is reported and skipped, the good rows are
-        created. Nothing is stored if the call is cancelled or its deadline passes.
+        created, all in one transaction once the import has ended.
+
+        gRPC ends the request stream in the same way when the client half-closes and when
+        the call is cancelled or its deadline passes, so the end of the stream does not say
+        that the client finished. The message that sets `commit` does. A client that sends
+        the request metadata `x-import-commit: explicit` declares that it will send one:
+        then the import is stored only once that message has arrived, and a stream that
+        ends without it stores nothing and ends INVALID_ARGUMENT (reason
+        `IMPORT_NOT_COMMITTED`, field violation `commit`). A call cut off before its commit
+        arrived never stores anything; its client sees CANCELLED or DEADLINE_EXCEEDED.
+        `x-import-commit` with any other value is INVALID_ARGUMENT before a row is read.
+
+        Without the declaration (a client that only half-closes, such as grpcurl or one
+        generated before `commit` existed), the half-close commits, as it always did. A
+        cut-off that reaches the server before the commit stores nothing, but one that
+        reaches it later (a call cut off in the moment it half-closes, or while it is still
+        sending) leaves the rows stored although the client sees CANCELLED or
+        DEADLINE_EXCEEDED; sending them again reports each row ALREADY_EXISTS.
+
+        The message that sets `commit` must be the last, declared or not: a message after
+        it is INVALID_ARGUMENT (reason `MESSAGE_AFTER_COMMIT`) and nothing is stored.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

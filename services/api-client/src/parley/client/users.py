@@ -25,6 +25,7 @@ from google.protobuf import field_mask_pb2
 from parley.client._base import AsyncClientBase, SyncClientBase
 from parley.client._channel import USER_SERVICE
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY
 
 __all__ = [
     "AsyncUserClient",
@@ -101,9 +102,16 @@ def _update_request(
     return user_pb2.UpdateUserRequest(user=user, update_mask=field_mask_pb2.FieldMask(paths=paths))
 
 
+# Declares that the import ends with a `commit` message: a call cut short before it stores
+# nothing, whatever the timing (see ImportUsers in user.proto).
+_DECLARE_COMMIT = ((IMPORT_COMMIT_KEY, EXPLICIT_IMPORT_COMMIT),)
+_COMMIT = user_pb2.CreateUserRequest(commit=True)
+
+
 def _row_request(row: ImportRow) -> user_pb2.CreateUserRequest:
-    if isinstance(row, user_pb2.CreateUserRequest):
+    if isinstance(row, user_pb2.CreateUserRequest) and not row.commit:
         return row
+    # A row's own `commit` is dropped: the import's commit message comes after the last row.
     return user_pb2.CreateUserRequest(name=row.name, email=row.email, age=row.age)
 
 
@@ -117,6 +125,7 @@ def _sync_rows(
         sent += 1
         if on_progress is not None:
             on_progress(sent)
+    yield _COMMIT
 
 
 async def _async_rows(
@@ -135,6 +144,7 @@ async def _async_rows(
             sent += 1
             if on_progress is not None:
                 on_progress(sent)
+    yield _COMMIT
 
 
 class UserClient(SyncClientBase):
@@ -291,14 +301,18 @@ class UserClient(SyncClientBase):
 
         Rows are independent: the reply counts the created and failed rows and lists why each
         failed row failed (`errors`, by zero-based `index`). Nothing is stored when the call
-        fails or its deadline passes, so give a large import a `timeout` to match. Rows are
+        fails, is cancelled or passes its deadline before every row was sent (the import
+        ends with an explicit `commit`); once they were, it may have been stored, and sending
+        the same rows again reports those ALREADY_EXISTS. Give a large import a `timeout`. Rows are
         read lazily; `on_progress(sent)` is called from gRPC's sending thread as rows go out.
         Not retried.
         """
         deadline = self._deadline(timeout)
         with self._errors("ImportUsers", deadline):
             stub = self._stub(self._targets.channel())
-            return stub.ImportUsers(_sync_rows(rows, on_progress), timeout=deadline)
+            return stub.ImportUsers(
+                _sync_rows(rows, on_progress), timeout=deadline, metadata=_DECLARE_COMMIT
+            )
 
 
 class AsyncUserClient(AsyncClientBase):
@@ -428,4 +442,6 @@ class AsyncUserClient(AsyncClientBase):
         deadline = self._deadline(timeout)
         async with self._errors("ImportUsers", deadline):
             stub = self._stub(self._targets.channel())
-            return await stub.ImportUsers(_async_rows(rows, on_progress), timeout=deadline)
+            return await stub.ImportUsers(
+                _async_rows(rows, on_progress), timeout=deadline, metadata=_DECLARE_COMMIT
+            )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -18,7 +18,13 @@ from parley.chassis import (
 )
 from parley.proto import user_pb2, user_pb2_grpc
 
-from .importing import MAX_IMPORT_ERRORS, RowErrors, receive_rows
+from .importing import (
+    MAX_IMPORT_ERRORS,
+    RowErrors,
+    commits_explicitly,
+    not_committed,
+    receive_rows,
+)
 from .paging import NEXT_PAGE_TOKEN_KEY, Page, encode_token, resolve_page
 from .privacy import WRITE_SCOPE, redact_for_caller, redactor
 from .settings import ImportLimits
@@ -29,21 +35,28 @@ __all__ = ["MAX_IMPORT_ERRORS", "WRITE_SCOPE", "UserServicer"]
 
 # ListUsers reads a page from Postgres this many users at a time.
 LIST_CHUNK = 100
-# How long a finished import waits for a cancellation that gRPC has not delivered yet.
-_CANCELLATION_GRACE = 0.02
 
 _log = logging.getLogger("parley.user")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _validated_create(request: user_pb2.CreateUserRequest) -> NewUser:
+def _validated_create(
+    request: user_pb2.CreateUserRequest, *also: tuple[str, str | None]
+) -> NewUser:
+    """The user a CreateUser request or an import row describes; `also` adds other problems."""
     check(
         ("name", name_problem(request.name)),
         ("email", email_problem(request.email)),
         ("age", age_problem(request.age)),
+        *also,
     )
     return request.name.strip(), request.email.strip(), request.age
+
+
+def _commit_problem(request: user_pb2.CreateUserRequest) -> tuple[str, str | None]:
+    """CreateUser refuses `commit`: it ends an import, and a unary call has none to end."""
+    return ("commit", "is read by ImportUsers only; leave it unset" if request.commit else None)
 
 
 class UserServicer(user_pb2_grpc.UserServiceServicer):
@@ -92,7 +105,7 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         self, request: user_pb2.CreateUserRequest, context: Context
     ) -> user_pb2.CreateUserResponse:
         require_scope(WRITE_SCOPE)
-        name, email, age = _validated_create(request)
+        name, email, age = _validated_create(request, _commit_problem(request))
         user = await self._store.create(name, email, age, timeout=context.time_remaining())
         _log.info("created user %d", user.id)
         return user_pb2.CreateUserResponse(user=redact_for_caller(user), success=True)
@@ -118,44 +131,44 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         self, request_iterator: AsyncIterator[user_pb2.CreateUserRequest], context: Context
     ) -> user_pb2.ImportUsersResponse:
         require_scope(WRITE_SCOPE)
+        explicit = commits_explicitly(context.invocation_metadata())
         # Rows are validated as they arrive and kept in memory (at most PARLEY_IMPORT_MAX_ROWS);
         # a connection is taken only once the client has sent them all.
         received = await receive_rows(request_iterator, self._import_limits, _validated_create)
+        # gRPC ends the request stream alike when the client half-closes and when the call is
+        # cancelled or passes its deadline. Only `commit` says the client finished.
+        if explicit and not received.committed:
+            _log.info("import not committed: %d row(s) received, none stored", received.count)
+            await _raise_if_cut_short(context)  # the status that names a cut-off already seen
+            raise not_committed(received)
+        # A cut-off seen by now, or before the commit, stores nothing. For a client that did
+        # not declare, whose half-close commits, that is all the protection there is.
+        await _raise_if_cut_short(context)
+
+        def log_import(refusals: Sequence[ServiceError | None]) -> None:
+            created = sum(refusal is None for refusal in refusals)
+            failed = received.invalid.count + len(refusals) - created
+            _log.info("imported users: %d created, %d failed", created, failed)
+
         taken = RowErrors()
         if received.users:
-            await _ensure_half_closed(context)
             refusals = await self._store.insert_new(
                 received.users,
                 timeout=context.time_remaining(),
                 before_commit=lambda: _raise_if_cut_short(context),
+                on_commit=log_import,
             )
             for index, refusal in zip(received.indexes, refusals, strict=True):
                 if refusal is not None:
                     taken.add(index, refusal)
+        else:
+            log_import([])
         errors = received.invalid.merged(taken)
-        response = user_pb2.ImportUsersResponse(
+        return user_pb2.ImportUsersResponse(
             created_count=len(received.users) - taken.count,
             failed_count=errors.count,
             errors=[_import_error(index, error) for index, error in errors.kept],
         )
-        _log.info(
-            "imported users: %d created, %d failed", response.created_count, response.failed_count
-        )
-        return response
-
-
-async def _ensure_half_closed(context: Context) -> None:
-    """Raises unless the request stream ended because the client finished sending.
-
-    gRPC also ends the request stream when the call is cancelled or its deadline passes,
-    and delivers the cancellation to the handler only a moment later (a few milliseconds
-    at most, even on a busy host). Awaited before the import takes a connection, so that
-    a call cut short stores nothing; checked once more before the commit.
-    """
-    remaining = context.time_remaining()
-    if remaining is None or remaining > 0:
-        await asyncio.sleep(_CANCELLATION_GRACE)  # a cancellation arriving meanwhile raises here
-    await _raise_if_cut_short(context)
 
 
 async def _raise_if_cut_short(context: Context) -> None:

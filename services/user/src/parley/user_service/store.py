@@ -137,23 +137,30 @@ class UserStore:
         *,
         timeout: float | None,
         before_commit: Callable[[], Awaitable[None]],
+        on_commit: Callable[[list[AlreadyExists | None]], None] | None = None,
     ) -> list[AlreadyExists | None]:
         """Inserts `users` in order in one transaction; for each, None when it was stored, or
         the error that refused it: its email was taken, by a stored user or an earlier row.
 
         All rows go to Postgres in one pipeline (psycopg's executemany), not a round trip
         each. Nothing is stored unless `before_commit` returns: an exception from it, a
-        cancellation or a lost connection rolls every row back.
+        cancellation or a lost connection rolls every row back. `on_commit` is called as soon
+        as the commit has returned, before anything else is awaited, so that what it records
+        holds even when the call is cancelled while the connection goes back to the pool.
         """
-        async with self._db.connection(timeout) as conn, conn.transaction():
-            async with conn.cursor() as cur:
-                await cur.executemany(_INSERT_IF_FREE, users, returning=True)
-                stored = [result.rowcount == 1 async for result in cur.results()]
-            await before_commit()
-        return [
-            None if ok else _email_taken(email)
-            for ok, (_, email, _) in zip(stored, users, strict=True)
-        ]
+        async with self._db.connection(timeout) as conn:
+            async with conn.transaction():
+                async with conn.cursor() as cur:
+                    await cur.executemany(_INSERT_IF_FREE, users, returning=True)
+                    stored = [result.rowcount == 1 async for result in cur.results()]
+                await before_commit()
+            refusals: list[AlreadyExists | None] = [
+                None if ok else _email_taken(email)
+                for ok, (_, email, _) in zip(stored, users, strict=True)
+            ]
+            if on_commit is not None:
+                on_commit(refusals)
+        return refusals
 
 
 class UserPage:
