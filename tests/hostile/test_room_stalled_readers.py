@@ -55,7 +55,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from parley.proto import chat_pb2, chat_pb2_grpc
-from parley.testing import bearer, rss_bytes, sample_key, scrape_metrics
+from parley.testing import bearer, rss_bytes, sample_key, scrape_metrics, wait_until_sync
 
 POOL_SIZE = 10
 STALLED = 2 * POOL_SIZE  # of each method: 40 connections in all
@@ -103,21 +103,6 @@ def grpc_connections(pid: int, port: int) -> int:
         if local_port == port and not listening and fields[9] in inodes:
             accepted += 1
     return accepted
-
-
-def wait_for(
-    condition: Callable[[], object],
-    timeout: float,
-    what: str,
-    detail: Callable[[], object] = lambda: "",
-) -> None:
-    """Polls `condition` until it is true; fails the test after `timeout` seconds, with what
-    `detail` says then."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what} {detail()}")
-        time.sleep(0.02)
 
 
 def frame(message: Any) -> bytes:
@@ -327,10 +312,12 @@ def test_never_read_room_answers_hold_no_shared_resources(
             return max(at_once + one_by_one)
 
         ordinary_calls()  # warm-up: connections, prepared statements, the user cache, the heap
-        wait_for(lambda: pool_is_idle(metrics()), 10, "an idle pool before the stalled calls")
+        wait_until_sync(
+            lambda: pool_is_idle(metrics()), 10, "an idle pool before the stalled calls"
+        )
         # Only the ordinary client's connection is left (the control's and the fixture's
         # health check's are closed).
-        wait_for(
+        wait_until_sync(
             lambda: grpc_connections(pid, server.port) == 1,
             10,
             "one client connection",
@@ -354,17 +341,19 @@ def test_never_read_room_answers_hold_no_shared_resources(
                 for method in ("ListRooms", "ListMembers")
             )
 
-        wait_for(all_answered, 20, "every stalled call's handler to answer", pool_state)
+        wait_until_sync(all_answered, 20, "every stalled call's handler to answer", pool_state)
         stalled_growth = rss_bytes(pid) - rss_before
-        wait_for(lambda: pool_is_idle(metrics()), 10, "every pooled connection idle", pool_state)
+        wait_until_sync(
+            lambda: pool_is_idle(metrics()), 10, "every pooled connection idle", pool_state
+        )
         slowest = ordinary_calls()
         refused = (
             metrics()["parley_db_pool_request_errors_total"]
             - before["parley_db_pool_request_errors_total"]
         )
-        wait_for(lambda: pool_is_idle(metrics()), 10, "every pooled connection idle again")
+        wait_until_sync(lambda: pool_is_idle(metrics()), 10, "every pooled connection idle again")
         # The servers' health checks run a query now and then: a busy connection must not last.
-        wait_for(
+        wait_until_sync(
             lambda: not stack.sql(BUSY_IN_POSTGRES),
             10,
             "no chat connection busy in Postgres",
@@ -398,12 +387,12 @@ def test_never_read_room_answers_hold_no_shared_resources(
 
         for call in stalled:
             call.close()
-        wait_for(
+        wait_until_sync(
             lambda: grpc_connections(pid, server.port) == 1,
             10,
             "the server to close the stalled calls' connections",
         )
-        wait_for(lambda: pool_is_idle(metrics()), 10, "an idle pool after the stalled calls")
+        wait_until_sync(lambda: pool_is_idle(metrics()), 10, "an idle pool after the stalled calls")
         ordinary_calls()
 
     assert server.alive(), server.log_text()
@@ -441,7 +430,7 @@ def test_unary_calls_past_the_replica_limit_are_refused(
             )
             for _ in range(limit)
         ]
-        wait_for(
+        wait_until_sync(
             lambda: metrics()["parley_unary_calls_open"] == limit,
             10,
             f"{limit} stalled calls to be held",
@@ -459,7 +448,7 @@ def test_unary_calls_past_the_replica_limit_are_refused(
 
         for call in stalled:
             call.close()
-        wait_for(
+        wait_until_sync(
             lambda: metrics()["parley_unary_calls_open"] == 0,
             15,
             "the stalled calls to be let go once their connections closed",

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from parley import testing
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY
-from parley.testing import DatabaseFactory, bearer, free_port, rich_error
+from parley.testing import DatabaseFactory, bearer, free_port, rich_error, wait_until_sync
 from parley.user_service.migrations import apply_migrations
 from tests.hostile.conftest import Server, _serve, _stop
 
@@ -82,15 +82,6 @@ class UserServer:
 
     def log_text(self) -> str:
         return self.server.log_text()
-
-
-def _wait(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Polls `condition` until it is true; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def _migrate(url: str) -> None:
@@ -151,7 +142,7 @@ class ReadinessWatch:
         self._call = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=600)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
-        _wait(lambda: self.statuses == [SERVING], 10, "readiness SERVING")
+        wait_until_sync(lambda: self.statuses == [SERVING], 10, "readiness SERVING")
 
     def _read(self) -> None:
         try:
@@ -242,7 +233,7 @@ def test_never_read_list_streams_do_not_hold_the_pool(
         for _ in range(8):
             during += _latencies(stub, auth, user_id, 25)
             waiting.append(server.metric("parley_db_pool_waiting_requests"))
-        _wait(lambda: _pool_is_idle(server), 10, "every pooled connection idle")
+        wait_until_sync(lambda: _pool_is_idle(server), 10, "every pooled connection idle")
 
         # The streams were stalled all along: none of them has finished, none sent its page.
         assert server.metric("grpc_server_handled_total", **list_labels) == handled_before
@@ -263,7 +254,7 @@ def test_never_read_list_streams_do_not_hold_the_pool(
     # itself: no request ever waited for one, and every connection was idle while all the
     # streams stood stalled (performance proper is `make bench`'s).
     # The stalled streams ended when cancelled, and their server side with them.
-    _wait(
+    wait_until_sync(
         lambda: (
             server.metric("grpc_server_handled_total", **list_labels) == handled_before + STALLED
         ),
@@ -301,7 +292,7 @@ def test_import_clients_that_never_finish_sending_do_not_hold_the_pool(
             )
             stack.callback(future.cancel)
             imports.append(future)
-        _wait(
+        wait_until_sync(
             lambda: (
                 server.metric("grpc_server_msg_received_total", **import_labels)
                 >= received_before + STALLED
@@ -322,7 +313,7 @@ def test_import_clients_that_never_finish_sending_do_not_hold_the_pool(
             )
             assert reply.success
         assert server.metric("parley_db_pool_waiting_requests") == 0
-        _wait(lambda: _pool_is_idle(server), 10, "every pooled connection idle")
+        wait_until_sync(lambda: _pool_is_idle(server), 10, "every pooled connection idle")
         assert not any(future.done() for future in imports)
 
         # Cancelled imports store nothing.
@@ -333,7 +324,7 @@ def test_import_clients_that_never_finish_sending_do_not_hold_the_pool(
     assert statuses == [SERVING], f"readiness changed: {statuses}"
     # A declared import the client cancels before its commit may be recorded Canceled or,
     # when its request stream ended first, InvalidArgument (IMPORT_NOT_COMMITTED).
-    _wait(
+    wait_until_sync(
         lambda: (
             server.metric("grpc_server_handled_total", grpc_code="Canceled", **import_labels)
             + server.metric(

@@ -11,7 +11,7 @@ from parley.testing.network import free_port, health_status
 from parley.testing.processes import rss_bytes
 from parley.testing.redis_server import RedisServer
 from parley.testing.tokens import bearer, make_token
-from parley.testing.waiting import wait_until
+from parley.testing.waiting import wait_until, wait_until_sync
 
 __all__ = [
     "ADMIN_URL",
@@ -28,4 +28,5 @@ __all__ = [
     "sample_key",
     "scrape_metrics",
     "wait_until",
+    "wait_until_sync",
 ]
