@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pytest
 
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto.contract import NEXT_PAGE_TOKEN_KEY
 
 CALL_TIMEOUT = 10.0
-NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
 TOKEN_TTL = 600
 
 Metadata = tuple[tuple[str, str], ...]

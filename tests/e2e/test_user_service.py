@@ -20,9 +20,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from grpc_status import rpc_status
 
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto.contract import NEXT_PAGE_TOKEN_KEY
 
 CALL_TIMEOUT = 10.0
-NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
 UNSHARED_CHANNEL = [("grpc.use_local_subchannel_pool", 1)]
 # ImportUsers' declaration that the client ends its import with `commit` (see ImportUsers in
 # proto/user.proto), and a message that carries only that signal.

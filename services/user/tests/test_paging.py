@@ -9,8 +9,7 @@ import grpc
 import pytest
 
 from parley.proto import user_pb2, user_pb2_grpc
-
-TOKEN_KEY = "x-next-page-token"
+from parley.proto.contract import NEXT_PAGE_TOKEN_KEY as TOKEN_KEY
 
 
 async def list_page(stub, auth, **request):

@@ -13,9 +13,8 @@ import pytest
 
 from parley.chassis import Identity
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto.contract import NEXT_PAGE_TOKEN_KEY as TOKEN_KEY
 from parley.user_service.privacy import redactor
-
-TOKEN_KEY = "x-next-page-token"
 
 
 @dataclass(frozen=True)

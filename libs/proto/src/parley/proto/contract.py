@@ -22,6 +22,7 @@ __all__ = [
     "MAX_CLIENT_MESSAGE_ID",
     "MAX_TEXT_BYTES",
     "MAX_TITLE_CHARS",
+    "NEXT_PAGE_TOKEN_KEY",
     "REQUEST_ID_KEY",
     "RESUME_KEY",
     "ROOM_ID_KEY",
@@ -38,6 +39,8 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 # Request metadata of every call: a client's id for it, echoed in the response's initial
 # metadata (the server makes one up when none or a bad one is sent).
 REQUEST_ID_KEY = "x-request-id"
+# ListUsers' trailing metadata: the token of the next page (see UserService.ListUsers).
+NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
 # StreamChat's request metadata (see the comment on ChatService.StreamChat in chat.proto).
 ROOM_KEY = "x-chat-room"
 RESUME_KEY = "x-chat-resume-after"

@@ -125,7 +125,8 @@ class UserServiceServicer:
         the call is cancelled or its deadline passes, so the end of the stream does not say
         that the client finished. The message that sets `commit` does. A client that sends
         the request metadata `x-import-commit: explicit` declares that it will send one:
-        then the import is stored only once that message has arrived, and a stream that
+        then the import is stored only once that message has arrived and the client has
+        half-closed (the reply comes after the half-close), and a stream that
         ends without it stores nothing and ends INVALID_ARGUMENT (reason
         `IMPORT_NOT_COMMITTED`, field violation `commit`). A call cut off before its commit
         arrived never stores anything; its client sees CANCELLED or DEADLINE_EXCEEDED.

@@ -25,7 +25,7 @@ from google.protobuf import field_mask_pb2
 from parley.client._base import AsyncClientBase, SyncClientBase
 from parley.client._channel import USER_SERVICE
 from parley.proto import user_pb2, user_pb2_grpc
-from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY
+from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY, NEXT_PAGE_TOKEN_KEY
 
 __all__ = [
     "AsyncUserClient",
@@ -36,7 +36,6 @@ __all__ = [
     "UserPage",
 ]
 
-NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 

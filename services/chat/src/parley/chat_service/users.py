@@ -71,7 +71,7 @@ class UserDirectory:
             "/grpc.health.v1.Health/Check",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )(health_pb2.HealthCheckRequest(service="user.UserService"), timeout=self._timeout)
+        )(health_pb2.HealthCheckRequest(service=contract.USER_SERVICE), timeout=self._timeout)
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError("UserService is not serving")
 

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from parley.chassis import FieldViolation, InvalidArgument
+from parley.proto.contract import NEXT_PAGE_TOKEN_KEY
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -21,7 +22,6 @@ __all__ = [
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
 # ListUsers issues tokens of 35 characters at most; a text over this length is refused unread.
 MAX_PAGE_TOKEN_LENGTH = 64
 _TOKEN_VERSION = 1
