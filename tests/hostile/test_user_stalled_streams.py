@@ -10,7 +10,6 @@ values.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import statistics
 import threading
@@ -33,7 +32,7 @@ from parley import testing
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY
 from parley.testing import DatabaseFactory, bearer, free_port, rich_error, wait_until_sync
-from parley.user_service.migrations import apply_migrations
+from parley.testing.schemas import migrate_both_sync
 from tests.hostile.conftest import Server, _serve, _stop
 
 POOL_SIZE = 10
@@ -84,13 +83,9 @@ class UserServer:
         return self.server.log_text()
 
 
-def _migrate(url: str) -> None:
-    asyncio.run(apply_migrations(url))
-
-
 @pytest.fixture(scope="module")
 def databases() -> Iterator[DatabaseFactory]:
-    factory = DatabaseFactory("parley_hostile_user", _migrate, ahead=0)
+    factory = DatabaseFactory("parley_hostile_user", migrate_both_sync, ahead=0)
     try:
         yield factory
     finally:

@@ -159,6 +159,8 @@ def test_server_values() -> None:
         ("PARLEY_HEALTH_CHECK_INTERVAL", "1ms", ("between",)),
         ("PARLEY_LOG_FORMAT", "xml", ("one of plain, json", "'xml'")),
         ("PARLEY_LOG_LEVEL", "LOUD", ("one of DEBUG, INFO, WARNING, ERROR", "'LOUD'")),
+        ("PARLEY_MAX_UNARY_CALLS", "0", ()),
+        ("PARLEY_MAX_UNARY_CALLS", "many", ()),
     ],
 )
 def test_server_bad_values(variable: str, value: str, fragments: tuple[str, ...]) -> None:

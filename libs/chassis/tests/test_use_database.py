@@ -4,7 +4,6 @@ may still read)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -12,20 +11,17 @@ from grpc_health.v1 import health_pb2
 
 from parley.chassis import Database, DatabaseSettings, Env, GrpcApp
 from parley.testing import DatabaseFactory
-from parley.user_service.migrations import MIGRATIONS, apply_migrations
+from parley.testing.schemas import migrate_both_sync
+from parley.user_service.migrations import MIGRATIONS
 
 SERVICE = "user.UserService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _migrate(url: str) -> None:
-    asyncio.run(apply_migrations(url))
-
-
 @pytest.fixture(scope="module")
 def databases() -> Iterator[DatabaseFactory]:
-    factory = DatabaseFactory("parley_chassis_db", _migrate, ahead=0)
+    factory = DatabaseFactory("parley_chassis_db", migrate_both_sync, ahead=0)
     try:
         yield factory
     finally:

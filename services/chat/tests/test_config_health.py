@@ -66,6 +66,7 @@ def test_settings_from_a_complete_environment():
         ({"PARLEY_CHAT_RATE_LIMIT": "fast"}, "PARLEY_CHAT_RATE_LIMIT"),
         ({"PARLEY_CHAT_RESYNC_INTERVAL": "soon"}, "PARLEY_CHAT_RESYNC_INTERVAL"),
         ({"PARLEY_USER_SERVICE_TIMEOUT": "0"}, "PARLEY_USER_SERVICE_TIMEOUT"),
+        ({"PARLEY_USER_CACHE_MAX_STALE": "a while"}, "PARLEY_USER_CACHE_MAX_STALE"),
         ({"PARLEY_DATABASE_URL": None}, "PARLEY_DATABASE_URL"),
         ({"PARLEY_JWT_SECRET": "short"}, "PARLEY_JWT_SECRET"),
     ],
