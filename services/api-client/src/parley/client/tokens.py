@@ -30,6 +30,7 @@ __all__ = [
     "mint_token",
     "parse_ttl",
     "resolve_token",
+    "token_claims",
     "token_expiry",
 ]
 
@@ -53,6 +54,32 @@ _TTL = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _TTL_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def token_claims(
+    subject: str,
+    scopes: Iterable[str] = (),
+    *,
+    ttl: int = 3600,
+    issuer: str = DEFAULT_ISSUER,
+    audience: str = DEFAULT_AUDIENCE,
+    now: int | None = None,
+) -> dict[str, str | int]:
+    """The claims of a Parley access token for `subject`: sub, iss, aud, iat, nbf, exp, and
+    `scope` (space-separated) when there are scopes."""
+    issued_at = int(time.time()) if now is None else now
+    claims: dict[str, str | int] = {
+        "sub": subject,
+        "iss": issuer,
+        "aud": audience,
+        "iat": issued_at,
+        "nbf": issued_at,
+        "exp": issued_at + ttl,
+    }
+    scope = " ".join(dict.fromkeys(s for s in scopes if s))
+    if scope:
+        claims["scope"] = scope
+    return claims
+
+
 def mint_token(
     secret: str,
     subject: str,
@@ -66,18 +93,7 @@ def mint_token(
     """An HS256 JWT for `subject`, valid from now for `ttl` seconds, granting `scopes`."""
     if ttl <= 0:
         raise ValueError(f"ttl must be positive, got {ttl}")
-    issued_at = int(time.time()) if now is None else now
-    claims: dict[str, str | int] = {
-        "sub": subject,
-        "iss": issuer,
-        "aud": audience,
-        "iat": issued_at,
-        "nbf": issued_at,
-        "exp": issued_at + ttl,
-    }
-    scope = " ".join(dict.fromkeys(s for s in scopes if s))
-    if scope:
-        claims["scope"] = scope
+    claims = token_claims(subject, scopes, ttl=ttl, issuer=issuer, audience=audience, now=now)
     return jwt.encode(claims, secret, algorithm="HS256")
 
 

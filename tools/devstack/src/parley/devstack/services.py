@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from parley.devstack.errors import DevstackError
+from parley.devstack.logs import tail
 from parley.devstack.ports import LOOPBACK
 from parley.devstack.processes import Process, ProcessExited, wait_until
 
-__all__ = ["Service", "ServiceSpec", "find_script", "grpc_serving", "migrate"]
+__all__ = ["SERVING_LINE", "Service", "ServiceSpec", "find_script", "grpc_serving", "migrate"]
 
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
@@ -77,7 +81,11 @@ def grpc_serving(channel: grpc.Channel, service: str, timeout: float = 1.0) -> b
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """How to run one service: its script, its gRPC service name and where it listens."""
+    """How to run one service: its script, its gRPC service name and where it listens.
+
+    A port of 0 lets the service pick one; `Service` then reads the ports it picked from its
+    start-up line (which needs `log_path`) and keeps them across restarts.
+    """
 
     title: str
     script: str
@@ -94,28 +102,125 @@ class ServiceSpec:
         return f"{LOOPBACK}:{self.metrics_port}"
 
 
+# What a service logs once its ports are bound (parley.chassis.GrpcApp.start).
+SERVING_LINE = re.compile(r"serving gRPC on \S+:(\d+), metrics on \S+:(\d+)")
+
+
 class Service:
-    """A running service process; its output goes straight to the terminal."""
+    """A service process: `<script> serve`, the one way Parley's tools and tests start one.
 
-    def __init__(self, spec: ServiceSpec, environ: Mapping[str, str]) -> None:
+    Its output goes to `log_path` (appended to, across restarts) or else straight to the
+    terminal. It starts at once unless `start` is false; `start()` starts it again, on the
+    same ports, after it has ended.
+    """
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        environ: Mapping[str, str],
+        *,
+        log_path: Path | None = None,
+        start: bool = True,
+    ) -> None:
+        if (spec.port == 0 or spec.metrics_port == 0) and log_path is None:
+            raise DevstackError(f"{spec.title}: a service on port 0 needs a log to say its port")
         self.spec = spec
-        env = dict(environ)
-        env["PARLEY_GRPC_PORT"] = str(spec.port)
-        env["PARLEY_METRICS_PORT"] = str(spec.metrics_port)
-        self.process = Process(
-            f"{spec.title} ({spec.script} serve)", [str(find_script(spec.script)), "serve"], env=env
-        )
+        self.environ = dict(environ)
+        self.log_path = log_path
+        self.starts = 0
+        self._process: Process | None = None
+        self._lines_before = 0
+        if start:
+            self.start()
 
-    def wait_serving(self, timeout: float) -> None:
-        """Wait until health reports SERVING; fail if the process exits first."""
-        spec = self.spec
-        with grpc.insecure_channel(spec.address, options=_CHANNEL_OPTIONS) as channel:
-            try:
+    @property
+    def process(self) -> Process:
+        if self._process is None:
+            raise DevstackError(f"{self.spec.title} has not been started")
+        return self._process
+
+    @property
+    def port(self) -> int:
+        return self.spec.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.spec.metrics_port
+
+    @property
+    def address(self) -> str:
+        return self.spec.address
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    def log_text(self) -> str:
+        """Everything the service has written to its log, across restarts."""
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> Process:
+        """Start `<script> serve` (again); it must not be running."""
+        if self.running():
+            raise DevstackError(f"{self.spec.title} is already running")
+        env = dict(self.environ)
+        env["PARLEY_GRPC_PORT"] = str(self.spec.port)
+        env["PARLEY_METRICS_PORT"] = str(self.spec.metrics_port)
+        command = [str(find_script(self.spec.script)), "serve"]
+        name = f"{self.spec.title} ({self.spec.script} serve)"
+        self._lines_before = len(SERVING_LINE.findall(self.log_text()))
+        self.starts += 1
+        if self.log_path is None:
+            self._process = Process(name, command, env=env)
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as output:
+                self._process = Process(name, command, env=env, output=output)
+        return self._process
+
+    def _serving_line(self) -> bool:
+        """Whether this start has logged its ports; on port 0 they become the spec's."""
+        found = SERVING_LINE.findall(self.log_text())
+        if len(found) <= self._lines_before:
+            return False
+        port, metrics_port = (int(value) for value in found[-1])
+        if (port, metrics_port) != (self.spec.port, self.spec.metrics_port):
+            self.spec = replace(self.spec, port=port, metrics_port=metrics_port)
+        return True
+
+    def wait_serving(self, timeout: float, name: str | None = None) -> None:
+        """Wait until health reports `name` (its own service by default; "" is the server as a
+        whole) SERVING; fail if the process exits first."""
+        name = self.spec.health_name if name is None else name
+        deadline = time.monotonic() + timeout
+        try:
+            if self.spec.port == 0 or self.spec.metrics_port == 0:
                 wait_until(
-                    lambda: grpc_serving(channel, spec.health_name),
+                    self._serving_line,
                     timeout=timeout,
-                    what=f"{spec.health_name} to report SERVING on {spec.address}",
+                    what=f"{self.spec.title} to say where it listens",
                     watch=[self.process],
                 )
-            except ProcessExited as exc:
-                raise DevstackError(f"{exc} during start-up (its output is above)") from None
+            with grpc.insecure_channel(self.spec.address, options=_CHANNEL_OPTIONS) as channel:
+                wait_until(
+                    lambda: grpc_serving(channel, name),
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                    what=f"{name} to report SERVING on {self.spec.address}",
+                    watch=[self.process],
+                )
+        except ProcessExited as exc:
+            where = f":\n{tail(self.log_path)}" if self.log_path else " (its output is above)"
+            raise DevstackError(f"{exc} during start-up{where}") from None
+
+    def stop(
+        self,
+        signum: signal.Signals = signal.SIGTERM,
+        timeout: float = 15.0,
+    ) -> None:
+        """Send `signum` (SIGTERM: the service drains) and wait; SIGKILL after `timeout`."""
+        if self._process is not None:
+            self._process.stop(signum, timeout)
