@@ -13,6 +13,7 @@ launcher's directory.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import secrets
 import signal
@@ -154,6 +155,7 @@ class Launcher:
         self.directory = directory
         self.background = background if background is not None else []
         self.served: list[Served] = []
+        self._numbers = itertools.count(1)  # next() is atomic: processes start on threads
 
     # --- in this process ----------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class Launcher:
         """`parley-<kind> serve` as a child process; with `ready`, once it reports SERVING
         (the test fails, with the end of its log, if it exits or times out first). Without
         `ready` it returns once the service has said where it listens."""
-        number = len(self.served) + 1
+        number = next(self._numbers)
         spec = ServiceSpec(
             f"parley-{kind} #{number}",
             f"parley-{kind}",
