@@ -2,8 +2,8 @@
 
 It finds the release's user Service and chat pods, forwards each to a free local port, waits
 until each answers grpc.health.v1 with SERVING, mints tokens with the release's JWT secret
-through `parley token`, runs pytest on tests/e2e with the variables tests/e2e/conftest.py
-reads, and stops the port-forwards when it ends, whatever the outcome.
+(the SDK's mint_token, as `parley token` does), runs pytest on tests/e2e with the variables
+tests/e2e/conftest.py reads, and stops the port-forwards when it ends, whatever the outcome.
 
 Usage (see `make kind-e2e`):
   python scripts/kind_e2e.py --context kind-parley --namespace parley --release parley \
@@ -28,11 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from parley.client.tokens import mint_token
+from parley.devstack.errors import DevstackError
+from parley.devstack.processes import wait_until
+from parley.devstack.services import grpc_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 FORWARD_TIMEOUT = 60.0
 READY_TIMEOUT = 120.0
+# The tokens the e2e suite uses live as long as a whole run may take.
+TOKEN_TTL = 3600
 _FORWARDING = re.compile(r"^Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)")
 
 
@@ -108,24 +114,18 @@ def _forwarded_ports(
 
 
 def _wait_serving(addr: str, service: str) -> None:
-    """Watches grpc.health.v1 until `service` at `addr` reports SERVING."""
+    """Waits, as `make run` waits for its services (parley.devstack), until `service` at
+    `addr` reports SERVING on grpc.health.v1."""
     with grpc.insecure_channel(addr) as channel:
         try:
-            grpc.channel_ready_future(channel).result(timeout=READY_TIMEOUT)
-        except grpc.FutureTimeoutError:
-            raise E2EError(f"{service} at {addr} (port-forward) does not answer") from None
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=service), timeout=READY_TIMEOUT
-        )
-        try:
-            for response in watch:
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    print(f"{service} at {addr}: SERVING", flush=True)
-                    return
-        except grpc.RpcError as error:
-            raise E2EError(f"{service} at {addr}: not SERVING: {error.code().name}") from None
-        finally:
-            watch.cancel()
+            wait_until(
+                lambda: grpc_serving(channel, service),
+                timeout=READY_TIMEOUT,
+                what=f"{service} at {addr} (port-forward) to report SERVING",
+            )
+        except DevstackError as exc:
+            raise E2EError(str(exc)) from None
+    print(f"{service} at {addr}: SERVING", flush=True)
 
 
 def _container(pod_spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -161,27 +161,11 @@ def _readiness(container: dict[str, Any]) -> str:
 
 
 def _tokens(secret: str, issuer: str, audience: str, claims: dict[str, list[str]]) -> list[str]:
-    """One token per subject in `claims` (subject -> scopes), from `parley token`, in parallel."""
-    parley = Path(sys.executable).parent / "parley"
-    env = {**os.environ, "PARLEY_JWT_SECRET": secret}  # not on the command line, where ps shows it
-    processes = []
-    for subject, scopes in claims.items():
-        command = [str(parley), "token", "--sub", subject, "--issuer", issuer]
-        command += ["--audience", audience]
-        for scope in scopes:
-            command += ["--scope", scope]
-        processes.append(
-            subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-            )
-        )
-    tokens = []
-    for process in processes:
-        out, err = process.communicate()
-        if process.returncode != 0:
-            raise E2EError(f"parley token failed: {err.strip()}")
-        tokens.append(out.strip())
-    return tokens
+    """One token per subject in `claims` (subject -> scopes), minted as `parley token` does."""
+    return [
+        mint_token(secret, subject, scopes, ttl=TOKEN_TTL, issuer=issuer, audience=audience)
+        for subject, scopes in claims.items()
+    ]
 
 
 def run(args: argparse.Namespace) -> int:

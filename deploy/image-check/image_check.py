@@ -39,7 +39,6 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -502,19 +501,6 @@ def check_config(image: Image, detail: list[str]) -> None:
 # -- the running check ---------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @dataclass
 class Stack:
     run_id: str
@@ -639,44 +625,39 @@ def logs(name: str, lines: int = 20) -> str:
 
 
 def wait_healthy(stack: Stack, image: Image, container: str, detail: list[str]) -> None:
+    """Waits, as `make run` waits for its services (parley.devstack), until the container's
+    server reports liveness and its service SERVING; fails if the container exits first."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    serving = health_pb2.HealthCheckResponse.SERVING
+    from parley.devstack.errors import DevstackError
+    from parley.devstack.processes import wait_until
+    from parley.devstack.services import grpc_serving
+
     address = f"127.0.0.1:{stack.ports[image.name]}"
     started = time.monotonic()
-    deadline = started + HEALTH_TIMEOUT
-    last = "no answer"
+
+    def healthy(channel: grpc.Channel) -> bool:
+        state = container_state(container)
+        if not state.get("Running"):
+            raise RuntimeError(
+                f"the container exited ({state.get('ExitCode')}):\n{logs(container)}"
+            )
+        return all(grpc_serving(channel, service) for service in ("", image.grpc_service))
+
     with grpc.insecure_channel(address) as channel:
-        stub: Any = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            state = container_state(container)
-            if not state.get("Running"):
-                raise RuntimeError(
-                    f"the container exited ({state.get('ExitCode')}):\n{logs(container)}"
-                )
-            try:
-                statuses = {
-                    service: stub.Check(
-                        health_pb2.HealthCheckRequest(service=service), timeout=2
-                    ).status
-                    for service in ("", image.grpc_service)
-                }
-            except grpc.RpcError as error:
-                last = f"{error.code().name}: {error.details()}"
-            else:
-                if all(status == serving for status in statuses.values()):
-                    detail.append(
-                        f"{address} liveness and {image.grpc_service} SERVING after "
-                        f"{time.monotonic() - started:.1f}s"
-                    )
-                    return
-                last = ", ".join(
-                    f"{s or '(liveness)'}={health_pb2.HealthCheckResponse.ServingStatus.Name(v)}"
-                    for s, v in statuses.items()
-                )
-            time.sleep(0.25)
-    raise RuntimeError(f"not healthy within {HEALTH_TIMEOUT:.0f}s ({last}):\n{logs(container)}")
+        try:
+            wait_until(
+                lambda: healthy(channel),
+                timeout=HEALTH_TIMEOUT,
+                what=f"liveness and {image.grpc_service} SERVING on {address}",
+                interval=0.25,
+            )
+        except DevstackError as exc:
+            raise RuntimeError(f"{exc}:\n{logs(container)}") from None
+    detail.append(
+        f"{address} liveness and {image.grpc_service} SERVING after "
+        f"{time.monotonic() - started:.1f}s"
+    )
 
 
 def check_user_rpc(stack: Stack, detail: list[str]) -> int:
@@ -832,6 +813,8 @@ def cleanup(stack: Stack, report: Report) -> None:
 
 
 def check_running(report: Report, images: dict[str, Image]) -> None:
+    from parley.devstack.ports import free_ports
+
     run_id = secrets.token_hex(4)
     ports = free_ports(4)
     stack = Stack(

@@ -7,21 +7,19 @@ stops it with SIGTERM."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import statistics
-import subprocess
+import tempfile
 import time
-
-import grpc
-from grpc_health.v1 import health_pb2
+from pathlib import Path
 
 from parley.bench.plan import Plan
 from parley.bench.report import Report, Row
 from parley.bench.target import Target
+from parley.devstack.errors import DevstackError
 from parley.devstack.ports import free_ports
-from parley.devstack.services import find_script
+from parley.devstack.processes import wait_until
+from parley.devstack.services import Service, ServiceSpec
 
 __all__ = ["measure_startup", "time_to_serving"]
 
@@ -36,53 +34,28 @@ def _accepting(port: int) -> bool:
 
 
 def time_to_serving(script: str, health_name: str, environ: dict[str, str]) -> float:
-    """Seconds from spawning `<script> serve` to `health_name` SERVING."""
+    """Seconds from spawning `<script> serve` (devstack's Service, as `make run` starts it) to
+    `health_name` SERVING. The port is polled first, so the health check need not wait out a
+    gRPC reconnect back-off."""
     port, metrics_port = free_ports(2)
-    env = dict(environ, PARLEY_GRPC_PORT=str(port), PARLEY_METRICS_PORT=str(metrics_port))
-    command = [str(find_script(script)), "serve"]
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = started + TIMEOUT
-        while not _accepting(port):
-            if process.poll() is not None:
-                raise RuntimeError(f"{script} serve exited with {process.returncode}")
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"{script} serve did not open its port in {TIMEOUT:g} s")
-            time.sleep(POLL)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = channel.unary_unary(
-                "/grpc.health.v1.Health/Check",
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    spec = ServiceSpec(f"{script} (start-up run)", script, health_name, port, metrics_port)
+    with tempfile.TemporaryDirectory(prefix="parley-bench-startup-") as directory:
+        started = time.perf_counter()
+        service = Service(spec, environ, log_path=Path(directory) / "serve.log")
+        try:
+            wait_until(
+                lambda: _accepting(port),
+                timeout=TIMEOUT,
+                what=f"{script} serve to open its port",
+                watch=[service.process],
+                interval=POLL,
             )
-            request = health_pb2.HealthCheckRequest(service=health_name)
-            while True:
-                try:
-                    reply = health(request, timeout=1.0, wait_for_ready=True)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return time.perf_counter() - started
-                except grpc.RpcError:
-                    pass
-                if process.poll() is not None:
-                    raise RuntimeError(f"{script} serve exited with {process.returncode}")
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"{script} serve not SERVING after {TIMEOUT:g} s")
-                time.sleep(POLL)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            service.wait_serving(TIMEOUT, interval=POLL)
+            return time.perf_counter() - started
+        except DevstackError as exc:
+            raise RuntimeError(f"{exc}\n{service.log_text()[-2000:]}") from None
+        finally:
+            service.stop()
 
 
 def measure_startup(target: Target, plan: Plan, report: Report) -> None:

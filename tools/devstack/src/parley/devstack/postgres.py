@@ -19,12 +19,13 @@ from parley.devstack.postgres_install import mirror_installation, usable_in_plac
 from parley.devstack.processes import (
     Process,
     reachable_by,
+    temp_dir_candidates,
     temp_dir_for,
     unprivileged_user,
     wait_until,
 )
 
-__all__ = ["SUPERUSER", "EmbeddedPostgres"]
+__all__ = ["SUPERUSER", "EmbeddedPostgres", "remove_abandoned_run_dirs"]
 
 _log = logging.getLogger("parley.devstack")
 
@@ -32,6 +33,45 @@ SUPERUSER = "postgres"
 
 # The working directory of the process that names it. See EmbeddedPostgres._data_dir_argument.
 _OWN_WORKING_DIR = "/proc/self/cwd"
+
+
+# Each start's socket directory (and mirrored installation) lives in a temp dir of this prefix,
+# with the pid of the process that made it in _OWNER_FILE.
+_RUN_DIR_PREFIX = "parley-pg-"
+_OWNER_FILE = "owner.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned_run_dirs() -> list[Path]:
+    """Remove the run directories of ours whose maker is gone without cleaning up (killed with
+    SIGKILL, say): ours by owner and prefix, with a maker's pid that no longer runs. Returns
+    what was removed. A directory without an owner file, or of another user, stays."""
+    removed = []
+    for parent in temp_dir_candidates():
+        try:
+            candidates = list(parent.glob(f"{_RUN_DIR_PREFIX}*"))
+        except OSError:
+            continue
+        for path in candidates:
+            try:
+                if path.stat().st_uid != os.geteuid():
+                    continue
+                pid = int((path / _OWNER_FILE).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if pid != os.getpid() and not _alive(pid):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 class EmbeddedPostgres:
@@ -78,8 +118,10 @@ class EmbeddedPostgres:
     def start(self, *, timeout: float = 60.0, databases: tuple[str, ...] = ()) -> None:
         """Initialize the cluster if needed, start it, wait until it accepts connections."""
         self._prepare_directories()
+        remove_abandoned_run_dirs()
         try:
-            self._run_dir = temp_dir_for(self._run_as, "parley-pg-")
+            self._run_dir = temp_dir_for(self._run_as, _RUN_DIR_PREFIX)
+            (self._run_dir / _OWNER_FILE).write_text(f"{os.getpid()}\n")
             self._bin_dir = self._reachable_bin_dir(self._run_dir)
             if not self.initialized:
                 self._initdb(timeout)

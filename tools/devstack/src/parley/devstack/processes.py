@@ -27,6 +27,7 @@ __all__ = [
     "reachable_by",
     "stop_all",
     "switch_user_command",
+    "temp_dir_candidates",
     "temp_dir_for",
     "unprivileged_user",
     "wait_until",
@@ -107,7 +108,8 @@ def reachable_by(path: Path, user: RunAs) -> bool:
     return True
 
 
-def _temp_dir_candidates() -> list[Path]:
+def temp_dir_candidates() -> list[Path]:
+    """The system temp dirs, in the order temp_dir_for tries them."""
     found: list[Path] = []
     for name in (tempfile.gettempdir(), "/tmp", "/var/tmp"):
         path = Path(name)
@@ -121,12 +123,12 @@ def temp_dir_for(run_as: RunAs | None, prefix: str) -> Path:
     but neither list nor write: mode 0711, in the first temp dir that `run_as` can reach."""
     if run_as is None:
         return Path(tempfile.mkdtemp(prefix=prefix))
-    for parent in _temp_dir_candidates():
+    for parent in temp_dir_candidates():
         if parent.is_dir() and reachable_by(parent, run_as):
             path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
             path.chmod(0o711)
             return path
-    tried = ", ".join(str(p) for p in _temp_dir_candidates())
+    tried = ", ".join(str(p) for p in temp_dir_candidates())
     raise DevstackError(
         f"no temp dir that {run_as.name!r} can reach ({tried}); set TMPDIR to a directory "
         "every user may search"
@@ -247,8 +249,10 @@ def wait_until(
     timeout: float,
     what: str,
     watch: Iterable[Process] = (),
+    interval: float = POLL_INTERVAL,
 ) -> None:
-    """Poll `condition` until it holds; fail when `timeout` passes or a watched process ends."""
+    """Poll `condition` every `interval` seconds until it holds; fail when `timeout` passes or
+    a watched process ends."""
     watched = list(watch)
     deadline = time.monotonic() + timeout
     while True:
@@ -259,4 +263,4 @@ def wait_until(
             return
         if time.monotonic() >= deadline:
             raise DevstackError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(POLL_INTERVAL)
+        time.sleep(interval)

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 from parley.devstack.errors import DevstackError
 from parley.devstack.logs import tail
 from parley.devstack.ports import LOOPBACK
-from parley.devstack.processes import Process, ProcessExited, wait_until
+from parley.devstack.processes import POLL_INTERVAL, Process, ProcessExited, wait_until
 
 __all__ = ["SERVING_LINE", "Service", "ServiceSpec", "find_script", "grpc_serving", "migrate"]
 
@@ -192,7 +192,9 @@ class Service:
             self.spec = replace(self.spec, port=port, metrics_port=metrics_port)
         return True
 
-    def wait_serving(self, timeout: float, name: str | None = None) -> None:
+    def wait_serving(
+        self, timeout: float, name: str | None = None, *, interval: float = POLL_INTERVAL
+    ) -> None:
         """Wait until health reports `name` (its own service by default; "" is the server as a
         whole) SERVING; fail if the process exits first."""
         name = self.spec.health_name if name is None else name
@@ -204,6 +206,7 @@ class Service:
                     timeout=timeout,
                     what=f"{self.spec.title} to say where it listens",
                     watch=[self.process],
+                    interval=interval,
                 )
             with grpc.insecure_channel(self.spec.address, options=_CHANNEL_OPTIONS) as channel:
                 wait_until(
@@ -211,6 +214,7 @@ class Service:
                     timeout=max(deadline - time.monotonic(), 0.0),
                     what=f"{name} to report SERVING on {self.spec.address}",
                     watch=[self.process],
+                    interval=interval,
                 )
         except ProcessExited as exc:
             where = f":\n{tail(self.log_path)}" if self.log_path else " (its output is above)"
