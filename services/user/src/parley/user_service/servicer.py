@@ -138,8 +138,10 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         # gRPC ends the request stream alike when the client half-closes and when the call is
         # cancelled or passes its deadline. Only `commit` says the client finished.
         if explicit and not received.committed:
-            _log.info("import not committed: %d row(s) received, none stored", received.count)
             await _raise_if_cut_short(context)  # the status that names a cut-off already seen
+            # A cancellation that reaches us after this point is refused as not committed:
+            # the client has gone and sees neither; only this log and the metrics count it.
+            _log.info("import not committed: %d row(s) received, none stored", received.count)
             raise not_committed(received)
         # A cut-off seen by now, or before the commit, stores nothing. For a client that did
         # not declare, whose half-close commits, that is all the protection there is.
