@@ -13,10 +13,7 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,13 +28,19 @@ from parley.chassis import Env
 from parley.chat_service import server as chat_server
 from parley.chat_service import settings as chat_settings
 from parley.chat_service.settings import ChatSettings
+from parley.devstack import services as devstack
+from parley.devstack.errors import DevstackError
 from parley.proto.contract import USER_SERVICE, service_config
 from parley.testing.certificates import CertificateAuthority
 from parley.user_service import server as user_server
 from parley.user_service import settings as user_settings
 from parley.user_service.settings import UserSettings
 
-REPO = Path(__file__).resolve().parents[2]
+from .dockerfile import exec_form, image_config, service_image
+from .env_reads import env_reads
+from .helm import CHART, NAMESPACE, by_component, by_kind, named, pod_container, render
+from .tools import REPO
+
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 
@@ -83,8 +86,8 @@ def service(request: pytest.FixtureRequest) -> Service:
     return SERVICES[request.param]
 
 
-def _deployment(manifests: list[Any], deploy: Any, service: Service) -> dict[str, Any]:
-    (deployment,) = deploy.component(manifests, "Deployment", service.name)
+def _deployment(manifests: list[Any], service: Service) -> dict[str, Any]:
+    (deployment,) = by_component(manifests, "Deployment", service.name)
     return dict(deployment)
 
 
@@ -93,13 +96,13 @@ def _pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
 
 
 def _container_env(
-    manifests: list[Any], deploy: Any, spec: dict[str, Any]
+    manifests: list[Any], spec: dict[str, Any]
 ) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
     """A container's variables: plain values (its ConfigMaps and `value`s) and Secret refs."""
     values: dict[str, str] = {}
     secrets: dict[str, tuple[str, str]] = {}
     for source in spec.get("envFrom", []):
-        config = deploy.named(manifests, "ConfigMap", source["configMapRef"]["name"])
+        config = named(manifests, "ConfigMap", source["configMapRef"]["name"])
         values.update(config["data"])
     for entry in spec.get("env", []):
         if "value" in entry:
@@ -110,9 +113,9 @@ def _container_env(
     return values, secrets
 
 
-def _secret_value(manifests: list[Any], deploy: Any, name: str, key: str) -> str | None:
+def _secret_value(manifests: list[Any], name: str, key: str) -> str | None:
     """A key of a Secret the chart renders; None for an existingSecret made outside it."""
-    found = [m for m in deploy.by_kind(manifests, "Secret") if m["metadata"]["name"] == name]
+    found = [m for m in by_kind(manifests, "Secret") if m["metadata"]["name"] == name]
     if not found:
         return None
     assert key in found[0]["data"], f"Secret {name} has no key {key}"
@@ -150,10 +153,10 @@ def _tls_stand_ins() -> dict[str, str]:
     }
 
 
-def _resolved_env(manifests: list[Any], deploy: Any, spec: dict[str, Any]) -> dict[str, str]:
-    values, secrets = _container_env(manifests, deploy, spec)
+def _resolved_env(manifests: list[Any], spec: dict[str, Any]) -> dict[str, str]:
+    values, secrets = _container_env(manifests, spec)
     for variable, (name, key) in secrets.items():
-        value = _secret_value(manifests, deploy, name, key)
+        value = _secret_value(manifests, name, key)
         values[variable] = _EXTERNAL_SECRETS[variable] if value is None else value
     for variable, value in values.items():
         values[variable] = _DEPENDENT.sub(lambda m: values[m.group(1)], value)
@@ -164,15 +167,13 @@ def _resolved_env(manifests: list[Any], deploy: Any, spec: dict[str, Any]) -> di
     return values
 
 
-def test_ports_are_the_services_own(
-    deploy: Any, helm4: str, ci_values: Path, service: Service
-) -> None:
-    manifests = deploy.render(helm4, ci_values)
-    deployment = _deployment(manifests, deploy, service)
-    spec = deploy.container(_pod_spec(deployment), service.name)
+def test_ports_are_the_services_own(helm4: str, ci_values: Path, service: Service) -> None:
+    manifests = render(helm4, ci_values)
+    deployment = _deployment(manifests, service)
+    spec = pod_container(_pod_spec(deployment), service.name)
     ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
     # What the process will listen on, as its settings code reads the chart's variables.
-    settings = service.settings(Env(_resolved_env(manifests, deploy, spec)))
+    settings = service.settings(Env(_resolved_env(manifests, spec)))
     expected = {"grpc": service.grpc_port, "metrics": service.metrics_port}
     if settings.server.health_port is not None:
         # TLS: the probes go to the plain-text health-only port.
@@ -186,7 +187,7 @@ def test_ports_are_the_services_own(
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert spec[probe]["grpc"]["port"] == probed, probe
 
-    services = deploy.component(manifests, "Service", service.name)
+    services = by_component(manifests, "Service", service.name)
     cluster_ip = [s for s in services if s["spec"].get("clusterIP") != "None"]
     assert len(cluster_ip) == 1
     assert cluster_ip[0]["spec"]["type"] == "ClusterIP"
@@ -195,17 +196,17 @@ def test_ports_are_the_services_own(
         ("metrics", "metrics"),
     }
 
-    exposed = deploy.image_config(deploy.service_image(service.name))["EXPOSE"]
+    exposed = image_config(service_image(service.name))["EXPOSE"]
     assert {int(p) for p in exposed.split()} == {service.grpc_port, service.metrics_port}
 
 
 def test_every_variable_the_chart_sets_is_one_the_service_reads(
-    deploy: Any, helm4: str, ci_values: Path
+    helm4: str, ci_values: Path
 ) -> None:
-    manifests = deploy.render(helm4, ci_values)
-    reads = deploy.env_reads()
+    manifests = render(helm4, ci_values)
+    reads = env_reads()
     unread = []
-    workloads = [*deploy.by_kind(manifests, "Deployment"), *deploy.by_kind(manifests, "Job")]
+    workloads = [*by_kind(manifests, "Deployment"), *by_kind(manifests, "Job")]
     for workload in workloads:
         component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
         if component not in ("user", "chat", "migrations"):
@@ -214,7 +215,7 @@ def test_every_variable_the_chart_sets_is_one_the_service_reads(
         for spec in [*pod.get("initContainers", []), *pod["containers"]]:
             command = "migrate" if spec.get("args") == ["migrate"] else component
             assert spec.get("args") == (["migrate"] if command == "migrate" else ["serve"])
-            values, secrets = _container_env(manifests, deploy, spec)
+            values, secrets = _container_env(manifests, spec)
             # envFrom of the component's ConfigMap also reaches its migrate init container,
             # which ignores the serving settings; what it is given explicitly must be read.
             explicit = {e["name"] for e in spec.get("env", [])}
@@ -225,30 +226,28 @@ def test_every_variable_the_chart_sets_is_one_the_service_reads(
                     unread.append(f"{workload['metadata']['name']}/{spec['name']}: {variable}")
             # The service accepts every value (a ConfigError names the variable).
             if command != "migrate":
-                SERVICES[component].settings(Env(_resolved_env(manifests, deploy, spec)))
+                SERVICES[component].settings(Env(_resolved_env(manifests, spec)))
     assert not unread, "variables set by the chart that no code reads:\n" + "\n".join(unread)
 
 
-def test_probes_ask_for_the_health_names_the_code_registers(
-    deploy: Any, helm4: str, service: Service
-) -> None:
-    manifests = deploy.render(helm4, deploy.chart_dir / "ci" / "default-values.yaml")
-    spec = deploy.container(_pod_spec(_deployment(manifests, deploy, service)), service.name)
+def test_probes_ask_for_the_health_names_the_code_registers(helm4: str, service: Service) -> None:
+    manifests = render(helm4, CHART / "ci" / "default-values.yaml")
+    spec = pod_container(_pod_spec(_deployment(manifests, service)), service.name)
     assert spec["startupProbe"]["grpc"]["service"] == ""
     assert spec["livenessProbe"]["grpc"]["service"] == ""
     assert spec["readinessProbe"]["grpc"]["service"] == service.readiness
 
 
 def test_termination_grace_covers_prestop_and_drain(
-    deploy: Any, helm4: str, ci_values: Path, service: Service
+    helm4: str, ci_values: Path, service: Service
 ) -> None:
-    manifests = deploy.render(helm4, ci_values)
-    pod = _pod_spec(_deployment(manifests, deploy, service))
-    spec = deploy.container(pod, service.name)
+    manifests = render(helm4, ci_values)
+    pod = _pod_spec(_deployment(manifests, service))
+    spec = pod_container(pod, service.name)
     command = spec["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep" and len(command) == 2, command
     pre_stop = float(command[1])
-    server = service.settings(Env(_resolved_env(manifests, deploy, spec))).server
+    server = service.settings(Env(_resolved_env(manifests, spec))).server
     needed = pre_stop + server.shutdown_delay + server.shutdown_grace
     assert server.shutdown_grace > 0 and pre_stop > 0
     assert pod["terminationGracePeriodSeconds"] > needed, (
@@ -259,42 +258,40 @@ def test_termination_grace_covers_prestop_and_drain(
 
 
 def test_image_runs_the_service_command_and_stops_it_with_sigterm(
-    deploy: Any, helm4: str, service: Service
+    helm4: str, service: Service
 ) -> None:
-    last = deploy.image_config(deploy.service_image(service.name))
+    last = image_config(service_image(service.name))
     assert last["STOPSIGNAL"] == "SIGTERM"
     # Exec form: the service is PID 1 and receives the signal itself (no shell in between).
-    assert deploy.exec_form(last["ENTRYPOINT"]) == [service.script]
-    assert deploy.exec_form(last["CMD"]) == ["serve"]
+    assert exec_form(last["ENTRYPOINT"]) == [service.script]
+    assert exec_form(last["CMD"]) == ["serve"]
     uid = last["USER"].split(":")[0]
     assert uid.isdigit() and int(uid) != 0
 
-    manifests = deploy.render(helm4, deploy.chart_dir / "ci" / "default-values.yaml")
-    pod = _pod_spec(_deployment(manifests, deploy, service))
-    spec = deploy.container(pod, service.name)
+    manifests = render(helm4, CHART / "ci" / "default-values.yaml")
+    pod = _pod_spec(_deployment(manifests, service))
+    spec = pod_container(pod, service.name)
     assert "command" not in spec, "the chart must not replace the image's ENTRYPOINT"
     assert spec["args"] == ["serve"]
     assert spec["securityContext"]["runAsUser"] == int(uid)
     assert pod["securityContext"]["runAsUser"] == int(uid)
 
 
-def test_chat_dials_the_headless_user_service_with_round_robin(
-    deploy: Any, helm4: str, ci_values: Path
-) -> None:
-    manifests = deploy.render(helm4, ci_values)
-    chat = deploy.container(_pod_spec(_deployment(manifests, deploy, SERVICES["chat"])), "chat")
-    target = ChatSettings.from_env(Env(_resolved_env(manifests, deploy, chat))).user_service
+def test_chat_dials_the_headless_user_service_with_round_robin(helm4: str, ci_values: Path) -> None:
+    manifests = render(helm4, ci_values)
+    chat = pod_container(_pod_spec(_deployment(manifests, SERVICES["chat"])), "chat")
+    target = ChatSettings.from_env(Env(_resolved_env(manifests, chat))).user_service
     match = re.fullmatch(r"dns:///([^:/]+)\.([^.]+)\.svc\.cluster\.local:(\d+)", target)
     assert match, f"chat dials {target!r}, not a dns:/// name of a cluster Service"
     name, namespace, port = match.group(1), match.group(2), int(match.group(3))
-    assert namespace == deploy.namespace
+    assert namespace == NAMESPACE
 
-    headless = deploy.named(manifests, "Service", name)
+    headless = named(manifests, "Service", name)
     assert headless["spec"]["clusterIP"] == "None"
-    user = _deployment(manifests, deploy, SERVICES["user"])
+    user = _deployment(manifests, SERVICES["user"])
     pod_labels = user["spec"]["template"]["metadata"]["labels"]
     assert headless["spec"]["selector"].items() <= pod_labels.items()
-    user_ports = {p["name"]: p["containerPort"] for p in deploy.container(
+    user_ports = {p["name"]: p["containerPort"] for p in pod_container(
         _pod_spec(user), "user")["ports"]}  # fmt: skip
     assert [(p["name"], p["port"], p["targetPort"]) for p in headless["spec"]["ports"]] == [
         ("grpc", user_ports["grpc"], "grpc")
@@ -307,59 +304,20 @@ def test_chat_dials_the_headless_user_service_with_round_robin(
 # --- The processes themselves -------------------------------------------------------------
 
 
-class _Lines:
-    """Collects a process's stderr lines in a thread, so the test can wait on them."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.lines: list[str] = []
-        self._condition = threading.Condition()
-        assert process.stderr is not None
-        self._stream = process.stderr
-        self._thread = threading.Thread(target=self._read, args=(process.stderr,), daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """After the process has exited: the reader has seen the end of its output."""
-        self._thread.join(timeout=STOP_TIMEOUT)
-        self._stream.close()
-
-    def _read(self, stream: Any) -> None:
-        for line in stream:
-            with self._condition:
-                self.lines.append(line)
-                self._condition.notify_all()
-        with self._condition:
-            self.lines.append("")  # end of output
-            self._condition.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        regex = re.compile(pattern)
-        with self._condition:
-            found: list[re.Match[str]] = []
-
-            def seen() -> bool:
-                found[:] = [m for m in map(regex.search, self.lines) if m]
-                return bool(found) or "" in self.lines
-
-            self._condition.wait_for(seen, timeout=timeout)
-            assert found, f"no {pattern!r} in the output:\n{''.join(self.lines)}"
-            return found[0]
-
-
 @pytest.fixture
-def started(deploy: Any, helm4: str, service: Service) -> Iterator[tuple[Any, str, _Lines]]:
-    """The service started as its image starts it, with the kind variant's settings.
+def started(helm4: str, service: Service, tmp_path: Path) -> Iterator[devstack.Service]:
+    """The service started as its image starts it (`<script> serve`, by parley.devstack's
+    Service), with the kind variant's settings; its output goes to a log.
 
     Postgres, Redis and UserService are unreachable addresses here, so readiness is
     NOT_SERVING; ports are picked by the system, and the checks and drain are kept short.
     """
-    manifests = deploy.render(helm4, deploy.chart_dir / "ci" / "kind-values.yaml")
-    spec = deploy.container(_pod_spec(_deployment(manifests, deploy, service)), service.name)
-    env = _resolved_env(manifests, deploy, spec) | {
+    manifests = render(helm4, CHART / "ci" / "kind-values.yaml")
+    spec = pod_container(_pod_spec(_deployment(manifests, service)), service.name)
+    assert spec["args"] == ["serve"], "devstack's Service runs `<script> serve`"
+    env = _resolved_env(manifests, spec) | {
         "PARLEY_GRPC_HOST": "127.0.0.1",
-        "PARLEY_GRPC_PORT": "0",
         "PARLEY_METRICS_HOST": "127.0.0.1",
-        "PARLEY_METRICS_PORT": "0",
         "PARLEY_DATABASE_URL": "postgresql://parley@127.0.0.1:1/parley",
         "PARLEY_REDIS_URL": "redis://127.0.0.1:1/0",
         "PARLEY_USER_SERVICE_ADDR": "127.0.0.1:1",
@@ -367,30 +325,24 @@ def started(deploy: Any, helm4: str, service: Service) -> Iterator[tuple[Any, st
         "PARLEY_HEALTH_CHECK_INTERVAL": "1s",
         "PARLEY_SHUTDOWN_DELAY": "500ms",
     }
-    script = Path(sys.executable).parent / service.script
-    process = subprocess.Popen(
-        [str(script), *spec["args"]],
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines = _Lines(process)
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **env}
+    # Port 0: the service picks its ports and logs them, and devstack reads them from the log.
+    what = devstack.ServiceSpec(service.script, service.script, service.readiness, 0, 0)
+    process = devstack.Service(what, environ, log_path=tmp_path / f"{service.script}.log")
     try:
-        match = lines.wait_for(r"serving gRPC on [^ ]+:(\d+)", STARTUP_TIMEOUT)
-        yield process, f"127.0.0.1:{match.group(1)}", lines
+        try:
+            process.wait_serving(STARTUP_TIMEOUT, name="")  # it listens and answers
+        except DevstackError as error:
+            pytest.fail(str(error), pytrace=False)
+        yield process
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        lines.close()
+        process.stop(signal.SIGKILL, 10)
 
 
 def test_the_service_answers_its_probe_names_and_drains_on_sigterm(
-    started: tuple[Any, str, _Lines], service: Service
+    started: devstack.Service, service: Service
 ) -> None:
-    process, addr, lines = started
-    with grpc.insecure_channel(addr) as channel:
+    with grpc.insecure_channel(started.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
 
         def status(name: str) -> str:
@@ -408,11 +360,13 @@ def test_the_service_answers_its_probe_names_and_drains_on_sigterm(
 
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=STOP_TIMEOUT)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        process.send_signal(signal.SIGTERM)
+        started.process.send(signal.SIGTERM)
         # The drain turns liveness NOT_SERVING before the listener closes.
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         watch.cancel()
 
-    assert process.wait(timeout=STOP_TIMEOUT) == 0
-    lines.wait_for(r"draining", timeout=1)
-    lines.wait_for(r"stopped", timeout=STOP_TIMEOUT)
+    assert started.process.wait(STOP_TIMEOUT), f"still running {STOP_TIMEOUT:g}s after SIGTERM"
+    assert started.process.returncode == 0, started.log_text()
+    output = started.log_text()  # all of it: the process has exited
+    for pattern in ("draining", "stopped"):
+        assert re.search(pattern, output), f"no {pattern!r} in the output:\n{output}"

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from .helm import CHART, render
+from .tools import REPO
+
 APP_VERSION = "0.1.0"
 # The patch releases pinned (see the README's Deploy section for why these).
 POSTGRES = "docker.io/library/postgres:17.12-bookworm"
@@ -43,11 +44,9 @@ def values(name: str) -> dict[str, Any]:
     return loaded
 
 
-def test_images_render_by_tag_by_default(deploy: Any, helm: str) -> None:
-    kind = deploy.chart_dir / "ci" / "kind-values.yaml"
-    found = images(
-        deploy.render(helm, kind, "", "--set", "user.image.tag=", "--set", "chat.image.tag=")
-    )
+def test_images_render_by_tag_by_default(helm: str) -> None:
+    kind = CHART / "ci" / "kind-values.yaml"
+    found = images(render(helm, kind, "", "--set", "user.image.tag=", "--set", "chat.image.tag="))
     assert found, "no containers rendered"
     for where, image in found.items():
         if "/parley-postgresql/" in where:
@@ -60,16 +59,16 @@ def test_images_render_by_tag_by_default(deploy: Any, helm: str) -> None:
             assert image == f"parley-user:{APP_VERSION}", where
 
 
-def test_every_image_is_pinned_by_digest_when_digests_are_set(deploy: Any, helm: str) -> None:
+def test_every_image_is_pinned_by_digest_when_digests_are_set(helm: str) -> None:
     variant = values("digests-values.yaml")
     user = "{repository}@{digest}".format(**variant["user"]["image"])
     chat = "{repository}@{digest}".format(**variant["chat"]["image"])
     postgres = "docker.io/library/postgres@" + variant["postgresql"]["image"]["digest"]
     redis = "docker.io/library/redis@" + variant["redis"]["image"]["digest"]
-    path = deploy.chart_dir / "ci" / "digests-values.yaml"
+    path = CHART / "ci" / "digests-values.yaml"
     # Init containers run the migrations with the in-chart Postgres; "hook" makes the Job.
     for extra in ((), ("--set", "migrations.mode=hook")):
-        found = images(deploy.render(helm, path, "", *extra))
+        found = images(render(helm, path, "", *extra))
         expected = {
             "Deployment/parley-user/user": user,
             "Deployment/parley-chat/chat": chat,
@@ -90,9 +89,9 @@ def test_every_image_is_pinned_by_digest_when_digests_are_set(deploy: Any, helm:
         assert found == expected
 
 
-def test_compose_and_chart_run_the_same_current_store_images(deploy: Any) -> None:
+def test_compose_and_chart_run_the_same_current_store_images() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text(encoding="utf-8"))
-    chart = yaml.safe_load((deploy.chart_dir / "values.yaml").read_text(encoding="utf-8"))
+    chart = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
     for service, key, pinned in (("postgres", "postgresql", POSTGRES), ("redis", "redis", REDIS)):
         image = chart[key]["image"]
         # ${PARLEY_POSTGRES_IMAGE:-<pinned>}: a mirror may replace it, the default is pinned.

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
+from .helm import CHART, CI_VALUES, NAMESPACE, RELEASE, by_component, by_kind, render, run_helm
+
 Manifest = dict[str, Any]
-NAMESPACE = "parley"
 DENY_ALL: Manifest = {
     "apiVersion": "networking.k8s.io/v1",
     "kind": "NetworkPolicy",
@@ -377,8 +378,8 @@ def order_problems(manifests: list[Manifest], world: World) -> list[str]:
 
 
 @pytest.mark.parametrize("values", sorted(WORLDS))
-def test_every_pod_works_in_a_default_deny_namespace(deploy: Any, helm: str, values: str) -> None:
-    manifests = deploy.render(helm, deploy.chart_dir / "ci" / values)
+def test_every_pod_works_in_a_default_deny_namespace(helm: str, values: str) -> None:
+    manifests = render(helm, CHART / "ci" / values)
     pods = pod_templates(manifests)
     assert {"user", "chat", "test"} <= set(pods)
     policies = [DENY_ALL, *chart_policies(manifests)]
@@ -388,13 +389,13 @@ def test_every_pod_works_in_a_default_deny_namespace(deploy: Any, helm: str, val
     assert not late, "\n".join(late)
 
 
-def test_every_ci_variant_has_a_world(deploy: Any) -> None:
-    assert {p.name for p in deploy.ci_values} == set(WORLDS)
+def test_every_ci_variant_has_a_world() -> None:
+    assert {p.name for p in CI_VALUES} == set(WORLDS)
 
 
-def test_the_evaluator_sees_a_missing_policy(deploy: Any, helm4: str) -> None:
-    values = deploy.chart_dir / "ci" / "default-deny-values.yaml"
-    manifests = deploy.render(helm4, values)
+def test_the_evaluator_sees_a_missing_policy(helm4: str) -> None:
+    values = CHART / "ci" / "default-deny-values.yaml"
+    manifests = render(helm4, values)
     pods = pod_templates(manifests)
     world = WORLDS["default-deny-values.yaml"]
     for name in ("parley-test", "parley-migrations", "parley-user"):
@@ -407,12 +408,12 @@ def test_the_evaluator_sees_a_missing_policy(deploy: Any, helm4: str) -> None:
     assert len(denied) == len(needs(pods, world))
 
 
-def test_hook_migrations_get_their_policy_before_the_job(deploy: Any, helm: str) -> None:
-    manifests = deploy.render(helm, deploy.chart_dir / "ci" / "default-deny-values.yaml")
-    (job,) = deploy.component(manifests, "Job", "migrations")
+def test_hook_migrations_get_their_policy_before_the_job(helm: str) -> None:
+    manifests = render(helm, CHART / "ci" / "default-deny-values.yaml")
+    (job,) = by_component(manifests, "Job", "migrations")
     job_phases, job_weight = hook(job) or (set(), 0)
     assert job_phases == PRE_HOOKS
-    (policy,) = deploy.component(manifests, "NetworkPolicy", "migrations")
+    (policy,) = by_component(manifests, "NetworkPolicy", "migrations")
     policy_hook = hook(policy)
     assert policy_hook is not None, "the Job's NetworkPolicy would come after the hook Job"
     phases, weight = policy_hook
@@ -422,7 +423,7 @@ def test_hook_migrations_get_their_policy_before_the_job(deploy: Any, helm: str)
         "before-hook-creation"
     )
     # The Secret the Job reads comes first of all.
-    (secret,) = deploy.by_kind(manifests, "Secret")
+    (secret,) = by_kind(manifests, "Secret")
     secret_hook = hook(secret)
     assert secret_hook is not None and secret_hook[1] < weight
     # A release-resource policy would not do: the evaluator's ordering says so.
@@ -434,22 +435,22 @@ def test_hook_migrations_get_their_policy_before_the_job(deploy: Any, helm: str)
     assert order_problems(demoted, WORLDS["default-deny-values.yaml"])
 
 
-def test_the_test_pod_keeps_its_logs_and_has_its_own_policy(deploy: Any, helm: str) -> None:
-    manifests = deploy.render(helm, deploy.chart_dir / "ci" / "default-values.yaml")
-    (test_pod,) = deploy.component(manifests, "Pod", "test")
+def test_the_test_pod_keeps_its_logs_and_has_its_own_policy(helm: str) -> None:
+    manifests = render(helm, CHART / "ci" / "default-values.yaml")
+    (test_pod,) = by_component(manifests, "Pod", "test")
     annotations = test_pod["metadata"]["annotations"]
     assert annotations["helm.sh/hook"] == "test"
     # Helm 3 deletes a hook-succeeded pod before `helm test --logs` reads it (helm#9098).
     assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
-    (policy,) = deploy.component(manifests, "NetworkPolicy", "test")
+    (policy,) = by_component(manifests, "NetworkPolicy", "test")
     assert hook(policy) is None  # a release resource: there before any `helm test`
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert "ingress" not in policy["spec"]  # nothing calls the test pod
 
 
-def test_no_policy_without_network_policies(deploy: Any, helm: str) -> None:
-    manifests = deploy.render(
-        helm, deploy.chart_dir / "ci" / "default-deny-values.yaml", "",
+def test_no_policy_without_network_policies(helm: str) -> None:
+    manifests = render(
+        helm, CHART / "ci" / "default-deny-values.yaml", "",
         "--set", "networkPolicy.enabled=false",
     )  # fmt: skip
     assert chart_policies(manifests) == []
@@ -466,8 +467,8 @@ def dns_rules(policy: Manifest) -> list[dict[str, Any]]:
     ]
 
 
-def test_gke_dns_goes_to_the_node_resolvers_and_kube_dns(deploy: Any, helm: str) -> None:
-    manifests = deploy.render(helm, deploy.chart_dir / "ci" / "gke-dns-values.yaml")
+def test_gke_dns_goes_to_the_node_resolvers_and_kube_dns(helm: str) -> None:
+    manifests = render(helm, CHART / "ci" / "gke-dns-values.yaml")
     pods = pod_templates(manifests)
     policies = [DENY_ALL, *chart_policies(manifests)]
     egress_policies = [p for p in chart_policies(manifests) if p["spec"].get("egress")]
@@ -491,8 +492,8 @@ def test_gke_dns_goes_to_the_node_resolvers_and_kube_dns(deploy: Any, helm: str)
         assert allowing(policies, source, address("10.0.0.11"), 53, "UDP") is None, component
 
 
-def test_default_dns_is_the_kube_dns_pods(deploy: Any, helm: str) -> None:
-    manifests = deploy.render(helm, deploy.chart_dir / "ci" / "default-values.yaml")
+def test_default_dns_is_the_kube_dns_pods(helm: str) -> None:
+    manifests = render(helm, CHART / "ci" / "default-values.yaml")
     pods = pod_templates(manifests)
     policies = [DENY_ALL, *chart_policies(manifests)]
     assert allowing(policies, pods["user"], KUBE_DNS, 53, "UDP")
@@ -502,23 +503,23 @@ def test_default_dns_is_the_kube_dns_pods(deploy: Any, helm: str) -> None:
 
 
 def test_an_empty_dns_list_means_any_resolver_and_ports_can_change(
-    deploy: Any, helm: str, tmp_path: Path
+    helm: str, tmp_path: Path
 ) -> None:
     values = tmp_path / "values.yaml"
     values.write_text(
         "networkPolicy:\n  dns:\n    to: []\n    ports:\n      - {port: 5353, protocol: UDP}\n"
     )
-    manifests = deploy.render(helm, values)
+    manifests = render(helm, values)
     pods = pod_templates(manifests)
     policies = [DENY_ALL, *chart_policies(manifests)]
     assert allowing(policies, pods["chat"], address("192.0.2.53"), 5353, "UDP")
     assert allowing(policies, pods["chat"], address("192.0.2.53"), 53, "UDP") is None
 
 
-def test_prometheus_peers_replace_the_default(deploy: Any, helm: str) -> None:
-    gmp = deploy.render(helm, deploy.chart_dir / "ci" / "gmp-prometheus-values.yaml")
+def test_prometheus_peers_replace_the_default(helm: str) -> None:
+    gmp = render(helm, CHART / "ci" / "gmp-prometheus-values.yaml")
     for service in ("user", "chat"):
-        (policy,) = deploy.component(gmp, "NetworkPolicy", service)
+        (policy,) = by_component(gmp, "NetworkPolicy", service)
         metrics = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
         (rule,) = metrics
         namespaces = [p["namespaceSelector"]["matchLabels"] for p in rule["from"]]
@@ -526,9 +527,9 @@ def test_prometheus_peers_replace_the_default(deploy: Any, helm: str) -> None:
             {"kubernetes.io/metadata.name": "gmp-system"},
             {"kubernetes.io/metadata.name": "gke-gmp-system"},
         ]
-    anyone = deploy.render(helm, deploy.chart_dir / "ci" / "any-prometheus-values.yaml")
+    anyone = render(helm, CHART / "ci" / "any-prometheus-values.yaml")
     for service in ("user", "chat"):
-        (policy,) = deploy.component(anyone, "NetworkPolicy", service)
+        (policy,) = by_component(anyone, "NetworkPolicy", service)
         (rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
         assert "from" not in rule  # any source
         (grpc,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "grpc"]
@@ -538,11 +539,9 @@ def test_prometheus_peers_replace_the_default(deploy: Any, helm: str) -> None:
 # --- Tests: GitOps renders and the checksum of the Secret -------------------------------------
 
 
-def template(deploy: Any, helm: str, *args: str) -> tuple[int, str, str]:
+def template(helm: str, *args: str) -> tuple[int, str, str]:
     """`helm template` as Argo CD runs it: no cluster, not cached."""
-    result = deploy.run_helm(
-        helm, "template", deploy.release, str(deploy.chart_dir), "--namespace", NAMESPACE, *args
-    )
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -556,11 +555,11 @@ def checksums(text: str) -> dict[str, str]:
     return found
 
 
-def test_gitops_renders_nothing_generated_and_the_same_twice(deploy: Any, helm: str) -> None:
-    values = str(deploy.chart_dir / "ci" / "gitops-values.yaml")
-    code, first, err = template(deploy, helm, "--values", values)
+def test_gitops_renders_nothing_generated_and_the_same_twice(helm: str) -> None:
+    values = str(CHART / "ci" / "gitops-values.yaml")
+    code, first, err = template(helm, "--values", values)
     assert code == 0, err
-    code, second, err = template(deploy, helm, "--values", values)
+    code, second, err = template(helm, "--values", values)
     assert code == 0, err
     assert first == second
     manifests = [m for m in yaml.safe_load_all(first) if m]
@@ -576,9 +575,9 @@ def test_gitops_renders_nothing_generated_and_the_same_twice(deploy: Any, helm: 
     assert refs == {"parley-credentials"}
     # Also with the in-chart Postgres and Redis: their passwords come from that Secret.
     extra = ("--set", "postgresql.enabled=true", "--set", "redis.enabled=true")
-    code, third, err = template(deploy, helm, "--values", values, *extra)
+    code, third, err = template(helm, "--values", values, *extra)
     assert code == 0, err
-    assert third == template(deploy, helm, "--values", values, *extra)[1]
+    assert third == template(helm, "--values", values, *extra)[1]
     assert "kind: Secret\n" not in third
 
 
@@ -588,18 +587,18 @@ def test_gitops_renders_nothing_generated_and_the_same_twice(deploy: Any, helm: 
     ids=["plain", "in-chart postgres", "jwtSecret given"],
 )
 def test_gitops_without_existing_secret_fails_with_one_line(
-    deploy: Any, helm: str, extra: tuple[str, ...]
+    helm: str, extra: tuple[str, ...]
 ) -> None:
-    code, out, err = template(deploy, helm, "--set", "gitops=true", *extra)
+    code, out, err = template(helm, "--set", "gitops=true", *extra)
     assert code != 0 and out == ""
     lines = [line for line in err.splitlines() if GITOPS_MESSAGE in line]
     assert len(lines) == 1, err
     assert lines[0].startswith("Error: ") and "secret.existingSecret" in lines[0]
 
 
-def test_a_plain_template_tells_that_it_generated_secrets(deploy: Any, helm: str) -> None:
-    code, out, err = template(deploy, helm, "--values",
-                              str(deploy.chart_dir / "ci" / "kind-values.yaml"))  # fmt: skip
+def test_a_plain_template_tells_that_it_generated_secrets(helm: str) -> None:
+    code, out, err = template(helm, "--values",
+                              str(CHART / "ci" / "kind-values.yaml"))  # fmt: skip
     assert code == 0, err
     assert (
         "# Generated by this render: PARLEY_JWT_SECRET, POSTGRES_PASSWORD, REDIS_PASSWORD." in out
@@ -607,20 +606,16 @@ def test_a_plain_template_tells_that_it_generated_secrets(deploy: Any, helm: str
     assert "gitops=true and secret.existingSecret" in out
 
 
-def secret_and_checksums(
-    deploy: Any, helm: str, *args: str
-) -> tuple[dict[str, str], dict[str, str]]:
-    code, out, err = template(deploy, helm, *args)
+def secret_and_checksums(helm: str, *args: str) -> tuple[dict[str, str], dict[str, str]]:
+    code, out, err = template(helm, *args)
     assert code == 0, err
     (secret,) = [m for m in yaml.safe_load_all(out) if m and m["kind"] == "Secret"]
     return secret["data"], checksums(out)
 
 
-def test_the_checksum_is_the_rendered_secret_data(deploy: Any, helm: str) -> None:
+def test_the_checksum_is_the_rendered_secret_data(helm: str) -> None:
     # Generated values: the annotation hashes exactly what the Secret of that render holds.
-    data, sums = secret_and_checksums(
-        deploy, helm, "--values", str(deploy.chart_dir / "ci" / "kind-values.yaml")
-    )
+    data, sums = secret_and_checksums(helm, "--values", str(CHART / "ci" / "kind-values.yaml"))
     expected = hashlib.sha256(
         json.dumps({"data": data, "revision": ""}, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
@@ -640,12 +635,12 @@ def test_the_checksum_is_the_rendered_secret_data(deploy: Any, helm: str) -> Non
     assert len(decoded["PARLEY_JWT_SECRET"]) == 48
 
 
-def test_the_checksum_changes_with_the_secret_input(deploy: Any, helm: str) -> None:
+def test_the_checksum_changes_with_the_secret_input(helm: str) -> None:
     first, second = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     url = "--set=secret.databaseUrl=postgresql://parley@db:5432/parley"
 
     def sums(*args: str) -> dict[str, str]:
-        return secret_and_checksums(deploy, helm, url, *args)[1]
+        return secret_and_checksums(helm, url, *args)[1]
 
     one = sums(f"--set=secret.jwtSecret={first}")
     assert set(one) == {"parley-user", "parley-chat"} and len(set(one.values())) == 1
@@ -655,11 +650,11 @@ def test_the_checksum_changes_with_the_secret_input(deploy: Any, helm: str) -> N
     assert sums(f"--set=secret.jwtSecret={first}", "--set=secret.revision=2") != one
 
 
-def test_the_existing_secret_checksum_follows_the_revision(deploy: Any, helm: str) -> None:
-    values = str(deploy.chart_dir / "ci" / "gitops-values.yaml")
+def test_the_existing_secret_checksum_follows_the_revision(helm: str) -> None:
+    values = str(CHART / "ci" / "gitops-values.yaml")
 
     def sums(*args: str) -> dict[str, str]:
-        code, out, err = template(deploy, helm, "--values", values, *args)
+        code, out, err = template(helm, "--values", values, *args)
         assert code == 0, err
         return checksums(out)
 
@@ -683,10 +678,10 @@ def test_the_existing_secret_checksum_follows_the_revision(deploy: Any, helm: st
     assert sums(*redis, "--set", "secret.revision=2")["parley-redis"] != with_redis["parley-redis"]
 
 
-def test_rotating_the_jwt_secret_does_not_restart_redis(deploy: Any, helm: str) -> None:
+def test_rotating_the_jwt_secret_does_not_restart_redis(helm: str) -> None:
     def sums(jwt: str) -> dict[str, str]:
         code, out, err = template(
-            deploy, helm, "--set", "redis.enabled=true", "--set", "redis.auth.existingSecret=r",
+            helm, "--set", "redis.enabled=true", "--set", "redis.auth.existingSecret=r",
             "--set", "secret.databaseUrl=postgresql://parley@db:5432/parley",
             "--set", f"secret.jwtSecret={jwt}",
         )  # fmt: skip

@@ -23,7 +23,11 @@ from parley.chat_service.settings import ChatSettings
 from parley.user_service.server import SERVICE_NAME as USER_SERVICE
 from parley.user_service.settings import UserSettings
 
-REPO = Path(__file__).resolve().parents[2]
+from .dockerfile import image_services, service_image
+from .env_reads import env_reads
+from .redis_command import redis_command_env, run_redis_command
+from .tools import REPO, venv_tool
+
 COMPOSE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 MAKE_SECRETS = REPO / "scripts" / "make_secrets.py"
@@ -132,8 +136,8 @@ def _serving(compose: dict[str, Any]) -> dict[str, tuple[str, Any, dict[str, Any
     }
 
 
-def test_the_compose_file_matches_the_compose_spec(deploy: Any) -> None:
-    tool = deploy.venv_tool("check-jsonschema")
+def test_the_compose_file_matches_the_compose_spec() -> None:
+    tool = venv_tool("check-jsonschema")
     result = subprocess.run(
         [tool, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
         capture_output=True,
@@ -142,7 +146,7 @@ def test_the_compose_file_matches_the_compose_spec(deploy: Any) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_build_has_its_dockerfile(deploy: Any, compose: dict[str, Any]) -> None:
+def test_every_build_has_its_dockerfile(compose: dict[str, Any]) -> None:
     images: dict[str, dict[str, Any]] = {}
     for name, service in compose["services"].items():
         if "build" not in service:
@@ -158,14 +162,12 @@ def test_every_build_has_its_dockerfile(deploy: Any, compose: dict[str, Any]) ->
         path = Path(build["context"], build.get("dockerfile", "Dockerfile")).as_posix()
         if path == "Dockerfile":
             built[build["args"]["SERVICE"]] = build
-    assert sorted(built) == sorted(deploy.image_services()), "nothing builds some SERVICE"
+    assert sorted(built) == sorted(image_services()), "nothing builds some SERVICE"
     assert all(build["context"] == "." for build in built.values())
 
 
-def test_parley_services_get_only_settings_their_command_reads(
-    deploy: Any, compose: dict[str, Any]
-) -> None:
-    reads = deploy.env_reads()
+def test_parley_services_get_only_settings_their_command_reads(compose: dict[str, Any]) -> None:
+    reads = env_reads()
     services = _parley(compose)
     assert {c for c, command, _ in services.values() if command == "serve"} == {"user", "chat"}
     for name, (component, command, service) in services.items():
@@ -340,11 +342,11 @@ def test_prometheus_scrapes_every_metrics_port(compose: dict[str, Any]) -> None:
 
 
 def test_the_redis_command_requires_the_password_when_run(
-    deploy: Any, compose: dict[str, Any], tmp_path: Path
+    compose: dict[str, Any], tmp_path: Path
 ) -> None:
     redis = compose["services"]["redis"]
     password = redis["environment"]["REDIS_PASSWORD"]
-    with deploy.run_redis_command(redis["command"], redis["environment"], tmp_path) as run:
+    with run_redis_command(redis["command"], redis["environment"], tmp_path) as run:
         assert password not in run.cmdline()
         assert "NOAUTH" in run.cli("ping", REDISCLI_AUTH=None).stdout
         # The health check as compose runs it, in the container's environment.
@@ -356,10 +358,10 @@ def test_the_redis_command_requires_the_password_when_run(
 
 
 def test_the_redis_command_refuses_a_password_unfit_for_a_url(
-    deploy: Any, compose: dict[str, Any], tmp_path: Path
+    compose: dict[str, Any], tmp_path: Path
 ) -> None:
     redis = compose["services"]["redis"]
-    env, _ = deploy.redis_command_env(tmp_path)
+    env, _ = redis_command_env(tmp_path)
     unfit = "with space#" + secrets.token_urlsafe(8)
     bad = {**redis["environment"], "REDIS_PASSWORD": unfit}
     result = subprocess.run(
@@ -410,11 +412,11 @@ def test_compose_check_stands_in_for_each_pulled_image() -> None:
         assert "STAND-IN" in (folder / "Dockerfile").read_text(encoding="utf-8")
 
 
-def test_health_checks_run_a_python_the_images_have(deploy: Any, compose: dict[str, Any]) -> None:
+def test_health_checks_run_a_python_the_images_have(compose: dict[str, Any]) -> None:
     """The exec-form checks run `python`: the venv's, first on the images' PATH."""
     for name, (component, _, service) in _serving(compose).items():
         assert service["healthcheck"]["test"][:3] == ["CMD", "python", "-c"], name
-        image = [i for stage in deploy.service_image(component) for i in stage.instructions]
+        image = [i for stage in service_image(component) for i in stage.instructions]
         assert ("COPY", "--from=build /app/.venv /app/.venv") in image, name
         path = [rest for word, rest in image if word == "ENV" and rest.startswith("PATH=")]
         assert path and path[-1].startswith("PATH=/app/.venv/bin:"), name

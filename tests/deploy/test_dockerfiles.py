@@ -17,8 +17,17 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-DOCKERFILE = REPO / "Dockerfile"
+from .dockerfile import (
+    DOCKERFILE,
+    dockerfile_instructions,
+    dockerfile_stages,
+    exec_form,
+    image_config,
+    image_services,
+    service_image,
+)
+from .tools import REPO, venv_tool
+
 SKIP_DIRS = {".git", ".venv", ".tools", "node_modules", ".parley"}
 # What a final stage may contain: no RUN, so nothing is installed and no build tool lands.
 FINAL_STAGE_INSTRUCTIONS = {
@@ -37,8 +46,8 @@ def _dockerfiles() -> list[Path]:
     )
 
 
-def test_hadolint_finds_nothing(deploy: Any) -> None:
-    hadolint = deploy.venv_tool("hadolint")
+def test_hadolint_finds_nothing() -> None:
+    hadolint = venv_tool("hadolint")
     files = _dockerfiles()
     assert DOCKERFILE in files
     # Run from the repository root, where hadolint picks up .hadolint.yaml if there is one.
@@ -51,11 +60,11 @@ def test_hadolint_finds_nothing(deploy: Any) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_one_dockerfile_builds_every_service_image(deploy: Any) -> None:
+def test_one_dockerfile_builds_every_service_image() -> None:
     # No Dockerfile per service: their copies differed only in names and ports.
     assert not list(REPO.glob("services/*/Dockerfile")), "the root Dockerfile builds them all"
-    assert sorted(deploy.image_services()) == sorted(SERVICES)
-    instructions = deploy.dockerfile_instructions(DOCKERFILE)
+    assert sorted(image_services()) == sorted(SERVICES)
+    instructions = dockerfile_instructions(DOCKERFILE)
     first_from = next(i for i, (word, _) in enumerate(instructions) if word == "FROM")
     global_args = [rest for word, rest in instructions[:first_from] if word == "ARG"]
     assert "SERVICE" in global_args, "SERVICE has no default: every build names its service"
@@ -73,16 +82,16 @@ def service(request: pytest.FixtureRequest) -> str:
     return name
 
 
-def _build_stage(deploy: Any, service: str) -> Any:
+def _build_stage(service: str) -> Any:
     (stage,) = [
-        s for s in deploy.dockerfile_stages(DOCKERFILE, SERVICE=service)
+        s for s in dockerfile_stages(DOCKERFILE, SERVICE=service)
         if any(w == "RUN" and "uv sync" in rest for w, rest in s.instructions)
     ]  # fmt: skip
     return stage
 
 
-def test_base_image_is_pinned_and_shared_by_every_stage(deploy: Any, service: str) -> None:
-    instructions = deploy.dockerfile_instructions(DOCKERFILE)
+def test_base_image_is_pinned_and_shared_by_every_stage(service: str) -> None:
+    instructions = dockerfile_instructions(DOCKERFILE)
     args = [rest for word, rest in instructions if word == "ARG" and rest.startswith("BASE_IMAGE=")]
     assert len(args) == 1, "one ARG BASE_IMAGE=<image> (image checks pass their own base)"
     default = args[0].split("=", 1)[1]
@@ -94,21 +103,19 @@ def test_base_image_is_pinned_and_shared_by_every_stage(deploy: Any, service: st
     # The virtualenv links to the base image's interpreter: every stage must use the same one,
     # directly or through another stage of the file.
     base = "localhost/any-base:1"
-    stages = deploy.dockerfile_stages(DOCKERFILE, SERVICE=service, BASE_IMAGE=base)
+    stages = dockerfile_stages(DOCKERFILE, SERVICE=service, BASE_IMAGE=base)
     names = {stage.name: stage for stage in stages if stage.name}
     for stage in stages:
         root = stage
         while root.base in names:
             root = names[root.base]
         assert root.base == base, f"stage {stage.name} is not built on BASE_IMAGE"
-    assert _build_stage(deploy, service).base == default
-    assert deploy.service_image(service)[0].base == default
+    assert _build_stage(service).base == default
+    assert service_image(service)[0].base == default
 
 
-def test_dependencies_are_installed_by_uv_before_the_sources_are_copied(
-    deploy: Any, service: str
-) -> None:
-    instructions = list(_build_stage(deploy, service).instructions)
+def test_dependencies_are_installed_by_uv_before_the_sources_are_copied(service: str) -> None:
+    instructions = list(_build_stage(service).instructions)
     syncs = [i for i, (w, rest) in enumerate(instructions) if w == "RUN" and "uv sync" in rest]
     assert len(syncs) == 2, "one sync for the dependencies, one for the workspace packages"
     for index in syncs:
@@ -139,23 +146,21 @@ def test_uv_in_the_image_is_the_makefiles_uv() -> None:
     assert f"uv=={match.group(1)}" in DOCKERFILE.read_text(encoding="utf-8")
 
 
-def test_final_stage_has_only_the_virtualenv_and_runs_as_non_root(
-    deploy: Any, service: str
-) -> None:
-    image = deploy.service_image(service)
+def test_final_stage_has_only_the_virtualenv_and_runs_as_non_root(service: str) -> None:
+    image = service_image(service)
     words = {word for stage in image for word, _ in stage.instructions}
     extra = words - FINAL_STAGE_INSTRUCTIONS
     assert not extra, f"the final stage runs {sorted(extra)}"
     copies = [rest for stage in image for word, rest in stage.instructions if word == "COPY"]
     assert copies and all(re.fullmatch(r"--from=\S+ /app/\.venv /app/\.venv", c) for c in copies)
-    config = deploy.image_config(image)
+    config = image_config(image)
     uid = config["USER"].split(":")[0]
     assert uid.isdigit() and int(uid) > 0, f"USER {config['USER']} is not a numeric non-root id"
     assert config["STOPSIGNAL"] == "SIGTERM"
-    assert deploy.exec_form(config["ENTRYPOINT"]) == [f"parley-{service}"], (
+    assert exec_form(config["ENTRYPOINT"]) == [f"parley-{service}"], (
         "ENTRYPOINT must be exec form (a JSON array) and run the service's command"
     )
-    assert deploy.exec_form(config["CMD"]), "CMD must be exec form (a JSON array)"
+    assert exec_form(config["CMD"]), "CMD must be exec form (a JSON array)"
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
@@ -238,13 +243,13 @@ def _dockerignore(context: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def _copied(deploy: Any, context: Path, service: str) -> dict[str, str]:
+def _copied(context: Path, service: str) -> dict[str, str]:
     """What the build for SERVICE=<service> copies from `context`: for every file, its path
     in the context -> the sha256 of its place in the image, its content and its mode."""
     patterns = _dockerignore(context)
     copied = {}
     dockerfile = context / "Dockerfile"
-    for stage in deploy.dockerfile_stages(dockerfile, SERVICE=service):
+    for stage in dockerfile_stages(dockerfile, SERVICE=service):
         for word, rest in stage.instructions:
             if word != "COPY" or rest.startswith("--from="):
                 continue
@@ -266,8 +271,8 @@ def _copied(deploy: Any, context: Path, service: str) -> dict[str, str]:
     return copied
 
 
-def test_each_image_copies_only_its_own_workspace_members(deploy: Any, service: str) -> None:
-    copied = set(_copied(deploy, REPO, service))
+def test_each_image_copies_only_its_own_workspace_members(service: str) -> None:
+    copied = set(_copied(REPO, service))
     own = _own_members(service)
     assert own == {"libs/proto", "libs/chassis", f"services/{service}"}, own
     # The lock, the pyproject.toml files uv sync --locked reads, and the sources of its own
@@ -291,7 +296,7 @@ def _change(member: Path, mark: str) -> None:
 
 
 def test_a_change_outside_its_members_leaves_what_an_image_copies_unchanged(
-    deploy: Any, service: str, tmp_path: Path
+    service: str, tmp_path: Path
 ) -> None:
     """Neither the SDK nor the other service's code is part of an image, so a change to them
     rebuilds no layer (`make image-check` shows the same with real podman builds). Their
@@ -303,7 +308,7 @@ def test_a_change_outside_its_members_leaves_what_an_image_copies_unchanged(
     skip = shutil.ignore_patterns("__pycache__", "node_modules", ".pytest_cache")
     for folder in ("libs", "services", "tools"):
         shutil.copytree(REPO / folder, context / folder, ignore=skip)
-    before = _copied(deploy, context, service)
+    before = _copied(context, service)
 
     other = next(s for s in SERVICES if s != service)
     outside = [
@@ -316,7 +321,7 @@ def test_a_change_outside_its_members_leaves_what_an_image_copies_unchanged(
     for tests in (context / "tests", context / "services" / service / "tests"):
         tests.mkdir(exist_ok=True)
         (tests / "test_added.py").write_text("def test_added() -> None: ...\n", encoding="utf-8")
-    after = _copied(deploy, context, service)
+    after = _copied(context, service)
     assert after == before, (
         f"a change to {', '.join(p.relative_to(context).as_posix() for p in outside)} or a "
         f"test changed what the {service} image copies: "
@@ -326,6 +331,6 @@ def test_a_change_outside_its_members_leaves_what_an_image_copies_unchanged(
     # The control: a change to its own members does change it.
     for own in ("libs/chassis", f"services/{service}"):
         _change(context / own, "own")
-        changed = _copied(deploy, context, service)
+        changed = _copied(context, service)
         assert changed != after, f"a change to {own} went unseen"
         after = changed

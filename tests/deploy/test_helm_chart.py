@@ -15,6 +15,17 @@ import kubernetes_validate.utils
 import pytest
 import yaml
 
+from .helm import (
+    CHART,
+    CI_VALUES,
+    NAMESPACE,
+    RELEASE,
+    helm_binary,
+    render,
+    run_helm,
+    supported_kube_versions,
+)
+
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 # Prometheus Operator kinds are CRDs, absent from the Kubernetes schemas: each is checked
 # against a strict subset of its CRD kept next to this file. Every other kind must be found
@@ -44,23 +55,23 @@ def _validate(manifest: dict[str, Any], kube_version: str) -> None:
     _valid.add(key)
 
 
-def test_lint_strict_without_ci_values(deploy: Any, helm: str) -> None:
-    result = deploy.run_helm(helm, "lint", "--strict", str(deploy.chart_dir))
+def test_lint_strict_without_ci_values(helm: str) -> None:
+    result = run_helm(helm, "lint", "--strict", str(CHART))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_lint_strict(deploy: Any, helm: str, ci_values: Path, kube_version: str) -> None:
-    result = deploy.run_helm(
-        helm, "lint", "--strict", str(deploy.chart_dir), "--values", str(ci_values),
+def test_lint_strict(helm: str, ci_values: Path, kube_version: str) -> None:
+    result = run_helm(
+        helm, "lint", "--strict", str(CHART), "--values", str(ci_values),
         "--kube-version", kube_version,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_rendered_manifests_are_valid_kubernetes_objects(
-    deploy: Any, helm: str, ci_values: Path, kube_version: str
+    helm: str, ci_values: Path, kube_version: str
 ) -> None:
-    manifests = deploy.render(helm, ci_values, kube_version)
+    manifests = render(helm, ci_values, kube_version)
     assert manifests
     problems = []
     for manifest in manifests:
@@ -89,17 +100,15 @@ def _comparable(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return manifests
 
 
-def test_helm3_and_helm4_render_the_same_manifests(deploy: Any, ci_values: Path) -> None:
-    helm3, helm4 = (deploy.helm_binary(name) for name in ("helm3", "helm4"))
-    assert _comparable(deploy.render(helm3, ci_values)) == _comparable(
-        deploy.render(helm4, ci_values)
-    )
+def test_helm3_and_helm4_render_the_same_manifests(ci_values: Path) -> None:
+    helm3, helm4 = (helm_binary(name) for name in ("helm3", "helm4"))
+    assert _comparable(render(helm3, ci_values)) == _comparable(render(helm4, ci_values))
 
 
-def test_ci_variants_render_every_kind_the_chart_makes(deploy: Any, helm4: str) -> None:
+def test_ci_variants_render_every_kind_the_chart_makes(helm4: str) -> None:
     seen: set[tuple[str, str]] = set()
-    for values in deploy.ci_values:
-        for manifest in deploy.render(helm4, values):
+    for values in CI_VALUES:
+        for manifest in render(helm4, values):
             labels = manifest["metadata"].get("labels", {})
             seen.add((manifest["kind"], labels.get("app.kubernetes.io/component", "")))
     expected = {
@@ -115,15 +124,13 @@ def test_ci_variants_render_every_kind_the_chart_makes(deploy: Any, helm4: str) 
     assert expected <= seen, f"no CI variant renders {sorted(expected - seen)}"
 
 
-def test_monitoring_objects_need_the_prometheus_operator_api(deploy: Any, helm: str) -> None:
-    values = deploy.chart_dir / "ci" / "monitoring-values.yaml"
-    result = deploy.run_helm(
-        helm, "template", deploy.release, str(deploy.chart_dir), "--values", str(values)
-    )
+def test_monitoring_objects_need_the_prometheus_operator_api(helm: str) -> None:
+    values = CHART / "ci" / "monitoring-values.yaml"
+    result = run_helm(helm, "template", RELEASE, str(CHART), "--values", str(values))
     assert result.returncode == 0, result.stderr
     kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
     assert not kinds & {"ServiceMonitor", "PrometheusRule"}
-    with_api = {m["kind"] for m in deploy.render(helm, values)}
+    with_api = {m["kind"] for m in render(helm, values)}
     assert {"ServiceMonitor", "PrometheusRule"} <= with_api
 
 
@@ -156,30 +163,30 @@ BAD_VALUES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_VALUES))
-def test_schema_rejects_bad_values(deploy: Any, helm: str, case: str) -> None:
+def test_schema_rejects_bad_values(helm: str, case: str) -> None:
     for command in ("template", "lint"):
         args = [command]
-        args += [deploy.release] if command == "template" else []
-        result = deploy.run_helm(helm, *args, str(deploy.chart_dir), *BAD_VALUES[case])
+        args += [RELEASE] if command == "template" else []
+        result = run_helm(helm, *args, str(CHART), *BAD_VALUES[case])
         output = result.stdout + result.stderr
         assert result.returncode != 0, f"helm {command} accepted {case}"
         assert SCHEMA_ERROR in output, f"helm {command}, {case}: not a schema error:\n{output}"
 
 
-def test_kubernetes_older_than_the_chart_supports_is_refused(deploy: Any, helm: str) -> None:
-    oldest = deploy.supported_kube_versions()[0]
+def test_kubernetes_older_than_the_chart_supports_is_refused(helm: str) -> None:
+    oldest = supported_kube_versions()[0]
     major, minor = (int(part) for part in oldest.split(".")[:2])
-    result = deploy.run_helm(
-        helm, "template", deploy.release, str(deploy.chart_dir),
+    result = run_helm(
+        helm, "template", RELEASE, str(CHART),
         "--kube-version", f"{major}.{minor - 1}.0",
     )  # fmt: skip
     assert result.returncode != 0
     assert "kubeVersion" in result.stderr
 
 
-def test_a_grace_period_shorter_than_the_drain_is_refused(deploy: Any, helm: str) -> None:
-    result = deploy.run_helm(
-        helm, "template", deploy.release, str(deploy.chart_dir),
+def test_a_grace_period_shorter_than_the_drain_is_refused(helm: str) -> None:
+    result = run_helm(
+        helm, "template", RELEASE, str(CHART),
         "--set", "chat.terminationGracePeriodSeconds=30",
     )  # fmt: skip
     assert result.returncode != 0
@@ -221,8 +228,8 @@ def _key_lines(text: str) -> list[tuple[int, str, str]]:
     return keys
 
 
-def test_every_key_in_values_yaml_has_a_comment(deploy: Any) -> None:
-    lines = (deploy.chart_dir / "values.yaml").read_text(encoding="utf-8").splitlines()
+def test_every_key_in_values_yaml_has_a_comment() -> None:
+    lines = (CHART / "values.yaml").read_text(encoding="utf-8").splitlines()
     undocumented = []
     for number, path, line in _key_lines("\n".join(lines)):
         above = lines[number - 2].strip() if number > 1 else ""
@@ -251,18 +258,18 @@ def _paths(value: Any, prefix: list[str]) -> list[list[str]]:
     return paths
 
 
-def test_every_key_in_values_yaml_is_typed_in_the_schema(deploy: Any) -> None:
-    values = yaml.safe_load((deploy.chart_dir / "values.yaml").read_text(encoding="utf-8"))
-    schema = json.loads((deploy.chart_dir / "values.schema.json").read_text(encoding="utf-8"))
+def test_every_key_in_values_yaml_is_typed_in_the_schema() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
     untyped = [".".join(p) for p in _paths(values, []) if not _typed(schema, p)]
     assert not untyped, "keys of values.yaml the schema does not type:\n" + "\n".join(untyped)
 
 
-def test_the_schema_accepts_values_yaml_and_every_ci_variant(deploy: Any) -> None:
-    schema = json.loads((deploy.chart_dir / "values.schema.json").read_text(encoding="utf-8"))
-    defaults = yaml.safe_load((deploy.chart_dir / "values.yaml").read_text(encoding="utf-8"))
+def test_the_schema_accepts_values_yaml_and_every_ci_variant() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
     jsonschema.validate(defaults, schema)
-    for path in deploy.ci_values:
+    for path in CI_VALUES:
         merged = _merge(defaults, yaml.safe_load(path.read_text(encoding="utf-8")) or {})
         jsonschema.validate(merged, schema)
 
@@ -274,17 +281,17 @@ def _merge(base: Any, override: Any) -> Any:
     return override
 
 
-def test_notes_tell_how_to_reach_the_services_and_get_a_token(deploy: Any, helm4: str) -> None:
+def test_notes_tell_how_to_reach_the_services_and_get_a_token(helm4: str) -> None:
     # Helm 4 only: Helm 3's `install --dry-run=client` still asks a cluster for its version.
-    result = deploy.run_helm(
-        helm4, "install", deploy.release, str(deploy.chart_dir), "--dry-run=client",
-        "--namespace", deploy.namespace,
-        "--values", str(deploy.chart_dir / "ci" / "kind-values.yaml"),
+    result = run_helm(
+        helm4, "install", RELEASE, str(CHART), "--dry-run=client",
+        "--namespace", NAMESPACE,
+        "--values", str(CHART / "ci" / "kind-values.yaml"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
-    assert f"port-forward svc/{deploy.release}-user 50051:grpc" in notes
-    assert f"port-forward svc/{deploy.release}-chat 50052:grpc" in notes
+    assert f"port-forward svc/{RELEASE}-user 50051:grpc" in notes
+    assert f"port-forward svc/{RELEASE}-chat 50052:grpc" in notes
     assert "parley token --sub 1 --scope users:write" in notes
     assert "jsonpath='{.data.PARLEY_JWT_SECRET}'" in notes
-    assert f"helm test {deploy.release}" in notes
+    assert f"helm test {RELEASE}" in notes

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from .helm import CHART, helm_binary, render
+from .tools import REPO, venv_tool
+
 KIND_DIR = REPO / "deploy" / "kind"
 WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.y*ml"))
 KIND_PATH = ["kind-up", "kind-load", "kind-deploy", "kind-e2e"]
@@ -29,10 +31,10 @@ def _make(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_kind_cluster_configs_parse(deploy: Any) -> None:
+def test_kind_cluster_configs_parse() -> None:
     configs = sorted(KIND_DIR.glob("*.yaml"))
     assert configs
-    kind_values = yaml.safe_load((deploy.chart_dir / "ci" / "kind-values.yaml").read_text())
+    kind_values = yaml.safe_load((CHART / "ci" / "kind-values.yaml").read_text())
     for path in configs:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
         assert config["kind"] == "Cluster", path.name
@@ -47,8 +49,8 @@ def test_kind_cluster_configs_parse(deploy: Any) -> None:
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
-def test_workflow_matches_the_github_workflow_schema(deploy: Any, workflow: Path) -> None:
-    tool = deploy.venv_tool("check-jsonschema")
+def test_workflow_matches_the_github_workflow_schema(workflow: Path) -> None:
+    tool = venv_tool("check-jsonschema")
     result = subprocess.run(
         [tool, "--builtin-schema", "vendor.github-workflows", str(workflow)],
         capture_output=True,
@@ -250,9 +252,9 @@ def _make_env(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
 @pytest.mark.parametrize("engine", ["docker", "podman", "podman-docker"])
 @pytest.mark.parametrize("helm_major", ["helm3", "helm4"])
 def test_kind_dry_run_with_each_helm_and_engine(
-    deploy: Any, helm_major: str, engine: str, tmp_path: Path
+    helm_major: str, engine: str, tmp_path: Path
 ) -> None:
-    helm = deploy.helm_binary(helm_major)  # the real binary: HELM may name either major
+    helm = helm_binary(helm_major)  # the real binary: HELM may name either major
     tools = _fake_tools(tmp_path / "bin")
     engine_args, env = _engine_settings(engine, tools)
     engine_command = engine_args[0].removeprefix("DOCKER=")
@@ -469,7 +471,7 @@ else:
 
 
 def test_kind_e2e_script_forwards_waits_mints_tokens_and_cleans_up(
-    deploy: Any, helm4: str, tmp_path: Path
+    helm4: str, tmp_path: Path
 ) -> None:
     import sys
     from concurrent import futures
@@ -477,7 +479,7 @@ def test_kind_e2e_script_forwards_waits_mints_tokens_and_cleans_up(
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    manifests = deploy.render(helm4, deploy.chart_dir / "ci" / "kind-values.yaml")
+    manifests = render(helm4, CHART / "ci" / "kind-values.yaml")
     (tmp_path / "manifests.json").write_text(json.dumps(manifests))
     kubectl = tmp_path / "kubectl"
     kubectl.write_text(f"#!{sys.executable}\n{FAKE_KUBECTL}")

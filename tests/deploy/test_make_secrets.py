@@ -18,7 +18,8 @@ import pytest
 from parley.chassis import AuthSettings, DatabaseSettings, Env
 from parley.chassis.sample_secrets import is_sample_secret
 
-REPO = Path(__file__).resolve().parents[2]
+from .tools import REPO
+
 SCRIPT = REPO / "scripts" / "make_secrets.py"
 SECRETS = ("PARLEY_JWT_SECRET", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
 URL_SAFE = re.compile(r"[A-Za-z0-9_-]{43,}")  # 32 random bytes or more, base64url

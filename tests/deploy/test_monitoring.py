@@ -21,6 +21,8 @@ from parley.chat_service import create_server as create_chat_server
 from parley.user_service import UserSettings
 from parley.user_service import create_server as create_user_server
 
+from .helm import CHART, render
+
 MONITORING_VALUE_FILE = "monitoring-values.yaml"
 # Metrics that come from outside Parley: kube-state-metrics' pod readiness.
 EXTERNAL = {"kube_pod_status_ready"}
@@ -85,11 +87,9 @@ def dashboard_expressions(manifests: list[dict[str, Any]]) -> Iterator[tuple[str
 
 
 @pytest.fixture(scope="module")
-def monitoring(deploy: Any, helm4: str) -> list[dict[str, Any]]:
+def monitoring(helm4: str) -> list[dict[str, Any]]:
     """The chart's manifests with ServiceMonitor, PrometheusRule and dashboard switched on."""
-    manifests: list[dict[str, Any]] = deploy.render(
-        helm4, deploy.chart_dir / "ci" / MONITORING_VALUE_FILE
-    )
+    manifests: list[dict[str, Any]] = render(helm4, CHART / "ci" / MONITORING_VALUE_FILE)
     return manifests
 
 

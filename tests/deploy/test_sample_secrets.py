@@ -30,7 +30,8 @@ from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env
 from parley.chassis.sample_secrets import SAMPLE_SECRETS
 from parley.chat_service.settings import ChatSettings
 
-REPO = Path(__file__).resolve().parents[2]
+from .tools import REPO
+
 LIST = "libs/chassis/src/parley/chassis/sample_secrets.py"
 JWT = "JWT secret"
 PASSWORD = "password"

@@ -17,7 +17,7 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +36,12 @@ CALL_TIMEOUT = 10.0
 STREAM_DEADLINE = 60.0
 
 Metadata = tuple[tuple[str, str], ...]
+
+
+@pytest.fixture
+def chat_channel(chat_addr: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(chat_addr) as channel:
+        yield channel
 
 
 @pytest.mark.parametrize("service", ["", "chat.ChatService"])

@@ -64,7 +64,6 @@ class Person:
 @pytest.fixture(scope="module")
 def cast(
     user_addr: str,
-    user_service_ready: None,
     token: str,
     sign_token: Callable[..., str],
     chat_addr: str,

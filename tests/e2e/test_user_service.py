@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
-import jwt
 import pytest
 from google.protobuf import descriptor_pool, field_mask_pb2
 from google.rpc import error_details_pb2
@@ -19,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from grpc_status import rpc_status
 
+from parley.client.tokens import mint_token
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.proto.contract import NEXT_PAGE_TOKEN_KEY
 
@@ -689,11 +689,7 @@ def test_a_declared_import_needs_a_valid_token_that_may_write(
     created_ids: list[int],
 ) -> None:
     email = new_email()
-    forged = jwt.encode(
-        {"sub": "1", "iss": "parley", "aud": "parley", "exp": 2**40, "scope": "users:write"},
-        secrets.token_urlsafe(32),  # not the stack's
-        algorithm="HS256",
-    )
+    forged = mint_token(secrets.token_urlsafe(32), "1", ["users:write"])  # not the stack's secret
     cases = [
         ((), grpc.StatusCode.UNAUTHENTICATED),
         ((("authorization", "Bearer not-a-jwt"),), grpc.StatusCode.UNAUTHENTICATED),

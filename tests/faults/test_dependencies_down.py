@@ -5,17 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .conftest import (
-    NOT_SERVING,
-    SERVING,
-    USER_DEPENDENCY,
-    Chatter,
-    Cluster,
-    Fleet,
-    create_people,
-    settle_room,
-    stored_rows,
-)
+from parley.testing.chat_load import Chatter, settle_room
+from parley.testing.launcher import Launcher
+from parley.testing.stack import USER_DEPENDENCY, create_people, stored_messages
+
+from .conftest import NOT_SERVING, SERVING, TOKEN_TTL, Cluster, Fleet
 
 
 async def two_replicas(fleet: Fleet) -> tuple[list[Chatter], list[str]]:
@@ -25,7 +19,7 @@ async def two_replicas(fleet: Fleet) -> tuple[list[Chatter], list[str]]:
     )
     for chat in chats:
         await fleet.wait_health(chat, SERVING, 20, name=USER_DEPENDENCY)
-    people = await create_people(users.target, ["Ada", "Grace"])
+    people = (await create_people(users.target, ["Ada", "Grace"], ttl=TOKEN_TTL)).values()
     # Ada on one replica, Grace on the other: each sees the other's messages only via Redis
     # (or the replicas' backfill from Postgres).
     targets = [chats[0].target, chats[1].target]
@@ -41,12 +35,12 @@ async def test_redis_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> Non
     load = [asyncio.create_task(c.chat(stop, 0.02)) for c in chatters]
     try:
         await asyncio.sleep(0.5)  # pacing: traffic before the fault
-        before = len(await stored_rows(cluster.database, "deps"))
+        before = len(await stored_messages(cluster.database, "deps"))
         await cluster.redis.stop()
         down_at = time.monotonic()
         not_serving = await fleet.wait_health(chats[0], NOT_SERVING, 10)
         await asyncio.sleep(1.0)  # pacing: chat on while Redis is down
-        during = len(await stored_rows(cluster.database, "deps")) - before
+        during = len(await stored_messages(cluster.database, "deps")) - before
         restarted = time.monotonic()
         await cluster.redis.start()
         down_for = restarted - down_at
@@ -70,10 +64,12 @@ async def test_redis_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> Non
         f" reconnects {reconnects}"
     )
     assert during > 0, "no chat message was stored while Redis was down"
-    assert all(c.process is not None and c.process.poll() is None for c in chats), "a replica died"
+    assert all(c.alive() for c in chats), "a replica died"
 
 
-async def test_user_service_stops_while_chatting(cluster: Cluster, fleet: Fleet) -> None:
+async def test_user_service_stops_while_chatting(
+    cluster: Cluster, fleet: Fleet, launcher: Launcher
+) -> None:
     chatters, _ = await two_replicas(fleet)
     users = next(p for p in fleet.procs if p.kind == "user")
     chats = [p for p in fleet.procs if p.kind == "chat"]
@@ -81,20 +77,20 @@ async def test_user_service_stops_while_chatting(cluster: Cluster, fleet: Fleet)
     load = [asyncio.create_task(c.chat(stop, 0.02)) for c in chatters]
     try:
         await asyncio.sleep(0.5)  # pacing: traffic before the fault
-        exit_after, code = await fleet.terminate(users)
+        exit_after, code = await launcher.terminate(users)
         assert code == 0, f"UserService exited with {code} on SIGTERM"
-        before = len(await stored_rows(cluster.database, "deps"))
+        before = len(await stored_messages(cluster.database, "deps"))
         degraded = await asyncio.gather(
             *(fleet.wait_health(c, NOT_SERVING, 10, name=USER_DEPENDENCY) for c in chats)
         )
-        ready = [await c.health() for c in chats]
+        ready = [await fleet.health(c) for c in chats]
         # A known user joins with a new session while UserService is down.
         joined = Chatter("Ada-2", chatters[0].person, chatters[0].targets, "deps")
         chatters.append(joined)
         await joined.open()
         await asyncio.sleep(1.0)  # pacing: chat on while UserService is down
-        during = len(await stored_rows(cluster.database, "deps")) - before
-        await fleet.start(users)
+        during = len(await stored_messages(cluster.database, "deps")) - before
+        await launcher.restart(users)
         back = await asyncio.gather(
             *(fleet.wait_health(c, SERVING, 15, name=USER_DEPENDENCY) for c in chats)
         )

@@ -12,24 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import signal
-import time
 
 import grpc
 
 from parley.client._channel import USER_SERVICE, channel_options
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.testing import bearer, wait_until
+from parley.testing.launcher import Launcher
+from parley.testing.stack import create_people
 
-from .conftest import ADMIN_TOKEN, Cluster, Fleet, create_people, ipv4_target
+from .conftest import ADMIN_TOKEN, TOKEN_TTL, Cluster, Fleet, ipv4_target
 
 DRAIN = {"PARLEY_SHUTDOWN_DELAY": "1", "PARLEY_SHUTDOWN_GRACE": "5"}
 IN_FLIGHT = 128
 
 
-async def test_sigterm_under_load_fails_no_call(cluster: Cluster, fleet: Fleet) -> None:
+async def test_sigterm_under_load_fails_no_call(
+    cluster: Cluster, fleet: Fleet, launcher: Launcher
+) -> None:
     replicas = list(await asyncio.gather(*(fleet.add("user", **DRAIN) for _ in range(2))))
-    (ada,) = await create_people(ipv4_target(replicas), ["Ada"])
+    (ada,) = (await create_people(ipv4_target(replicas), ["Ada"], ttl=TOKEN_TTL)).values()
     # The SDK's channel settings, with retries off: every failure the server causes shows.
     options = channel_options(USER_SERVICE, [("grpc.enable_retries", 0)])
     outcomes: collections.Counter[str] = collections.Counter()
@@ -52,17 +54,11 @@ async def test_sigterm_under_load_fails_no_call(cluster: Cluster, fleet: Fleet) 
         try:
             # Both replicas are taking calls before one is stopped.
             async def both_serve() -> bool:
-                handled = [await r.handled(["GetUser"]) for r in replicas]
+                handled = [await fleet.handled(r, ["GetUser"]) for r in replicas]
                 return all(count >= 50 for count in handled)
 
             await wait_until(both_serve, 20, "both replicas to serve GetUser")
-            victim = replicas[0]
-            process = victim.process
-            assert process is not None
-            stopped_at = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(process.wait, 15)
-            exit_took = time.monotonic() - stopped_at
+            exit_took, code = await launcher.terminate(replicas[0], 15)
             before_end = outcomes["OK"]
 
             async def more_after_stop() -> bool:

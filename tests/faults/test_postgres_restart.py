@@ -14,16 +14,9 @@ import psycopg
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
 from parley.proto.contract import ROOM_KEY
 from parley.testing import bearer, wait_until
+from parley.testing.stack import USER_DEPENDENCY, create_people, stored_messages
 
-from .conftest import (
-    ADMIN_TOKEN,
-    NOT_SERVING,
-    SERVING,
-    Cluster,
-    Fleet,
-    create_people,
-    stored_rows,
-)
+from .conftest import ADMIN_TOKEN, NOT_SERVING, SERVING, TOKEN_TTL, Cluster, Fleet
 
 DEADLINE = 5.0
 # Pool timeout as shipped (PARLEY_DB_POOL_TIMEOUT's default): once a service knows Postgres is
@@ -74,9 +67,9 @@ async def test_postgres_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> 
     chat = await fleet.add(
         "chat", PARLEY_USER_SERVICE_ADDR=users.target, PARLEY_DB_POOL_TIMEOUT=POOL_TIMEOUT
     )
-    await fleet.wait_health(chat, SERVING, 20, name="dependency/user-service")
-    (ada,) = await create_people(users.target, ["Ada"])
-    pids = (users.process.pid, chat.process.pid)  # type: ignore[union-attr]
+    await fleet.wait_health(chat, SERVING, 20, name=USER_DEPENDENCY)
+    (ada,) = (await create_people(users.target, ["Ada"], ttl=TOKEN_TTL)).values()
+    pids = (users.pid, chat.pid)
     admin = bearer(ADMIN_TOKEN)
     created: dict[str, int] = {}  # email -> id, of CreateUser calls that succeeded
     failed_emails: list[str] = []
@@ -104,7 +97,7 @@ async def test_postgres_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> 
         assert isinstance(ok_before[1], chat_pb2.ChatMessage), f"chat write before: {ok_before}"
 
         stopped_at = time.monotonic()
-        await cluster.postgres.stop()
+        await asyncio.to_thread(cluster.postgres.stop)
         stop_took = time.monotonic() - stopped_at
 
         # Readiness goes NOT_SERVING on both services.
@@ -150,7 +143,7 @@ async def test_postgres_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> 
             assert median < FAST_FAIL, f"{name} took {median:.2f}s (median) to fail"
 
         # Postgres comes back on the same port and data: no restart of the services needed.
-        await cluster.postgres.start()
+        await asyncio.to_thread(cluster.postgres.start, timeout=60)
         back_at = time.monotonic()
         user_up, chat_up = await asyncio.gather(
             fleet.wait_health(users, SERVING, 15), fleet.wait_health(chat, SERVING, 15)
@@ -181,8 +174,8 @@ async def test_postgres_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> 
         )
         assert get_after[1] == grpc.StatusCode.OK, f"GetUser after recovery: {get_after}"
 
-    assert (users.process.pid, chat.process.pid) == pids, "a service process was replaced"  # type: ignore[union-attr]
-    assert users.process.poll() is None and chat.process.poll() is None, "a service exited"  # type: ignore[union-attr]
+    assert (users.pid, chat.pid) == pids, "a service process was replaced"
+    assert users.alive() and chat.alive(), "a service exited"
 
     # Nothing half-written: exactly the successful creates exist, none of the failed ones.
     async with await psycopg.AsyncConnection.connect(cluster.database, autocommit=True) as conn:
@@ -192,5 +185,5 @@ async def test_postgres_stops_and_comes_back(cluster: Cluster, fleet: Fleet) -> 
     assert not extra, f"CreateUser failed but the row exists: {extra}"
     missing = [email for email in created if rows.get(email) != created[email]]
     assert not missing, f"CreateUser succeeded but the row is missing: {missing}"
-    texts = [row[2] for row in await stored_rows(cluster.database, "pg")]
+    texts = [row.text for row in await stored_messages(cluster.database, "pg")]
     assert texts == ["before", "after"], f"stored chat messages in room pg: {texts}"

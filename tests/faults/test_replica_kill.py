@@ -12,13 +12,18 @@ import psycopg
 
 from parley.proto import chat_pb2, chat_pb2_grpc
 from parley.testing import bearer, wait_until
+from parley.testing.chat_load import Chatter, settle_room
+from parley.testing.launcher import Launcher
+from parley.testing.stack import USER_DEPENDENCY, create_people
 
-from .conftest import Chatter, Cluster, Fleet, create_people, settle_room
+from .conftest import SERVING, TOKEN_TTL, Cluster, Fleet
 
 GRACE = 5.0
 
 
-async def test_sigkill_and_sigterm_while_chatting(cluster: Cluster, fleet: Fleet) -> None:
+async def test_sigkill_and_sigterm_while_chatting(
+    cluster: Cluster, fleet: Fleet, launcher: Launcher
+) -> None:
     users = await fleet.add("user")
     replicas = await asyncio.gather(
         *(
@@ -27,9 +32,11 @@ async def test_sigkill_and_sigterm_while_chatting(cluster: Cluster, fleet: Fleet
         )
     )
     for replica in replicas:
-        await fleet.wait_health(replica, 1, 20, name="dependency/user-service")
+        await fleet.wait_health(replica, SERVING, 20, name=USER_DEPENDENCY)
     killed, termed, survivor = replicas
-    people = await create_people(users.target, ["Ada", "Grace", "Linus"])
+    people = list(
+        (await create_people(users.target, ["Ada", "Grace", "Linus"], ttl=TOKEN_TTL)).values()
+    )
     targets = [r.target for r in replicas]
     # Each chatter starts on a different replica: the first two lose their stream.
     chatters = [
@@ -94,7 +101,7 @@ async def test_sigkill_and_sigterm_while_chatting(cluster: Cluster, fleet: Fleet
         load = [asyncio.create_task(c.chat(stop, 0.02)) for c in chatters]
         try:
             await asyncio.sleep(0.5)  # pacing: let some traffic flow before the faults
-            await fleet.kill(killed)
+            await launcher.kill(killed)
             await asyncio.sleep(0.5)  # pacing: keep chatting on the remaining two
             # Hold ListMessages calls inside the handler of the replica about to drain.
             await locker.execute("LOCK TABLE chat_messages IN ACCESS EXCLUSIVE MODE")
@@ -106,12 +113,13 @@ async def test_sigkill_and_sigterm_while_chatting(cluster: Cluster, fleet: Fleet
             await wait_until(all_held, 10, "ListMessages calls to wait on the lock")
             in_handler = await lock_waiters(watcher)
             signalled = time.monotonic()
-            termed.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-            await fleet.wait_health(survivor, 1, 5)  # pacing: the drain is under way
+            termed.service.process.send(signal.SIGTERM)  # type: ignore[union-attr]
+            await fleet.wait_health(survivor, SERVING, 5)  # pacing: the drain is under way
             await asyncio.sleep(1.0)  # the held calls stay in flight for a second of the drain
             await locker.rollback()
             held_codes = await asyncio.gather(*held)
-            exit_code = await asyncio.to_thread(termed.process.wait, GRACE + 5)  # type: ignore[union-attr]
+            await asyncio.to_thread(termed.service.process.wait, GRACE + 5)  # type: ignore[union-attr]
+            exit_code = termed.returncode
             exit_after = time.monotonic() - signalled
             await asyncio.sleep(1.0)  # pacing: keep chatting on the survivor
         finally:
@@ -142,5 +150,5 @@ async def test_sigkill_and_sigterm_while_chatting(cluster: Cluster, fleet: Fleet
     assert exit_code == 0, f"the SIGTERM'd replica exited with {exit_code}"
     assert exit_after < GRACE, f"the SIGTERM'd replica took {exit_after:.2f}s to exit"
     assert not bad, f"background calls on the draining replica failed unexpectedly: {bad}"
-    assert survivor.process is not None and survivor.process.poll() is None, "survivor died"
+    assert survivor.alive(), "survivor died"
     assert reconnects[0] >= 1 and reconnects[1] >= 1, f"no failover happened: {reconnects}"

@@ -14,25 +14,20 @@ import pytest
 
 from parley.client import AsyncChatClient, AsyncUserClient, ParleyError
 from parley.testing import wait_until
+from parley.testing.chat_load import Chatter, Tally, settle_room
+from parley.testing.launcher import Launcher, Served
+from parley.testing.stack import USER_DEPENDENCY, create_people
 
-from .conftest import (
-    USER_DEPENDENCY,
-    Chatter,
-    Cluster,
-    Fleet,
-    Proc,
-    Tally,
-    create_people,
-    ipv4_target,
-    settle_room,
-)
+from .conftest import SERVING, TOKEN_TTL, Cluster, Fleet, ipv4_target
 
 LOAD_METHODS = {"user": ("GetUser", "ListUsers"), "chat": ("ListMessages", "StreamChat")}
 DRAIN = {"PARLEY_SHUTDOWN_DELAY": "1", "PARLEY_SHUTDOWN_GRACE": "5"}
 
 
 @pytest.mark.timeout(180)
-async def test_rolling_restart_under_load(cluster: Cluster, fleet: Fleet) -> None:
+async def test_rolling_restart_under_load(
+    cluster: Cluster, fleet: Fleet, launcher: Launcher
+) -> None:
     users = list(await asyncio.gather(*(fleet.add("user", **DRAIN) for _ in range(2))))
     user_target = ipv4_target(users)
     chats = list(
@@ -41,8 +36,10 @@ async def test_rolling_restart_under_load(cluster: Cluster, fleet: Fleet) -> Non
         )
     )
     for chat in chats:
-        await fleet.wait_health(chat, 1, 20, name=USER_DEPENDENCY)
-    people = await create_people(user_target, ["Ada", "Grace", "Linus"])
+        await fleet.wait_health(chat, SERVING, 20, name=USER_DEPENDENCY)
+    people = list(
+        (await create_people(user_target, ["Ada", "Grace", "Linus"], ttl=TOKEN_TTL)).values()
+    )
     chat_targets = [c.target for c in chats]
     chatters = [
         Chatter(p.name, p, chat_targets[i % 2 :] + chat_targets[: i % 2], "rolling")
@@ -76,20 +73,20 @@ async def test_rolling_restart_under_load(cluster: Cluster, fleet: Fleet) -> Non
 
     restarts: list[str] = []
 
-    async def restart(proc: Proc) -> None:
+    async def restart(proc: Served) -> None:
         started = time.monotonic()
-        exit_after, code = await fleet.terminate(proc, timeout=15)
+        exit_after, code = await launcher.terminate(proc, timeout=15)
         assert code == 0, f"parley-{proc.kind} on {proc.port} exited with {code} on SIGTERM"
-        await fleet.start(proc)
+        await launcher.restart(proc)
         if proc.kind == "chat":
-            await fleet.wait_health(proc, 1, 20, name=USER_DEPENDENCY)
+            await fleet.wait_health(proc, SERVING, 20, name=USER_DEPENDENCY)
         ready = time.monotonic() - started
         # As a rollout waits for a new pod to take traffic before it replaces the next one:
         # the clients reconnect after their backoff (up to a few seconds here).
         methods = LOAD_METHODS[proc.kind]
 
         async def taking_traffic() -> bool:
-            return await proc.handled(methods) >= 5
+            return await fleet.handled(proc, methods) >= 5
 
         await wait_until(taking_traffic, 15, f"{proc.target} to serve the load again")
         restarts.append(
@@ -125,7 +122,9 @@ async def test_rolling_restart_under_load(cluster: Cluster, fleet: Fleet) -> Non
         f" {sum(len(c.sent) for c in chatters)} sent, received"
         f" {[len(c.received) for c in chatters]}, reconnects {reconnects}"
     )
-    assert all(p.starts == 2 for p in [*users, *chats]), "not every replica was restarted"
+    assert all(p.service and p.service.starts == 2 for p in [*users, *chats]), (
+        "not every replica was restarted"
+    )
     assert user_calls.failed == 0, f"UserService calls failed during the roll: {user_calls}"
     assert chat_calls.failed == 0, f"ListMessages calls failed during the roll: {chat_calls}"
     assert user_calls.ok > 50 and chat_calls.ok > 20, (

@@ -6,8 +6,6 @@ enough), with no response message and no stream message, and nothing may be writ
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -48,18 +46,9 @@ ROOM_RPCS = (
 CHAT_RPCS = ("StreamChat", "ListMessages", "ListPresence", *ROOM_RPCS)
 
 
-def _b64(data: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-
-def _claims(sub: str, **extra: Any) -> dict[str, Any]:
-    now = int(time.time())
-    return {"sub": sub, "iss": "parley", "aud": "parley", "iat": now, "exp": now + 600, **extra}
-
-
 def unsigned_token(sub: str, scope: str) -> str:
     """`alg: none`, no signature: the classic forgery."""
-    return f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(_claims(sub, scope=scope))}."
+    return testing.make_token(None, sub, scope, algorithm="none")
 
 
 # name -> metadata for a call by user `sub` (the chat user) asking for `scope`.

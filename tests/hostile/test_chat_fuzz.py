@@ -10,7 +10,6 @@ request id, the token) are printable ASCII of any length; request bytes may hold
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 
 from parley.proto import chat_pb2
 from parley.proto.contract import RESUME_KEY, ROOM_KEY
-from parley.testing import bearer, rich_error
+from parley.testing import bearer, rich_error, wait_until_sync
 
 MAX_TEXT_BYTES = 4096
 MAX_CLIENT_MESSAGE_ID = 64
@@ -332,18 +331,17 @@ def stream_outcome(stack, metadata: list[tuple[str, str]]) -> grpc.StatusCode:  
         metadata=metadata,
         timeout=20,
     )
-    deadline = time.monotonic() + 15
+
+    def outcome() -> grpc.StatusCode | None:
+        if call.done():
+            return call.code()
+        rows = stack.sql(
+            "SELECT count(*) FROM chat_messages WHERE client_message_id = %s", client_id
+        )
+        return grpc.StatusCode.OK if rows[0][0] else None
+
     try:
-        while True:
-            if call.done():
-                return call.code()
-            rows = stack.sql(
-                "SELECT count(*) FROM chat_messages WHERE client_message_id = %s", client_id
-            )
-            if rows[0][0]:
-                return grpc.StatusCode.OK
-            assert time.monotonic() < deadline, "the stream neither ended nor stored"
-            time.sleep(0.02)
+        return wait_until_sync(outcome, 15, "the stream to end or store its message")
     finally:
         call.cancel()
 

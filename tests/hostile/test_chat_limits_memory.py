@@ -105,7 +105,7 @@ async def test_stalled_catch_ups_hold_bounded_memory(stack: Any, serve: Callable
             30,
             "the warm-up stream to close",
         )
-        baseline = rss_bytes(server.process.pid)
+        baseline = rss_bytes(server.pid)
 
         crowd = [Stalled(channels[i % CHANNELS], stack.chatter_token, room) for i in range(STREAMS)]
         firsts = await asyncio.wait_for(asyncio.gather(*(s.next() for s in crowd)), 120)
@@ -125,7 +125,7 @@ async def test_stalled_catch_ups_hold_bounded_memory(stack: Any, serve: Callable
             return now - last["changed"] >= QUIET_FOR
 
         await wait_until(quiet, 120, "the stalled streams' catch-ups to stop writing")
-        stalled_growth = rss_bytes(server.process.pid) - baseline
+        stalled_growth = rss_bytes(server.pid) - baseline
         written_stalled = int(last["value"]) - HISTORY
 
         # Live messages for the room: each stalled stream's queue fills, overflows and is
@@ -144,7 +144,7 @@ async def test_stalled_catch_ups_hold_bounded_memory(stack: Any, serve: Callable
         sender.cancel()
         last["changed"] = time.monotonic()
         await wait_until(quiet, 120, "the server to stop writing after the live messages")
-        growth = rss_bytes(server.process.pid) - baseline
+        growth = rss_bytes(server.pid) - baseline
         print(
             f"\n{STREAMS} stalled catch-ups: server RSS +{stalled_growth / 2**20:.1f} MiB "
             f"({stalled_growth / STREAMS / 1024:.0f} KiB a stream), {written_stalled} messages "

@@ -23,9 +23,10 @@ import redis.asyncio as aioredis
 
 from parley.proto import chat_pb2, chat_pb2_grpc
 from parley.proto.contract import ROOM_KEY
-from parley.testing import bearer, free_port, sample_key, scrape_metrics, wait_until
+from parley.testing import bearer, sample_key, scrape_metrics, wait_until
+from parley.testing.launcher import Launcher, Served, chat_env
 
-from .conftest import JWT_SECRET, REDIS_URL, Server, Stack, _serve, _stop
+from .servers import Stack
 
 REASONS = ("too_large", "unreadable", "wrong_room", "bad_sequence", "unconfirmed")
 FAR_AHEAD = 9_000_000_000_000
@@ -35,55 +36,44 @@ WARNING = "did not publish"
 
 @dataclass
 class Replica:
-    server: Server
-    metrics_port: int
+    server: Served
 
     @property
     def target(self) -> str:
         return self.server.target
 
     def samples(self) -> dict[str, float]:
-        return scrape_metrics(self.metrics_port)
+        return scrape_metrics(self.server.metrics_port)
 
 
 @dataclass
 class Pair:
     replicas: list[Replica]
     prefix: str
+    redis_url: str
 
     def channel(self, room: str) -> str:
         return f"{self.prefix}:chat:room:{room}"
 
 
 @pytest.fixture(scope="module")
-def pair(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+def pair(stack: Stack, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     prefix = f"forgery-{uuid.uuid4().hex[:12]}"
-    replicas: list[Replica] = []
+    env = chat_env(
+        stack.database,
+        redis_url,
+        prefix,
+        stack.user.target,
+        PARLEY_SHUTDOWN_GRACE="2",
+        PARLEY_CHAT_MAX_STREAMS_PER_USER="1000",
+        PARLEY_CHAT_RESYNC_INTERVAL="1h",
+    )
+    launcher = Launcher(tmp_path_factory.mktemp("forgery"))
     try:
-        for name in ("a", "b"):
-            metrics_port = free_port()
-            env = {
-                "PARLEY_DATABASE_URL": stack.database,
-                "PARLEY_JWT_SECRET": JWT_SECRET,
-                "PARLEY_GRPC_HOST": "127.0.0.1",
-                "PARLEY_METRICS_HOST": "127.0.0.1",
-                "PARLEY_METRICS_PORT": str(metrics_port),
-                "PARLEY_HEALTH_CHECK_INTERVAL": "0.2",
-                "PARLEY_SHUTDOWN_GRACE": "2",
-                "PARLEY_REDIS_URL": REDIS_URL,
-                "PARLEY_REDIS_PREFIX": prefix,
-                "PARLEY_USER_SERVICE_ADDR": stack.user.target,
-                "PARLEY_CHAT_RATE_LIMIT": "100000",
-                "PARLEY_CHAT_RATE_BURST": "100000",
-                "PARLEY_CHAT_MAX_STREAMS_PER_USER": "1000",
-                "PARLEY_CHAT_RESYNC_INTERVAL": "1h",
-            }
-            directory = tmp_path_factory.mktemp(f"forgery-{name}")
-            replicas.append(Replica(_serve("chat", env, directory), metrics_port))
-        yield Pair(replicas, prefix)
+        replicas = [Replica(launcher.process_sync("chat", env)) for _ in range(2)]
+        yield Pair(replicas, prefix, redis_url)
     finally:
-        for replica in replicas:
-            _stop(replica.server)
+        launcher.close_sync()
 
 
 class Client:
@@ -120,7 +110,7 @@ class Room:
         self.name = f"forged-{uuid.uuid4().hex[:10]}"
         self.channels = {r.target: grpc.aio.insecure_channel(r.target) for r in pair.replicas}
         self.clients: list[Client] = []
-        self.redis = aioredis.Redis.from_url(REDIS_URL, socket_timeout=10)
+        self.redis = aioredis.Redis.from_url(pair.redis_url, socket_timeout=10)
 
     def open(self, replica: Replica) -> Client:
         client = Client(self.channels[replica.target], self.stack.chatter_token, self.name)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from parley.proto import chat_pb2
 from parley.testing import bearer
 
-from .conftest import MAX_MESSAGE_BYTES
+from .servers import MAX_MESSAGE_BYTES
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 MARK = "QQQQ"

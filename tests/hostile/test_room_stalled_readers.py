@@ -244,7 +244,7 @@ def test_never_read_room_answers_hold_no_shared_resources(
     stack: Any, serve: Callable[..., Any]
 ) -> None:
     server = serve("chat", PARLEY_DB_POOL_MAX=str(POOL_SIZE), PARLEY_LOG_LEVEL="WARNING")
-    pid = server.process.pid
+    pid = server.pid
     prefix = f"00000-stalled-{uuid.uuid4().hex[:8]}-"
     crowded = seed(stack, prefix)
     token = stack.chatter_token

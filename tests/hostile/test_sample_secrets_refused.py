@@ -4,22 +4,23 @@ services, as real processes, exit at once with one line naming the variable."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from parley.chassis.sample_secrets import SAMPLE_SECRETS
+from parley.devstack.services import Service, ServiceSpec
+from parley.testing.launcher import HEALTH_NAMES
 
-BIN = Path(sys.executable).parent
 FRESH_SECRET = os.urandom(32).hex()
 # The compose file's defaults before `make secrets` existed.
 OLD_COMPOSE_SECRET = "change-me-this-is-a-local-development-secret"
 OLD_COMPOSE_PASSWORD = "parley"
 
 
-def _serve(kind: str, **settings: str) -> subprocess.CompletedProcess[str]:
+def _serve(directory: Path, kind: str, **settings: str) -> tuple[int | None, str]:
+    """Runs `parley-<kind> serve` (as the launcher does, without waiting for it to serve)
+    until it exits: (its exit code, everything it wrote)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
     environ.update(
         PARLEY_DATABASE_URL="postgresql://parley@127.0.0.1:1/parley",
@@ -31,14 +32,12 @@ def _serve(kind: str, **settings: str) -> subprocess.CompletedProcess[str]:
         PARLEY_METRICS_PORT="0",
     )
     environ.update(settings)
-    return subprocess.run(
-        [str(BIN / f"parley-{kind}"), "serve"],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
+    spec = ServiceSpec(f"parley-{kind}", f"parley-{kind}", HEALTH_NAMES[kind], 0, 0)
+    service = Service(spec, environ, log_path=directory / f"parley-{kind}.log")
+    if not service.process.wait(30):
+        service.stop()
+        pytest.fail(f"parley-{kind} serve did not exit:\n{service.log_text()}")
+    return service.process.returncode, service.log_text()
 
 
 @pytest.mark.parametrize("kind", ["user", "chat"])
@@ -57,19 +56,20 @@ def _serve(kind: str, **settings: str) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_a_published_secret_stops_start_up(
-    kind: str, variable: str, settings: dict[str, str]
+    kind: str, variable: str, settings: dict[str, str], tmp_path: Path
 ) -> None:
     assert OLD_COMPOSE_SECRET in SAMPLE_SECRETS and OLD_COMPOSE_PASSWORD in SAMPLE_SECRETS
-    result = _serve(kind, **settings)
-    assert result.returncode != 0
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
+    code, output = _serve(tmp_path, kind, **settings)
+    assert code != 0
+    lines = output.splitlines()
+    assert len(lines) == 1, output
     assert variable in lines[0] and "published in the Parley repository" in lines[0]
-    assert OLD_COMPOSE_SECRET not in result.stderr, "the refused secret was echoed"
+    assert OLD_COMPOSE_SECRET not in output, "the refused secret was echoed"
 
 
-def test_a_published_redis_password_stops_chat() -> None:
-    result = _serve("chat", PARLEY_REDIS_URL=f"redis://:{OLD_COMPOSE_PASSWORD}@127.0.0.1:1/0")
-    assert result.returncode != 0
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "PARLEY_REDIS_URL" in lines[0], result.stderr
+def test_a_published_redis_password_stops_chat(tmp_path: Path) -> None:
+    redis_url = f"redis://:{OLD_COMPOSE_PASSWORD}@127.0.0.1:1/0"
+    code, output = _serve(tmp_path, "chat", PARLEY_REDIS_URL=redis_url)
+    assert code != 0
+    lines = output.splitlines()
+    assert len(lines) == 1 and "PARLEY_REDIS_URL" in lines[0], output

@@ -10,30 +10,27 @@ values.
 
 from __future__ import annotations
 
-import secrets
 import statistics
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
-from parley import testing
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY
-from parley.testing import DatabaseFactory, bearer, free_port, rich_error, wait_until_sync
-from parley.testing.schemas import migrate_both_sync
-from tests.hostile.conftest import Server, _serve, _stop
+from parley.testing import DatabaseFactory, bearer, make_token, rich_error, wait_until_sync
+from parley.testing.launcher import JWT_SECRET, Launcher, Served
+from parley.testing.metrics import Scrape, metrics_text
+
+from .servers import server_env
 
 POOL_SIZE = 10
 STALLED = 2 * POOL_SIZE
@@ -49,29 +46,20 @@ DECLARE_COMMIT = (IMPORT_COMMIT_KEY, EXPLICIT_IMPORT_COMMIT)
 
 @dataclass
 class UserServer:
-    server: Server
+    server: Served
     database: str
-    metrics_port: int
-    secret: str
 
     @property
     def target(self) -> str:
         return self.server.target
 
     def token(self, sub: str = "1", scope: str = "users:write") -> Any:
-        return bearer(testing.make_token(self.secret, sub, scope, 600))
+        return bearer(make_token(JWT_SECRET, sub, scope))
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the server's samples of `name` with these labels (any value of others)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
+        scrape = Scrape(metrics_text(self.server.metrics_port))
+        return sum(sample.value for sample in scrape.samples(name, **labels))
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         """The rows of `query` (none for a statement that returns no rows)."""
@@ -83,45 +71,29 @@ class UserServer:
         return self.server.log_text()
 
 
-@pytest.fixture(scope="module")
-def databases() -> Iterator[DatabaseFactory]:
-    factory = DatabaseFactory("parley_hostile_user", migrate_both_sync, ahead=0)
-    try:
-        yield factory
-    finally:
-        factory.close()
-
-
 @pytest.fixture
 def start_user_server(
-    databases: DatabaseFactory, tmp_path: Path
+    database_factory: DatabaseFactory, launcher: Launcher
 ) -> Iterator[Callable[..., UserServer]]:
     """Factory: a `parley-user serve` process on a new database, with env overrides."""
     started: list[UserServer] = []
 
     def start(**overrides: str) -> UserServer:
-        database = databases.take()
-        secret = secrets.token_hex(32)
-        metrics_port = free_port()
-        env = {
-            "PARLEY_DATABASE_URL": database,
-            "PARLEY_JWT_SECRET": secret,
-            "PARLEY_GRPC_HOST": "127.0.0.1",
-            "PARLEY_METRICS_HOST": "127.0.0.1",
-            "PARLEY_METRICS_PORT": str(metrics_port),
-            "PARLEY_HEALTH_CHECK_INTERVAL": "0.2",
-            "PARLEY_SHUTDOWN_GRACE": "2",
-            "PARLEY_DB_POOL_MAX": str(POOL_SIZE),
-            "PARLEY_LOG_LEVEL": "WARNING",
+        database = database_factory.take()
+        env = server_env(
+            "user",
+            database,
+            PARLEY_DB_POOL_MAX=str(POOL_SIZE),
+            PARLEY_LOG_LEVEL="WARNING",
             **overrides,
-        }
-        server = UserServer(_serve("user", env, tmp_path), database, metrics_port, secret)
+        )
+        server = UserServer(launcher.process_sync("user", env), database)
         started.append(server)
         return server
 
     yield start
+    launcher.close_sync()
     for server in started:
-        _stop(server.server)
         # The service's own faults; grpc itself logs an ExecuteBatchError when a client cancels a
         # stream whose write is waiting for flow control, which is not one.
         assert "unhandled error" not in server.log_text(), server.log_text()

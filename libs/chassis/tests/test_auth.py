@@ -20,12 +20,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from parley.chassis import AuthSettings, Env, Identity, current_identity, require_scope
 from parley.chassis.errors import Unauthenticated
 from parley.proto import user_pb2
+from parley.testing.tokens import bearer
 
 Token = Callable[..., str]
-
-
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
 
 
 async def call_get_user(
@@ -104,7 +101,7 @@ async def test_rejected_calls_are_unauthenticated(
         ),
         (
             "alg none",
-            bearer(jwt.encode({"sub": "1", "iss": "parley", "aud": "parley"}, None, "none")),
+            bearer(make_token(key=None, sub="1", algorithm="none", omit=["iat", "nbf", "exp"])),
             "invalid token",
         ),
     ]

@@ -24,7 +24,7 @@ async def test_serving_once_started_without_dependencies(server: Any):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_readiness_follows_the_probe(serve: Any, probe: Any, scrape: Any, eventually: Any):
+async def test_readiness_follows_the_probe(serve: Any, probe: Any, scrape: Any, wait_for: Any):
     probe.up = False
     running = await serve(checks=[DependencyCheck("postgres", probe)])
 
@@ -43,17 +43,17 @@ async def test_readiness_follows_the_probe(serve: Any, probe: Any, scrape: Any, 
         return metrics.value("parley_dependency_up", dependency="postgres") == expected
 
     probe.up = True
-    await eventually(lambda: status_is(SERVING), what="SERVING after the probe passes")
+    await wait_for(lambda: status_is(SERVING), 5, "SERVING after the probe passes")
     assert await gauge_is(1)
     assert running.app.monitor.failures == {}
 
     probe.up = False
-    await eventually(lambda: status_is(NOT_SERVING), what="NOT_SERVING after the probe fails")
+    await wait_for(lambda: status_is(NOT_SERVING), 5, "NOT_SERVING after the probe fails")
     assert await gauge_is(0)
     assert await running.health_status("") == SERVING
 
     probe.up = True
-    await eventually(lambda: status_is(SERVING), what="SERVING again")
+    await wait_for(lambda: status_is(SERVING), 5, "SERVING again")
     assert await gauge_is(1)
     assert probe.calls >= 4
 
@@ -62,7 +62,7 @@ async def test_readiness_follows_the_probe(serve: Any, probe: Any, scrape: Any, 
 
 
 async def test_any_failing_dependency_makes_the_service_not_ready(
-    serve: Any, eventually: Any, scrape: Any
+    serve: Any, wait_for: Any, scrape: Any
 ):
     postgres_up = True
     redis_up = True
@@ -85,7 +85,7 @@ async def test_any_failing_dependency_makes_the_service_not_ready(
     async def not_serving() -> bool:
         return await running.health_status(SERVICE) == NOT_SERVING
 
-    await eventually(not_serving, what="NOT_SERVING with redis down")
+    await wait_for(not_serving, 5, "NOT_SERVING with redis down")
     # An exception with no message is reported by its type.
     assert running.app.monitor.failures == {"redis": "RuntimeError"}
     metrics = await scrape(running.app)
@@ -93,7 +93,7 @@ async def test_any_failing_dependency_makes_the_service_not_ready(
     assert metrics.value("parley_dependency_up", dependency="redis") == 0
 
 
-async def test_a_hanging_probe_counts_as_down(serve: Any, eventually: Any):
+async def test_a_hanging_probe_counts_as_down(serve: Any, wait_for: Any):
     release = asyncio.Event()
     hang = False
 
@@ -109,7 +109,7 @@ async def test_a_hanging_probe_counts_as_down(serve: Any, eventually: Any):
         return await running.health_status(SERVICE) == NOT_SERVING
 
     try:
-        await eventually(not_serving, timeout=10, what="NOT_SERVING while the probe hangs")
+        await wait_for(not_serving, 10, "NOT_SERVING while the probe hangs")
         assert "postgres" in running.app.monitor.failures
     finally:
         release.set()

@@ -204,7 +204,7 @@ async def _hang(request: Any, context: Any) -> Any:
 
 
 async def test_cancelled_call_is_counted_as_canceled(
-    server: Any, scrape: Any, auth: Any, eventually: Any
+    server: Any, scrape: Any, auth: Any, wait_for: Any
 ):
     server.servicer.get_user = _hang
     call = server.stub.GetUser(user_pb2.GetUserRequest(id=1), metadata=auth, timeout=30)
@@ -220,14 +220,14 @@ async def test_cancelled_call_is_counted_as_canceled(
             == 1
         )
 
-    await eventually(counted, what="a Canceled GetUser")
+    await wait_for(counted, 5, "a Canceled GetUser")
     metrics = await scrape(server.app)
     assert metrics.value("grpc_server_handled_total", **labels("GetUser", grpc_code="OK")) == 0
     assert metrics.value("grpc_server_msg_sent_total", **labels("GetUser")) == 0
 
 
 async def test_cancelled_server_stream_is_counted_as_canceled(
-    server: Any, scrape: Any, auth: Any, eventually: Any
+    server: Any, scrape: Any, auth: Any, wait_for: Any
 ):
     async def endless(request: Any, context: Any) -> AsyncIterator[Any]:
         n = 0
@@ -247,11 +247,11 @@ async def test_cancelled_server_stream_is_counted_as_canceled(
         key = labels("ListUsers", grpc_code="Canceled")
         return metrics.value("grpc_server_handled_total", **key) == 1
 
-    await eventually(counted, what="a Canceled ListUsers")
+    await wait_for(counted, 5, "a Canceled ListUsers")
 
 
 async def test_call_past_its_deadline_is_counted_as_deadline_exceeded(
-    server: Any, scrape: Any, auth: Any, eventually: Any
+    server: Any, scrape: Any, auth: Any, wait_for: Any
 ):
     server.servicer.get_user = _hang
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -263,7 +263,7 @@ async def test_call_past_its_deadline_is_counted_as_deadline_exceeded(
         key = labels("GetUser", grpc_code="DeadlineExceeded")
         return metrics.value("grpc_server_handled_total", **key) == 1
 
-    await eventually(counted, what="a DeadlineExceeded GetUser")
+    await wait_for(counted, 5, "a DeadlineExceeded GetUser")
     metrics = await scrape(server.app)
     assert (
         metrics.value("grpc_server_handled_total", **labels("GetUser", grpc_code="Canceled")) == 0

@@ -74,7 +74,7 @@ async def test_in_flight_call_completes_while_draining(serve: Any, auth: Any):
         await asyncio.to_thread(urllib.request.urlopen, metrics_url, None, 2)
 
 
-async def test_not_serving_before_the_listener_closes(serve: Any, auth: Any, eventually: Any):
+async def test_not_serving_before_the_listener_closes(serve: Any, auth: Any, wait_for: Any):
     delay = 0.3
     drain_started: list[float] = []
     draining = asyncio.Event()
@@ -96,7 +96,7 @@ async def test_not_serving_before_the_listener_closes(serve: Any, auth: Any, eve
         statuses = {await running.health_status(""), await running.health_status(SERVICE)}
         return statuses == {NOT_SERVING}
 
-    await eventually(not_serving, what="NOT_SERVING once stop() begins")
+    await wait_for(not_serving, 5, "NOT_SERVING once stop() begins")
     await asyncio.wait_for(draining.wait(), 5)
     # Load balancers were given the shutdown delay to see NOT_SERVING ...
     assert drain_started[0] - started >= delay - 0.01
@@ -245,7 +245,7 @@ async def _read_line(stream: asyncio.StreamReader, timeout: float = 20) -> str:
 
 
 async def test_sigterm_drains_and_exits_zero(
-    tmp_path: Path, jwt_secret: str, auth: Any, eventually: Any
+    tmp_path: Path, jwt_secret: str, auth: Any, wait_for: Any
 ):
     script = tmp_path / "slow_server.py"
     script.write_text(SERVER_SCRIPT)
@@ -283,7 +283,7 @@ async def test_sigterm_drains_and_exits_zero(
                     return False
                 return response.status == SERVING
 
-            await eventually(serving, timeout=20, what="the subprocess to serve")
+            await wait_for(serving, 20, "the subprocess to serve")
 
             stub = user_pb2_grpc.UserServiceStub(channel)
             call = stub.GetUser(user_pb2.GetUserRequest(id=9), metadata=auth, timeout=15)

@@ -114,7 +114,7 @@ def test_token_from_the_environment(stack: RunningStack, monkeypatch: pytest.Mon
 def test_refreshing_token_asks_again_before_expiry(stack: RunningStack) -> None:
     now = [time.time()]
     provider = CountingProvider(
-        lambda: mint_token(stack.endpoints.jwt_secret, "1", ("users:write",), ttl=120)
+        lambda: mint_token(stack.jwt_secret, "1", ("users:write",), ttl=120)
     )
     token = RefreshingToken(provider, margin=30, clock=lambda: now[0])
     with UserClient(stack.user, token=token) as users:

@@ -81,10 +81,10 @@ def test_chat_health(stack: RunningStack) -> None:
 
 
 def test_several_targets_are_tried_in_turn(
-    stack: RunningStack, person: Callable[[str], Person], room: str, closed_port: int
+    stack: RunningStack, person: Callable[[str], Person], room: str, unused_port: int
 ) -> None:
     ada = person("Ada")
-    dead = f"127.0.0.1:{closed_port}"
+    dead = f"127.0.0.1:{unused_port}"
     with ChatClient(f"{dead},{stack.chat}", token=ada.token) as chat:
         assert chat.target == f"{dead},{stack.chat}"
         # The first target refuses the connection; the call goes on to the second.
@@ -97,10 +97,10 @@ def test_several_targets_are_tried_in_turn(
 
 
 async def test_a_static_ipv4_list_is_one_round_robin_target(
-    stack: RunningStack, person: Callable[[str], Person], room: str, closed_port: int
+    stack: RunningStack, person: Callable[[str], Person], room: str, unused_port: int
 ) -> None:
     ada = person("Ada")
-    address = f"ipv4:127.0.0.1:{closed_port},{stack.chat.replace('ipv4:', '')}"
+    address = f"ipv4:127.0.0.1:{unused_port},{stack.chat.replace('ipv4:', '')}"
     async with AsyncChatClient(address, token=ada.token) as chat:
         # round_robin skips the address that refuses connections.
         for _ in range(5):

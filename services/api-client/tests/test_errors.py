@@ -43,8 +43,8 @@ def _one_line(error: ParleyError) -> str:
     return text
 
 
-def test_unavailable_names_the_address(closed_port: int) -> None:
-    target = f"127.0.0.1:{closed_port}"
+def test_unavailable_names_the_address(unused_port: int) -> None:
+    target = f"127.0.0.1:{unused_port}"
     with UserClient(target, token="t") as users, pytest.raises(Unavailable) as caught:
         users.get_user(1)
     error = caught.value
@@ -56,8 +56,8 @@ def test_unavailable_names_the_address(closed_port: int) -> None:
     assert "hint:" in text
 
 
-async def test_async_unavailable_names_the_address(closed_port: int) -> None:
-    target = f"127.0.0.1:{closed_port}"
+async def test_async_unavailable_names_the_address(unused_port: int) -> None:
+    target = f"127.0.0.1:{unused_port}"
     async with AsyncChatClient(target, token="t") as chat:
         with pytest.raises(Unavailable) as caught:
             await chat.presence("general")
@@ -67,11 +67,11 @@ async def test_async_unavailable_names_the_address(closed_port: int) -> None:
 
 
 def test_the_target_comes_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch, closed_port: int
+    monkeypatch: pytest.MonkeyPatch, unused_port: int
 ) -> None:
-    monkeypatch.setenv("PARLEY_USER_ADDR", f"127.0.0.1:{closed_port}")
+    monkeypatch.setenv("PARLEY_USER_ADDR", f"127.0.0.1:{unused_port}")
     with UserClient(token="t") as users:
-        assert users.target == f"127.0.0.1:{closed_port}"
+        assert users.target == f"127.0.0.1:{unused_port}"
         with pytest.raises(Unavailable):
             users.get_user(1)
     monkeypatch.delenv("PARLEY_USER_ADDR")
@@ -128,7 +128,7 @@ def test_unauthenticated_without_a_token(stack: RunningStack) -> None:
 
 
 def test_unauthenticated_with_an_expired_token(stack: RunningStack) -> None:
-    expired = mint_token(stack.endpoints.jwt_secret, "1", ttl=60, now=int(time.time()) - 3600)
+    expired = mint_token(stack.jwt_secret, "1", ttl=60, now=int(time.time()) - 3600)
     with UserClient(stack.user, token=expired) as users, pytest.raises(Unauthenticated) as caught:
         users.get_user(1)
     assert "expired" in caught.value.hint
@@ -178,8 +178,8 @@ def test_resource_exhausted_by_the_chat_rate_limit(
     assert "slow down" in caught.value.hint
 
 
-def test_errors_pickle(closed_port: int) -> None:
-    with UserClient(f"127.0.0.1:{closed_port}") as users, pytest.raises(Unavailable) as caught:
+def test_errors_pickle(unused_port: int) -> None:
+    with UserClient(f"127.0.0.1:{unused_port}") as users, pytest.raises(Unavailable) as caught:
         users.get_user(1)
     copy = pickle.loads(pickle.dumps(caught.value))
     assert type(copy) is Unavailable and str(copy) == str(caught.value)

@@ -139,7 +139,7 @@ async def test_session_survives_a_killed_replica(
         await collector(ada_session, seen, lambda ms: len(ms) >= 3)
 
         # Freeze the replica, send (the message reaches its socket, never its code), kill it.
-        extra_chat.signal(signal.SIGSTOP)
+        extra_chat.process.send(signal.SIGSTOP)
         unacked = await ada_session.send("sent into a frozen replica")
         extra_chat.kill()
         assert ada_session.pending == (unacked,)
@@ -212,7 +212,7 @@ async def test_rate_limit_can_end_the_session(
         assert session.error is caught.value
 
 
-async def test_errors_that_end_a_session(stack: RunningStack, room: str, closed_port: int) -> None:
+async def test_errors_that_end_a_session(stack: RunningStack, room: str, unused_port: int) -> None:
     # A token for a user that does not exist: the stream itself is refused.
     # The refusal may arrive before `open()` returns (it raises there) or after (the
     # iteration raises): both are the session failing with the server's status.
@@ -235,11 +235,11 @@ async def test_errors_that_end_a_session(stack: RunningStack, room: str, closed_
                 async for _ in refused:
                     pass
 
-    async with AsyncChatClient(f"127.0.0.1:{closed_port}", token="t") as chat:
+    async with AsyncChatClient(f"127.0.0.1:{unused_port}", token="t") as chat:
         with pytest.raises(Unavailable) as unreachable:
             async with chat.session(room):
                 pass
-        assert f"127.0.0.1:{closed_port}" in unreachable.value.hint
+        assert f"127.0.0.1:{unused_port}" in unreachable.value.hint
 
 
 async def test_a_refused_stream_ends_with_the_servers_status(
@@ -292,14 +292,13 @@ async def test_a_user_over_the_stream_limit_fails_at_once(
 
 def token_expired_since(stack: RunningStack, person: Person, seconds: int) -> str:
     """A token for `person` whose exp was `seconds` ago."""
-    endpoints = stack.endpoints
     return mint_token(
-        endpoints.jwt_secret,
+        stack.jwt_secret,
         str(person.id),
         ttl=1,
         now=int(time.time()) - seconds - 1,
-        issuer=endpoints.jwt_issuer,
-        audience=endpoints.jwt_audience,
+        issuer=stack.jwt_issuer,
+        audience=stack.jwt_audience,
     )
 
 

@@ -75,11 +75,11 @@ async def test_typed_rooms_run(
     assert name == f"dm-{min(owner.id, member.id)}-{max(owner.id, member.id)}"
 
 
-def test_describe_failure(closed_port: int) -> None:
+def test_describe_failure(unused_port: int) -> None:
     usage = _usage()
-    with UserClient(f"127.0.0.1:{closed_port}") as users:
+    with UserClient(f"127.0.0.1:{unused_port}") as users:
         try:
             users.get_user(1)
         except Unavailable as exc:
             line = usage.describe_failure(exc)
-    assert line.startswith(f"UNAVAILABLE at 127.0.0.1:{closed_port}: ")
+    assert line.startswith(f"UNAVAILABLE at 127.0.0.1:{unused_port}: ")

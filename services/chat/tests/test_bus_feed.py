@@ -23,8 +23,6 @@ from parley.chat_service.metrics import ChatMetrics
 from parley.proto import chat_pb2
 from parley.testing import wait_until
 
-from .conftest import SHARED_REDIS_URL
-
 ROOM = "feed"
 FAR_AHEAD = 9_000_000_000_000
 
@@ -151,9 +149,9 @@ async def parts(database: str) -> AsyncIterator[Parts]:
 
 
 @pytest.fixture
-async def bus(parts: Parts, redis_prefix: str) -> AsyncIterator[RedisBus]:
+async def bus(parts: Parts, redis_url: str, redis_prefix: str) -> AsyncIterator[RedisBus]:
     """The bus of the replica under test, subscribed to its prefix on the shared Redis."""
-    made = RedisBus(SHARED_REDIS_URL, redis_prefix, parts.hub, parts.feed, parts.metrics, 3600)
+    made = RedisBus(redis_url, redis_prefix, parts.hub, parts.feed, parts.metrics, 3600)
     await made.start()
     try:
         await wait_until(made.subscribed.is_set, 10, "the subscription")
@@ -163,9 +161,9 @@ async def bus(parts: Parts, redis_prefix: str) -> AsyncIterator[RedisBus]:
 
 
 @pytest.fixture
-async def forger(redis_prefix: str) -> AsyncIterator[Any]:
+async def forger(redis_url: str, redis_prefix: str) -> AsyncIterator[Any]:
     """`await forger(payload, room=ROOM)`: publishes raw bytes on a room's channel."""
-    client = aioredis.Redis.from_url(SHARED_REDIS_URL, socket_timeout=5)
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
 
     async def publish(payload: bytes, room: str = ROOM) -> None:
         assert await client.publish(f"{redis_prefix}:chat:room:{room}", payload) == 1

@@ -9,10 +9,6 @@ says so, and no password ever shows in a log or on /metrics.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
-import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
@@ -20,11 +16,11 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2
 from redis.exceptions import NoPermissionError
 
+from parley.proto.contract import CHAT_SERVICE
 from parley.testing import RedisServer, health_status, wait_until
-
-from .conftest import BIN, CHAT_SERVICE, NOT_SERVING
 
 PASSWORD = "redis-pw-" + uuid.uuid4().hex
 ROOM = "secured"
@@ -33,7 +29,7 @@ ACL_RULES = (
     "~{prefix}:chat:* &{prefix}:chat:room:* -@all +@connection +publish +psubscribe"
     " +punsubscribe +zadd +zrem +zremrangebyscore +zrangebyscore"
 )
-_SERVING_LINE = re.compile(r"serving gRPC on \S+:(\d+), metrics on \S+:(\d+)")
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _metrics_text(port: int) -> str:
@@ -180,44 +176,31 @@ async def test_tls_with_a_client_certificate(
 async def test_wrong_credentials_keep_the_replica_not_ready_and_say_why(
     tmp_path: Path,
     make_stack: Any,
+    launcher: Any,
     credentials: tuple[str, str] | None,
     refusal: str,
 ) -> None:
     (tmp_path / "redis").mkdir()
     server = RedisServer(tmp_path / "redis", password=PASSWORD)
     await server.start()
-    stack = await make_stack(replicas=0, people=())
-    url = server.url_for(*credentials) if credentials else server.url_for()
-    env = stack.chat_env(PARLEY_REDIS_URL=url, PARLEY_LOG_LEVEL="DEBUG")
-    log = tmp_path / "parley-chat.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "parley-chat"), "serve"],
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     try:
+        stack = await make_stack(replicas=0, people=())
+        url = server.url_for(*credentials) if credentials else server.url_for()
+        env = stack.chat_env(PARLEY_REDIS_URL=url, PARLEY_LOG_LEVEL="DEBUG")
+        replica = await launcher.process("chat", env, ready=False)
 
-        def reported() -> re.Match[str] | None:
-            text = log.read_text(errors="replace")
-            assert process.poll() is None, text
-            serving = _SERVING_LINE.search(text)
-            return serving if serving and "not ready: redis: " in text else None
+        def reported() -> bool:
+            text = replica.log_text()
+            assert replica.alive(), text
+            return "not ready: redis: " in text
 
-        serving = await wait_until(reported, 30, "the replica to report Redis not ready")
-        grpc_port, metrics_port = int(serving[1]), int(serving[2])
-        assert await health_status(grpc_port, CHAT_SERVICE) == NOT_SERVING
-        metrics_text = await asyncio.to_thread(_metrics_text, metrics_port)
+        await wait_until(reported, 30, "the replica to report Redis not ready")
+        assert await health_status(replica.port, CHAT_SERVICE) == NOT_SERVING
+        metrics_text = await asyncio.to_thread(_metrics_text, replica.metrics_port)
+        await launcher.stop(replica)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
         await server.stop()
-    text = log.read_text(errors="replace")
+    text = replica.log_text()
     line = next(line for line in text.splitlines() if "not ready: redis: " in line)
     assert refusal in line, line
     secrets = [PASSWORD] + ([credentials[1]] if credentials else [])

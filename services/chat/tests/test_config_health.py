@@ -12,6 +12,7 @@ import pytest
 
 from parley.chassis import ConfigError, Env
 from parley.chat_service import ChatSettings
+from parley.testing.launcher import service_env
 
 CHAT = "chat.ChatService"
 USER_DEPENDENCY = "dependency/user-service"
@@ -102,16 +103,16 @@ async def test_ready_when_postgres_redis_and_user_service_are_up(make_stack, hea
 
 
 async def test_readiness_follows_redis(
-    launcher, database, redis_prefix, private_redis, server_env, health, wait_for
+    launcher, database, redis_prefix, private_redis, health, wait_for
 ):
     redis = await private_redis(running=False)  # a port with nothing listening yet
-    env = server_env(
+    env = service_env(
         database,
         PARLEY_REDIS_URL=redis.url,
         PARLEY_REDIS_PREFIX=redis_prefix,
         PARLEY_USER_SERVICE_ADDR="127.0.0.1:1",
     )
-    replica = await launcher.start_app("chat", env, ready=False)
+    replica = await launcher.app("chat", env, ready=False)
 
     async def status(name: str = CHAT) -> int:
         return await health(replica.port, name)
@@ -132,42 +133,42 @@ async def status_is(status, expected: int) -> bool:
 
 
 async def test_readiness_follows_postgres_and_its_schema(
-    launcher, unmigrated_database, redis_prefix, server_env, health, wait_for
+    launcher, empty_database, redis_url, redis_prefix, health, wait_for
 ):
     from parley.chat_service.migrations import MIGRATIONS
 
-    env = server_env(
-        unmigrated_database,
-        PARLEY_REDIS_URL="redis://127.0.0.1:6379/0",
+    env = service_env(
+        empty_database,
+        PARLEY_REDIS_URL=redis_url,
         PARLEY_REDIS_PREFIX=redis_prefix,
         PARLEY_USER_SERVICE_ADDR="127.0.0.1:1",
     )
-    replica = await launcher.start_app("chat", env, ready=False)
+    replica = await launcher.app("chat", env, ready=False)
 
     async def status() -> int:
         return await health(replica.port, CHAT)
 
     assert await status() == NOT_SERVING, "ready although the chat schema is missing"
-    await MIGRATIONS.apply(unmigrated_database)
+    await MIGRATIONS.apply(empty_database)
     await wait_for(lambda: status_is(status, SERVING), 15, "SERVING once migrated")
 
 
 async def test_not_ready_when_postgres_is_unreachable(
-    launcher, redis_prefix, unused_port, server_env, health
+    launcher, redis_url, redis_prefix, unused_port, health
 ):
-    env = server_env(
+    env = service_env(
         f"postgresql://postgres@127.0.0.1:{unused_port}/nowhere",
-        PARLEY_REDIS_URL="redis://127.0.0.1:6379/0",
+        PARLEY_REDIS_URL=redis_url,
         PARLEY_REDIS_PREFIX=redis_prefix,
         PARLEY_USER_SERVICE_ADDR="127.0.0.1:1",
     )
-    replica = await launcher.start_app("chat", env, ready=False)
+    replica = await launcher.app("chat", env, ready=False)
     assert await health(replica.port, CHAT) == NOT_SERVING
     assert await health(replica.port, "") == SERVING
 
 
 async def test_user_service_down_degrades_but_keeps_the_chat_ready(
-    make_stack, launcher, chat, health, wait_for, details, server_env
+    make_stack, launcher, chat, health, wait_for, details
 ):
     # No name cache: every lookup goes to UserService, so its outage is felt at once.
     stack = await make_stack(
@@ -179,6 +180,7 @@ async def test_user_service_down_degrades_but_keeps_the_chat_ready(
     await before.send("before the outage")
     await wait_for(lambda: before.received, 10, "the first message")
 
+    users_port = stack.users.port
     await launcher.stop(stack.users)
 
     async def degraded() -> bool:
@@ -206,9 +208,7 @@ async def test_user_service_down_degrades_but_keeps_the_chat_ready(
 
     # UserService comes back at the same address: the replica notices within seconds (its
     # channel's reconnect backoff is capped at 5 s, not grpcio's two minutes).
-    await launcher.start_app(
-        "user", server_env(stack.database, PARLEY_GRPC_PORT=str(stack.users.port))
-    )
+    await launcher.app("user", service_env(stack.database, PARLEY_GRPC_PORT=str(users_port)))
 
     async def recovered() -> bool:
         return await health(replica.port, USER_DEPENDENCY) == SERVING

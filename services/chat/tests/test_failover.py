@@ -5,9 +5,6 @@ is lost or duplicated on any stream."""
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import time
 
 import grpc
 
@@ -74,7 +71,7 @@ async def finish(stack, clients, stored, conversation_intact, wait_for):
 
 
 async def test_sigkill_of_a_replica_loses_and_duplicates_nothing(
-    make_stack, chat, streams_joined, stream_counts, stored, conversation_intact, wait_for
+    make_stack, launcher, chat, streams_joined, stream_counts, stored, conversation_intact, wait_for
 ):
     stack, senders, listeners = await start_conversation(
         make_stack, chat, streams_joined, stream_counts, PARLEY_CHAT_PRESENCE_TTL="1s"
@@ -82,11 +79,7 @@ async def test_sigkill_of_a_replica_loses_and_duplicates_nothing(
     clients = senders + listeners
     sending = [asyncio.create_task(s.send_pending()) for s in senders]
 
-    async def kill(replica) -> None:
-        replica.process.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(replica.process.wait, 10)
-
-    errors = await fail_over(stack, clients, sending, kill, wait_for)
+    errors = await fail_over(stack, clients, sending, launcher.kill, wait_for)
     assert {error.code() for error in errors} == {grpc.StatusCode.UNAVAILABLE}
     await finish(stack, clients, stored, conversation_intact, wait_for)
     resumed = [c for c in clients if c.connections == 2]
@@ -96,7 +89,7 @@ async def test_sigkill_of_a_replica_loses_and_duplicates_nothing(
 
 
 async def test_sigterm_drains_streams_as_unavailable_and_exits_0_within_the_grace(
-    make_stack, chat, streams_joined, stream_counts, stored, conversation_intact, wait_for
+    make_stack, launcher, chat, streams_joined, stream_counts, stored, conversation_intact, wait_for
 ):
     stack, senders, listeners = await start_conversation(
         make_stack, chat, streams_joined, stream_counts, PARLEY_SHUTDOWN_GRACE=f"{GRACE:g}"
@@ -107,13 +100,9 @@ async def test_sigterm_drains_streams_as_unavailable_and_exits_0_within_the_grac
     durations: list[float] = []
 
     async def terminate(replica) -> None:
-        started = time.monotonic()
-        replica.process.send_signal(signal.SIGTERM)
-        try:
-            exit_codes.append(await asyncio.to_thread(replica.process.wait, GRACE + 10))
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after SIGTERM:\n{replica.log_text()}") from None
-        durations.append(time.monotonic() - started)
+        duration, code = await launcher.terminate(replica, GRACE + 10)
+        exit_codes.append(code)
+        durations.append(duration)
 
     errors = await fail_over(stack, clients, sending, terminate, wait_for)
     assert exit_codes == [0], stack.replicas[0].log_text()

@@ -12,6 +12,7 @@ from parley.chassis import PermissionDenied
 from parley.chat_service.hub import RoomHub, Subscriber, outgoing
 from parley.chat_service.metrics import ChatMetrics
 from parley.proto import chat_pb2
+from parley.testing import wait_until
 
 ROOM = "guarded"
 
@@ -70,6 +71,12 @@ def make_hub(readers: Readers) -> tuple[RoomHub, CollectorRegistry]:
     return hub, registry
 
 
+async def settled(hub: RoomHub) -> None:
+    """Waits until no access check of the hub is running: every read it asked for answered,
+    every verdict given and every message that waited for it let through."""
+    await wait_until(lambda: not hub.checking, 5, "the hub's access checks to finish")
+
+
 async def until_asked(readers: Readers, count: int) -> None:
     async with asyncio.timeout(5):
         while len(readers.asked) < count:
@@ -84,7 +91,7 @@ async def test_a_newer_message_waits_for_the_check_and_reaches_only_who_may_read
     await until_asked(readers, 1)
     assert await offered(stays) == [] and await offered(removed) == []  # held back
     readers.go.set()
-    await asyncio.sleep(0.05)
+    await settled(hub)
     assert await offered(stays) == [1]
     result = await offered(removed)
     assert isinstance(result, PermissionDenied) and result.reason == "ROOM_ACCESS_DENIED"
@@ -107,7 +114,7 @@ async def test_a_stream_that_joins_during_a_check_is_judged_before_anything_goes
     late = join(hub, 2, version=3)  # its own read came before the removal
     hub.deliver(item(1, version=4))  # stored after the removal
     readers.go.set()
-    await asyncio.sleep(0.05)
+    await settled(hub)
     assert readers.asked[:2] == [[1], [1, 2]]  # asked again, about B too
     assert await offered(first) == [1]
     assert isinstance(await offered(late), PermissionDenied)
@@ -121,7 +128,7 @@ async def test_a_stream_checked_at_an_older_version_is_checked_again() -> None:
     join(hub, 1, version=5)
     hub.note_access(ROOM, ROOM_ID, 5)
     await until_asked(readers, 1)
-    await asyncio.sleep(0.05)
+    await settled(hub)
     join(hub, 2, version=4)
     hub.note_access(ROOM, ROOM_ID, 4)  # older than the room was checked at: check again
     await until_asked(readers, 2)
@@ -129,7 +136,7 @@ async def test_a_stream_checked_at_an_older_version_is_checked_again() -> None:
     stale = join(hub, 2, version=3)
     hub.verify({ROOM: (ROOM_ID, 5)})
     await until_asked(readers, 3)
-    await asyncio.sleep(0.05)
+    await settled(hub)
     assert stale.version == 5
     await hub.stop()
 
@@ -143,12 +150,12 @@ async def test_a_room_made_again_under_the_name_ends_the_old_rooms_streams() -> 
     old = [join(hub, 1, version=5), join(hub, 2, version=5)]
     hub.deliver(item(6, version=8))  # the old room's, stored after a change
     readers.go.set()
-    await asyncio.sleep(0.05)
+    await settled(hub)
     for stream in old:
         assert isinstance(await offered(stream), PermissionDenied)
     new = join(hub, 3, version=9, room_id=200)
     hub.deliver(item(1, version=9, room_id=200))
-    await asyncio.sleep(0.05)
+    await settled(hub)
     assert await offered(new) == [1]
     await hub.stop()
 
@@ -159,7 +166,7 @@ async def test_a_deleted_room_ends_every_stream() -> None:
     streams = [join(hub, 1), join(hub, 2)]
     hub.recheck(ROOM)
     readers.go.set()
-    await asyncio.sleep(0.05)
+    await settled(hub)
     for stream in streams:
         assert isinstance(await offered(stream), PermissionDenied)
     await hub.stop()
@@ -173,7 +180,7 @@ async def test_a_message_of_a_checked_version_is_not_held(newer: bool) -> None:
     hub.note_access(ROOM, ROOM_ID, 5)
     readers.go.set()
     await until_asked(readers, 1)
-    await asyncio.sleep(0.05)
+    await settled(hub)
     if newer:
         # Postgres holds the newer version before any message of it can be read.
         readers.version = 6
@@ -185,7 +192,7 @@ async def test_a_message_of_a_checked_version_is_not_held(newer: bool) -> None:
     if newer:
         await until_asked(readers, 2)
         readers.go.set()
-        await asyncio.sleep(0.05)
+        await settled(hub)
         assert await offered(stream) == [1]
     assert len(readers.asked) == (2 if newer else 1)
     await hub.stop()
@@ -201,7 +208,7 @@ async def test_a_second_stream_of_a_user_is_not_judged_by_a_read_that_started_be
     await until_asked(readers, 1)
     second = join(hub, 1, version=7, room_id=200)
     readers.go.set()
-    await asyncio.sleep(0.05)
+    await settled(hub)
     assert await offered(first) == []
     # The next read finds room 100 (the Readers' room): the second stream, of room 200, ends
     # only then, judged by a read that started after it had joined.

@@ -21,9 +21,9 @@ import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
 from parley.proto.contract import RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
+from parley.testing import bearer
 from parley.testing.room_access import CALL_NAMES, MATRIX, ROLES, VISIBILITIES, uncovered_rpcs
-
-from .conftest import Person, Stack, bearer, make_token
+from parley.testing.stack import Person, Stack
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -150,7 +150,7 @@ CALLS: dict[str, Call] = {
 
 
 @pytest.fixture
-async def world(make_stack) -> World:
+async def world(make_stack, token) -> World:
     stack = await make_stack(
         replicas=1, people=("Owner", "Member", "Stranger", "Admin", "Third"), in_process=True
     )
@@ -161,7 +161,7 @@ async def world(make_stack) -> World:
         "third": stack.people["Third"],
     }
     admin = stack.people["Admin"]
-    people["admin"] = Person(admin.id, admin.name, make_token(str(admin.id), scope="chat:admin"))
+    people["admin"] = Person(admin.id, admin.name, token(str(admin.id), scope="chat:admin"))
     channel = grpc.aio.insecure_channel(stack.replicas[0].target)
     try:
         yield World(stack, chat_pb2_grpc.ChatServiceStub(channel), people)

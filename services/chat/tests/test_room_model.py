@@ -42,8 +42,9 @@ from hypothesis.stateful import (
 
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
 from parley.proto.contract import ROOM_KEY
-
-from .conftest import MakeStack, bearer, make_token
+from parley.testing import bearer, make_token
+from parley.testing.launcher import JWT_SECRET
+from parley.testing.plugin import MakeStack
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -104,7 +105,7 @@ class RoomMachine(RuleBasedStateMachine):
         users = user_pb2_grpc.UserServiceStub(self.channels[0])
         self.stubs = [chat_pb2_grpc.ChatServiceStub(channel) for channel in self.channels[1:]]
         self.prefix = f"m{uuid.uuid4().hex[:8]}-"
-        admin = bearer(make_token("admin", scope="users:write"))
+        admin = bearer(make_token(JWT_SECRET, "admin", "users:write"))
         self.ids: list[int] = []
         for index in range(PEOPLE):
             reply = users.CreateUser(
@@ -115,8 +116,8 @@ class RoomMachine(RuleBasedStateMachine):
                 timeout=CALL_TIMEOUT,
             )
             self.ids.append(reply.user.id)
-        self.tokens = [make_token(str(user_id)) for user_id in self.ids]
-        self.admin_tokens = [make_token(str(i), scope="chat:admin") for i in self.ids]
+        self.tokens = [make_token(JWT_SECRET, str(user_id)) for user_id in self.ids]
+        self.admin_tokens = [make_token(JWT_SECRET, str(i), "chat:admin") for i in self.ids]
         self.rooms: dict[str, RoomModel] = {}
         self.client_ids = itertools.count(1)
         self.calls = 0

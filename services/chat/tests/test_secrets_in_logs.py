@@ -5,12 +5,8 @@ processes at DEBUG level; their whole output and /metrics are searched afterward
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,11 +14,10 @@ import psycopg
 import pytest
 import redis
 
-from parley import testing
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
-from parley.testing import free_port, wait_until
-
-from .conftest import BIN, JWT_SECRET, USER_DEPENDENCY, Person, base_env, chat_env, make_token
+from parley.testing import bearer, free_port, make_token, wait_until
+from parley.testing.launcher import JWT_SECRET, chat_env, service_env
+from parley.testing.stack import USER_DEPENDENCY, Person
 
 DB_PASSWORD = "s3cret-pw-" + uuid.uuid4().hex[:8]
 REDIS_PASSWORD = "r3dis-pw-" + uuid.uuid4().hex[:8]
@@ -43,12 +38,14 @@ def fetch_metrics(port: int) -> str:
         return response.read().decode()
 
 
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
-
-
 async def test_no_secret_or_token_in_logs_or_metrics(
-    launcher: Any, database: str, private_redis: Any, redis_prefix: str, chat: Any, wait_for: Any
+    launcher: Any,
+    database: str,
+    private_redis: Any,
+    redis_prefix: str,
+    chat: Any,
+    wait_for: Any,
+    token: Any,
 ) -> None:
     server = await private_redis()
     admin = redis.Redis(port=server.port)
@@ -58,15 +55,15 @@ async def test_no_secret_or_token_in_logs_or_metrics(
     db_url = with_password(database)
     debug = {"PARLEY_LOG_LEVEL": "DEBUG"}
 
-    users = await launcher.start_process("user", base_env(db_url, **debug))
-    replica = await launcher.start_process(
+    users = await launcher.process("user", service_env(db_url, **debug))
+    replica = await launcher.process(
         "chat", chat_env(db_url, redis_url, redis_prefix, users.target, **debug)
     )
     await launcher.wait_ready(replica, name=USER_DEPENDENCY)
 
-    writer = make_token("admin", scope="users:write")
-    expired = make_token("admin", scope="users:write", ttl=-120)
-    forged = testing.make_token(uuid.uuid4().hex * 2, "admin", "users:write", 600)
+    writer = token("admin", scope="users:write")
+    expired = token("admin", scope="users:write", ttl=-120)
+    forged = make_token(uuid.uuid4().hex * 2, "admin", "users:write", 600)
     async with grpc.aio.insecure_channel(users.target) as channel:
         stub = user_pb2_grpc.UserServiceStub(channel)
         created = await stub.CreateUser(
@@ -80,7 +77,7 @@ async def test_no_secret_or_token_in_logs_or_metrics(
                     user_pb2.GetUserRequest(id=created.user.id), metadata=bearer(bad), timeout=5
                 )
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    ada_token = make_token(str(created.user.id))
+    ada_token = token(str(created.user.id))
     ada = Person(created.user.id, "Ada", ada_token)
 
     sender = await chat(ada, replica, room="lobby", resume_after=0)
@@ -133,7 +130,7 @@ async def test_no_secret_or_token_in_logs_or_metrics(
     assert leaks == []
 
 
-async def test_no_password_in_the_errors_of_unreachable_dependencies(tmp_path: Path) -> None:
+async def test_no_password_in_the_errors_of_unreachable_dependencies(launcher: Any) -> None:
     """Failing Postgres and Redis connections are logged with their errors: not their URLs'
     passwords, nor the JWT secret."""
     dead_db, dead_redis = free_port(), free_port()
@@ -144,29 +141,15 @@ async def test_no_password_in_the_errors_of_unreachable_dependencies(tmp_path: P
         "127.0.0.1:1",
         PARLEY_LOG_LEVEL="DEBUG",
     )
-    log = tmp_path / "parley-chat.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "parley-chat"), "serve"],
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    replica = await launcher.process("chat", env, ready=False)
 
-        def reported() -> bool:
-            assert process.poll() is None, log.read_text(errors="replace")
-            return "not ready:" in log.read_text(errors="replace")
+    def reported() -> bool:
+        assert replica.alive(), replica.log_text()
+        return "not ready:" in replica.log_text()
 
-        await wait_until(reported, 30, "the chat service to report its dependencies down")
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
-    text = log.read_text(errors="replace")
+    await wait_until(reported, 30, "the chat service to report its dependencies down")
+    await launcher.stop(replica)
+    text = replica.log_text()
     assert str(dead_db) in text or "postgres" in text, text
     for name, secret in (
         ("JWT secret", JWT_SECRET),

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
-from parley.testing import wait_until
-
-from .conftest import Person, bearer, make_token
+from parley.testing import bearer, make_token, wait_until
+from parley.testing.launcher import JWT_SECRET
+from parley.testing.stack import Person
 
 CHECKS = {"PARLEY_CHAT_RESYNC_INTERVAL": "0.2s", "PARLEY_USER_CACHE_TTL": "0.2s"}
 # A client that reads nothing: without BDP probing its window stays at 64 KiB.
@@ -30,7 +30,7 @@ async def delete_user(stack, person: Person) -> None:
     async with grpc.aio.insecure_channel(stack.users.target) as channel:
         await user_pb2_grpc.UserServiceStub(channel).DeleteUser(
             user_pb2.DeleteUserRequest(id=person.id),
-            metadata=bearer(make_token("admin", scope="users:write")),
+            metadata=bearer(make_token(JWT_SECRET, "admin", "users:write")),
             timeout=10,
         )
 
@@ -74,10 +74,10 @@ async def test_the_streams_of_a_deleted_user_end_on_every_replica(
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-async def test_a_stream_ends_when_its_token_expires(stack, chat, wait_for, details) -> None:
+async def test_a_stream_ends_when_its_token_expires(stack, chat, wait_for, details, token) -> None:
     ada, grace = stack.people["Ada"], stack.people["Grace"]
     # exp 27 s ago: within the 30 s of clock skew the servers allow for 3 s more.
-    expiring = Person(ada.id, ada.name, make_token(str(ada.id), ttl=-27))
+    expiring = Person(ada.id, ada.name, token(str(ada.id), ttl=-27))
     stream = await chat(expiring, stack.replicas[0], room="clock", resume_after=0)
     await stream.send("in time")
     await wait_for(lambda: stream.received, 10, "the message sent in time")

@@ -15,31 +15,38 @@ from parley.chat_service import ChatSettings
 from parley.client import AsyncUserClient
 from parley.client.errors import Unavailable
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto.contract import USER_SERVICE
+from parley.testing import bearer
 from parley.testing.certificates import CertificateAuthority
-
-from .conftest import (
-    SHARED_REDIS_URL,
-    USER_DEPENDENCY,
-    Person,
-    Service,
-    base_env,
-    chat_env,
-    make_token,
-)
+from parley.testing.launcher import SERVING, chat_env, service_env
+from parley.testing.stack import USER_DEPENDENCY, Person
 
 
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
+async def health_port_serving(health: Any, wait_for: Any, port: int) -> None:
+    """Waits until the plain-text health port reports UserService SERVING."""
+
+    async def serving() -> bool:
+        return await health(port, USER_SERVICE) == SERVING
+
+    await wait_for(serving, 20, f"{USER_SERVICE} SERVING on the health port {port}")
 
 
 async def test_chat_names_senders_through_a_mutual_tls_user_service(
-    launcher: Any, database: str, redis_prefix: str, chat: Any, wait_for: Any, tmp_path: Path
+    launcher: Any,
+    database: str,
+    redis_url: str,
+    redis_prefix: str,
+    chat: Any,
+    wait_for: Any,
+    health: Any,
+    token: Any,
+    tmp_path: Path,
 ) -> None:
     ca = CertificateAuthority(tmp_path, "parley")
     server, client = ca.server("user"), ca.client("chat")
-    users = await launcher.start_app(
+    users = await launcher.app(
         "user",
-        base_env(
+        service_env(
             database,
             PARLEY_TLS_CERT_FILE=str(server.cert_file),
             PARLEY_TLS_KEY_FILE=str(server.key_file),
@@ -49,7 +56,7 @@ async def test_chat_names_senders_through_a_mutual_tls_user_service(
         ready=False,
     )
     # The plain-text health port is what a kubelet probes.
-    await launcher.wait_ready(Service("user", users.app.health_port, 0))
+    await health_port_serving(health, wait_for, users.app.health_port)
 
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca.cert, private_key=client.key, certificate_chain=client.cert
@@ -59,16 +66,16 @@ async def test_chat_names_senders_through_a_mutual_tls_user_service(
             user_pb2.CreateUserRequest(
                 name="Ada Lovelace", email=f"ada.{uuid.uuid4().hex[:6]}@example.com", age=36
             ),
-            metadata=bearer(make_token("admin", scope="users:write")),
+            metadata=bearer(token("admin", scope="users:write")),
             timeout=10,
         )
-    ada = Person(reply.user.id, reply.user.name, make_token(str(reply.user.id)))
+    ada = Person(reply.user.id, reply.user.name, token(str(reply.user.id)))
 
-    replica = await launcher.start_app(
+    replica = await launcher.app(
         "chat",
         chat_env(
             database,
-            SHARED_REDIS_URL,
+            redis_url,
             redis_prefix,
             f"localhost:{users.port}",
             PARLEY_USER_SERVICE_TLS_CA_FILE=str(ca.cert_file),
@@ -90,13 +97,13 @@ async def test_chat_names_senders_through_a_mutual_tls_user_service(
 
 
 async def test_the_sdk_talks_to_a_tls_user_service(
-    launcher: Any, database: str, tmp_path: Path
+    launcher: Any, database: str, health: Any, wait_for: Any, token: Any, tmp_path: Path
 ) -> None:
     ca = CertificateAuthority(tmp_path, "parley")
     server = ca.server("user")
-    users = await launcher.start_app(
+    users = await launcher.app(
         "user",
-        base_env(
+        service_env(
             database,
             PARLEY_TLS_CERT_FILE=str(server.cert_file),
             PARLEY_TLS_KEY_FILE=str(server.key_file),
@@ -104,10 +111,10 @@ async def test_the_sdk_talks_to_a_tls_user_service(
         ),
         ready=False,
     )
-    await launcher.wait_ready(Service("user", users.app.health_port, 0))
+    await health_port_serving(health, wait_for, users.app.health_port)
     trusted = grpc.ssl_channel_credentials(root_certificates=ca.cert)
     async with AsyncUserClient(
-        f"localhost:{users.port}", tls=trusted, token=make_token("admin", scope="users:write")
+        f"localhost:{users.port}", tls=trusted, token=token("admin", scope="users:write")
     ) as client:
         created = await client.create_user(
             name="Grace Hopper", email=f"grace.{uuid.uuid4().hex[:6]}@example.com", age=40
@@ -115,7 +122,7 @@ async def test_the_sdk_talks_to_a_tls_user_service(
         assert (await client.get_user(created.id)).name == "Grace Hopper"
     # Plain text against the TLS port fails.
     async with AsyncUserClient(
-        f"localhost:{users.port}", token=make_token("admin", scope="users:write")
+        f"localhost:{users.port}", token=token("admin", scope="users:write")
     ) as plain:
         with pytest.raises(Unavailable):
             await plain.get_user(created.id)
@@ -130,9 +137,9 @@ async def test_the_sdk_talks_to_a_tls_user_service(
     ],
 )
 def test_bad_user_service_tls_settings_are_one_line_errors(
-    overrides: dict[str, str], variable: str
+    overrides: dict[str, str], variable: str, redis_url: str
 ) -> None:
-    env = chat_env("postgresql://p@127.0.0.1:1/p", SHARED_REDIS_URL, "p", "127.0.0.1:1")
+    env = chat_env("postgresql://p@127.0.0.1:1/p", redis_url, "p", "127.0.0.1:1")
     with pytest.raises(ConfigError) as error:
         ChatSettings.from_env(Env({**env, **overrides}))
     assert error.value.variable == variable

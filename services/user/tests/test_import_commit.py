@@ -12,10 +12,10 @@ import asyncio
 import logging
 
 import grpc
-import jwt
 import pytest
 
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.testing.tokens import make_token
 from parley.user_service.importing import EXPLICIT_COMMIT, IMPORT_COMMIT_KEY
 
 EXPLICIT = (IMPORT_COMMIT_KEY, EXPLICIT_COMMIT)
@@ -380,16 +380,12 @@ async def test_an_oversized_row_ends_a_declared_import(start_server, database, a
 async def test_a_declared_import_needs_a_valid_token_with_the_write_scope(
     stub, read_auth, token, pg, details
 ):
-    forged = jwt.encode(
-        {"sub": "1", "iss": "parley", "aud": "parley", "exp": 2**40, "scope": "users:write"},
-        "another-secret-that-is-long-enough-for-hs256",
-        algorithm="HS256",
-    )
+    forged = make_token("another-secret-that-is-long-enough-for-hs256", "1", "users:write")
     cases = [
         ([], grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING"),
         ([("authorization", f"Bearer {forged}")], grpc.StatusCode.UNAUTHENTICATED, "TOKEN_INVALID"),
         (
-            [("authorization", f"Bearer {token(ttl=-3600)}")],
+            [("authorization", f"Bearer {token('1', 'users:write', ttl=-3600)}")],
             grpc.StatusCode.UNAUTHENTICATED,
             "TOKEN_EXPIRED",
         ),

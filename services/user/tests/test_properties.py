@@ -32,6 +32,7 @@ from hypothesis.stateful import (
 )
 
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.testing.launcher import service_env
 from parley.user_service.paging import NEXT_PAGE_TOKEN_KEY
 from parley.user_service.validation import age_problem, email_problem, name_problem
 
@@ -450,15 +451,15 @@ class UserServiceMachine(RuleBasedStateMachine):
 
 # Shrinking a failure replays many calls; give it time (a passing run takes ~20 s).
 @pytest.mark.timeout(600)
-def test_hostile_input_never_breaks_the_service(database, start_server_process, token, details):
-    server = start_server_process(database, PARLEY_LOG_LEVEL="WARNING")
+def test_hostile_input_never_breaks_the_service(database, launcher, token, details):
+    server = launcher.process_sync("user", service_env(database))
 
     class Machine(UserServiceMachine):
         pass
 
     Machine.port = server.port
     Machine.database = database
-    Machine.token = token()
+    Machine.token = token("1", "users:write")
     Machine.details = staticmethod(details)  # type: ignore[assignment]
 
     run_state_machine_as_test(

@@ -16,9 +16,11 @@ DEVSTACK = Path(sys.executable).parent / "parley-devstack"
 
 # Runs inside the stack: checks the variables it gets and that every service answers.
 PROBE = """
-import os, re, sys, time
+import os, re, sys
 import grpc, jwt, psycopg, redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from parley.devstack.processes import wait_until
+from parley.devstack.services import grpc_serving
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 env = os.environ
@@ -44,17 +46,6 @@ with psycopg.connect(env["PARLEY_DATABASE_URL"], connect_timeout=5) as conn:
     rows = conn.execute("SELECT DISTINCT component FROM parley_schema_migrations").fetchall()
 assert sorted(rows) == [("chat",), ("user",)], rows
 
-def watch_until_serving(channel, service, timeout=20):
-    # Health.Watch sends the current status, then every change; its deadline bounds the wait.
-    watch = health_pb2_grpc.HealthStub(channel).Watch(
-        health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-    try:
-        for reply in watch:
-            if reply.status == SERVING:
-                return
-    finally:
-        watch.cancel()
-
 for name, service in (("PARLEY_USER_ADDR", "user.UserService"),
                       ("PARLEY_CHAT_ADDR", "chat.ChatService"),
                       ("PARLEY_CHAT2_ADDR", "chat.ChatService")):
@@ -64,7 +55,8 @@ for name, service in (("PARLEY_USER_ADDR", "user.UserService"),
         assert reply.status == SERVING, (name, service, reply)
         if service == "chat.ChatService":
             # The replica reaches the stack's UserService (a non-critical dependency).
-            watch_until_serving(channel, "dependency/user-service")
+            wait_until(lambda: grpc_serving(channel, "dependency/user-service"), timeout=20,
+                       what=f"{name} to reach the UserService")
 
 # The embedded Redis wants the password that the URL carries, and refuses anyone without it.
 from urllib.parse import urlsplit
@@ -79,10 +71,8 @@ with redis.Redis(host=redis_parts.hostname, port=redis_parts.port, socket_timeou
 
 # Both replicas listen on the stack's Redis under the run's prefix.
 with redis.Redis.from_url(env["PARLEY_REDIS_URL"], socket_timeout=5) as client:
-    deadline = time.monotonic() + 20
-    while client.publish(f"{prefix}:chat:room:devstack-probe", b"") != 2:
-        assert time.monotonic() < deadline, "the chat replicas did not subscribe under the prefix"
-        time.sleep(0.05)
+    wait_until(lambda: client.publish(f"{prefix}:chat:room:devstack-probe", b"") == 2,
+               timeout=20, what="the chat replicas to subscribe under the prefix")
 print(env["PARLEY_USER_ADDR"])
 sys.exit(7)
 """

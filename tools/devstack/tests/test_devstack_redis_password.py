@@ -5,22 +5,22 @@ banner and the logs never show it."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import signal
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from parley.devstack.credentials import REDIS_PASSWORD_FILE_NAME
+from parley.devstack.errors import DevstackError
 from parley.devstack.ports import free_ports
+from parley.devstack.processes import wait_until
 from parley.devstack.redis import CONFIG_FILE_NAME, EmbeddedRedis, ping
-from parley.testing import DatabaseFactory
 
 DEVSTACK = Path(sys.executable).parent / "parley-devstack"
 PORT_FLAGS = ("postgres", "redis", "user", "chat", "chat2", "user-metrics", "chat-metrics",
@@ -74,16 +74,6 @@ def test_the_embedded_redis_refuses_clients_without_its_password(data_dir: Path)
     assert password not in (data_dir / "redis.log").read_text(errors="replace")
 
 
-@pytest.fixture
-def database() -> Iterator[str]:
-    """An empty private database on the machine's Postgres: the stack migrates it."""
-    factory = DatabaseFactory("parley_devstack_test", ahead=0)
-    try:
-        yield factory.take(prepared=False)
-    finally:
-        factory.close()
-
-
 def _run_until_banner(
     data_dir: Path, env: dict[str, str], run: int
 ) -> tuple[subprocess.Popen[bytes], Path, Path, int]:
@@ -99,20 +89,24 @@ def _run_until_banner(
             stdout=stdout,
             stderr=stderr,
         )
-    deadline = time.monotonic() + 90
-    while "A token for the API:" not in out.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            pytest.fail(f"no banner:\n{out.read_text()}\n{err.read_text()}")
-        time.sleep(0.05)
+
+    def banner() -> bool:
+        return "A token for the API:" in out.read_text(errors="replace")
+
+    with contextlib.suppress(DevstackError):  # a timeout: the check below fails the test
+        wait_until(lambda: banner() or process.poll() is not None, timeout=90, what="the banner")
+    if not banner():
+        process.kill()
+        process.wait()
+        pytest.fail(f"no banner:\n{out.read_text()}\n{err.read_text()}")
     return process, out, err, ports[1]
 
 
 def test_make_run_keeps_one_redis_password_and_never_prints_it(
-    data_dir: Path, clean_env: dict[str, str], database: str
+    data_dir: Path, clean_env: dict[str, str], empty_database: str
 ) -> None:
-    env = {**clean_env, "PARLEY_DATABASE_URL": database}
+    # An empty private database (parley.testing's plugin): the stack migrates it.
+    env = {**clean_env, "PARLEY_DATABASE_URL": empty_database}
     passwords = []
     for run in range(2):
         process, out, err, redis_port = _run_until_banner(data_dir, env, run)

@@ -13,8 +13,9 @@ import grpc
 from parley.client import AsyncChatClient, ChatClient
 
 if TYPE_CHECKING:
-    from cli.conftest import Ran
     from conftest import Person, RunningStack
+
+    from parley.testing.cli import Ran
 
 Run = Callable[..., "Ran"]
 LINE = r"#(\d+) \d\d:\d\d:\d\d (\S+): (.*)"

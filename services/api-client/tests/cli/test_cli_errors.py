@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from cli.conftest import Ran
     from conftest import Person, RunningStack
+
+    from parley.testing.cli import Ran
 
 Run = Callable[..., "Ran"]
 
@@ -82,8 +83,8 @@ def test_read_only_token_is_denied(
     )
 
 
-def test_unavailable_names_the_address(parley: Run, stack: RunningStack, closed_port: int) -> None:
-    address = f"127.0.0.1:{closed_port}"
+def test_unavailable_names_the_address(parley: Run, stack: RunningStack, unused_port: int) -> None:
+    address = f"127.0.0.1:{unused_port}"
     ran = parley("users", "get", "1", "--user-addr", address, token=stack.admin_token)
     assert ran.code == 24, ran
     assert one_line(ran) == (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 from parley.client.cli import app
+from parley.testing.cli import PARLEY
 
-PARLEY = Path(sys.executable).parent / "parley"
 SECRET = "s" * 48
 
 

@@ -23,8 +23,9 @@ import pytest
 from parley.client import ChatClient
 
 if TYPE_CHECKING:
-    from cli.conftest import Ran, Terminal
     from conftest import Person, RunningStack
+
+    from parley.testing.cli import Ran, Terminal
 
 Start = Callable[..., "Terminal"]
 Run = Callable[..., "Ran"]
@@ -71,7 +72,7 @@ class HostileRoom:
 @pytest.fixture
 def database(stack: RunningStack) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
     """A connection to the stack's database, to plant rows as an older server stored them."""
-    with psycopg.connect(stack.endpoints.database_url, autocommit=True) as conn:
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
         yield conn
 
 
@@ -166,7 +167,7 @@ def test_interactive_chat_shows_escapes(
     assert who.code == 0, who
     assert SHOWN_NAME in who.stdout and unsafe(who.stdout.replace("\n", "")) == []
 
-    chat.child.sendcontrol("d")
+    chat.sendcontrol("d")
     assert chat.wait_exit() == 0, chat.text
     # prompt_toolkit draws with escape sequences of its own (cursor moves, colours, \r, \b),
     # but never these; and none of the stored texts reached the terminal as they are.

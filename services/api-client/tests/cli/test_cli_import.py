@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 from parley.client import UserClient
 
 if TYPE_CHECKING:
-    from cli.conftest import Ran
     from conftest import Person, RunningStack
+
+    from parley.testing.cli import Ran
 
 Run = Callable[..., "Ran"]
 

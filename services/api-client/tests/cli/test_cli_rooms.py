@@ -17,8 +17,9 @@ from parley.client.cli.output import rooms_table
 from parley.proto import chat_pb2
 
 if TYPE_CHECKING:
-    from cli.conftest import Ran, Terminal
     from conftest import Person, RunningStack
+
+    from parley.testing.cli import Ran, Terminal
 
 Run = Callable[..., "Ran"]
 Start = Callable[..., "Terminal"]
@@ -260,8 +261,8 @@ def test_dm_chats_in_the_direct_room(
     a.expect(r"#1 \d\d:\d\d:\d\d Ada: hi Bob, just us")
     a.prompt(name)
     b.prompt(name)
-    a.child.sendcontrol("d")
-    b.child.sendcontrol("d")
+    a.sendcontrol("d")
+    b.sendcontrol("d")
     assert a.wait_exit() == 0 and b.wait_exit() == 0
     with ChatClient(stack.chat, token=ada.token) as chat:
         assert [m.text for m in chat.list_messages(name)] == ["hi Bob, just us"]

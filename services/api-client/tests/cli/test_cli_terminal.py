@@ -1,5 +1,5 @@
 """The interactive `parley chat` (and Ctrl-C, and the import progress bar) in real
-pseudo-terminals, driven with pexpect against real chat replicas."""
+pseudo-terminals (parley.testing.cli.Terminal) against real chat replicas."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 from parley.client import ChatClient
 
 if TYPE_CHECKING:
-    from cli.conftest import Terminal
     from conftest import ExtraReplica, Person, RunningStack
+
+    from parley.testing.cli import Terminal
 
 Start = Callable[..., "Terminal"]
 MESSAGE = r"#(\d+) \d\d:\d\d:\d\d (\S+): ([^\r\n]*?)\s*(?=[\r\n])"
@@ -58,9 +59,9 @@ def test_two_terminals_on_two_replicas(
     assert shown(a.text) == expected
     assert shown(b.text) == expected
 
-    a.child.sendcontrol("d")  # Ctrl-D leaves
+    a.sendcontrol("d")  # Ctrl-D leaves
     assert a.wait_exit() == 0
-    b.child.sendintr()  # Ctrl-C: quiet, 130
+    b.sendintr()  # Ctrl-C: quiet, 130
     assert b.wait_exit() == 130
     assert "Traceback" not in a.text + b.text
 
@@ -86,7 +87,7 @@ def test_chat_carries_on_when_its_replica_is_killed(
     # Frozen first, so that what follows certainly happens while Ada's replica is away: her
     # own line goes into a connection that never answers, the others' messages are stored
     # without reaching her.
-    extra_chat.signal(signal.SIGSTOP)
+    extra_chat.process.send(signal.SIGSTOP)
     a.type("typed around the kill")
     a.expect(rf"{re.escape(room)} \(1 sending\)>")
     with ChatClient(stack.chat2, token=bob.token) as chat:
@@ -118,7 +119,7 @@ def test_chat_carries_on_when_its_replica_is_killed(
     assert "Traceback" not in a.text
 
     a.prompt(room)
-    a.child.sendcontrol("d")
+    a.sendcontrol("d")
     assert a.wait_exit() == 0
 
 
@@ -130,7 +131,7 @@ def test_ctrl_c_stops_tail_quietly(
         chat.post(room, "one")
     tail = terminal("chat", "tail", "--room", room, "--after", "0", token=ada.token)
     tail.expect(said("one", "Ada"))
-    tail.child.sendintr()
+    tail.sendintr()
     assert tail.wait_exit() == 130
     assert "Traceback" not in tail.text and "Aborted" not in tail.text
 

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from parley.client import UserClient
 
 if TYPE_CHECKING:
-    from cli.conftest import Ran
     from conftest import RunningStack
+
+    from parley.testing.cli import Ran
 
 Run = Callable[..., "Ran"]
 
@@ -75,7 +76,7 @@ def test_update_needs_a_field(cli: Run, stack: RunningStack) -> None:
     assert "give at least one of --name, --email, --age" in ran.stderr
 
 
-def test_health_of_every_service(cli: Run, stack: RunningStack, closed_port: int) -> None:
+def test_health_of_every_service(cli: Run, stack: RunningStack, unused_port: int) -> None:
     both = f"{stack.chat},{stack.chat2}"
     ran = cli("health", "--chat-addr", both, "-o", "json")
     assert ran.code == 0, ran
@@ -88,7 +89,7 @@ def test_health_of_every_service(cli: Run, stack: RunningStack, closed_port: int
         **{(chat, "dependency/user-service"): "SERVING" for chat in (stack.chat, stack.chat2)},
     }
 
-    down = f"127.0.0.1:{closed_port}"
+    down = f"127.0.0.1:{unused_port}"
     ran = cli("health", "--chat-addr", f"{stack.chat},{down}")
     assert ran.code == 3, ran
     assert re.search(rf"ChatService\s*│\s*{re.escape(down)}\s*│.*UNAVAILABLE", ran.stdout)

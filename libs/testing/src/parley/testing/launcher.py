@@ -31,7 +31,7 @@ from parley.chassis import Env, GrpcApp
 from parley.devstack.errors import DevstackError
 from parley.devstack.services import Service, ServiceSpec
 from parley.proto.contract import CHAT_SERVICE, USER_SERVICE
-from parley.testing.network import health_status
+from parley.testing.network import free_port, health_status
 from parley.testing.waiting import wait_until
 
 __all__ = [
@@ -49,6 +49,9 @@ JWT_SECRET = secrets.token_urlsafe(32)
 
 HEALTH_NAMES = {"user": USER_SERVICE, "chat": CHAT_SERVICE}
 SERVING = health_pb2.HealthCheckResponse.SERVING
+
+# The log levels at which a service logs the ports it listens on.
+_SAYS_WHERE_IT_LISTENS = {"DEBUG", "INFO"}
 
 # How long a service may take to report SERVING, and to drain after SIGTERM.
 START_TIMEOUT = 30.0
@@ -98,20 +101,20 @@ class Served:
     kind: str  # "user" or "chat"
     app: GrpcApp | None = None
     service: Service | None = None
+    # Where an in-process app listened; kept once it has stopped.
+    _app_ports: tuple[int, int] = (0, 0)
 
     @property
     def port(self) -> int:
-        if self.app is not None:
-            return self.app.port
-        assert self.service is not None
-        return self.service.port
+        if self.service is not None:
+            return self.service.port
+        return self.app.port if self.app is not None else self._app_ports[0]
 
     @property
     def metrics_port(self) -> int:
-        if self.app is not None:
-            return self.app.metrics_port
-        assert self.service is not None
-        return self.service.metrics_port
+        if self.service is not None:
+            return self.service.metrics_port
+        return self.app.metrics_port if self.app is not None else self._app_ports[1]
 
     @property
     def target(self) -> str:
@@ -171,7 +174,7 @@ class Launcher:
 
             app = create_user_server(UserSettings.from_env(Env(dict(env))))
         await app.start()
-        served = Served(kind, app=app)
+        served = Served(kind, app=app, _app_ports=(app.port, app.metrics_port))
         self.served.append(served)
         if ready:
             await self.wait_ready(served)
@@ -186,12 +189,13 @@ class Launcher:
         (the test fails, with the end of its log, if it exits or times out first). Without
         `ready` it returns once the service has said where it listens."""
         number = next(self._numbers)
+        port = int(env.get("PARLEY_GRPC_PORT", "0"))
+        metrics_port = int(env.get("PARLEY_METRICS_PORT", "0"))
+        if env.get("PARLEY_LOG_LEVEL", "INFO").upper() not in _SAYS_WHERE_IT_LISTENS:
+            # Quieter than INFO it never logs the ports it picked: pick them here.
+            port, metrics_port = port or free_port(), metrics_port or free_port()
         spec = ServiceSpec(
-            f"parley-{kind} #{number}",
-            f"parley-{kind}",
-            HEALTH_NAMES[kind],
-            int(env.get("PARLEY_GRPC_PORT", "0")),
-            int(env.get("PARLEY_METRICS_PORT", "0")),
+            f"parley-{kind} #{number}", f"parley-{kind}", HEALTH_NAMES[kind], port, metrics_port
         )
         log = self.directory / f"parley-{kind}-{number}.log"
         served = Served(kind, service=Service(spec, _child_environ(env), log_path=log))
@@ -243,7 +247,10 @@ class Launcher:
         process.send(signal.SIGTERM)
         if not await asyncio.to_thread(process.wait, timeout):
             process.stop(signal.SIGKILL, 10)
-            pytest.fail(f"parley-{served.kind} did not exit {timeout:g}s after SIGTERM")
+            pytest.fail(
+                f"parley-{served.kind} did not exit {timeout:g}s after SIGTERM:\n"
+                + served.log_text()[-3000:]
+            )
         code = process.returncode
         assert code is not None
         return time.monotonic() - started, code

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -143,8 +143,8 @@ async def stored_messages(url: str, room: str) -> list[StoredMessage]:
 
 def check_conversation(
     rows: Sequence[StoredMessage],
-    sent: dict[int, Sequence[str]],
-    received: dict[str, Sequence[tuple[int, int, str, str]]],
+    sent: Mapping[int, Sequence[str]],
+    received: Mapping[str, Sequence[tuple[int, int, str, str]]],
 ) -> None:
     """Zero lost, zero duplicated, in order.
 

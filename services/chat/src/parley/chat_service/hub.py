@@ -227,6 +227,11 @@ class RoomHub:
         room_id, version = self._checked.get(room, (0, 0))
         return item.room_id in (0, room_id) and item.version <= version and room_id != 0
 
+    @property
+    def checking(self) -> bool:
+        """Whether an access check of any room is under way (or queued to run again)."""
+        return bool(self._checks)
+
     def _check(self, room: str) -> None:
         if room in self._checks:
             self._again.add(room)
