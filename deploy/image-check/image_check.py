@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from parley.proto.contract import CHAT_SERVICE, USER_SERVICE
+
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / ".tools" / "image-check"
 
@@ -107,8 +109,8 @@ class Image:
 
 
 IMAGES = [
-    Image("user", "localhost/parley-user:imagecheck", "user.UserService", "parley-user"),
-    Image("chat", "localhost/parley-chat:imagecheck", "chat.ChatService", "parley-chat"),
+    Image("user", "localhost/parley-user:imagecheck", USER_SERVICE, "parley-user"),
+    Image("chat", "localhost/parley-chat:imagecheck", CHAT_SERVICE, "parley-chat"),
 ]
 
 # Build-context entries the cache check does not copy: what .dockerignore keeps out anyway,

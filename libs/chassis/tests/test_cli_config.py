@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-PARLEY_USER = Path(sys.executable).parent / "parley-user"
+from parley.testing.launcher import run_to_exit
 
 GOOD = {
     "PARLEY_DATABASE_URL": "postgresql://parley@127.0.0.1:1/parley",
@@ -23,23 +21,9 @@ GOOD = {
 }
 
 
-def clean_environ(**settings: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
-    environ.update(settings)
-    return environ
-
-
 def serve(settings: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
-    assert PARLEY_USER.exists(), f"console script not installed at {PARLEY_USER}"
     started = time.monotonic()
-    result = subprocess.run(
-        [str(PARLEY_USER), "serve"],
-        env=clean_environ(**settings),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_to_exit("user", settings)
     return result, time.monotonic() - started
 
 

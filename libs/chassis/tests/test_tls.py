@@ -5,8 +5,6 @@ one-line errors of bad TLS settings."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from parley.chassis import ConfigError, Env, ServerSettings
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.testing.certificates import CertificateAuthority, KeyPair
-
-PARLEY_USER = Path(sys.executable).parent / "parley-user"
+from parley.testing.launcher import run_to_exit
 
 
 class Pki:
@@ -192,8 +189,8 @@ def test_unreadable_or_non_pem_files_are_errors(pki: Pki, tmp_path: Path) -> Non
 
 
 def test_serve_with_an_unreadable_key_exits_with_one_line(pki: Pki, tmp_path: Path) -> None:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
-    environ.update(
+    result = run_to_exit(
+        "user",
         {
             "PARLEY_DATABASE_URL": "postgresql://parley@127.0.0.1:1/parley",
             "PARLEY_JWT_SECRET": os.urandom(32).hex(),
@@ -203,15 +200,7 @@ def test_serve_with_an_unreadable_key_exits_with_one_line(pki: Pki, tmp_path: Pa
             "PARLEY_METRICS_PORT": "0",
             "PARLEY_TLS_CERT_FILE": str(pki.server.cert_file),
             "PARLEY_TLS_KEY_FILE": str(tmp_path / "no-such.key"),
-        }
-    )
-    result = subprocess.run(
-        [str(PARLEY_USER), "serve"],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
+        },
     )
     assert result.returncode != 0
     lines = result.stderr.splitlines()

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from parley.chassis import ConfigError, Env
 from parley.chat_service import ChatSettings
-from parley.testing.launcher import service_env
+from parley.testing.launcher import run_to_exit, service_env
+from parley.testing.stack import USER_DEPENDENCY
 
 CHAT = "chat.ChatService"
-USER_DEPENDENCY = "dependency/user-service"
-SERVING = 1
-NOT_SERVING = 2
-CHAT_COMMAND = str(Path(sys.executable).parent / "parley-chat")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def settings_env(**overrides: str) -> dict[str, str]:
@@ -81,12 +78,9 @@ def test_a_bad_setting_is_a_one_line_config_error_naming_the_variable(overrides,
     assert "\n" not in message
 
 
-def test_the_command_reports_a_config_error_on_one_line_and_exits_2(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
-    env.update(settings_env(PARLEY_REDIS_URL=None, PARLEY_GRPC_PORT="0", PARLEY_METRICS_PORT="0"))
-    done = subprocess.run(
-        [CHAT_COMMAND, "serve"], env=env, capture_output=True, text=True, timeout=60
-    )
+def test_the_command_reports_a_config_error_on_one_line_and_exits_2():
+    env = settings_env(PARLEY_REDIS_URL=None, PARLEY_GRPC_PORT="0", PARLEY_METRICS_PORT="0")
+    done = run_to_exit("chat", env, timeout=60)
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.splitlines() == [

@@ -43,11 +43,16 @@ def test_only_directories_of_dead_makers_go(made: list[Path]) -> None:
         in_use = _run_dir(made, living.pid)
         unmarked = _run_dir(made, None)
         mine = _run_dir(made, os.getpid())
+        # Its maker is gone, but the Postgres it started still runs.
+        orphaned_server = _run_dir(made, int(dead.stdout))
+        with (orphaned_server / "owner.pid").open("a") as owner:
+            owner.write(f"{living.pid}\n")
 
         removed = remove_abandoned_run_dirs()
 
         assert abandoned in removed and not abandoned.exists()
-        assert in_use.is_dir() and unmarked.is_dir() and mine.is_dir()
-        assert not {in_use, unmarked, mine} & set(removed)
+        kept = {in_use, unmarked, mine, orphaned_server}
+        assert all(path.is_dir() for path in kept)
+        assert not kept & set(removed)
         assert living.stdin is not None
         living.stdin.close()

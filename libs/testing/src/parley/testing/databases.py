@@ -30,8 +30,9 @@ class DatabaseFactory:
 
     CREATE DATABASE costs a few hundred milliseconds of fsync; preparing the next ones on
     worker threads while the current test runs keeps one private database per test
-    affordable. A used database is dropped when the next one is taken, by which time its
-    test's servers have stopped, and the rest when the factory closes.
+    affordable. A database lives until it is `release`d, and is dropped at the next `take`
+    after that (by which time the servers of the test that used it have stopped), or when the
+    factory closes.
     """
 
     def __init__(
@@ -49,12 +50,13 @@ class DatabaseFactory:
         self._executor = ThreadPoolExecutor(max_workers=3, thread_name_prefix="test-database")
         self._ready: deque[Future[str]] = deque()
         self._used: list[str] = []
+        self._released: list[str] = []
         self._drops: list[Future[None]] = []
 
     def take(self, *, prepared: bool = True) -> str:
         """The URL of a new database; with `prepared` false it is empty."""
-        self._drops += [self._executor.submit(self._drop, name) for name in self._used]
-        self._used.clear()
+        self._drops += [self._executor.submit(self._drop, name) for name in self._released]
+        self._released.clear()
         if prepared:
             while len(self._ready) <= self._ahead:
                 self._ready.append(self._executor.submit(self._create, True))
@@ -64,9 +66,16 @@ class DatabaseFactory:
         self._used.append(name)
         return database_url(name, self._admin_url)
 
+    def release(self, url: str) -> None:
+        """Done with the database at `url`: it is dropped at the next `take` or `close`."""
+        name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+        if name in self._used:
+            self._used.remove(name)
+            self._released.append(name)
+
     def close(self) -> None:
         """Drops every database handed out or prepared."""
-        names = self._used + [future.result() for future in self._ready]
+        names = self._used + self._released + [future.result() for future in self._ready]
         self._drops += [self._executor.submit(self._drop, name) for name in names]
         for drop in self._drops:
             drop.result()

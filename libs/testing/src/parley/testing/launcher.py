@@ -5,9 +5,8 @@ A service runs either as a child process, `parley-<kind> serve` started by
 `GrpcApp` inside the test's own process, where a test needs to look at its insides. Either
 way the test gets a `Served`; the `Launcher` stops whatever is still running afterwards.
 
-Child processes listen on ports they pick themselves (port 0: no race with other tests for a
-port chosen in advance) and keep them across restarts. Their output goes to a log file in the
-launcher's directory.
+Child processes listen on ports picked below the kernel's ephemeral range and keep them across
+restarts. Their output goes to a log file in the launcher's directory.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import itertools
 import os
 import secrets
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -29,7 +29,8 @@ from grpc_health.v1 import health_pb2
 
 from parley.chassis import Env, GrpcApp
 from parley.devstack.errors import DevstackError
-from parley.devstack.services import Service, ServiceSpec
+from parley.devstack.processes import stop_all
+from parley.devstack.services import Service, ServiceSpec, find_script
 from parley.proto.contract import CHAT_SERVICE, USER_SERVICE
 from parley.testing.network import free_port, health_status
 from parley.testing.waiting import wait_until
@@ -41,6 +42,7 @@ __all__ = [
     "Launcher",
     "Served",
     "chat_env",
+    "run_to_exit",
     "service_env",
 ]
 
@@ -50,8 +52,9 @@ JWT_SECRET = secrets.token_urlsafe(32)
 HEALTH_NAMES = {"user": USER_SERVICE, "chat": CHAT_SERVICE}
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
-# The log levels at which a service logs the ports it listens on.
-_SAYS_WHERE_IT_LISTENS = {"DEBUG", "INFO"}
+# What a service says when a port it was given is taken, and how often to try new ones.
+_PORT_TAKEN = ("cannot listen on", "Address already in use")
+_BIND_ATTEMPTS = 3
 
 # How long a service may take to report SERVING, and to drain after SIGTERM.
 START_TIMEOUT = 30.0
@@ -60,7 +63,7 @@ STOP_TIMEOUT = 15.0
 
 def service_env(database: str, **overrides: str) -> dict[str, str]:
     """The PARLEY_* settings of a test's UserService (and the base of a ChatService's) on
-    `database`: loopback, ports picked by the service, quick health checks, short drain."""
+    `database`: loopback, ports picked by the launcher (0), quick health checks, short drain."""
     env = {
         "PARLEY_DATABASE_URL": database,
         "PARLEY_JWT_SECRET": JWT_SECRET,
@@ -141,6 +144,29 @@ class Served:
         return self.service.log_text() if self.service is not None else ""
 
 
+def run_to_exit(
+    kind: str, env: Mapping[str, str], *, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """Runs `parley-<kind> serve` that is meant to refuse to start, until it exits, with its
+    stdout and stderr apart (for tests of what a misconfigured service says). The environment
+    is the test's without the developer's PARLEY_* settings, plus `env`. The test fails if
+    the service is still running after `timeout`."""
+    command = [str(find_script(f"parley-{kind}")), "serve"]
+    try:
+        return subprocess.run(
+            command,
+            env=_child_environ(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        pytest.fail(f"parley-{kind} serve did not exit within {timeout:g}s:\n{said[-3000:]}")
+
+
 def _child_environ(env: Mapping[str, str]) -> dict[str, str]:
     """The test's environment without the developer's PARLEY_* settings, plus `env`."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
@@ -185,44 +211,49 @@ class Launcher:
     def process_sync(
         self, kind: str, env: Mapping[str, str], *, ready: bool = True, timeout: float = 0
     ) -> Served:
-        """`parley-<kind> serve` as a child process; with `ready`, once it reports SERVING
-        (the test fails, with the end of its log, if it exits or times out first). Without
-        `ready` it returns once the service has said where it listens."""
-        number = next(self._numbers)
-        port = int(env.get("PARLEY_GRPC_PORT", "0"))
-        metrics_port = int(env.get("PARLEY_METRICS_PORT", "0"))
-        if env.get("PARLEY_LOG_LEVEL", "INFO").upper() not in _SAYS_WHERE_IT_LISTENS:
-            # Quieter than INFO it never logs the ports it picked: pick them here.
-            port, metrics_port = port or free_port(), metrics_port or free_port()
-        spec = ServiceSpec(
-            f"parley-{kind} #{number}", f"parley-{kind}", HEALTH_NAMES[kind], port, metrics_port
-        )
-        log = self.directory / f"parley-{kind}-{number}.log"
-        served = Served(kind, service=Service(spec, _child_environ(env), log_path=log))
-        self.served.append(served)
-        self._wait_started(served, ready=ready, timeout=timeout or START_TIMEOUT)
-        return served
+        """`parley-<kind> serve` as a child process; with `ready`, once it reports SERVING,
+        else once it answers at all (liveness). The test fails, with the end of the service's
+        log, if it exits or times out first.
+
+        Ports not given in `env` are picked below the kernel's ephemeral range (`free_port`),
+        so that no outgoing connection takes one while a restarted service is down; a start
+        that loses its port to another process anyway is tried again on new ones."""
+        timeout = timeout or START_TIMEOUT
+        for attempt in range(1, _BIND_ATTEMPTS + 1):
+            number = next(self._numbers)
+            spec = ServiceSpec(
+                f"parley-{kind} #{number}",
+                f"parley-{kind}",
+                HEALTH_NAMES[kind],
+                int(env.get("PARLEY_GRPC_PORT", "0")) or free_port(),
+                int(env.get("PARLEY_METRICS_PORT", "0")) or free_port(),
+            )
+            log = self.directory / f"parley-{kind}-{number}.log"
+            service = Service(spec, _child_environ(env), log_path=log)
+            served = Served(kind, service=service)
+            self.served.append(served)
+            try:
+                service.wait_serving(timeout, name=None if ready else "")
+                return served
+            except DevstackError as exc:
+                lost_port = any(sign in served.log_text() for sign in _PORT_TAKEN)
+                if not (lost_port and attempt < _BIND_ATTEMPTS):
+                    pytest.fail(str(exc), pytrace=False)
+        raise AssertionError("unreachable")
 
     async def process(self, kind: str, env: Mapping[str, str], *, ready: bool = True) -> Served:
         """`process_sync` without blocking the event loop."""
         return await asyncio.to_thread(self.process_sync, kind, env, ready=ready)
 
-    def _wait_started(self, served: Served, *, ready: bool, timeout: float) -> None:
-        service = served.service
-        assert service is not None
-        try:
-            if ready:
-                service.wait_serving(timeout)
-            else:
-                service.wait_serving(timeout, name="")  # liveness: it listens and answers
-        except DevstackError as exc:
-            pytest.fail(str(exc), pytrace=False)
-
     async def restart(self, served: Served, *, ready: bool = True) -> None:
         """Starts an ended child process again, on the same ports."""
-        assert served.service is not None
-        served.service.start()
-        await asyncio.to_thread(self._wait_started, served, ready=ready, timeout=START_TIMEOUT)
+        service = served.service
+        assert service is not None
+        service.start()
+        try:
+            await asyncio.to_thread(service.wait_serving, START_TIMEOUT, None if ready else "")
+        except DevstackError as exc:
+            pytest.fail(str(exc), pytrace=False)
 
     async def wait_ready(
         self, served: Served, timeout: float = 20, *, name: str | None = None
@@ -272,18 +303,27 @@ class Launcher:
             await asyncio.to_thread(served.service.stop, signal.SIGTERM, STOP_TIMEOUT)
 
     async def close(self) -> None:
-        """Stops everything still running, all at once (child processes drain together)."""
-        for served in self.served:
-            if served.service is not None and served.service.running():
-                served.service.process.send(signal.SIGTERM)
-        await asyncio.gather(*(self.stop(served) for served in reversed(self.served)))
+        """Stops everything still running: the child processes together (one SIGTERM each,
+        then they drain), the in-process apps alongside."""
+        apps = [served for served in reversed(self.served) if served.app is not None]
+        results = await asyncio.gather(
+            asyncio.to_thread(self._stop_processes),
+            *(self.stop(served) for served in apps),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def close_sync(self) -> None:
         """`close` for sessions without an event loop: child processes only."""
         assert all(s.app is None for s in self.served), "in-process apps need `await close()`"
-        for served in self.served:
-            if served.service is not None and served.service.running():
-                served.service.process.send(signal.SIGTERM)
-        for served in reversed(self.served):
-            if served.service is not None:
-                served.service.stop(signal.SIGTERM, STOP_TIMEOUT)
+        self._stop_processes()
+
+    def _stop_processes(self) -> None:
+        processes = [
+            served.service.process
+            for served in self.served
+            if served.service is not None and served.service.running()
+        ]
+        stop_all(processes, signal.SIGTERM, STOP_TIMEOUT)

@@ -127,15 +127,19 @@ def database_factory() -> Iterator[DatabaseFactory]:
 
 
 @pytest.fixture
-def database(database_factory: DatabaseFactory) -> str:
+def database(database_factory: DatabaseFactory) -> Iterator[str]:
     """The URL of a private database with the user and chat schemas migrated."""
-    return database_factory.take()
+    url = database_factory.take()
+    yield url
+    database_factory.release(url)
 
 
 @pytest.fixture
-def empty_database(database_factory: DatabaseFactory) -> str:
+def empty_database(database_factory: DatabaseFactory) -> Iterator[str]:
     """The URL of a private, empty database."""
-    return database_factory.take(prepared=False)
+    url = database_factory.take(prepared=False)
+    yield url
+    database_factory.release(url)
 
 
 # --- Redis ----------------------------------------------------------------------------------
@@ -177,8 +181,7 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable
         return server
 
     yield start
-    for server in servers:
-        await server.stop()
+    await asyncio.gather(*(server.stop() for server in servers))
 
 
 # --- Services -------------------------------------------------------------------------------
@@ -208,11 +211,15 @@ MakeStack = Callable[..., Awaitable[Stack]]
 
 
 @pytest.fixture
-def make_stack(launcher: Launcher, database: str, redis_url: str, redis_prefix: str) -> MakeStack:
+async def make_stack(
+    database: str, redis_url: str, redis_prefix: str, launcher: Launcher
+) -> AsyncIterator[MakeStack]:
     """`await make_stack(replicas=2, people=("Ada", "Grace"), in_process=False, **chat_env)`:
-    a UserService and chat replicas on the test's database and Redis prefix."""
+    a UserService and chat replicas on the test's database and Redis prefix. They stop (and
+    drain) before the prefix's keys and the database go."""
 
     async def make(*, redis_url: str = redis_url, **options: Any) -> Stack:
         return await start_stack(launcher, database, redis_url, redis_prefix, **options)
 
-    return make
+    yield make
+    await launcher.close()

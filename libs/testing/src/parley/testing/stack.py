@@ -113,8 +113,11 @@ async def start_stack(
     if in_process:
         for _ in range(replicas):
             await stack.add_replica()
-    else:
-        await asyncio.gather(*(stack.add_replica() for _ in range(replicas)))
+    else:  # started together, listed in the order asked for
+        env = stack.chat_env()
+        stack.replicas = list(
+            await asyncio.gather(*(launcher.process("chat", env) for _ in range(replicas)))
+        )
     for replica in stack.replicas:
         await launcher.wait_ready(replica, name=USER_DEPENDENCY)
     stack.people = await create_people(users.target, people)

@@ -210,7 +210,7 @@ class ChatClient(SyncClientBase):
             raise Unavailable(
                 "the stream ended before every message was acknowledged",
                 target=self.target,
-                method="/chat.ChatService/StreamChat",
+                method=f"/{CHAT_SERVICE.name}/StreamChat",
                 hint="retry: messages already stored are not stored twice",
             )
         return [stored[r.client_message_id] for r in requests]
@@ -503,7 +503,7 @@ class AsyncChatClient(AsyncClientBase):
             raise DeadlineExceeded(
                 "the messages were not all acknowledged before the deadline",
                 target=self.target,
-                method="/chat.ChatService/StreamChat",
+                method=f"/{CHAT_SERVICE.name}/StreamChat",
                 hint=f"raise the timeout (it was {deadline:g}s) or check the server's load",
             ) from None
 

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from parley.proto.contract import REQUEST_ID_KEY
+from parley.proto.contract import CHAT_SERVICE, REQUEST_ID_KEY
 
 __all__ = [
     "AlreadyExists",
@@ -331,7 +331,7 @@ def _rich_details(
     return reason, info, violations
 
 
-_CHAT = "chat.ChatService"
+_CHAT = CHAT_SERVICE
 # Room calls only a room's owner (or, for members, a chat:admin token) may make.
 _OWNER_METHODS = frozenset({"UpdateRoom", "DeleteRoom", "AddMember", "RemoveMember"})
 _ROOM_METHODS = frozenset(

@@ -101,7 +101,7 @@ MAX_TEXT_BYTES = contract.MAX_TEXT_BYTES
 """The longest message text the server accepts, in UTF-8 bytes."""
 
 _ACK_MEMORY = 1024
-_STREAM_METHOD = "/chat.ChatService/StreamChat"
+_STREAM_METHOD = f"/{CHAT_SERVICE.name}/StreamChat"
 _MASKED_STATUS = "internal error from core"
 
 # Errors a session reconnects after; the rest end it. CANCELLED and DEADLINE_EXCEEDED can only

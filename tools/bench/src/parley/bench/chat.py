@@ -38,11 +38,11 @@ from parley.bench.plan import Plan
 from parley.bench.report import Report, Row
 from parley.bench.target import Target
 from parley.proto import chat_pb2, user_pb2, user_pb2_grpc
-from parley.proto.contract import ROOM_KEY
+from parley.proto.contract import CHAT_SERVICE, ROOM_KEY
 
 __all__ = ["ChatSetup", "FanOutResult", "chat_tokens", "measure_chat", "run_fan_out"]
 
-STREAM_CHAT = "/chat.ChatService/StreamChat"
+STREAM_CHAT = f"/{CHAT_SERVICE}/StreamChat"
 PROBE_TIMEOUT = 60.0
 
 

@@ -13,10 +13,11 @@ from parley.bench.report import Report, Row
 from parley.bench.target import Target
 from parley.proto import user_pb2, user_pb2_grpc
 from parley.proto.contract import NEXT_PAGE_TOKEN_KEY as NEXT_PAGE_TOKEN
+from parley.proto.contract import USER_SERVICE
 
 __all__ = ["fill_users", "measure_listusers", "user_item_size"]
 
-LIST_USERS = "/user.UserService/ListUsers"
+LIST_USERS = f"/{USER_SERVICE}/ListUsers"
 
 
 def fill_users(database_url: str, count: int) -> None:

@@ -20,6 +20,7 @@ from parley.devstack.errors import DevstackError
 from parley.devstack.ports import free_ports
 from parley.devstack.processes import wait_until
 from parley.devstack.services import Service, ServiceSpec
+from parley.proto.contract import CHAT_SERVICE, USER_SERVICE
 
 __all__ = ["measure_startup", "time_to_serving"]
 
@@ -60,8 +61,8 @@ def time_to_serving(script: str, health_name: str, environ: dict[str, str]) -> f
 
 def measure_startup(target: Target, plan: Plan, report: Report) -> None:
     services = [
-        ("parley-user serve", "parley-user", "user.UserService"),
-        ("parley-chat serve", "parley-chat", "chat.ChatService"),
+        ("parley-user serve", "parley-user", USER_SERVICE),
+        ("parley-chat serve", "parley-chat", CHAT_SERVICE),
     ]
     for title, script, health_name in services:
         name = f"start to SERVING: `{title}`"

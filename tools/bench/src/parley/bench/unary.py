@@ -14,11 +14,12 @@ from parley.bench.plan import Plan, load_row
 from parley.bench.report import Report
 from parley.bench.target import Target
 from parley.proto import user_pb2, user_pb2_grpc
+from parley.proto.contract import USER_SERVICE
 
 __all__ = ["CreateUsers", "Reader", "make_reader", "measure_unary"]
 
-GET_USER = "/user.UserService/GetUser"
-CREATE_USER = "/user.UserService/CreateUser"
+GET_USER = f"/{USER_SERVICE}/GetUser"
+CREATE_USER = f"/{USER_SERVICE}/CreateUser"
 WRITE = ("users:write",)
 
 

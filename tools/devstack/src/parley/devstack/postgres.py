@@ -53,8 +53,9 @@ def _alive(pid: int) -> bool:
 
 def remove_abandoned_run_dirs() -> list[Path]:
     """Remove the run directories of ours whose maker is gone without cleaning up (killed with
-    SIGKILL, say): ours by owner and prefix, with a maker's pid that no longer runs. Returns
-    what was removed. A directory without an owner file, or of another user, stays."""
+    SIGKILL, say): ours by owner and prefix, with neither the maker nor the Postgres it started
+    still running (a postmaster outlives a killed maker: it has a process group of its own).
+    Returns what was removed. A directory without an owner file, or of another user, stays."""
     removed = []
     for parent in temp_dir_candidates():
         try:
@@ -65,10 +66,10 @@ def remove_abandoned_run_dirs() -> list[Path]:
             try:
                 if path.stat().st_uid != os.geteuid():
                     continue
-                pid = int((path / _OWNER_FILE).read_text().strip())
+                pids = [int(line) for line in (path / _OWNER_FILE).read_text().split()]
             except (OSError, ValueError):
                 continue
-            if pid != os.getpid() and not _alive(pid):
+            if pids and os.getpid() not in pids and not any(_alive(pid) for pid in pids):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
@@ -155,6 +156,8 @@ class EmbeddedPostgres:
                 output=log,
                 run_as=self._run_as,
             )
+        with (self._run_dir / _OWNER_FILE).open("a") as owner:
+            owner.write(f"{self._process.pid}\n")
         try:
             wait_until(
                 self._accepts_connections,

@@ -103,7 +103,7 @@ class ServiceSpec:
 
 
 # What a service logs once its ports are bound (parley.chassis.GrpcApp.start).
-SERVING_LINE = re.compile(r"serving gRPC on \S+:(\d+), metrics on \S+:(\d+)")
+SERVING_LINE = re.compile(r"serving gRPC on \S+:(\d+), metrics on \S+:(\d+),")
 
 
 class Service:
@@ -122,8 +122,13 @@ class Service:
         log_path: Path | None = None,
         start: bool = True,
     ) -> None:
-        if (spec.port == 0 or spec.metrics_port == 0) and log_path is None:
-            raise DevstackError(f"{spec.title}: a service on port 0 needs a log to say its port")
+        if spec.port == 0 or spec.metrics_port == 0:
+            level = environ.get("PARLEY_LOG_LEVEL", "INFO").strip().upper()
+            if log_path is None or level not in ("DEBUG", "INFO"):
+                raise DevstackError(
+                    f"{spec.title}: on port 0 a service says its ports in its log, which needs "
+                    f"a log file and PARLEY_LOG_LEVEL INFO or DEBUG (not {level})"
+                )
         self.spec = spec
         self.environ = dict(environ)
         self.log_path = log_path
@@ -216,9 +221,10 @@ class Service:
                     watch=[self.process],
                     interval=interval,
                 )
-        except ProcessExited as exc:
+        except DevstackError as exc:
             where = f":\n{tail(self.log_path)}" if self.log_path else " (its output is above)"
-            raise DevstackError(f"{exc} during start-up{where}") from None
+            during = " during start-up" if isinstance(exc, ProcessExited) else ""
+            raise DevstackError(f"{exc}{during}{where}") from None
 
     def stop(
         self,

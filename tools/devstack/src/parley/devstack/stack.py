@@ -23,6 +23,7 @@ from parley.devstack.postgres import EmbeddedPostgres
 from parley.devstack.processes import Process, stop_all, unprivileged_user
 from parley.devstack.redis import EmbeddedRedis
 from parley.devstack.services import Service, ServiceSpec, migrate
+from parley.proto.contract import CHAT_SERVICE, USER_SERVICE
 
 __all__ = [
     "DATABASE",
@@ -43,7 +44,7 @@ DATABASE = "parley"
 # The services that own a part of the schema, migrated in this order before any of them starts.
 MIGRATING_SCRIPTS = ("parley-user", "parley-chat")
 
-CHAT_HEALTH_NAME = "chat.ChatService"
+CHAT_HEALTH_NAME = CHAT_SERVICE
 
 _KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
 
@@ -234,7 +235,7 @@ class Stack:
             migrate(script, env, timeout=config.start_timeout)
 
         user = ServiceSpec(
-            "UserService", "parley-user", "user.UserService", ports.user, ports.user_metrics
+            "UserService", "parley-user", USER_SERVICE, ports.user, ports.user_metrics
         )
         chats = [
             ServiceSpec("ChatService", "parley-chat", CHAT_HEALTH_NAME, ports.chat,

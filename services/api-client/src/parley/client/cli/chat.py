@@ -30,6 +30,7 @@ from parley.client.cli.output import (
     stdout_console,
 )
 from parley.proto import chat_pb2
+from parley.proto.contract import CHAT_SERVICE
 
 __all__ = ["chat_app"]
 
@@ -169,7 +170,7 @@ async def _send(settings: Settings, room: str, texts: Sequence[str]) -> None:
                     raise DeadlineExceeded(
                         f"the message {text[:40]!r} was not acknowledged within {timeout:g}s",
                         target=session.target,
-                        method="/chat.ChatService/StreamChat",
+                        method=f"/{CHAT_SERVICE}/StreamChat",
                     ) from None
                 if settings.json:
                     emit_json(message_json(message))
@@ -360,7 +361,7 @@ async def _tail(
         wanted = f" of {count}" if count is not None else ""
         raise DeadlineExceeded(
             f"{printed}{wanted} messages arrived within --wait {wait:g}s",
-            method="/chat.ChatService/StreamChat",
+            method=f"/{CHAT_SERVICE}/StreamChat",
         ) from None
 
 

@@ -11,7 +11,7 @@ import grpc
 
 from parley.client.cli.output import printable
 from parley.client.errors import ParleyError, is_connection_lost
-from parley.proto.contract import ROOM_KEY
+from parley.proto.contract import CHAT_SERVICE, ROOM_KEY, USER_SERVICE
 
 __all__ = [
     "EXIT_CODES_HELP",
@@ -52,8 +52,8 @@ EXIT_CODES_HELP = """\
 
 # Where a service's address comes from on the command line.
 _ADDRESS_SETTING = {
-    "user.UserService": "--user-addr or PARLEY_USER_ADDR",
-    "chat.ChatService": "--chat-addr or PARLEY_CHAT_ADDR",
+    USER_SERVICE: "--user-addr or PARLEY_USER_ADDR",
+    CHAT_SERVICE: "--chat-addr or PARLEY_CHAT_ADDR",
 }
 
 # The command-line spelling of the request fields the servers name in their errors.
@@ -170,7 +170,7 @@ def _explain(error: ParleyError, *, timeout: float | None, token_given: bool) ->
             f"use a token signed for this stack: `{_GET_TOKEN}` in the directory of make run",
         )
     method = error.method.rsplit("/", 1)[-1]
-    chat = full == "chat.ChatService"
+    chat = full == CHAT_SERVICE
     if code is grpc.StatusCode.PERMISSION_DENIED:
         if error.reason == "SUBJECT_NOT_A_USER":
             return message, "chat as a user: `parley token --sub <your user id>`"
