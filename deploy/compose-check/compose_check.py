@@ -51,6 +51,8 @@ from typing import Any
 
 import yaml
 
+from parley.devstack.ports import free_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy" / "image-check"))
 import image_check as ic  # noqa: E402
@@ -263,7 +265,7 @@ def make_project(deadline: float) -> Project:
     )  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"make_secrets.py exited {result.returncode}: {result.stderr.strip()}")
-    ports = dict(zip(PORT_VARIABLES, ic.free_ports(len(PORT_VARIABLES)), strict=True))
+    ports = dict(zip(PORT_VARIABLES, free_ports(len(PORT_VARIABLES)), strict=True))
     if set(ports.values()) & DEFAULT_PORTS:  # free_ports takes ephemeral ports: never these
         raise RuntimeError(f"free ports {ports} include a default port")
     overrides = {name: str(port) for name, port in ports.items()}
