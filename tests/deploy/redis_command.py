@@ -1,18 +1,19 @@
-"""A Redis container's command (`sh -c` with redis-server), run on this machine."""
+"""A Redis container's command (`sh -c` with redis-server), run on this machine by devstack."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from parley.devstack.errors import DevstackError
+from parley.devstack.processes import Process, wait_until
 from parley.testing import free_port
 from parley.testing.redis_server import REDIS_SERVER
 
@@ -24,7 +25,7 @@ class RedisRun:
     """redis-server started by a container's `sh -c` command; `cli` runs redis-cli as the
     container's probes do, with the environment they would have."""
 
-    process: subprocess.Popen[str]
+    process: Process
     port: int
     env: dict[str, str]
 
@@ -72,33 +73,23 @@ def redis_command_env(directory: Path) -> tuple[dict[str, str], int]:
 def run_redis_command(
     command: Sequence[str], env: Mapping[str, str], directory: Path
 ) -> Iterator[RedisRun]:
-    """The command run as `redis_command_env` describes, until the server is ready."""
+    """The command run as `redis_command_env` describes (by devstack, as every server of the
+    tests), until the server is ready; stopped afterwards."""
     base, port = redis_command_env(directory)
     full_env = {**base, **env}
-    process = subprocess.Popen(
-        list(command), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert process.stdout is not None
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read(stream: Any) -> None:
-        for line in stream:
-            lines.append(line)
-            if "Ready to accept connections" in line:
-                ready.set()
-        ready.set()  # the end of its output: it exited
-
-    reader = threading.Thread(target=read, args=(process.stdout,), daemon=True)
-    reader.start()
+    log = directory / "redis-command.log"
+    with open(log, "wb") as output:
+        process = Process("the Redis container's command", command, env=full_env, output=output)
     try:
-        ready.wait(timeout=10)
-        if process.poll() is not None or not any("Ready to accept" in x for x in lines):
-            pytest.fail(f"redis-server did not start:\n{''.join(lines)}")
+        try:
+            wait_until(
+                lambda: "Ready to accept connections" in log.read_text(errors="replace"),
+                timeout=10,
+                what="redis-server to accept connections",
+                watch=[process],
+            )
+        except DevstackError as exc:
+            pytest.fail(f"redis-server did not start: {exc}\n{log.read_text(errors='replace')}")
         yield RedisRun(process, port, full_env)
     finally:
-        if process.poll() is None:
-            process.terminate()
-        process.wait(timeout=10)
-        reader.join(timeout=10)
-        process.stdout.close()
+        process.stop(signal.SIGTERM, 10)
