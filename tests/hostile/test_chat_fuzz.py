@@ -19,11 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parley.proto import chat_pb2
-from parley.proto.contract import RESUME_KEY, ROOM_KEY
+from parley.proto.contract import MAX_CLIENT_MESSAGE_ID, MAX_TEXT_BYTES, RESUME_KEY, ROOM_KEY
 from parley.testing import bearer, rich_error, wait_until_sync
 
-MAX_TEXT_BYTES = 4096
-MAX_CLIENT_MESSAGE_ID = 64
 MAX_SEQUENCE = 2**63 - 1
 ROOM = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 DIGITS = re.compile(r"[0-9]+")

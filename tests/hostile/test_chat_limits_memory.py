@@ -24,14 +24,14 @@ import grpc
 import pytest
 
 from parley.proto import chat_pb2, chat_pb2_grpc
-from parley.proto.contract import RESUME_KEY, ROOM_KEY
+from parley.proto.contract import MAX_TEXT_BYTES, RESUME_KEY, ROOM_KEY
 from parley.testing import bearer, rss_bytes, sample_key, scrape_metrics, wait_until
 
 STREAMS = 500
 LIVE = 300  # more than PARLEY_CHAT_QUEUE_LIMIT (256): every stalled stream's queue overflows
 CHANNELS = 5  # 100 calls each, under the 200 a connection may hold
 HISTORY = 2000
-TEXT_BYTES = 4096
+TEXT_BYTES = MAX_TEXT_BYTES
 # 500 x 192 KiB: room for the page (up to 68 KiB of text, ~75 KiB as messages), one message
 # on its way out, the call's own state (~25 KiB idle) and allocator slack; a page of 200
 # messages (800 KiB of text) per stream is far beyond it.
