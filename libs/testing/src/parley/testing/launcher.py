@@ -30,7 +30,8 @@ from grpc_health.v1 import health_pb2
 from parley.chassis import Env, GrpcApp
 from parley.devstack.errors import DevstackError
 from parley.devstack.processes import stop_all
-from parley.devstack.services import Service, ServiceSpec, find_script
+from parley.devstack.services import Service, ServiceSpec
+from parley.devstack.services import run_to_exit as devstack_run_to_exit
 from parley.proto.contract import CHAT_SERVICE, USER_SERVICE
 from parley.testing.network import free_port, health_status
 from parley.testing.waiting import wait_until
@@ -151,20 +152,10 @@ def run_to_exit(
     stdout and stderr apart (for tests of what a misconfigured service says). The environment
     is the test's without the developer's PARLEY_* settings, plus `env`. The test fails if
     the service is still running after `timeout`."""
-    command = [str(find_script(f"parley-{kind}")), "serve"]
     try:
-        return subprocess.run(
-            command,
-            env=_child_environ(env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        pytest.fail(f"parley-{kind} serve did not exit within {timeout:g}s:\n{said[-3000:]}")
+        return devstack_run_to_exit(f"parley-{kind}", "serve", _child_environ(env), timeout=timeout)
+    except DevstackError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 def _child_environ(env: Mapping[str, str]) -> dict[str, str]:

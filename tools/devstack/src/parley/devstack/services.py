@@ -19,7 +19,15 @@ from parley.devstack.logs import tail
 from parley.devstack.ports import LOOPBACK
 from parley.devstack.processes import POLL_INTERVAL, Process, ProcessExited, wait_until
 
-__all__ = ["SERVING_LINE", "Service", "ServiceSpec", "find_script", "grpc_serving", "migrate"]
+__all__ = [
+    "SERVING_LINE",
+    "Service",
+    "ServiceSpec",
+    "find_script",
+    "grpc_serving",
+    "migrate",
+    "run_to_exit",
+]
 
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
@@ -39,13 +47,14 @@ def find_script(name: str) -> Path:
     return path
 
 
-def migrate(script: str, environ: Mapping[str, str], *, timeout: float = 120.0) -> None:
-    """Bring one service's database schema up to date with `<script> migrate`."""
-    what = f"{script} migrate"
-    command = [str(find_script(script)), "migrate"]
+def run_to_exit(
+    script: str, command: str, environ: Mapping[str, str], *, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run `<script> <command>` until it exits, its stdout and stderr apart; DevstackError if
+    it is still running after `timeout` (it is killed then)."""
     try:
-        result = subprocess.run(
-            command,
+        return subprocess.run(
+            [str(find_script(script)), command],
             env=dict(environ),
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -53,12 +62,22 @@ def migrate(script: str, environ: Mapping[str, str], *, timeout: float = 120.0) 
             timeout=timeout,
             check=False,
         )
-    except subprocess.TimeoutExpired:
-        raise DevstackError(f"{what} did not finish within {timeout:g}s") from None
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        raise DevstackError(
+            f"{script} {command} did not finish within {timeout:g}s"
+            + (f":\n{said}" if said else "")
+        ) from None
+
+
+def migrate(script: str, environ: Mapping[str, str], *, timeout: float = 120.0) -> None:
+    """Bring one service's database schema up to date with `<script> migrate`."""
+    result = run_to_exit(script, "migrate", environ, timeout=timeout)
     output = result.stdout + result.stderr
     if result.returncode != 0:
         raise DevstackError(
-            f"{what} failed with code {result.returncode}:\n" + (output.strip() or "(no output)")
+            f"{script} migrate failed with code {result.returncode}:\n"
+            + (output.strip() or "(no output)")
         )
     sys.stderr.write(output)
 
