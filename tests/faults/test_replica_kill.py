@@ -14,6 +14,7 @@ from parley.proto import chat_pb2, chat_pb2_grpc
 from parley.testing import bearer, wait_until
 from parley.testing.chat_load import Chatter, settle_room
 from parley.testing.launcher import Launcher
+from parley.testing.metrics import scrape_metrics
 from parley.testing.stack import USER_DEPENDENCY, create_people
 
 from .conftest import SERVING, TOKEN_TTL, Cluster, Fleet
@@ -108,7 +109,12 @@ async def test_sigkill_and_sigterm_while_chatting(
             held = await held_calls(chat_pb2_grpc.ChatServiceStub(channel), 3)
 
             async def all_held() -> bool:
-                return await lock_waiters(watcher) >= 3
+                # The background load's ListMessages wait on the lock too: the 3 of the test are
+                # in the handler once the replica has every one of them open as well.
+                samples = await asyncio.to_thread(scrape_metrics, termed.metrics_port)
+                open_calls = samples.get("parley_unary_calls_open", 0)
+                expected = len(held) + sum(not task.done() for task in unary)
+                return open_calls >= expected and await lock_waiters(watcher) >= expected
 
             await wait_until(all_held, 10, "ListMessages calls to wait on the lock")
             in_handler = await lock_waiters(watcher)
