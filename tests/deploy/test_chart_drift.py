@@ -31,6 +31,7 @@ from parley.chat_service.settings import ChatSettings
 from parley.devstack import services as devstack
 from parley.devstack.errors import DevstackError
 from parley.proto.contract import USER_SERVICE, service_config
+from parley.testing import free_port
 from parley.testing.certificates import CertificateAuthority
 from parley.user_service import server as user_server
 from parley.user_service import settings as user_settings
@@ -310,7 +311,7 @@ def started(helm4: str, service: Service, tmp_path: Path) -> Iterator[devstack.S
     Service), with the kind variant's settings; its output goes to a log.
 
     Postgres, Redis and UserService are unreachable addresses here, so readiness is
-    NOT_SERVING; ports are picked by the system, and the checks and drain are kept short.
+    NOT_SERVING; ports are free ones of 127.0.0.1, and the checks and drain are kept short.
     """
     manifests = render(helm4, CHART / "ci" / "kind-values.yaml")
     spec = pod_container(_pod_spec(_deployment(manifests, service)), service.name)
@@ -326,8 +327,8 @@ def started(helm4: str, service: Service, tmp_path: Path) -> Iterator[devstack.S
         "PARLEY_SHUTDOWN_DELAY": "500ms",
     }
     environ = {**{k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}, **env}
-    # Port 0: the service picks its ports and logs them, and devstack reads them from the log.
-    what = devstack.ServiceSpec(service.script, service.script, service.readiness, 0, 0)
+    ports = free_port(), free_port()
+    what = devstack.ServiceSpec(service.script, service.script, service.readiness, *ports)
     process = devstack.Service(what, environ, log_path=tmp_path / f"{service.script}.log")
     try:
         try:

@@ -12,7 +12,7 @@ import grpc
 import psycopg
 
 from parley.proto import chat_pb2, chat_pb2_grpc, user_pb2, user_pb2_grpc
-from parley.testing import bearer, free_port, wait_until_sync
+from parley.testing import bearer, wait_until_sync
 from parley.testing.launcher import Served, chat_env, service_env
 
 MAX_MESSAGE_BYTES = 65536
@@ -24,8 +24,7 @@ def server_env(
     """A hostile-test server's settings: the launcher's, with a short drain and the message
     size limit; for chat the UserService at `user`, a Redis prefix of its own and the default
     re-check of open streams. Every test streams in rooms of its own, most as the one chat
-    user, and each such room counts as one that user made. Above INFO a server does not log
-    the ports it picked, so it gets fixed ones."""
+    user, and each such room counts as one that user made."""
     settings = {
         "PARLEY_SHUTDOWN_GRACE": "2",
         "PARLEY_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
@@ -33,8 +32,6 @@ def server_env(
         "PARLEY_CHAT_RESYNC_INTERVAL": "5",
         **settings,
     }
-    if settings.get("PARLEY_LOG_LEVEL", "INFO") not in ("DEBUG", "INFO"):
-        settings.update(PARLEY_GRPC_PORT=str(free_port()), PARLEY_METRICS_PORT=str(free_port()))
     if kind == "user":
         return service_env(database, **settings)
     return chat_env(database, redis_url, f"hostile-{uuid.uuid4().hex[:12]}", user, **settings)

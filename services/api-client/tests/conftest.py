@@ -18,7 +18,7 @@ from parley.client import ChatSession, UserClient
 from parley.devstack.services import Service
 from parley.devstack.stack import Endpoints, Stack, StackConfig
 from parley.proto import chat_pb2, user_pb2
-from parley.testing import DatabaseFactory
+from parley.testing import DatabaseFactory, free_port
 
 # Variables a developer's shell may carry that would change what a client talks to.
 _CLIENT_ENV = ("PARLEY_TOKEN", "PARLEY_USER_ADDR", "PARLEY_CHAT_ADDR")
@@ -105,12 +105,12 @@ class ExtraReplica(Service):
 
 @pytest.fixture
 def extra_chat(stack: RunningStack, tmp_path: Path) -> Iterator[ExtraReplica]:
-    """One more `parley-chat serve` as the stack's replicas run, on ports it picks."""
+    """One more `parley-chat serve` as the stack's replicas run, on free ports."""
     assert stack.stack is not None
     replica = stack.stack.services[1]  # the stack's first chat replica
-    spec = replace(replica.spec, title="ChatService (extra)", port=0, metrics_port=0)
-    environ = {**replica.environ, "PARLEY_LOG_LEVEL": "INFO"}  # it logs the ports at INFO
-    service = ExtraReplica(spec, environ, log_path=tmp_path / "extra-chat.log")
+    port, metrics_port = free_port(), free_port()
+    spec = replace(replica.spec, title="ChatService (extra)", port=port, metrics_port=metrics_port)
+    service = ExtraReplica(spec, replica.environ, log_path=tmp_path / "extra-chat.log")
     try:
         service.wait_serving(30)
         yield service

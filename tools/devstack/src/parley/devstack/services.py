@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,7 +18,6 @@ from parley.devstack.ports import LOOPBACK
 from parley.devstack.processes import POLL_INTERVAL, Process, ProcessExited, wait_until
 
 __all__ = [
-    "SERVING_LINE",
     "Service",
     "ServiceSpec",
     "find_script",
@@ -100,11 +97,7 @@ def grpc_serving(channel: grpc.Channel, service: str, timeout: float = 1.0) -> b
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """How to run one service: its script, its gRPC service name and where it listens.
-
-    A port of 0 lets the service pick one; `Service` then reads the ports it picked from its
-    start-up line (which needs `log_path`) and keeps them across restarts.
-    """
+    """How to run one service: its script, its gRPC service name and where it listens."""
 
     title: str
     script: str
@@ -119,10 +112,6 @@ class ServiceSpec:
     @property
     def metrics_address(self) -> str:
         return f"{LOOPBACK}:{self.metrics_port}"
-
-
-# What a service logs once its ports are bound (parley.chassis.GrpcApp.start).
-SERVING_LINE = re.compile(r"serving gRPC on \S+:(\d+), metrics on \S+:(\d+),")
 
 
 class Service:
@@ -142,18 +131,12 @@ class Service:
         start: bool = True,
     ) -> None:
         if spec.port == 0 or spec.metrics_port == 0:
-            level = environ.get("PARLEY_LOG_LEVEL", "INFO").strip().upper()
-            if log_path is None or level not in ("DEBUG", "INFO"):
-                raise DevstackError(
-                    f"{spec.title}: on port 0 a service says its ports in its log, which needs "
-                    f"a log file and PARLEY_LOG_LEVEL INFO or DEBUG (not {level})"
-                )
+            raise DevstackError(f"{spec.title}: give it ports of its own (see free_ports), not 0")
         self.spec = spec
         self.environ = dict(environ)
         self.log_path = log_path
         self.starts = 0
         self._process: Process | None = None
-        self._lines_before = 0
         if start:
             self.start()
 
@@ -196,7 +179,6 @@ class Service:
         env["PARLEY_METRICS_PORT"] = str(self.spec.metrics_port)
         command = [str(find_script(self.spec.script)), "serve"]
         name = f"{self.spec.title} ({self.spec.script} serve)"
-        self._lines_before = len(SERVING_LINE.findall(self.log_text()))
         self.starts += 1
         if self.log_path is None:
             self._process = Process(name, command, env=env)
@@ -206,36 +188,17 @@ class Service:
                 self._process = Process(name, command, env=env, output=output)
         return self._process
 
-    def _serving_line(self) -> bool:
-        """Whether this start has logged its ports; on port 0 they become the spec's."""
-        found = SERVING_LINE.findall(self.log_text())
-        if len(found) <= self._lines_before:
-            return False
-        port, metrics_port = (int(value) for value in found[-1])
-        if (port, metrics_port) != (self.spec.port, self.spec.metrics_port):
-            self.spec = replace(self.spec, port=port, metrics_port=metrics_port)
-        return True
-
     def wait_serving(
         self, timeout: float, name: str | None = None, *, interval: float = POLL_INTERVAL
     ) -> None:
         """Wait until health reports `name` (its own service by default; "" is the server as a
         whole) SERVING; fail if the process exits first."""
         name = self.spec.health_name if name is None else name
-        deadline = time.monotonic() + timeout
         try:
-            if self.spec.port == 0 or self.spec.metrics_port == 0:
-                wait_until(
-                    self._serving_line,
-                    timeout=timeout,
-                    what=f"{self.spec.title} to say where it listens",
-                    watch=[self.process],
-                    interval=interval,
-                )
             with grpc.insecure_channel(self.spec.address, options=_CHANNEL_OPTIONS) as channel:
                 wait_until(
                     lambda: grpc_serving(channel, name),
-                    timeout=max(deadline - time.monotonic(), 0.0),
+                    timeout=timeout,
                     what=f"{name} to report SERVING on {self.spec.address}",
                     watch=[self.process],
                     interval=interval,
