@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 
-from parley.chassis import NotFound
+from parley.chassis import FieldViolation, InvalidArgument, NotFound
 from parley.chassis.logs import request_id_var
 from parley.proto import user_pb2
 
@@ -79,3 +82,50 @@ async def test_streaming_calls_carry_the_request_id(server: Any, auth: Any):
     )
     assert (await upload).created_count == 2
     assert GENERATED.match(dict(await upload.initial_metadata())["x-request-id"])
+
+
+async def test_a_client_stream_gets_its_headers_once_admitted(server: Any, auth: Any):
+    """A call whose client streams requests gets its headers when the handler first reads
+    (or answers), so a client waiting for them never writes into a call already refused."""
+    admit = asyncio.Event()
+
+    async def read_when_told(requests: AsyncIterator[Any], context: Any) -> Any:
+        await admit.wait()
+        return user_pb2.ImportUsersResponse(created_count=len([r async for r in requests]))
+
+    server.servicer.import_users = read_when_told
+    upload = server.stub.ImportUsers(metadata=[*auth, ("x-request-id", "upload-1")], timeout=5)
+    headers = asyncio.ensure_future(upload.initial_metadata())
+    await asyncio.wait_for(server.servicer.entered.wait(), 5)
+    # Had the headers been sent, they would be here before the answer to a later call on the
+    # same connection.
+    await server.stub.GetUser(user_pb2.GetUserRequest(id=1), metadata=auth, timeout=5)
+    assert not headers.done()
+    admit.set()
+    assert dict(await asyncio.wait_for(headers, 5))["x-request-id"] == "upload-1"
+    await upload.write(user_pb2.CreateUserRequest())
+    await upload.done_writing()
+    assert (await upload).created_count == 1
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code"),
+    [
+        ([("x-request-id", "refused-1")], grpc.StatusCode.UNAUTHENTICATED),
+        ("auth", grpc.StatusCode.INVALID_ARGUMENT),  # the handler refuses before reading
+    ],
+)
+async def test_a_client_stream_refused_before_admission_has_no_headers(
+    server: Any, auth: Any, metadata: Any, code: grpc.StatusCode
+):
+    async def refuse(requests: AsyncIterator[Any], context: Any) -> Any:
+        raise InvalidArgument([FieldViolation("x-import-commit", "is not understood")])
+
+    server.servicer.import_users = refuse
+    if metadata == "auth":
+        metadata = [*auth, ("x-request-id", "refused-1")]
+    upload = server.stub.ImportUsers(metadata=metadata, timeout=5)
+    # Trailers only: grpcio hands over empty headers, and the request id is in the trailers.
+    assert list(await upload.initial_metadata()) == []
+    assert await upload.code() == code
+    assert dict(await upload.trailing_metadata())["x-request-id"] == "refused-1"

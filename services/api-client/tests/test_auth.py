@@ -14,6 +14,7 @@ from parley.client import (
     AsyncUserClient,
     ChatClient,
     NewUser,
+    PermissionDenied,
     RefreshingToken,
     Unauthenticated,
     UserClient,
@@ -98,6 +99,37 @@ async def test_async_token_on_all_four_call_patterns(
             await chat.post(room, "hello")
         with pytest.raises(Unauthenticated):
             await chat.session(room).open()
+
+
+async def test_a_refused_import_keeps_its_status_every_time(
+    stack: RunningStack, person: Callable[[str], Person]
+) -> None:
+    """The server refuses an import before reading a row; the client never sees INTERNAL.
+
+    grpcio's asyncio client reports a write into a call the server has just ended as INTERNAL
+    "Internal error from Core"; the SDK waits for the import's headers, which the server sends
+    only once it admitted the call. Repeated, because the race it closes is a matter of timing.
+    """
+    reader = person("Reader")
+    rows = [NewUser("Row", f"refused-{uuid.uuid4().hex[:12]}@example.com", 3) for _ in range(50)]
+    async with (
+        AsyncUserClient(stack.user) as anonymous,
+        AsyncUserClient(stack.user, token=stack.token(str(reader.id))) as no_scope,
+    ):
+        for _ in range(60):
+            with pytest.raises(Unauthenticated) as missing:
+                await anonymous.import_users(rows)
+            with pytest.raises(PermissionDenied) as denied:
+                await no_scope.import_users(rows)
+        # Refused before its headers went out, a call carries its request id in its trailers.
+        assert missing.value.request_id and denied.value.request_id
+    with UserClient(stack.user) as sync_anonymous:
+        for _ in range(20):
+            with pytest.raises(Unauthenticated):
+                sync_anonymous.import_users(rows)
+    async with AsyncUserClient(stack.user, token=stack.admin_token) as users:
+        stored = [u async for u in users.list_users() if u.email.startswith("refused-")]
+    assert [u for u in stored if u.email in {r.email for r in rows}] == []
 
 
 def test_token_from_the_environment(stack: RunningStack, monkeypatch: pytest.MonkeyPatch) -> None:

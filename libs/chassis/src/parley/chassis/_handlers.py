@@ -37,6 +37,11 @@ class CallScope:
     ) -> None:
         return None
 
+    async def admitted(self) -> None:
+        """The call got past every check: its handler asks for its first request, or (a
+        client-streaming call) is about to answer. Request-streaming calls only; may run more
+        than once, and from another task than the handler's."""
+
     def received(self, request: Any) -> None:
         """One request message was read; may raise to refuse it."""
 
@@ -48,6 +53,7 @@ ScopeFactory = Callable[[grpc.aio.ServicerContext[Any, Any]], CallScope]
 
 
 async def _counted(requests: AsyncIterator[Any], scope: CallScope) -> AsyncIterator[Any]:
+    await scope.admitted()
     async for request in requests:
         scope.received(request)
         yield request
@@ -93,6 +99,7 @@ def wrap_handler(
             scope = make_scope(context)
             async with _Entered(scope):
                 response = await inner_su(_counted(requests, scope), context)
+                await scope.admitted()
                 scope.sent()
                 return response
 

@@ -32,25 +32,61 @@ def _request_id(metadata: Any) -> str:
 
 
 class _ObservedCall(CallScope):
-    __slots__ = ("_context", "_method", "_metrics", "_request_id", "_start")
+    """One call's request id, access log line, metrics and error status.
+
+    The request id goes out in the initial metadata. A client-streaming call (one answer to
+    many requests) gets it only once the call is admitted (see CallScope.admitted): a client
+    that waits for the headers before writing then never writes into a call the server already
+    refused, which grpcio's asyncio client would report as INTERNAL "Internal error from Core"
+    in place of the real status. Such a call refused before that carries the request id in
+    its trailers. Bidirectional streams get their headers at once: their handlers read from
+    another task while they write, and grpc sends a stream's headers with its first message.
+    """
+
+    __slots__ = (
+        "_context",
+        "_headers_sent",
+        "_method",
+        "_metrics",
+        "_request_id",
+        "_defer_headers",
+        "_start",
+    )
 
     def __init__(
         self,
         metrics: GrpcServerMetrics,
         method: MethodMetrics,
         context: grpc.aio.ServicerContext[Any, Any],
+        *,
+        defer_headers: bool,
     ) -> None:
         self._metrics = metrics
         self._method = method
         self._context = context
         self._request_id = _request_id(context.invocation_metadata())
         self._start = 0.0
+        self._defer_headers = defer_headers
+        self._headers_sent = False
 
     async def __aenter__(self) -> None:
         request_id_var.set(self._request_id)
         self._start = time.perf_counter()
         self._method.started.inc()
+        if not self._defer_headers:
+            await self._send_headers()
+
+    async def admitted(self) -> None:
+        if not self._headers_sent:
+            await self._send_headers()
+
+    async def _send_headers(self) -> None:
+        self._headers_sent = True
         await self._context.send_initial_metadata(((REQUEST_ID_KEY, self._request_id),))
+
+    def _id_in_trailers(self) -> tuple[tuple[str, str], ...]:
+        """The request id, for the trailers of a call that ends before its headers went out."""
+        return () if self._headers_sent else ((REQUEST_ID_KEY, self._request_id),)
 
     def received(self, request: Any) -> None:
         self._method.msg_received.inc()
@@ -75,7 +111,9 @@ class _ObservedCall(CallScope):
                 self._metrics.limit_refusals.labels(exc.limit).inc()
             self._finish(exc.code, exc.message)
             status = to_status(exc)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await context.abort(
+                status.code, status.details, (*status.trailing_metadata, *self._id_in_trailers())
+            )
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
@@ -92,6 +130,7 @@ class _ObservedCall(CallScope):
             await context.abort(
                 grpc.StatusCode.INTERNAL,
                 f"internal error; see the server log for request id {self._request_id}",
+                self._id_in_trailers(),
             )
 
     def _finish(self, code: grpc.StatusCode, message: str) -> None:
@@ -141,7 +180,12 @@ class ObservabilityInterceptor(WrappingInterceptor):
         )
         return wrap_handler(
             handler,
-            lambda context: _ObservedCall(metrics, method_metrics, context),
+            lambda context: _ObservedCall(
+                metrics,
+                method_metrics,
+                context,
+                defer_headers=handler.request_streaming and not handler.response_streaming,
+            ),
             tolerant=True,
             max_request_bytes=self._max_request_bytes,
         )

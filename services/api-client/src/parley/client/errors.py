@@ -252,7 +252,10 @@ def error_from_rpc(error: grpc.RpcError, context: CallContext) -> ParleyError:
     code = _call(error, "code") or grpc.StatusCode.UNKNOWN
     message = str(_call(error, "details") or "")
     reason, info, violations = _rich_details(_call(error, "trailing_metadata"))
-    request_id = _metadata_value(_call(error, "initial_metadata"), _REQUEST_ID_KEY)
+    # In the headers; in the trailers of a call the server refused before sending headers.
+    request_id = _metadata_value(
+        _call(error, "initial_metadata"), _REQUEST_ID_KEY
+    ) or _metadata_value(_call(error, "trailing_metadata"), _REQUEST_ID_KEY)
     effective = code
     if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and _connection_lost(message):
         effective = grpc.StatusCode.UNAVAILABLE

@@ -14,7 +14,16 @@ health checks are retried on UNAVAILABLE; writes are not.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+import asyncio
+import contextlib
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -25,7 +34,12 @@ from google.protobuf import field_mask_pb2
 from parley.client._base import AsyncClientBase, SyncClientBase
 from parley.client._channel import USER_SERVICE
 from parley.proto import user_pb2, user_pb2_grpc
-from parley.proto.contract import EXPLICIT_IMPORT_COMMIT, IMPORT_COMMIT_KEY, NEXT_PAGE_TOKEN_KEY
+from parley.proto.contract import (
+    EXPLICIT_IMPORT_COMMIT,
+    IMPORT_COMMIT_KEY,
+    NEXT_PAGE_TOKEN_KEY,
+    REQUEST_ID_KEY,
+)
 
 __all__ = [
     "AsyncUserClient",
@@ -129,7 +143,7 @@ def _sync_rows(
 
 async def _async_rows(
     rows: Iterable[ImportRow] | AsyncIterable[ImportRow], on_progress: ProgressCallback | None
-) -> AsyncIterator[user_pb2.CreateUserRequest]:
+) -> AsyncGenerator[user_pb2.CreateUserRequest, None]:
     sent = 0
     if isinstance(rows, AsyncIterable):
         async for row in rows:
@@ -144,6 +158,48 @@ async def _async_rows(
             if on_progress is not None:
                 on_progress(sent)
     yield _COMMIT
+
+
+_ImportCall: TypeAlias = grpc.aio.StreamUnaryCall[
+    user_pb2.CreateUserRequest, user_pb2.ImportUsersResponse
+]
+
+
+async def _send_and_wait(
+    call: _ImportCall, requests: AsyncGenerator[user_pb2.CreateUserRequest, None]
+) -> user_pb2.ImportUsersResponse:
+    """Writes the requests while waiting for the answer, which may come first (a deadline,
+    a refusal); when the requests' source fails, the call is cancelled and its error raised."""
+    writer = asyncio.create_task(_write_rows(call, requests))
+    try:
+        return await call
+    except (grpc.RpcError, asyncio.CancelledError):
+        failure = writer.exception() if writer.done() and not writer.cancelled() else None
+        if failure is not None:
+            raise failure from None
+        raise
+    finally:
+        if not writer.done():
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+
+async def _write_rows(
+    call: _ImportCall, requests: AsyncGenerator[user_pb2.CreateUserRequest, None]
+) -> None:
+    """Writes every request and half-closes, unless the server ends the call first."""
+    try:
+        async with contextlib.aclosing(requests):
+            async for request in requests:
+                try:
+                    await call.write(request)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    return  # the server ended the call: awaiting it gives the status
+        await call.done_writing()
+    except BaseException:
+        call.cancel()  # the rows' source failed (or this task was cancelled): so does the call
+        raise
 
 
 class UserClient(SyncClientBase):
@@ -441,6 +497,16 @@ class AsyncUserClient(AsyncClientBase):
         deadline = self._deadline(timeout)
         async with self._errors("ImportUsers", deadline):
             stub = self._stub(self._targets.channel())
-            return await stub.ImportUsers(
-                _async_rows(rows, on_progress), timeout=deadline, metadata=_DECLARE_COMMIT
-            )
+            call = stub.ImportUsers(timeout=deadline, metadata=_DECLARE_COMMIT)
+            try:
+                # Parley sends an import's headers, with its request id, once it has admitted
+                # the call; a call refused for its token, scope or a limit ends with trailers
+                # alone, and grpcio hands over empty headers. Writing into such a call would
+                # turn its status into INTERNAL in grpcio's asyncio client.
+                headers = await call.initial_metadata()
+                if not any(key == REQUEST_ID_KEY for key, _ in headers or ()):
+                    return await call
+                return await _send_and_wait(call, _async_rows(rows, on_progress))
+            except asyncio.CancelledError:
+                call.cancel()  # the caller was cancelled
+                raise
