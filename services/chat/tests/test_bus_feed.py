@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,44 @@ async def bus(parts: Parts, redis_url: str, redis_prefix: str) -> AsyncIterator[
         yield made
     finally:
         await made.stop()
+
+
+@pytest.fixture
+async def make_bus(
+    parts: Parts, redis_url: str, redis_prefix: str
+) -> AsyncIterator[Callable[..., Awaitable[RedisBus]]]:
+    """`await make_bus(linger=...)`: a started bus of the replica under test."""
+    made: list[RedisBus] = []
+
+    async def start(**options: Any) -> RedisBus:
+        bus = RedisBus(
+            redis_url, redis_prefix, parts.hub, parts.feed, parts.metrics, 3600, **options
+        )
+        made.append(bus)
+        await bus.start()
+        await wait_until(bus.subscribed.is_set, 10, "the subscription")
+        return bus
+
+    try:
+        yield start
+    finally:
+        for bus in made:
+            await bus.stop()
+
+
+@pytest.fixture
+async def listeners(redis_url: str, redis_prefix: str) -> AsyncIterator[Callable[[str], Any]]:
+    """`await listeners(room)`: how many connections Redis has subscribed to a room's channel."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
+
+    async def count(room: str) -> int:
+        [(_, subscribed)] = await client.pubsub_numsub(f"{redis_prefix}:chat:room:{room}")
+        return int(subscribed)
+
+    try:
+        yield count
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
@@ -320,3 +358,73 @@ async def test_a_stream_that_started_before_the_room_settled_is_offered_what_it_
         await expect(subscriber, [(1, "stored while the room settled")])
     finally:
         await parts.feed.stop()
+
+
+def _changes(parts: Parts, change: str) -> float:
+    value = parts.registry.get_sample_value(
+        "parley_chat_subscription_changes_total", {"change": change}
+    )
+    assert value is not None
+    return value
+
+
+def _subscribed_rooms(parts: Parts) -> float:
+    value = parts.registry.get_sample_value("parley_chat_subscribed_rooms")
+    assert value is not None
+    return value
+
+
+async def test_a_replica_subscribes_to_a_room_only_while_it_has_streams_there(
+    parts: Parts, make_bus: Any, listeners: Any
+) -> None:
+    await make_bus(linger=0.2)
+    assert await listeners(ROOM) == 0
+    assert (_subscribed_rooms(parts), _changes(parts, "subscribe")) == (0, 0)
+
+    first = await parts.join()
+    # Settled only after Redis confirmed the subscription.
+    assert await listeners(ROOM) == 1
+    assert _subscribed_rooms(parts) == 1
+    second = await parts.join()
+    await parts.join("another")
+    assert _changes(parts, "subscribe") == 2  # one per room, not per stream
+
+    parts.hub.leave(first)
+    parts.hub.leave(second)
+    # After the linger, the last stream having left, the replica unsubscribes.
+    await wait_until(lambda: _subscribed_rooms(parts) == 1, 10, "the room's unsubscribe")
+    assert await listeners(ROOM) == 0
+    assert await listeners("another") == 1
+    assert _changes(parts, "unsubscribe") == 1
+
+
+async def test_a_room_rejoined_within_the_linger_keeps_its_subscription(
+    parts: Parts, make_bus: Any, listeners: Any
+) -> None:
+    await make_bus(linger=60)
+    for _ in range(5):
+        parts.hub.leave(await parts.join())
+    assert await listeners(ROOM) == 1
+    assert (_changes(parts, "subscribe"), _changes(parts, "unsubscribe")) == (1, 0)
+    assert _subscribed_rooms(parts) == 1
+
+
+async def test_a_room_is_read_for_its_position_only_once_redis_delivers_its_messages(
+    parts: Parts, make_bus: Any, listeners: Any
+) -> None:
+    """Nothing stored between a room's first read and its subscription can be missed: the
+    read comes after Redis confirmed the subscription."""
+    subscribed_at_read: list[int] = []
+    last = parts.postgres.last
+
+    async def read_last(room: str) -> int:
+        subscribed_at_read.append(await listeners(room))
+        return await last(room)
+
+    parts.feed._read_last = read_last
+    await make_bus(linger=0)
+    rooms = [f"room-{index}" for index in range(40)]
+    for room in rooms:
+        parts.hub.join(room, 7)
+    await wait_until(lambda: len(subscribed_at_read) == len(rooms), 10, "every room's read")
+    assert subscribed_at_read == [1] * len(rooms)

@@ -26,8 +26,9 @@ PASSWORD = "redis-pw-" + uuid.uuid4().hex
 ROOM = "secured"
 # What a chat replica needs, and nothing of another deployment's keys or channels.
 ACL_RULES = (
-    "~{prefix}:chat:* &{prefix}:chat:room:* -@all +@connection +publish +psubscribe"
-    " +punsubscribe +zadd +zrem +zremrangebyscore +zrangebyscore"
+    "~{prefix}:chat:* &{prefix}:chat:room:* &{prefix}:chat:access:* -@all +@connection"
+    " +publish +subscribe +unsubscribe +psubscribe +punsubscribe +zadd +zrem"
+    " +zremrangebyscore +zrangebyscore"
 )
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -46,6 +46,7 @@ def test_settings_from_a_complete_environment():
     assert (settings.rate_limit, settings.rate_burst) == (5.0, 7)
     assert settings.queue_limit == 16
     assert settings.resync_interval == pytest.approx(0.5)
+    assert settings.subscription_linger == 2.0
     assert settings.user_service == "dns:///users:50051"
     assert settings.server.port == 50052
 
@@ -63,6 +64,8 @@ def test_settings_from_a_complete_environment():
         ({"PARLEY_CHAT_QUEUE_LIMIT": "0"}, "PARLEY_CHAT_QUEUE_LIMIT"),
         ({"PARLEY_CHAT_RATE_LIMIT": "fast"}, "PARLEY_CHAT_RATE_LIMIT"),
         ({"PARLEY_CHAT_RESYNC_INTERVAL": "soon"}, "PARLEY_CHAT_RESYNC_INTERVAL"),
+        ({"PARLEY_CHAT_SUBSCRIPTION_LINGER": "2h"}, "PARLEY_CHAT_SUBSCRIPTION_LINGER"),
+        ({"PARLEY_CHAT_SUBSCRIPTION_LINGER": "-1s"}, "PARLEY_CHAT_SUBSCRIPTION_LINGER"),
         ({"PARLEY_USER_SERVICE_TIMEOUT": "0"}, "PARLEY_USER_SERVICE_TIMEOUT"),
         ({"PARLEY_USER_CACHE_MAX_STALE": "a while"}, "PARLEY_USER_CACHE_MAX_STALE"),
         ({"PARLEY_DATABASE_URL": None}, "PARLEY_DATABASE_URL"),

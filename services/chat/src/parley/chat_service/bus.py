@@ -1,12 +1,21 @@
 """Redis pub/sub between replicas: one subscription connection per replica.
 
-A replica publishes each message it stores on its room's channel. What another replica reads
-there is untrusted input (anything that reaches Redis can publish) and only a hint: it is
-checked for shape (a ChatMessage no larger than Parley's, of the channel's room, with a
-positive sequence) and handed to the room feed, which reads the room's messages from
-Postgres. Pub/sub is at-most-once, so it is only a fast path: whenever this replica may have
-missed something (the subscription dropped, or the periodic check) the feed reads its rooms
-to the end.
+A replica publishes each message it stores on its room's channel, and subscribes to a room's
+channel only while it has streams in the room: it SUBSCRIBEs when the room's first stream
+joins here and UNSUBSCRIBEs when the last one has been gone for PARLEY_CHAT_SUBSCRIPTION_LINGER
+(a room whose streams come and go keeps its subscription). So a replica receives the
+messages of its own rooms only, and the cluster's chat throughput grows with its replicas.
+A room is read from Postgres for its starting position only after Redis confirmed the
+subscription (see RoomFeed.settle_after), so nothing stored in between is missed.
+Announcements that who may read a room changed are few: every replica receives all of them,
+on one pattern subscription that also keeps the connection subscribed when it has no rooms.
+
+What another replica publishes is untrusted input (anything that reaches Redis can publish)
+and only a hint: it is checked for shape (a ChatMessage no larger than Parley's, of the
+channel's room, with a positive sequence) and handed to the room feed, which reads the
+room's messages from Postgres. Pub/sub is at-most-once, so it is only a fast path: whenever
+this replica may have missed something (the subscription dropped, or the periodic check) the
+feed reads its rooms to the end.
 """
 
 from __future__ import annotations
@@ -18,7 +27,10 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as redis
 from google.protobuf.message import DecodeError
+from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
+from redis.retry import Retry
 
 from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
@@ -27,7 +39,7 @@ from .feed import BAD_SEQUENCE, TOO_LARGE, UNREADABLE, WRONG_ROOM, RoomFeed
 from .hub import Outgoing, RoomHub
 from .metrics import ChatMetrics
 
-__all__ = ["MAX_HINT_BYTES", "AccessVersions", "RedisBus"]
+__all__ = ["MAX_HINT_BYTES", "SUBSCRIPTION_LINGER", "AccessVersions", "RedisBus"]
 
 _log = logging.getLogger("parley.chat.bus")
 
@@ -38,6 +50,33 @@ MAX_HINT_BYTES = 64 * 1024
 AccessVersions = Callable[[list[str]], Awaitable[dict[str, tuple[int, int]]]]
 # Hints handled in a row before the subscription lets other tasks run.
 _BATCH = 256
+# Channels named in one SUBSCRIBE or UNSUBSCRIBE (after a reconnect, every room's at once).
+_COMMAND_BATCH = 500
+# How long a room whose last stream left here stays subscribed (PARLEY_CHAT_SUBSCRIPTION_LINGER).
+SUBSCRIPTION_LINGER = 2.0
+# How long a newly opened room waits for Redis to confirm its subscription before it is read
+# anyway (the confirmation then reads it again).
+_CONFIRM_TIMEOUT = 5.0
+
+
+class _Room:
+    """This replica's subscription to one room's channel, on the current connection."""
+
+    __slots__ = ("acks", "confirmed", "linger", "sent", "wake", "wanted")
+
+    def __init__(self) -> None:
+        self.wanted = True
+        """The room has streams here, or had them less than the linger ago."""
+        self.sent: bool | None = None
+        """The last command sent for the channel on this connection: SUBSCRIBE (True),
+        UNSUBSCRIBE (False), or none yet."""
+        self.acks = 0
+        """Confirmations of those commands still to come."""
+        self.confirmed = asyncio.Event()
+        """Set while Redis has confirmed the subscription on this connection."""
+        self.wake = False
+        """Read the room to its end once confirmed: it may have missed messages meanwhile."""
+        self.linger: asyncio.TimerHandle | None = None
 
 
 class RedisBus:
@@ -49,6 +88,9 @@ class RedisBus:
         feed: RoomFeed,
         metrics: ChatMetrics,
         resync_interval: float,
+        *,
+        linger: float = SUBSCRIPTION_LINGER,
+        confirm_timeout: float = _CONFIRM_TIMEOUT,
     ) -> None:
         self._prefix = prefix
         self._channels = f"{prefix}:chat:room:".encode()
@@ -58,14 +100,27 @@ class RedisBus:
         self._feed = feed
         self._metrics = metrics
         self._resync_interval = resync_interval
+        self._linger = linger
+        self._confirm_timeout = confirm_timeout
         self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        # No retries inside redis-py: a lost connection ends the subscription loop, which
+        # subscribes afresh and reads every room (redis-py would resubscribe silently).
         self._subscriber_client = redis.Redis.from_url(
-            url, socket_connect_timeout=2, health_check_interval=5
+            url, socket_connect_timeout=2, health_check_interval=5, retry=Retry(NoBackoff(), 0)
         )
         self._tasks: list[asyncio.Task[None]] = []
         # This replica's own messages being published: the local fan-out offers them.
         self._publishing: set[tuple[str, int]] = set()
         self.subscribed = asyncio.Event()
+        """Set while the subscription connection is up (its pattern subscription confirmed)."""
+        self._rooms: dict[str, _Room] = {}
+        self._changed: set[str] = set()  # rooms whose subscription may have to change
+        self._change = asyncio.Event()
+        self._confirmed = 0
+        self._backoff = 0.1
+        metrics.subscribed_rooms.set_function(lambda: self._confirmed)
+        hub.watch_rooms(self._opened, self._closed)
+        feed.settle_after(self.subscription)
 
     def channel(self, room: str) -> str:
         return f"{self._prefix}:chat:room:{room}"
@@ -115,6 +170,62 @@ class RedisBus:
         finally:
             self._publishing.discard(key)
 
+    async def subscription(self, room: str) -> None:
+        """Returns once Redis has confirmed this replica's subscription to `room`'s channel,
+        or at once while the connection is down (subscribing again reads every room), or
+        after the confirmation timeout (the confirmation, when it comes, reads the room)."""
+        state = self._rooms.get(room)
+        if state is None or state.confirmed.is_set():
+            return
+        if not self.subscribed.is_set():
+            state.wake = True
+            return
+        try:
+            await asyncio.wait_for(state.confirmed.wait(), self._confirm_timeout)
+        except TimeoutError:
+            state.wake = True
+            _log.warning(
+                "redis has not confirmed the subscription to room %s within %.1fs; "
+                "reading it from postgres when it does",
+                room,
+                self._confirm_timeout,
+            )
+
+    def _opened(self, room: str) -> None:
+        state = self._rooms.get(room)
+        if state is None:
+            state = self._rooms[room] = _Room()
+            self._mark(room)
+            return
+        if state.linger is not None:
+            state.linger.cancel()  # back before the linger ran out: still subscribed
+            state.linger = None
+        if not state.wanted:
+            state.wanted = True
+            self._mark(room)
+        # Its confirmation may be on its way or already in; a room confirmed meanwhile is
+        # not read again, so a new stream waits for its settle like the first.
+
+    def _closed(self, room: str) -> None:
+        state = self._rooms.get(room)
+        if state is None:
+            return
+        if state.linger is not None:
+            state.linger.cancel()
+        state.linger = asyncio.get_running_loop().call_later(self._linger, self._expire, room)
+
+    def _expire(self, room: str) -> None:
+        state = self._rooms.get(room)
+        if state is None or self._hub.has_streams(room):
+            return
+        state.linger = None
+        state.wanted = False
+        self._mark(room)
+
+    def _mark(self, room: str) -> None:
+        self._changed.add(room)
+        self._change.set()
+
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._subscribe_forever(), name="chat-redis-subscriber"),
@@ -123,52 +234,152 @@ class RedisBus:
 
     async def stop(self) -> None:
         await cancel_and_wait(*self._tasks)
+        for state in self._rooms.values():
+            if state.linger is not None:
+                state.linger.cancel()
         await self.client.aclose()
         await self._subscriber_client.aclose()
 
     async def _subscribe_forever(self) -> None:
-        backoff = 0.1
         first = True
         while True:
-            pubsub = self._subscriber_client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber_client.pubsub()
+            tasks: list[asyncio.Task[None]] = []
             try:
-                await pubsub.psubscribe(self.channel("*"), self.access_channel("*"))
+                await pubsub.psubscribe(self.access_channel("*"))
                 if not first:
                     self._metrics.redis_reconnects.inc()
                     _log.info("redis subscription restored; rooms are read from postgres")
-                # Anything published while unsubscribed is gone: read the rooms to their end,
-                # and check who may still read them.
-                self._feed.wake(self._hub.rooms())
-                for room in self._hub.rooms():
-                    self._hub.recheck(room)
                 first = False
-                backoff = 0.1
-                self.subscribed.set()
-                handled = 0
-                async for item in pubsub.listen():
-                    if item.get("type") == "pmessage":
-                        self._on_message(item["channel"], item["data"])
-                        handled += 1
-                        if handled % _BATCH == 0:
-                            await asyncio.sleep(0)  # a flood must not keep the loop to itself
+                self._restart_rooms()
+                tasks = [
+                    asyncio.create_task(self._listen(pubsub), name="chat-redis-listener"),
+                    asyncio.create_task(
+                        self._send_commands(pubsub), name="chat-redis-subscriptions"
+                    ),
+                ]
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # raises what ended it
+                raise ConnectionError("redis ended the subscription")
             except (RedisError, OSError) as exc:
-                self.subscribed.clear()
-                _log.warning("redis subscription lost: %s; retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                error: Exception = exc
             finally:
+                await cancel_and_wait(*tasks)
+                self._lost()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+            _log.warning("redis subscription lost: %s; retrying in %.1fs", error, self._backoff)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 2.0)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        handled = 0
+        async for item in pubsub.listen():
+            kind = item["type"]
+            if kind == "message":
+                self._on_message(item["channel"], item["data"])
+                handled += 1
+                if handled % _BATCH == 0:
+                    await asyncio.sleep(0)  # a flood must not keep the loop to itself
+            elif kind == "pmessage":
+                self._on_access(item["channel"])
+            elif kind in ("subscribe", "unsubscribe"):
+                self._on_ack(item["channel"], subscribed=kind == "subscribe")
+            elif kind == "psubscribe":
+                # Connected. Rooms wait for their own confirmations (see subscription).
+                self._backoff = 0.1
+                self.subscribed.set()
+                for room in self._hub.rooms():
+                    self._hub.recheck(room)  # an access change may have gone unannounced
+
+    def _lost(self) -> None:
+        if self.subscribed.is_set():
+            self.subscribed.clear()
+        for state in self._rooms.values():
+            if state.confirmed.is_set():
+                state.confirmed.clear()
+                self._confirmed -= 1
+
+    def _restart_rooms(self) -> None:
+        """A new connection: every wanted room is subscribed afresh and, once confirmed,
+        read to its end (it may have missed messages while there was no subscription)."""
+        for room, state in list(self._rooms.items()):
+            if not state.wanted:
+                del self._rooms[room]
+                continue
+            state.sent, state.acks = None, 0
+            state.wake = True
+            self._changed.add(room)
+        self._change.set()
+
+    async def _send_commands(self, pubsub: PubSub) -> None:
+        """Brings the connection's room subscriptions in line with the rooms wanted, a batch
+        of commands at a time; the listener reads their confirmations."""
+        while True:
+            await self._change.wait()
+            self._change.clear()
+            changed, self._changed = self._changed, set()
+            subscribe: list[str] = []
+            unsubscribe: list[str] = []
+            for room in changed:
+                state = self._rooms.get(room)
+                if state is None:
+                    continue
+                if state.wanted and state.sent is not True:
+                    state.sent = True
+                    state.acks += 1
+                    subscribe.append(room)
+                elif not state.wanted and state.sent is not False:
+                    if state.sent is None:
+                        del self._rooms[room]  # never subscribed on this connection
+                        continue
+                    state.sent = False
+                    state.acks += 1
+                    if state.confirmed.is_set():
+                        state.confirmed.clear()
+                        self._confirmed -= 1
+                    unsubscribe.append(room)
+            for rooms, command, change in (
+                (subscribe, pubsub.subscribe, "subscribe"),
+                (unsubscribe, pubsub.unsubscribe, "unsubscribe"),
+            ):
+                for start in range(0, len(rooms), _COMMAND_BATCH):
+                    batch = rooms[start : start + _COMMAND_BATCH]
+                    await command(*(self.channel(room) for room in batch))
+                    self._metrics.subscription_changes.labels(change).inc(len(batch))
+
+    def _on_ack(self, channel: bytes, *, subscribed: bool) -> None:
+        """Redis confirmed a SUBSCRIBE or UNSUBSCRIBE of a room's channel."""
+        if not channel.startswith(self._channels):
+            return
+        room = channel[len(self._channels) :].decode("utf-8", "replace")
+        state = self._rooms.get(room)
+        if state is None or state.acks == 0:
+            return
+        state.acks -= 1
+        if state.acks:
+            return  # a later command for the channel is still to be confirmed
+        if state.sent is True and subscribed:
+            state.confirmed.set()
+            self._confirmed += 1
+            if state.wake:
+                state.wake = False
+                self._feed.wake([room])
+        elif state.sent is False and not state.wanted:
+            del self._rooms[room]
+
+    def _on_access(self, channel: bytes) -> None:
+        """Who may read a room changed: only the room name counts, the hub reads the truth
+        from Postgres."""
+        if channel.startswith(self._access_channels):
+            room = channel[len(self._access_channels) :].decode("utf-8", "replace")
+            self._hub.recheck(room)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         """Checks a message from a room's channel and passes its room and sequence on as a
         hint; its text, sender and the like are never used."""
         feed = self._feed
-        if channel.startswith(self._access_channels):
-            # Only the room name counts: the hub reads the truth from Postgres.
-            room = channel[len(self._access_channels) :].decode("utf-8", "replace")
-            self._hub.recheck(room)
-            return
         if len(data) > MAX_HINT_BYTES:
             feed.reject(TOO_LARGE)
             return

@@ -181,7 +181,14 @@ class RoomFeed:
         self._reads = asyncio.Semaphore(concurrency)
         self._rooms: dict[str, _Room] = {}
         self._rejects = _RejectLog(metrics, reject_log_interval)
+        self._subscribed: Callable[[str], Awaitable[None]] | None = None
         hub.watch_rooms(self._opened)
+
+    def settle_after(self, subscribed: Callable[[str], Awaitable[None]]) -> None:
+        """A newly opened room is read for its position only once `await subscribed(room)`
+        returns: once hints for the room reach this replica, so none stored after that read
+        can be missed."""
+        self._subscribed = subscribed
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Counts messages from Redis dropped for `reason` (one of REJECT_REASONS)."""
@@ -231,6 +238,10 @@ class RoomFeed:
                 hints = None
                 try:
                     if hub.position(room) is None:
+                        if self._subscribed is not None:
+                            await self._subscribed(room)
+                            if not hub.has_streams(room):
+                                return
                         stored = await self._last(room)
                         hub.settle(room, stored, await self._message(room, stored))
                         continue

@@ -176,7 +176,8 @@ class RoomHub:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         # Rooms whose head is known to cover what their streams started from (see settle).
         self._settled: set[str] = set()
-        self._opened: Callable[[str], None] | None = None
+        # Told when a room gets its first stream here, and when its last one leaves.
+        self._watchers: list[tuple[Callable[[str], None], Callable[[str], None] | None]] = []
         # Access control (see the module's docstring): which room each name's streams were
         # last checked in and at what access version, messages waiting for a check, the
         # running checks, and the rooms whose check must run once more.
@@ -321,17 +322,21 @@ class RoomHub:
             if self._covered(room, item):
                 self._deliver_in_order(item)
 
-    def watch_rooms(self, opened: Callable[[str], None]) -> None:
-        """Calls `opened(room)` whenever a room gets its first stream on this replica."""
-        self._opened = opened
+    def watch_rooms(
+        self, opened: Callable[[str], None], closed: Callable[[str], None] | None = None
+    ) -> None:
+        """Calls `opened(room)` whenever a room gets its first stream on this replica, and
+        `closed(room)` when its last one leaves; watchers are told in the order they came."""
+        self._watchers.append((opened, closed))
 
     def join(self, room: str, user_id: int) -> Subscriber:
         subscriber = Subscriber(room, user_id, self._queue_limit, self._metrics)
         new = room not in self._rooms
         self._rooms[room].add(subscriber)
         self._metrics.streams.inc()
-        if new and self._opened is not None:
-            self._opened(room)
+        if new:
+            for opened, _ in self._watchers:
+                opened(room)
         return subscriber
 
     def leave(self, subscriber: Subscriber) -> None:
@@ -347,6 +352,9 @@ class RoomHub:
                 self._drop_early(subscriber.room)
                 self._checked.pop(subscriber.room, None)
                 self._waiting.pop(subscriber.room, None)
+                for _, closed in self._watchers:
+                    if closed is not None:
+                        closed(subscriber.room)
 
     def has_streams(self, room: str) -> bool:
         return bool(self._rooms.get(room))

@@ -35,6 +35,21 @@ class ChatMetrics:
             "Times the Redis subscription was lost and set up again.",
             registry=registry,
         )
+        self.subscribed_rooms = Gauge(
+            "parley_chat_subscribed_rooms",
+            "Rooms whose Redis channel this replica is subscribed to (confirmed by Redis): "
+            "those with streams here, and those whose last stream left within "
+            "PARLEY_CHAT_SUBSCRIPTION_LINGER.",
+            registry=registry,
+        )
+        self.subscription_changes = Counter(
+            "parley_chat_subscription_changes_total",
+            "SUBSCRIBE and UNSUBSCRIBE of room channels sent to Redis, by change.",
+            ["change"],
+            registry=registry,
+        )
+        for change in ("subscribe", "unsubscribe"):
+            self.subscription_changes.labels(change)
         self.publish_errors = Counter(
             "parley_chat_publish_errors_total",
             "Messages stored but not published to Redis (other replicas catch up from Postgres).",

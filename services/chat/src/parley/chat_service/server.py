@@ -75,7 +75,13 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         concurrency=max(1, settings.database.pool_max // 2),
     )
     bus = RedisBus(
-        settings.redis_url, settings.redis_prefix, hub, feed, metrics, settings.resync_interval
+        settings.redis_url,
+        settings.redis_prefix,
+        hub,
+        feed,
+        metrics,
+        settings.resync_interval,
+        linger=settings.subscription_linger,
     )
     bus.check_access_with(rooms.versions)
     replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -77,6 +77,8 @@ class ChatSettings:
     user_cache_max_stale: float = 300.0
     """How long past PARLEY_USER_CACHE_TTL a cached user is honoured while UserService
     cannot answer."""
+    subscription_linger: float = 2.0
+    """How long a room stays subscribed on Redis after its last stream here left."""
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ChatSettings:
@@ -120,4 +122,7 @@ class ChatSettings:
             ),
             max_members=env.integer("PARLEY_CHAT_MAX_MEMBERS", 1000, minimum=2, maximum=1_000_000),
             user_cache_max_stale=env.seconds("PARLEY_USER_CACHE_MAX_STALE", 300.0, maximum=86400),
+            subscription_linger=env.seconds(
+                "PARLEY_CHAT_SUBSCRIPTION_LINGER", 2.0, minimum=0, maximum=3600
+            ),
         )
