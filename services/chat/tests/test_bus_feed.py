@@ -164,13 +164,12 @@ async def bus(parts: Parts, redis_url: str, redis_prefix: str) -> AsyncIterator[
 async def make_bus(
     parts: Parts, redis_url: str, redis_prefix: str
 ) -> AsyncIterator[Callable[..., Awaitable[RedisBus]]]:
-    """`await make_bus(linger=...)`: a started bus of the replica under test."""
+    """`await make_bus(url=..., linger=...)`: a started bus of the replica under test (on
+    the shared Redis unless `url` says otherwise)."""
     made: list[RedisBus] = []
 
-    async def start(**options: Any) -> RedisBus:
-        bus = RedisBus(
-            redis_url, redis_prefix, parts.hub, parts.feed, parts.metrics, 3600, **options
-        )
+    async def start(url: str = redis_url, **options: Any) -> RedisBus:
+        bus = RedisBus(url, redis_prefix, parts.hub, parts.feed, parts.metrics, 3600, **options)
         made.append(bus)
         await bus.start()
         await wait_until(bus.subscribed.is_set, 10, "the subscription")
@@ -428,3 +427,28 @@ async def test_a_room_is_read_for_its_position_only_once_redis_delivers_its_mess
         parts.hub.join(room, 7)
     await wait_until(lambda: len(subscribed_at_read) == len(rooms), 10, "every room's read")
     assert subscribed_at_read == [1] * len(rooms)
+
+
+async def test_a_subscription_redis_does_not_confirm_is_made_again_and_misses_nothing(
+    parts: Parts, make_bus: Any, private_redis: Any
+) -> None:
+    """Redis stops answering (CLIENT PAUSE) while a room's first stream joins: the room is
+    read after the confirmation timeout, the connection is made again, and a message stored
+    meanwhile, never announced, is offered once the new subscription is confirmed."""
+    server = await private_redis()
+    redis = aioredis.Redis.from_url(server.url, socket_timeout=10)
+    try:
+        await make_bus(server.url, confirm_timeout=0.5)
+        await parts.postgres.store(ROOM, "before")
+        await redis.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        subscriber = parts.hub.join(ROOM, 7)
+        # Read after the timeout, though Redis never confirmed.
+        await expect(subscriber, [(1, "before")])
+        assert _subscribed_rooms(parts) == 0
+        await parts.postgres.store(ROOM, "while unconfirmed")  # no hint for it, ever
+        await expect(subscriber, [(2, "while unconfirmed")], timeout=15)
+        assert _subscribed_rooms(parts) == 1
+        reconnects = parts.registry.get_sample_value("parley_chat_redis_reconnects_total")
+        assert reconnects is not None and reconnects >= 1
+    finally:
+        await redis.aclose()

@@ -208,3 +208,39 @@ async def test_wrong_credentials_keep_the_replica_not_ready_and_say_why(
     for secret in secrets:
         assert secret not in text
         assert secret not in metrics_text
+
+
+async def test_an_acl_user_that_may_not_subscribe_keeps_the_replica_not_ready(
+    tmp_path: Path, redis_prefix: str, make_stack: Any, launcher: Any
+) -> None:
+    """The ACL that sufficed when replicas subscribed by pattern (no +subscribe): the replica
+    says so and stays out of service, instead of delivering across replicas only at the
+    periodic check."""
+    server = RedisServer(
+        tmp_path,
+        users={"parley-chat": PASSWORD},
+        user_rules={
+            "parley-chat": ACL_RULES.format(prefix=redis_prefix).replace(" +subscribe", "")
+        },
+    )
+    await server.start()
+    try:
+        stack = await make_stack(replicas=0, people=())
+        env = stack.chat_env(PARLEY_REDIS_URL=server.url_for("parley-chat", PASSWORD))
+        replica = await launcher.process("chat", env, ready=False)
+
+        def reported() -> bool:
+            text = replica.log_text()
+            assert replica.alive(), text
+            return "not ready: redis: " in text
+
+        await wait_until(reported, 30, "the replica to report Redis not ready")
+        assert await health_status(replica.port, CHAT_SERVICE) == NOT_SERVING
+        await launcher.stop(replica)
+    finally:
+        await server.stop()
+    text = replica.log_text()
+    line = next(line for line in text.splitlines() if "not ready: redis: " in line)
+    assert "Redis refused to subscribe this replica to a room's channel" in line, line
+    assert "+subscribe" in line
+    assert PASSWORD not in text

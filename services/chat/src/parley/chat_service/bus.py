@@ -23,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as redis
 from google.protobuf.message import DecodeError
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisError, ResponseError
-from redis.retry import Retry
+from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
@@ -54,9 +56,14 @@ _BATCH = 256
 _COMMAND_BATCH = 500
 # How long a room whose last stream left here stays subscribed (PARLEY_CHAT_SUBSCRIPTION_LINGER).
 SUBSCRIPTION_LINGER = 2.0
-# How long a newly opened room waits for Redis to confirm its subscription before it is read
-# anyway (the confirmation then reads it again).
+# How long a newly opened room waits for Redis to confirm its subscription before the
+# connection is taken for dead: the room is read anyway, and again once subscribed anew.
 _CONFIRM_TIMEOUT = 5.0
+_CONFIRM_SLICE = 0.5
+# Waits before subscribing again: doubling from the first to the last, and back to the first
+# once a connection had worked for _HEALTHY_FOR seconds.
+_BACKOFF_FIRST, _BACKOFF_LAST = 0.1, 2.0
+_HEALTHY_FOR = 10.0
 
 
 class _Room:
@@ -103,10 +110,14 @@ class RedisBus:
         self._linger = linger
         self._confirm_timeout = confirm_timeout
         self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-        # No retries inside redis-py: a lost connection ends the subscription loop, which
-        # subscribes afresh and reads every room (redis-py would resubscribe silently).
+        # No retries inside redis-py (it would reconnect and resubscribe silently, missing
+        # what was published meanwhile): any error ends the subscription loop, which
+        # subscribes afresh and reads every room.
         self._subscriber_client = redis.Redis.from_url(
-            url, socket_connect_timeout=2, health_check_interval=5, retry=Retry(NoBackoff(), 0)
+            url,
+            socket_connect_timeout=2,
+            health_check_interval=5,
+            retry=Retry(NoBackoff(), 0, supported_errors=()),
         )
         self._tasks: list[asyncio.Task[None]] = []
         # This replica's own messages being published: the local fan-out offers them.
@@ -117,7 +128,11 @@ class RedisBus:
         self._changed: set[str] = set()  # rooms whose subscription may have to change
         self._change = asyncio.Event()
         self._confirmed = 0
-        self._backoff = 0.1
+        # Set when a subscription went unconfirmed: the connection is dropped and made again.
+        self._stuck = asyncio.Event()
+        # What Redis answered when it refused a subscription (an ACL without +subscribe, say):
+        # the readiness probe reports it until a subscription succeeds.
+        self._refused: str | None = None
         metrics.subscribed_rooms.set_function(lambda: self._confirmed)
         hub.watch_rooms(self._opened, self._closed)
         feed.settle_after(self.subscription)
@@ -143,7 +158,14 @@ class RedisBus:
             _log.warning("announcing an access change to redis failed: %s", exc)
 
     async def ping(self) -> None:
-        """The readiness probe; a refusal of the URL's credentials says so (never them)."""
+        """The readiness probe; a refusal of the URL's credentials, or of a subscription,
+        says so (never the credentials)."""
+        if self._refused is not None:
+            raise ConnectionError(
+                f"Redis refused to subscribe this replica to a room's channel: {self._refused}"
+                " (an ACL user needs +subscribe +unsubscribe +psubscribe and the channels"
+                " PREFIX:chat:room:* and PREFIX:chat:access:*)"
+            )
         try:
             await self.client.ping()
         except (AuthenticationError, ResponseError) as exc:
@@ -174,22 +196,29 @@ class RedisBus:
         """Returns once Redis has confirmed this replica's subscription to `room`'s channel,
         or at once while the connection is down (subscribing again reads every room), or
         after the confirmation timeout (the confirmation, when it comes, reads the room)."""
-        state = self._rooms.get(room)
-        if state is None or state.confirmed.is_set():
-            return
-        if not self.subscribed.is_set():
-            state.wake = True
-            return
-        try:
-            await asyncio.wait_for(state.confirmed.wait(), self._confirm_timeout)
-        except TimeoutError:
-            state.wake = True
-            _log.warning(
-                "redis has not confirmed the subscription to room %s within %.1fs; "
-                "reading it from postgres when it does",
-                room,
-                self._confirm_timeout,
-            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._confirm_timeout
+        while True:
+            # Read afresh each round: the room's state is made anew when it comes back.
+            state = self._rooms.get(room)
+            if state is None or state.confirmed.is_set():
+                return
+            if not self.subscribed.is_set():
+                state.wake = True
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.confirmed.wait(), min(remaining, _CONFIRM_SLICE))
+        state.wake = True
+        self._stuck.set()
+        _log.warning(
+            "redis has not confirmed the subscription to room %s within %.1fs; subscribing "
+            "again on a new connection",
+            room,
+            self._confirm_timeout,
+        )
 
     def _opened(self, room: str) -> None:
         state = self._rooms.get(room)
@@ -242,36 +271,48 @@ class RedisBus:
 
     async def _subscribe_forever(self) -> None:
         first = True
+        backoff = _BACKOFF_FIRST
         while True:
             pubsub = self._subscriber_client.pubsub()
-            tasks: list[asyncio.Task[None]] = []
+            tasks: list[asyncio.Task[Any]] = []
+            began = time.monotonic()
             try:
                 await pubsub.psubscribe(self.access_channel("*"))
                 if not first:
                     self._metrics.redis_reconnects.inc()
                     _log.info("redis subscription restored; rooms are read from postgres")
                 first = False
+                self._stuck.clear()
                 self._restart_rooms()
                 tasks = [
                     asyncio.create_task(self._listen(pubsub), name="chat-redis-listener"),
                     asyncio.create_task(
                         self._send_commands(pubsub), name="chat-redis-subscriptions"
                     ),
+                    asyncio.create_task(self._stuck.wait(), name="chat-redis-stuck"),
                 ]
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()  # raises what ended it
-                raise ConnectionError("redis ended the subscription")
-            except (RedisError, OSError) as exc:
+                raise ConnectionError("a subscription went unconfirmed, or redis ended them")
+            except Exception as exc:  # a bug must not end the subscription for good
                 error: Exception = exc
+                if not isinstance(exc, RedisError | OSError):
+                    _log.error("the redis subscription failed", exc_info=exc)
             finally:
+                self._lost()  # first: the awaits below may be cancelled again (shutdown)
                 await cancel_and_wait(*tasks)
-                self._lost()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            _log.warning("redis subscription lost: %s; retrying in %.1fs", error, self._backoff)
-            await asyncio.sleep(self._backoff)
-            self._backoff = min(self._backoff * 2, 2.0)
+            if isinstance(error, NoPermissionError):
+                self._refused = str(error)
+                _log.error("redis refused a subscription: %s", error)
+            else:
+                _log.warning("redis subscription lost: %s; retrying in %.1fs", error, backoff)
+            if time.monotonic() - began >= _HEALTHY_FOR:
+                backoff = _BACKOFF_FIRST  # it had worked for a while: try again soon
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_LAST)
 
     async def _listen(self, pubsub: PubSub) -> None:
         handled = 0
@@ -279,19 +320,18 @@ class RedisBus:
             kind = item["type"]
             if kind == "message":
                 self._on_message(item["channel"], item["data"])
-                handled += 1
-                if handled % _BATCH == 0:
-                    await asyncio.sleep(0)  # a flood must not keep the loop to itself
             elif kind == "pmessage":
                 self._on_access(item["channel"])
             elif kind in ("subscribe", "unsubscribe"):
                 self._on_ack(item["channel"], subscribed=kind == "subscribe")
             elif kind == "psubscribe":
                 # Connected. Rooms wait for their own confirmations (see subscription).
-                self._backoff = 0.1
                 self.subscribed.set()
                 for room in self._hub.rooms():
                     self._hub.recheck(room)  # an access change may have gone unannounced
+            handled += 1
+            if handled % _BATCH == 0:
+                await asyncio.sleep(0)  # a flood must not keep the loop to itself
 
     def _lost(self) -> None:
         if self.subscribed.is_set():
@@ -316,6 +356,9 @@ class RedisBus:
     async def _send_commands(self, pubsub: PubSub) -> None:
         """Brings the connection's room subscriptions in line with the rooms wanted, a batch
         of commands at a time; the listener reads their confirmations."""
+        # First a channel no room has (the empty room name): its confirmation shows this
+        # replica may subscribe at all, before any stream depends on it (see ping).
+        await pubsub.subscribe(self.channel(""))
         while True:
             await self._change.wait()
             self._change.clear()
@@ -330,9 +373,10 @@ class RedisBus:
                     state.sent = True
                     state.acks += 1
                     subscribe.append(room)
-                elif not state.wanted and state.sent is not False:
-                    if state.sent is None:
-                        del self._rooms[room]  # never subscribed on this connection
+                elif not state.wanted and (state.sent is not False or state.acks == 0):
+                    if state.sent is not True:
+                        # Never subscribed on this connection, or its unsubscribe confirmed.
+                        del self._rooms[room]
                         continue
                     state.sent = False
                     state.acks += 1
@@ -354,6 +398,10 @@ class RedisBus:
         if not channel.startswith(self._channels):
             return
         room = channel[len(self._channels) :].decode("utf-8", "replace")
+        if not room:
+            if subscribed:
+                self._refused = None  # the probe (see _send_commands)
+            return
         state = self._rooms.get(room)
         if state is None or state.acks == 0:
             return
@@ -363,6 +411,7 @@ class RedisBus:
         if state.sent is True and subscribed:
             state.confirmed.set()
             self._confirmed += 1
+            self._refused = None
             if state.wake:
                 state.wake = False
                 self._feed.wake([room])
