@@ -69,9 +69,11 @@ with redis.Redis(host=redis_parts.hostname, port=redis_parts.port, socket_timeou
     except redis.AuthenticationError:
         pass
 
-# Both replicas listen on the stack's Redis under the run's prefix.
+# Both replicas listen on the stack's Redis under the run's prefix: each subscribes to the
+# probe channel (the empty room name) on every connection.
 with redis.Redis.from_url(env["PARLEY_REDIS_URL"], socket_timeout=5) as client:
-    wait_until(lambda: client.publish(f"{prefix}:chat:room:devstack-probe", b"") == 2,
+    wait_until(lambda: client.pubsub_numsub(f"{prefix}:chat:room:") == [
+                   (f"{prefix}:chat:room:".encode(), 2)],
                timeout=20, what="the chat replicas to subscribe under the prefix")
 print(env["PARLEY_USER_ADDR"])
 sys.exit(7)

@@ -27,6 +27,7 @@ from parley.bench.idle import measure_idle
 from parley.bench.listusers import fill_users, measure_listusers, user_item_size
 from parley.bench.plan import FULL, SMOKE, Plan, close_workers
 from parley.bench.report import Report, Row
+from parley.bench.rooms import measure_foreign_rooms
 from parley.bench.startup import measure_startup
 from parley.bench.target import Target, started_stack
 from parley.bench.unary import Reader, make_reader, measure_unary
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> Report:
                 measure_chat(target, broadcast.address, plan, report)
 
         _section(report, "chat fan-out", chat)
+        _section(report, "rooms not served", lambda: measure_foreign_rooms(target, plan, report))
         _section(report, "idle streams", lambda: measure_idle(target, plan, report))
     report.elapsed = time.monotonic() - started
     report.load_after = os.getloadavg()[0]

@@ -27,7 +27,7 @@ from parley.bench.target import Target
 from parley.proto import chat_pb2
 from parley.proto.contract import ROOM_KEY
 
-__all__ = ["measure_idle", "rss_bytes"]
+__all__ = ["Listening", "measure_idle", "rss_bytes"]
 
 CHANNELS = 20
 TARGET_BYTES = 30_000
@@ -49,8 +49,8 @@ def _open_streams(metrics_address: str) -> float:
     raise RuntimeError(f"no parley_chat_streams on {metrics_address}")
 
 
-class _Idle:
-    """A StreamChat call that only listens."""
+class Listening:
+    """A StreamChat call that keeps the texts it receives (and may send)."""
 
     def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
         self.call = channel.stream_stream(
@@ -104,14 +104,14 @@ async def _measure(
         return reached
 
     try:
-        warm = [_Idle(channels[i % CHANNELS], metadata) for i in range(max(10, count // 10))]
+        warm = [Listening(channels[i % CHANNELS], metadata) for i in range(max(10, count // 10))]
         await _wait(reaches(len(warm)), 60, "the warm-up streams to open")
         await asyncio.gather(*(s.close() for s in warm))
         await _wait(reaches(0), 60, "the warm-up streams to close")
         await asyncio.sleep(0.5)
         before = rss_bytes(pid)
 
-        crowd = [_Idle(channels[i % CHANNELS], metadata) for i in range(count)]
+        crowd = [Listening(channels[i % CHANNELS], metadata) for i in range(count)]
         try:
 
             async def settled() -> bool:
@@ -129,7 +129,7 @@ async def _measure(
             # Every open stream is live: one message reaches each.
             text = f"to everyone {uuid.uuid4().hex[:8]}"
             sender_metadata = (("authorization", f"Bearer {sender_token}"), (ROOM_KEY, room))
-            sender = _Idle(channels[0], sender_metadata)
+            sender = Listening(channels[0], sender_metadata)
             await sender.call.write(chat_pb2.ChatMessage(text=text))
             live = [s for s in crowd if s.ended is None]
 

@@ -35,6 +35,7 @@ class Plan:
     chat_window: int = 8  # messages each sender has in flight at saturation
     chat_load: float = 0.5  # fraction of the saturated rate for the latency phase
     idle_streams: int = 2000
+    foreign_messages: int = 4000  # each way, for the rooms-not-served row
     startup_runs: int = 3
 
     def load(self, workload: Workload, *, concurrency: int | None = None) -> LoadResult:
@@ -66,6 +67,7 @@ SMOKE = Plan(
     chat_streams=10,
     chat_senders=1,
     idle_streams=200,
+    foreign_messages=400,
     startup_runs=1,
 )
 
