@@ -73,6 +73,26 @@ async def converse(
     return stack
 
 
+async def not_ready(make_stack: Any, launcher: Any, **env: str) -> tuple[str, str, str]:
+    """Starts a chat replica with `env`, waits until it reports Redis not ready and is
+    NOT_SERVING, stops it. Returns its readiness line about Redis, its log and its metrics."""
+    stack = await make_stack(replicas=0, people=())
+    replica = await launcher.process("chat", stack.chat_env(**env), ready=False)
+
+    def reported() -> bool:
+        text = replica.log_text()
+        assert replica.alive(), text
+        return "not ready: redis: " in text
+
+    await wait_until(reported, 30, "the replica to report Redis not ready")
+    assert await health_status(replica.port, CHAT_SERVICE) == NOT_SERVING
+    metrics_text = await asyncio.to_thread(_metrics_text, replica.metrics_port)
+    await launcher.stop(replica)
+    text = replica.log_text()
+    line = next(line for line in text.splitlines() if "not ready: redis: " in line)
+    return line, text, metrics_text
+
+
 async def assert_no_password(stack: Any, launcher: Any, *secrets: str) -> None:
     scraped = [
         await asyncio.to_thread(_metrics_text, replica.metrics_port) for replica in stack.replicas
@@ -185,24 +205,12 @@ async def test_wrong_credentials_keep_the_replica_not_ready_and_say_why(
     server = RedisServer(tmp_path / "redis", password=PASSWORD)
     await server.start()
     try:
-        stack = await make_stack(replicas=0, people=())
         url = server.url_for(*credentials) if credentials else server.url_for()
-        env = stack.chat_env(PARLEY_REDIS_URL=url, PARLEY_LOG_LEVEL="DEBUG")
-        replica = await launcher.process("chat", env, ready=False)
-
-        def reported() -> bool:
-            text = replica.log_text()
-            assert replica.alive(), text
-            return "not ready: redis: " in text
-
-        await wait_until(reported, 30, "the replica to report Redis not ready")
-        assert await health_status(replica.port, CHAT_SERVICE) == NOT_SERVING
-        metrics_text = await asyncio.to_thread(_metrics_text, replica.metrics_port)
-        await launcher.stop(replica)
+        line, text, metrics_text = await not_ready(
+            make_stack, launcher, PARLEY_REDIS_URL=url, PARLEY_LOG_LEVEL="DEBUG"
+        )
     finally:
         await server.stop()
-    text = replica.log_text()
-    line = next(line for line in text.splitlines() if "not ready: redis: " in line)
     assert refusal in line, line
     secrets = [PASSWORD] + ([credentials[1]] if credentials else [])
     for secret in secrets:
@@ -225,22 +233,11 @@ async def test_an_acl_user_that_may_not_subscribe_keeps_the_replica_not_ready(
     )
     await server.start()
     try:
-        stack = await make_stack(replicas=0, people=())
-        env = stack.chat_env(PARLEY_REDIS_URL=server.url_for("parley-chat", PASSWORD))
-        replica = await launcher.process("chat", env, ready=False)
-
-        def reported() -> bool:
-            text = replica.log_text()
-            assert replica.alive(), text
-            return "not ready: redis: " in text
-
-        await wait_until(reported, 30, "the replica to report Redis not ready")
-        assert await health_status(replica.port, CHAT_SERVICE) == NOT_SERVING
-        await launcher.stop(replica)
+        line, text, _ = await not_ready(
+            make_stack, launcher, PARLEY_REDIS_URL=server.url_for("parley-chat", PASSWORD)
+        )
     finally:
         await server.stop()
-    text = replica.log_text()
-    line = next(line for line in text.splitlines() if "not ready: redis: " in line)
     assert "Redis refused to subscribe this replica to a room's channel" in line, line
     assert "+subscribe" in line
     assert PASSWORD not in text

@@ -223,7 +223,7 @@ class RedisBus:
     def _opened(self, room: str) -> None:
         state = self._rooms.get(room)
         if state is None:
-            state = self._rooms[room] = _Room()
+            self._rooms[room] = _Room()
             self._mark(room)
             return
         if state.linger is not None:
@@ -337,9 +337,7 @@ class RedisBus:
         if self.subscribed.is_set():
             self.subscribed.clear()
         for state in self._rooms.values():
-            if state.confirmed.is_set():
-                state.confirmed.clear()
-                self._confirmed -= 1
+            self._unconfirm(state)
 
     def _restart_rooms(self) -> None:
         """A new connection: every wanted room is subscribed afresh and, once confirmed,
@@ -380,9 +378,7 @@ class RedisBus:
                         continue
                     state.sent = False
                     state.acks += 1
-                    if state.confirmed.is_set():
-                        state.confirmed.clear()
-                        self._confirmed -= 1
+                    self._unconfirm(state)
                     unsubscribe.append(room)
             for rooms, command, change in (
                 (subscribe, pubsub.subscribe, "subscribe"),
@@ -392,6 +388,13 @@ class RedisBus:
                     batch = rooms[start : start + _COMMAND_BATCH]
                     await command(*(self.channel(room) for room in batch))
                     self._metrics.subscription_changes.labels(change).inc(len(batch))
+
+    def _unconfirm(self, state: _Room) -> None:
+        """The room's subscription no longer holds (its connection went, or it is being
+        unsubscribed); `_confirmed` counts those that do."""
+        if state.confirmed.is_set():
+            state.confirmed.clear()
+            self._confirmed -= 1
 
     def _on_ack(self, channel: bytes, *, subscribed: bool) -> None:
         """Redis confirmed a SUBSCRIBE or UNSUBSCRIBE of a room's channel."""

@@ -27,7 +27,7 @@ from parley.bench.target import Target
 from parley.proto import chat_pb2
 from parley.proto.contract import ROOM_KEY
 
-__all__ = ["Listening", "measure_idle", "rss_bytes"]
+__all__ = ["Listening", "measure_idle", "rss_bytes", "wait_until"]
 
 CHANNELS = 20
 TARGET_BYTES = 30_000
@@ -79,12 +79,24 @@ class Listening:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def _wait(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.1,
+) -> None:
+    """Waits until `condition()` (awaited when it returns an awaitable) is true, checking
+    every `interval` seconds."""
     deadline = time.monotonic() + timeout
-    while not await condition():
+    while True:
+        value = condition()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(interval)
 
 
 async def _measure(
@@ -105,9 +117,9 @@ async def _measure(
 
     try:
         warm = [Listening(channels[i % CHANNELS], metadata) for i in range(max(10, count // 10))]
-        await _wait(reaches(len(warm)), 60, "the warm-up streams to open")
+        await wait_until(reaches(len(warm)), 60, "the warm-up streams to open")
         await asyncio.gather(*(s.close() for s in warm))
-        await _wait(reaches(0), 60, "the warm-up streams to close")
+        await wait_until(reaches(0), 60, "the warm-up streams to close")
         await asyncio.sleep(0.5)
         before = rss_bytes(pid)
 
@@ -119,7 +131,7 @@ async def _measure(
                 return await server_count() + ended >= count
 
             started = time.monotonic()
-            await _wait(settled, 120, f"{count} streams to open")
+            await wait_until(settled, 120, f"{count} streams to open")
             opening = time.monotonic() - started
             await asyncio.sleep(0.5)
             open_now = int(await server_count())
@@ -137,14 +149,14 @@ async def _measure(
                 return all(text in s.texts for s in live if s.ended is None)
 
             try:
-                await _wait(delivered, 60, "the message to reach every open stream")
+                await wait_until(delivered, 60, "the message to reach every open stream")
             finally:
                 await sender.close()
             ended_idle = Counter(s.ended for s in live if s.ended is not None)
             reached = sum(1 for s in crowd if text in s.texts)
         finally:
             await asyncio.gather(*(s.close() for s in crowd))
-        await _wait(reaches(0), 60, "every stream to close on the server")
+        await wait_until(reaches(0), 60, "every stream to close on the server")
     finally:
         for channel in channels:
             await channel.close()

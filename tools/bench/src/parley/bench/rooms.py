@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 
 from parley.bench.chat import chat_tokens
-from parley.bench.idle import Listening
+from parley.bench.idle import Listening, wait_until
 from parley.bench.plan import Plan
 from parley.bench.report import Report, Row
 from parley.bench.target import Target
@@ -40,14 +40,6 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far, from /proc/<pid>/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-
-
-async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class _Phase:
@@ -87,7 +79,7 @@ async def _measure(target: Target, pid: int, count: int, quiet: float) -> Row:
                     await sender.call.write(chat_pb2.ChatMessage(text=text))
 
             await asyncio.gather(*(one(s, t) for s, t in zip(senders, texts, strict=True)))
-            await _until(heard, 120, "every message to be stored and delivered")
+            await wait_until(heard, 120, "every message to be stored and delivered", 0.05)
 
         def batch(tag: str) -> list[list[str]]:
             per = count // SENDERS
