@@ -21,6 +21,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from parley.chat_service.bus import presence_key, room_channel
 from parley.proto import chat_pb2, chat_pb2_grpc
 from parley.proto.contract import ROOM_KEY
 from parley.testing import bearer, sample_key, scrape_metrics, wait_until
@@ -53,7 +54,7 @@ class Pair:
     redis_url: str
 
     def channel(self, room: str) -> str:
-        return f"{self.prefix}:chat:room:{room}"
+        return room_channel(self.prefix, room)
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +369,7 @@ async def test_malformed_presence_entries_are_skipped(room: Room, pair: Pair) ->
     a, _ = pair.replicas
     room.open(a)
     await room.joined()
-    key = f"{pair.prefix}:chat:presence:{room.name}"
+    key = presence_key(pair.prefix, room.name)
     far = time.time() + 3600
     junk: dict[bytes, float] = {
         b"no separators at all": far,

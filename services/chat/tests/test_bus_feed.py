@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from parley.chat_service.bus import RedisBus
+from parley.chat_service.bus import RedisBus, room_channel
 from parley.chat_service.feed import REJECT_REASONS, RoomFeed
 from parley.chat_service.hub import RoomHub, Subscriber
 from parley.chat_service.metrics import ChatMetrics
@@ -188,7 +188,7 @@ async def listeners(redis_url: str, redis_prefix: str) -> AsyncIterator[Callable
     client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
 
     async def count(room: str) -> int:
-        [(_, subscribed)] = await client.pubsub_numsub(f"{redis_prefix}:chat:room:{room}")
+        [(_, subscribed)] = await client.pubsub_numsub(room_channel(redis_prefix, room))
         return int(subscribed)
 
     try:
@@ -203,7 +203,7 @@ async def forger(redis_url: str, redis_prefix: str) -> AsyncIterator[Any]:
     client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
 
     async def publish(payload: bytes, room: str = ROOM) -> None:
-        assert await client.publish(f"{redis_prefix}:chat:room:{room}", payload) == 1
+        assert await client.publish(room_channel(redis_prefix, room), payload) == 1
 
     try:
         yield publish

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
 from redis.exceptions import NoPermissionError
 
+from parley.chat_service.bus import presence_key, room_channel
 from parley.proto.contract import CHAT_SERVICE
 from parley.testing import RedisServer, health_status, wait_until
 
@@ -150,9 +151,9 @@ async def test_an_acl_user_limited_to_the_deployment_prefix(
         other = aioredis.Redis.from_url(server.url_for("other-deployment", other_password))
         try:
             with pytest.raises(NoPermissionError):
-                await other.publish(f"{redis_prefix}:chat:room:{ROOM}", b"forged")
+                await other.publish(room_channel(redis_prefix, ROOM), b"forged")
             with pytest.raises(NoPermissionError):
-                await other.zadd(f"{redis_prefix}:chat:presence:{ROOM}", {"forged": 1})
+                await other.zadd(presence_key(redis_prefix, ROOM), {"forged": 1})
             assert await other.publish("other-deployment:chat:room:x", b"its own") == 0
         finally:
             await other.aclose()

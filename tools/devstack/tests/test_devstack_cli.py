@@ -21,6 +21,7 @@ import grpc, jwt, psycopg, redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from parley.devstack.processes import wait_until
 from parley.devstack.services import grpc_serving
+from parley.chat_service.bus import room_channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 env = os.environ
@@ -72,8 +73,8 @@ with redis.Redis(host=redis_parts.hostname, port=redis_parts.port, socket_timeou
 # Both replicas listen on the stack's Redis under the run's prefix: each subscribes to the
 # probe channel (the empty room name) on every connection.
 with redis.Redis.from_url(env["PARLEY_REDIS_URL"], socket_timeout=5) as client:
-    wait_until(lambda: client.pubsub_numsub(f"{prefix}:chat:room:") == [
-                   (f"{prefix}:chat:room:".encode(), 2)],
+    probe = room_channel(prefix, "")
+    wait_until(lambda: client.pubsub_numsub(probe) == [(probe.encode(), 2)],
                timeout=20, what="the chat replicas to subscribe under the prefix")
 print(env["PARLEY_USER_ADDR"])
 sys.exit(7)

@@ -1,4 +1,5 @@
-"""Redis pub/sub between replicas: one subscription connection per replica.
+"""Redis pub/sub between replicas: one subscription connection per replica, or one per
+primary of a Redis Cluster.
 
 A replica publishes each message it stores on its room's channel, and subscribes to a room's
 channel only while it has streams in the room: it SUBSCRIBEs when the room's first stream
@@ -9,6 +10,16 @@ A room is read from Postgres for its starting position only after Redis confirme
 subscription (see RoomFeed.settle_after), so nothing stored in between is missed.
 Announcements that who may read a room changed are few: every replica receives all of them,
 on one pattern subscription that also keeps the connection subscribed when it has no rooms.
+
+On a Redis Cluster (PARLEY_REDIS_CLUSTER=true) a room's channel is a shard channel: SPUBLISH
+and SSUBSCRIBE, so a message travels only through the primary that serves the room's hash
+slot, and the cluster's pub/sub throughput grows with its shards. Room channels and presence
+keys carry the room in a hash tag (`{room}`), so every key of a room lives in one slot. A
+replica holds one subscription connection per primary (each also subscribed to the probe
+channel, which keeps it subscribed and checks the node's ACL), made from the topology read at
+connect time. When any of them fails, or Redis ends a room's subscription because its slot
+moved (a failover, a resharding), every connection is made anew from a fresh topology and
+every room is read to its end: a failover loses nothing, it only delays.
 
 What another replica publishes is untrusted input (anything that reaches Redis can publish)
 and only a hint: it is checked for shape (a ChatMessage no larger than Parley's, of the
@@ -30,8 +41,11 @@ from typing import Any
 import redis.asyncio as redis
 from google.protobuf.message import DecodeError
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from parley.chassis.tasks import cancel_and_wait
@@ -41,9 +55,35 @@ from .feed import BAD_SEQUENCE, TOO_LARGE, UNREADABLE, WRONG_ROOM, RoomFeed
 from .hub import Outgoing, RoomHub
 from .metrics import ChatMetrics
 
-__all__ = ["MAX_HINT_BYTES", "SUBSCRIPTION_LINGER", "AccessVersions", "RedisBus"]
+__all__ = [
+    "MAX_HINT_BYTES",
+    "SUBSCRIPTION_LINGER",
+    "AccessVersions",
+    "RedisBus",
+    "access_channel",
+    "presence_key",
+    "room_channel",
+]
 
 _log = logging.getLogger("parley.chat.bus")
+
+
+def room_channel(prefix: str, room: str) -> str:
+    """The channel a room's messages are published on; the room is its hash tag (a room's
+    channel and keys share a Redis Cluster slot). The empty room's is the probe channel."""
+    return f"{prefix}:chat:room:{{{room}}}"
+
+
+def presence_key(prefix: str, room: str) -> str:
+    """The sorted set of who is connected to a room (see presence.py); in the room's slot."""
+    return f"{prefix}:chat:presence:{{{room}}}"
+
+
+def access_channel(prefix: str, room: str) -> str:
+    """The channel on which a change of who may read a room is announced (classic pub/sub,
+    which a cluster delivers to every node)."""
+    return f"{prefix}:chat:access:{room}"
+
 
 # The largest message Parley publishes is well below this (4 KiB of text, a 64-character
 # client id, a display name and a room name); anything longer is not parsed.
@@ -69,7 +109,7 @@ _HEALTHY_FOR = 10.0
 class _Room:
     """This replica's subscription to one room's channel, on the current connection."""
 
-    __slots__ = ("acks", "confirmed", "linger", "sent", "wake", "wanted")
+    __slots__ = ("acks", "confirmed", "linger", "link", "sent", "wake", "wanted")
 
     def __init__(self) -> None:
         self.wanted = True
@@ -84,6 +124,39 @@ class _Room:
         self.wake = False
         """Read the room to its end once confirmed: it may have missed messages meanwhile."""
         self.linger: asyncio.TimerHandle | None = None
+        self.link = ""
+        """The connection the last command for the channel went on."""
+
+
+class _Links:
+    """The subscription connections of one round: one to the Redis, or one per primary of a
+    cluster; a room's commands go on the connection of the node that serves its slot."""
+
+    def __init__(self, route: Callable[[str], str] | None) -> None:
+        self.pubsubs: dict[str, PubSub] = {}
+        self.clients: list[redis.Redis] = []
+        self._route = route
+
+    @property
+    def first(self) -> PubSub:
+        return next(iter(self.pubsubs.values()))
+
+    def of(self, channel: str) -> str:
+        """The name of the connection that serves `channel`."""
+        if self._route is None:
+            return next(iter(self.pubsubs))
+        name = self._route(channel)
+        if name not in self.pubsubs:
+            raise ConnectionError(f"the cluster's slots moved: {name} serves {channel} now")
+        return name
+
+    async def close(self) -> None:
+        for pubsub in self.pubsubs.values():
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
 
 
 class RedisBus:
@@ -96,11 +169,13 @@ class RedisBus:
         metrics: ChatMetrics,
         resync_interval: float,
         *,
+        cluster: bool = False,
         linger: float = SUBSCRIPTION_LINGER,
         confirm_timeout: float = _CONFIRM_TIMEOUT,
     ) -> None:
         self._prefix = prefix
-        self._channels = f"{prefix}:chat:room:".encode()
+        self._cluster = cluster
+        self._channels = f"{prefix}:chat:room:{{".encode()
         self._access_channels = f"{prefix}:chat:access:".encode()
         self._versions: AccessVersions | None = None
         self._hub = hub
@@ -109,16 +184,24 @@ class RedisBus:
         self._resync_interval = resync_interval
         self._linger = linger
         self._confirm_timeout = confirm_timeout
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-        # No retries inside redis-py (it would reconnect and resubscribe silently, missing
-        # what was published meanwhile): any error ends the subscription loop, which
-        # subscribes afresh and reads every room.
-        self._subscriber_client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=2,
-            health_check_interval=5,
-            retry=Retry(NoBackoff(), 0, supported_errors=()),
-        )
+        self.client: redis.Redis | RedisCluster
+        if cluster:
+            self.client = RedisCluster.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        else:
+            self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        # The subscription connections' options: the URL's credentials and TLS, and no
+        # retries inside redis-py (it would reconnect and resubscribe silently, missing what
+        # was published meanwhile): any error ends the subscription round, which subscribes
+        # afresh and reads every room.
+        options: dict[str, Any] = dict(parse_url(url))
+        if options.pop("connection_class", None) is SSLConnection:
+            options["ssl"] = True
+        self._subscriber_options = {
+            **options,
+            "socket_connect_timeout": 2,
+            "health_check_interval": 5,
+            "retry": Retry(NoBackoff(), 0, supported_errors=()),
+        }
         self._tasks: list[asyncio.Task[None]] = []
         # This replica's own messages being published: the local fan-out offers them.
         self._publishing: set[tuple[str, int]] = set()
@@ -138,10 +221,10 @@ class RedisBus:
         feed.settle_after(self.subscription)
 
     def channel(self, room: str) -> str:
-        return f"{self._prefix}:chat:room:{room}"
+        return room_channel(self._prefix, room)
 
     def access_channel(self, room: str) -> str:
-        return f"{self._prefix}:chat:access:{room}"
+        return access_channel(self._prefix, room)
 
     def check_access_with(self, versions: AccessVersions) -> None:
         """The periodic check also compares each room's access version with `versions`."""
@@ -163,15 +246,16 @@ class RedisBus:
         if self._refused is not None:
             raise ConnectionError(
                 f"Redis refused to subscribe this replica to a room's channel: {self._refused}"
-                " (an ACL user needs +subscribe +unsubscribe +psubscribe and the channels"
-                " PREFIX:chat:room:* and PREFIX:chat:access:*)"
+                " (an ACL user needs +subscribe +unsubscribe +psubscribe, on a cluster also"
+                " +ssubscribe +sunsubscribe, and the channels PREFIX:chat:room:* and"
+                " PREFIX:chat:access:*)"
             )
         try:
             await self.client.ping()
         except (AuthenticationError, ResponseError) as exc:
             if isinstance(exc, ResponseError) and not str(exc).startswith(("NOAUTH", "NOPERM")):
                 raise
-            if not self.client.connection_pool.connection_kwargs.get("password"):
+            if not self._subscriber_options.get("password"):
                 raise ConnectionError(
                     "Redis requires a password or an ACL user, and PARLEY_REDIS_URL has none "
                     f"(redis://[USER]:PASSWORD@HOST:PORT/0): {exc}"
@@ -184,8 +268,12 @@ class RedisBus:
         """Publishes a stored message; a failure is counted, not raised (Postgres has it)."""
         key = (item.message.room, item.message.sequence)
         self._publishing.add(key)
+        channel = self.channel(item.message.room)
         try:
-            await self.client.publish(self.channel(item.message.room), item.payload)
+            if self._cluster:
+                await self.client.spublish(channel, item.payload)
+            else:
+                await self.client.publish(channel, item.payload)
         except (RedisError, OSError) as exc:
             self._metrics.publish_errors.inc()
             _log.warning("publish to redis failed, replicas will catch up: %s", exc)
@@ -267,17 +355,50 @@ class RedisBus:
             if state.linger is not None:
                 state.linger.cancel()
         await self.client.aclose()
-        await self._subscriber_client.aclose()
+
+    async def _connect(self) -> _Links:
+        """The connections of a new round (not connected yet: each connects with its first
+        command). On a cluster, the topology is read afresh first."""
+        if not isinstance(self.client, RedisCluster):
+            links = _Links(None)
+            client = redis.Redis(**self._subscriber_options)
+            links.clients.append(client)
+            links.pubsubs["redis"] = client.pubsub()
+            return links
+        cluster = self.client
+        await cluster.nodes_manager.initialize()
+
+        def route(channel: str) -> str:
+            node = cluster.get_node_from_key(channel)
+            if node is None:
+                raise ConnectionError(f"no node of the cluster serves {channel}")
+            return str(node.name)
+
+        links = _Links(route)
+        for node in cluster.get_primaries():
+            client = redis.Redis(
+                **{**self._subscriber_options, "host": node.host, "port": node.port}
+            )
+            links.clients.append(client)
+            links.pubsubs[node.name] = client.pubsub()
+        return links
 
     async def _subscribe_forever(self) -> None:
         first = True
         backoff = _BACKOFF_FIRST
         while True:
-            pubsub = self._subscriber_client.pubsub()
+            links: _Links | None = None
             tasks: list[asyncio.Task[Any]] = []
             began = time.monotonic()
             try:
-                await pubsub.psubscribe(self.access_channel("*"))
+                links = await self._connect()
+                await links.first.psubscribe(self.access_channel("*"))
+                # A channel no room has (the empty room name), on every connection: its
+                # confirmation shows this replica may subscribe at all, before any stream
+                # depends on it (see ping), and it keeps a cluster node's connection
+                # subscribed (listening) while it serves no room.
+                for pubsub in links.pubsubs.values():
+                    await pubsub.subscribe(self.channel(""))
                 if not first:
                     self._metrics.redis_reconnects.inc()
                     _log.info("redis subscription restored; rooms are read from postgres")
@@ -285,10 +406,11 @@ class RedisBus:
                 self._stuck.clear()
                 self._restart_rooms()
                 tasks = [
-                    asyncio.create_task(self._listen(pubsub), name="chat-redis-listener"),
-                    asyncio.create_task(
-                        self._send_commands(pubsub), name="chat-redis-subscriptions"
+                    *(
+                        asyncio.create_task(self._listen(pubsub), name=f"chat-redis-{name}")
+                        for name, pubsub in links.pubsubs.items()
                     ),
+                    asyncio.create_task(self._send_commands(links), name="chat-redis-commands"),
                     asyncio.create_task(self._stuck.wait(), name="chat-redis-stuck"),
                 ]
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -302,8 +424,8 @@ class RedisBus:
             finally:
                 self._lost()  # first: the awaits below may be cancelled again (shutdown)
                 await cancel_and_wait(*tasks)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if links is not None:
+                    await links.close()
             if isinstance(error, NoPermissionError):
                 self._refused = str(error)
                 _log.error("redis refused a subscription: %s", error)
@@ -318,12 +440,19 @@ class RedisBus:
         handled = 0
         async for item in pubsub.listen():
             kind = item["type"]
-            if kind == "message":
+            if kind in ("message", "smessage"):
                 self._on_message(item["channel"], item["data"])
             elif kind == "pmessage":
                 self._on_access(item["channel"])
-            elif kind in ("subscribe", "unsubscribe"):
-                self._on_ack(item["channel"], subscribed=kind == "subscribe")
+            elif kind in ("subscribe", "unsubscribe", "ssubscribe", "sunsubscribe"):
+                if not self._on_ack(
+                    item["channel"],
+                    subscribed=kind.endswith("subscribe") and not kind.endswith("unsubscribe"),
+                ):
+                    raise ConnectionError(
+                        f"redis ended the subscription to {item['channel']!r} unasked"
+                        " (its slot moved to another node)"
+                    )
             elif kind == "psubscribe":
                 # Connected. Rooms wait for their own confirmations (see subscription).
                 self.subscribed.set()
@@ -346,17 +475,14 @@ class RedisBus:
             if not state.wanted:
                 del self._rooms[room]
                 continue
-            state.sent, state.acks = None, 0
+            state.sent, state.acks, state.link = None, 0, ""
             state.wake = True
             self._changed.add(room)
         self._change.set()
 
-    async def _send_commands(self, pubsub: PubSub) -> None:
-        """Brings the connection's room subscriptions in line with the rooms wanted, a batch
-        of commands at a time; the listener reads their confirmations."""
-        # First a channel no room has (the empty room name): its confirmation shows this
-        # replica may subscribe at all, before any stream depends on it (see ping).
-        await pubsub.subscribe(self.channel(""))
+    async def _send_commands(self, links: _Links) -> None:
+        """Brings the connections' room subscriptions in line with the rooms wanted, a batch
+        of commands at a time; the listeners read their confirmations."""
         while True:
             await self._change.wait()
             self._change.clear()
@@ -368,6 +494,8 @@ class RedisBus:
                 if state is None:
                     continue
                 if state.wanted and state.sent is not True:
+                    if state.sent is None:
+                        state.link = links.of(self.channel(room))
                     state.sent = True
                     state.acks += 1
                     subscribe.append(room)
@@ -380,14 +508,34 @@ class RedisBus:
                     state.acks += 1
                     self._unconfirm(state)
                     unsubscribe.append(room)
-            for rooms, command, change in (
-                (subscribe, pubsub.subscribe, "subscribe"),
-                (unsubscribe, pubsub.unsubscribe, "unsubscribe"),
-            ):
-                for start in range(0, len(rooms), _COMMAND_BATCH):
-                    batch = rooms[start : start + _COMMAND_BATCH]
-                    await command(*(self.channel(room) for room in batch))
-                    self._metrics.subscription_changes.labels(change).inc(len(batch))
+            for rooms, change in ((subscribe, "subscribe"), (unsubscribe, "unsubscribe")):
+                for link, channels in self._batches(rooms).items():
+                    pubsub = links.pubsubs[link]
+                    command: Callable[..., Awaitable[Any]]
+                    if self._cluster:  # one SSUBSCRIBE names channels of one slot only
+                        command = (
+                            pubsub.ssubscribe if change == "subscribe" else pubsub.sunsubscribe
+                        )
+                    else:
+                        command = pubsub.subscribe if change == "subscribe" else pubsub.unsubscribe
+                    for batch in channels:
+                        await command(*batch)
+                        self._metrics.subscription_changes.labels(change).inc(len(batch))
+
+    def _batches(self, rooms: list[str]) -> dict[str, list[list[str]]]:
+        """The channels of `rooms` by connection, in batches of at most _COMMAND_BATCH; on a
+        cluster, each batch of one hash slot."""
+        groups: dict[tuple[str, int], list[str]] = {}
+        for room in rooms:
+            slot = key_slot(self.channel(room).encode()) if self._cluster else 0
+            groups.setdefault((self._rooms[room].link, slot), []).append(self.channel(room))
+        batches: dict[str, list[list[str]]] = {}
+        for (link, _slot), channels in groups.items():
+            batches.setdefault(link, []).extend(
+                channels[start : start + _COMMAND_BATCH]
+                for start in range(0, len(channels), _COMMAND_BATCH)
+            )
+        return batches
 
     def _unconfirm(self, state: _Room) -> None:
         """The room's subscription no longer holds (its connection went, or it is being
@@ -396,21 +544,22 @@ class RedisBus:
             state.confirmed.clear()
             self._confirmed -= 1
 
-    def _on_ack(self, channel: bytes, *, subscribed: bool) -> None:
-        """Redis confirmed a SUBSCRIBE or UNSUBSCRIBE of a room's channel."""
-        if not channel.startswith(self._channels):
-            return
-        room = channel[len(self._channels) :].decode("utf-8", "replace")
+    def _on_ack(self, channel: bytes, *, subscribed: bool) -> bool:
+        """Redis confirmed a SUBSCRIBE or UNSUBSCRIBE of a room's channel; False when it
+        ended a room's subscription unasked (a cluster does when the room's slot moves)."""
+        room = self._room_of(channel)
+        if room is None:
+            return True
         if not room:
             if subscribed:
                 self._refused = None  # the probe (see _send_commands)
-            return
+            return True
         state = self._rooms.get(room)
         if state is None or state.acks == 0:
-            return
+            return subscribed or state is None or state.sent is not True
         state.acks -= 1
         if state.acks:
-            return  # a later command for the channel is still to be confirmed
+            return True  # a later command for the channel is still to be confirmed
         if state.sent is True and subscribed:
             state.confirmed.set()
             self._confirmed += 1
@@ -420,6 +569,13 @@ class RedisBus:
                 self._feed.wake([room])
         elif state.sent is False and not state.wanted:
             del self._rooms[room]
+        return True
+
+    def _room_of(self, channel: bytes) -> str | None:
+        """The room whose channel `channel` is ("" for the probe), None for any other."""
+        if not channel.startswith(self._channels) or not channel.endswith(b"}"):
+            return None
+        return channel[len(self._channels) : -1].decode("utf-8", "replace")
 
     def _on_access(self, channel: bytes) -> None:
         """Who may read a room changed: only the room name counts, the hub reads the truth
@@ -442,7 +598,7 @@ class RedisBus:
             feed.reject(UNREADABLE)
             return
         room = message.room
-        if not room or channel != self._channels + room.encode():
+        if not room or channel != self.channel(room).encode():
             feed.reject(WRONG_ROOM)
             return
         sequence = message.sequence

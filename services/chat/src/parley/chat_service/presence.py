@@ -10,11 +10,13 @@ import time
 from collections import defaultdict
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
 
+from .bus import presence_key
 from .hub import RoomHub
 
 __all__ = ["Presence"]
@@ -39,7 +41,12 @@ def _member(raw: object) -> tuple[int, str] | None:
 
 class Presence:
     def __init__(
-        self, client: redis.Redis, prefix: str, replica: str, hub: RoomHub, ttl: float
+        self,
+        client: redis.Redis | RedisCluster,
+        prefix: str,
+        replica: str,
+        hub: RoomHub,
+        ttl: float,
     ) -> None:
         self._client = client
         self._prefix = prefix
@@ -49,7 +56,7 @@ class Presence:
         self._task: asyncio.Task[None] | None = None
 
     def _key(self, room: str) -> str:
-        return f"{self._prefix}:chat:presence:{room}"
+        return presence_key(self._prefix, room)
 
     def _member(self, stream_id: int, user_id: int, name: str) -> str:
         return f"{self._replica}|{stream_id}|{user_id}|{name}"
