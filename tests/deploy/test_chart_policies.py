@@ -692,3 +692,46 @@ def test_rotating_the_jwt_secret_does_not_restart_redis(helm: str) -> None:
     assert first["parley-user"] != second["parley-user"]
     assert first["parley-chat"] != second["parley-chat"]
     assert first["parley-redis"] == second["parley-redis"]
+
+
+REDIS_CLUSTER_MESSAGE = "chat.config.redisCluster is true but redis.enabled is true"
+
+
+def chat_config(manifests: list[dict[str, Any]]) -> dict[str, str]:
+    (config_map,) = by_component(manifests, "ConfigMap", "chat")
+    data: dict[str, str] = config_map["data"]
+    return data
+
+
+def test_chat_is_told_when_its_redis_is_a_cluster(helm: str) -> None:
+    assert chat_config(render(helm))["PARLEY_REDIS_CLUSTER"] == "false"
+    cluster = render(helm, CHART / "ci" / "redis-cluster-values.yaml")
+    assert chat_config(cluster)["PARLEY_REDIS_CLUSTER"] == "true"
+    # The chart makes no Redis of its own for a cluster: the URL names a node of the user's.
+    assert not by_component(cluster, "Deployment", "redis")
+
+
+def test_a_cluster_with_the_in_chart_redis_fails_with_one_line(helm: str) -> None:
+    code, out, err = template(
+        helm, "--set", "redis.enabled=true", "--set", "chat.config.redisCluster=true"
+    )
+    assert code != 0 and out == ""
+    lines = [line for line in err.splitlines() if REDIS_CLUSTER_MESSAGE in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("Error: ") and "redis.enabled=false" in lines[0]
+
+
+def test_large_whole_numbers_from_a_values_file_reach_the_services_as_digits(
+    helm: str, tmp_path: Path
+) -> None:
+    # YAML numbers reach templates as floats; printed as they are, 1000000 became "1e+06",
+    # which the services refuse as a setting.
+    values = tmp_path / "big-values.yaml"
+    values.write_text(
+        "chat:\n  config:\n    maxMembers: 1000000\n    maxStreams: 1000000\n"
+        "    retentionMaxMessages: 250000000\n"
+    )
+    config = chat_config(render(helm, values))
+    assert config["PARLEY_CHAT_MAX_MEMBERS"] == "1000000"
+    assert config["PARLEY_MAX_STREAMS"] == "1000000"
+    assert config["PARLEY_CHAT_RETENTION_MAX_MESSAGES"] == "250000000"

@@ -180,3 +180,31 @@ def test_the_dashboard_shows_the_chat_metrics(monitoring: list[dict[str, Any]]) 
 )
 def test_metric_names_are_read_from_an_expression(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
+
+
+def alert_names(manifests: list[dict[str, Any]]) -> set[str]:
+    return {name for name, _ in alert_expressions(manifests)}
+
+
+def test_the_capacity_alerts_are_there_and_retention_s_only_while_it_is_on(
+    helm4: str, monitoring: list[dict[str, Any]]
+) -> None:
+    capacity = {
+        "ParleyChatStreamsNearLimit",
+        "ParleyChatDeliverySlow",
+        "ParleyLimitRefusing",
+        "ParleyDatabasePoolWaiting",
+        "ParleyChatRedisPublishFailing",
+        "ParleyChatRetentionStalled",
+    }
+    assert capacity <= alert_names(monitoring)
+    retention_off = render(
+        helm4,
+        CHART / "ci" / MONITORING_VALUE_FILE,
+        "",
+        "--set",
+        "chat.config.retentionMaxAge=0d",
+        "--set",
+        "chat.config.retentionMaxMessages=0",
+    )
+    assert capacity - alert_names(retention_off) == {"ParleyChatRetentionStalled"}

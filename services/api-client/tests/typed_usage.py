@@ -18,6 +18,7 @@ from parley.client import (
     ConnectionState,
     FieldViolation,
     HealthStatus,
+    HistoryGap,
     InvalidArgument,
     MemberPage,
     NewUser,
@@ -102,14 +103,21 @@ async def chat_round_trip(target: str, token: str, room: str) -> tuple[int, list
     def on_state(event: ConnectionEvent) -> None:
         states.append(event.describe())
 
+    def on_gap(gap: HistoryGap) -> None:
+        states.append(gap.describe())
+
     policy = ReconnectPolicy(max_delay=2.0, give_up_after=30.0)
     async with AsyncChatClient(target, token=token) as chat:
-        async with chat.session(room, history=5, policy=policy, on_state=on_state) as session:
+        async with chat.session(
+            room, history=5, policy=policy, on_state=on_state, on_gap=on_gap
+        ) as session:
             client_id: str = await session.send("typed hello")
             async for message in session:
                 if message.client_message_id == client_id:
                     break
             assert session.state is ConnectionState.CONNECTED
+            gaps: tuple[HistoryGap, ...] = session.gaps
+            assert not gaps
             last: int = session.last_sequence
     return last, states
 

@@ -310,6 +310,15 @@ drop every chat subscription. Call with $.
 {{- end }}
 
 {{/*
+The in-chart Redis is one node, never a cluster. One line.
+*/}}
+{{- define "parley.redisCluster.check" -}}
+{{- if and .Values.redis.enabled .Values.chat.config.redisCluster }}
+{{- fail "chat.config.redisCluster is true but redis.enabled is true: the in-chart Redis is a single node; set redis.enabled=false and point secret.redisUrl at a node of your Redis Cluster" }}
+{{- end }}
+{{- end }}
+
+{{/*
 gitops mode: nothing may be generated, so secret.existingSecret is required. One line.
 */}}
 {{- define "parley.gitops.check" -}}

@@ -10,6 +10,14 @@ The pieces UserService and ChatService share. Each is called with a dict:
 */}}
 
 {{/*
+A setting's value as ConfigMap text, quoted. A whole number that a values file gave (YAML
+numbers reach templates as floats) is written as digits: 1000000, never 1e+06.
+*/}}
+{{- define "parley.configValue" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) }}{{ int64 . | toString | quote }}{{ else }}{{ toString . | quote }}{{ end }}
+{{- end }}
+
+{{/*
 Settings both services read, as ConfigMap data.
 */}}
 {{- define "parley.commonConfig" -}}
@@ -29,11 +37,11 @@ PARLEY_HEALTH_CHECK_INTERVAL: {{ $c.healthCheckInterval | quote }}
 PARLEY_JWT_ISSUER: {{ $c.jwtIssuer | quote }}
 PARLEY_JWT_AUDIENCE: {{ $c.jwtAudience | quote }}
 PARLEY_JWT_LEEWAY: {{ $c.jwtLeeway | quote }}
-PARLEY_DB_POOL_MIN: {{ $v.config.dbPoolMin | quote }}
-PARLEY_DB_POOL_MAX: {{ $v.config.dbPoolMax | quote }}
+PARLEY_DB_POOL_MIN: {{ include "parley.configValue" $v.config.dbPoolMin }}
+PARLEY_DB_POOL_MAX: {{ include "parley.configValue" $v.config.dbPoolMax }}
 PARLEY_DB_POOL_TIMEOUT: {{ $v.config.dbPoolTimeout | quote }}
-PARLEY_MAX_STREAMS: {{ $v.config.maxStreams | quote }}
-PARLEY_MAX_UNARY_CALLS: {{ $v.config.maxUnaryCalls | quote }}
+PARLEY_MAX_STREAMS: {{ include "parley.configValue" $v.config.maxStreams }}
+PARLEY_MAX_UNARY_CALLS: {{ include "parley.configValue" $v.config.maxUnaryCalls }}
 {{- $t := .root.Values.tls }}
 {{- if $t.enabled }}
 PARLEY_TLS_CERT_FILE: {{ include "parley.tls.file" "tls.crt" | quote }}

@@ -22,8 +22,8 @@ __all__ = [
     "read_pem",
 ]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 class ConfigError(ValueError):
@@ -83,7 +83,7 @@ class Env:
     def seconds(
         self, name: str, default: float, *, minimum: float = 0.0, maximum: float = 86400.0
     ) -> float:
-        """A duration such as `10`, `10s`, `500ms`, `5m` or `1h`, returned in seconds."""
+        """A duration such as `10`, `10s`, `500ms`, `5m`, `1h` or `30d`, returned in seconds."""
         value = self.raw(name)
         if value is None:
             return default

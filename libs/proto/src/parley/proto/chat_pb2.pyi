@@ -43,14 +43,16 @@ class ListMessagesRequest(_message.Message):
     def __init__(self, room: _Optional[str] = ..., after_sequence: _Optional[int] = ..., before_sequence: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class ListMessagesResponse(_message.Message):
-    __slots__ = ("messages", "has_more", "last_sequence")
+    __slots__ = ("messages", "has_more", "last_sequence", "first_sequence")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     HAS_MORE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     has_more: bool
     last_sequence: int
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., has_more: _Optional[bool] = ..., last_sequence: _Optional[int] = ...) -> None: ...
+    first_sequence: int
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., has_more: _Optional[bool] = ..., last_sequence: _Optional[int] = ..., first_sequence: _Optional[int] = ...) -> None: ...
 
 class ListPresenceRequest(_message.Message):
     __slots__ = ("room",)

@@ -124,6 +124,16 @@ class ChatServiceServicer:
         refused with OUT_OF_RANGE, reason RESUME_POINT_NOT_IN_ROOM, instead of skipping the
         new room's first messages. Without it, only a resume point past the room's last
         message is refused that way.
+
+        A deployment may keep a bounded history (by age and by count per room): old messages
+        are deleted from the front of a room, never from its middle. A resume point older than
+        what the room keeps (the message right after it was deleted) is refused with
+        OUT_OF_RANGE, google.rpc.ErrorInfo reason RESUME_POINT_EXPIRED, and ErrorInfo metadata
+        `first_sequence`: the first sequence still stored, as a decimal string (the room's last
+        sequence + 1 when none is). Resume after `first_sequence` - 1 to accept the gap. An open
+        stream whose catch-up from storage finds the next message it needs deleted meanwhile (a
+        reader far behind) ends with the same status: a stream never skips a message silently
+        and never delivers one twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

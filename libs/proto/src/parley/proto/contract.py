@@ -16,6 +16,7 @@ __all__ = [
     "CHAT_SERVICE",
     "DEFAULT_ROOM",
     "EXPLICIT_IMPORT_COMMIT",
+    "FIRST_SEQUENCE_KEY",
     "HEALTH_SERVICE",
     "IMPORT_COMMIT_KEY",
     "IDEMPOTENT_METHODS",
@@ -24,6 +25,7 @@ __all__ = [
     "MAX_TITLE_CHARS",
     "NEXT_PAGE_TOKEN_KEY",
     "REQUEST_ID_KEY",
+    "RESUME_EXPIRED",
     "RESUME_KEY",
     "ROOM_ID_KEY",
     "ROOM_KEY",
@@ -45,6 +47,11 @@ NEXT_PAGE_TOKEN_KEY = "x-next-page-token"
 ROOM_KEY = "x-chat-room"
 RESUME_KEY = "x-chat-resume-after"
 ROOM_ID_KEY = "x-chat-room-id"
+# StreamChat's refusal of a resume point older than the history the room keeps (OUT_OF_RANGE):
+# the google.rpc.ErrorInfo reason, and the ErrorInfo metadata key holding the first sequence
+# still stored, as a decimal string.
+RESUME_EXPIRED = "RESUME_POINT_EXPIRED"
+FIRST_SEQUENCE_KEY = "first_sequence"
 
 # ImportUsers' request metadata (see the comment on UserService.ImportUsers in user.proto):
 # `x-import-commit: explicit` declares that the client ends its import with `commit`.

@@ -41,8 +41,7 @@ class RedisServer:
     switches the default user off. With `tls` the port
     speaks only TLS and requires a client certificate; `url` carries the CA and the client's
     certificate and key as redis-py query parameters. Secrets go in a 0600 configuration file,
-    never on the command line. `executable` overrides the redis-server binary; `extra_config`
-    adds redis.conf lines (a cluster node's, say).
+    never on the command line. `executable` overrides the redis-server binary.
     """
 
     def __init__(
@@ -55,7 +54,6 @@ class RedisServer:
         user_rules: str | Mapping[str, str] = "~* &* +@all",
         tls: bool = False,
         executable: str | Path | None = None,
-        extra_config: tuple[str, ...] = (),
     ) -> None:
         self.port = port or free_port()
         self.directory = directory
@@ -96,7 +94,6 @@ class RedisServer:
         for name, secret in (users or {}).items():
             rules = user_rules if isinstance(user_rules, str) else user_rules[name]
             lines.append(f"user {name} on {config_value('>' + secret)} {rules}")
-        lines += extra_config
         # The credentials that the readiness probe uses.
         self._username: str | None = None
         self._secret: str | None = password

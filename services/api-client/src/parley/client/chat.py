@@ -49,6 +49,7 @@ from parley.client.rooms import (
 from parley.client.session import (
     MAX_TEXT_BYTES,
     ChatSession,
+    GapCallback,
     ReconnectPolicy,
     StateCallback,
     check_text,
@@ -682,6 +683,7 @@ class AsyncChatClient(AsyncClientBase):
         buffer_size: int = 1024,
         flush_timeout: float = 5.0,
         resume_room_id: int = 0,
+        on_gap: GapCallback | None = None,
     ) -> ChatSession:
         """A live session in `room`, joined by `async with` (or `await session.open()`).
 
@@ -693,7 +695,10 @@ class AsyncChatClient(AsyncClientBase):
         - Neither: the messages stored after joining.
 
         The session reconnects by itself (see `ReconnectPolicy`); `on_state` is called with a
-        `ConnectionEvent` at each change of its connection. See `ChatSession`.
+        `ConnectionEvent` at each change of its connection. When the server no longer keeps
+        messages the session has not delivered yet (history retention), `on_gap` is called
+        with a `HistoryGap` in their place and the session goes on from the first message
+        kept. See `ChatSession`.
         """
         return ChatSession(
             self,
@@ -705,6 +710,7 @@ class AsyncChatClient(AsyncClientBase):
             on_state=on_state,
             buffer_size=buffer_size,
             flush_timeout=flush_timeout,
+            on_gap=on_gap,
         )
 
     # --- What its sessions use (`parley.client.session.SessionClient`) ---------------------

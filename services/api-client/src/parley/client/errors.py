@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from parley.proto.contract import CHAT_SERVICE, REQUEST_ID_KEY
+from parley.proto.contract import CHAT_SERVICE, FIRST_SEQUENCE_KEY, REQUEST_ID_KEY, RESUME_EXPIRED
 
 __all__ = [
     "AlreadyExists",
@@ -39,6 +39,7 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "ParleyError",
     "PermissionDenied",
     "ResourceExhausted",
@@ -92,8 +93,8 @@ class ParleyError(Exception):
     """A call to a Parley service failed. Subclasses name the gRPC status code.
 
     `str(error)` is a single line: the code, the address and method, the server's message and
-    the hint. Codes without a subclass of their own (ABORTED, OUT_OF_RANGE, DATA_LOSS) are raised
-    as `ParleyError` itself.
+    the hint. Codes without a subclass of their own (ABORTED, DATA_LOSS) are raised as
+    `ParleyError` itself.
     """
 
     code: grpc.StatusCode
@@ -229,6 +230,28 @@ class Cancelled(ParleyError):
     """CANCELLED: the call was cancelled before it finished."""
 
 
+class OutOfRange(ParleyError):
+    """OUT_OF_RANGE: a chat resume point the room cannot continue from.
+
+    Reason RESUME_POINT_EXPIRED: the messages after it are no longer kept (the deployment's
+    history retention deleted them); `first_sequence` is the first one still stored, and
+    resuming after `first_sequence - 1` goes on from there, accepting the gap (a
+    `ChatSession` does that by itself and reports a `HistoryGap`). Reason
+    RESUME_POINT_NOT_IN_ROOM: the point belongs to a room deleted and made again under its
+    name; resume from 0.
+    """
+
+    @property
+    def first_sequence(self) -> int | None:
+        """With reason RESUME_POINT_EXPIRED, the room's first stored sequence; else None."""
+        if self.reason != RESUME_EXPIRED:
+            return None
+        value = self.metadata.get(FIRST_SEQUENCE_KEY, "")
+        if not value.isdigit() or len(value) > 19:  # an int64 in decimal, nothing else
+            return None
+        return int(value)
+
+
 _CLASS_OF: dict[grpc.StatusCode, type[ParleyError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
@@ -243,6 +266,7 @@ _CLASS_OF: dict[grpc.StatusCode, type[ParleyError]] = {
     grpc.StatusCode.INTERNAL: Internal,
     grpc.StatusCode.UNKNOWN: UnknownError,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
 }
 _CODE_OF = {cls: code for code, cls in _CLASS_OF.items()}
 
@@ -436,6 +460,18 @@ def _hint(
         )
     if code == grpc.StatusCode.INTERNAL:
         return "a server fault: look for the request id in the server's log"
+    if code == grpc.StatusCode.OUT_OF_RANGE:
+        if reason == RESUME_EXPIRED:
+            first = info.get(FIRST_SEQUENCE_KEY, "")
+            after = f" after {int(first) - 1}" if first.isdigit() and len(first) <= 19 else ""
+            return (
+                f"the room no longer keeps the messages after that resume point: resume"
+                f"{after} (its first kept message is {first or 'in first_sequence'}), "
+                "accepting the gap, or read what is kept with ListMessages"
+            )
+        if reason == "RESUME_POINT_NOT_IN_ROOM":
+            return "the room was deleted and made again since that resume point: resume from 0"
+        return "a value is outside the range the server accepts"
     if code == grpc.StatusCode.CANCELLED:
         return "the call was cancelled, by the client or because the server is stopping"
     return "an unexpected failure: look for the request id in the server's log"

@@ -31,6 +31,13 @@ What the session does so that its caller does not have to:
   TOKEN_EXPIRED): when the token provider then gives another token (a `RefreshingToken` is
   made to ask its own provider again), the session reconnects with it and resumes; when it
   gives the same one (a fixed token), the session ends with that error.
+- OUT_OF_RANGE with reason RESUME_POINT_EXPIRED: the server no longer keeps the messages
+  after the session's resume point (the deployment's history retention deleted them, e.g.
+  after a long time away, or while the caller read far behind). The session reports the gap
+  as a `HistoryGap` (to the `on_gap` callback, and in `gaps`) in its place among the
+  messages, after the last one delivered before it, then continues from the first message
+  still kept (`first_sequence` in the error): nothing is skipped silently, nothing comes
+  twice.
 - Any other error (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION,
   ...) ends the session: the iterator raises it as the typed `ParleyError` after the messages
   already received, and `send()` raises it too. In particular PERMISSION_DENIED (a private
@@ -73,6 +80,7 @@ from parley.client.errors import (
     CallContext,
     Cancelled,
     DeadlineExceeded,
+    OutOfRange,
     ParleyError,
     ResourceExhausted,
     Unauthenticated,
@@ -82,13 +90,15 @@ from parley.client.errors import (
 )
 from parley.client.tokens import TokenProvider
 from parley.proto import chat_pb2, chat_pb2_grpc, contract
-from parley.proto.contract import RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
+from parley.proto.contract import RESUME_EXPIRED, RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
 
 __all__ = [
     "MAX_TEXT_BYTES",
     "ChatSession",
     "ConnectionEvent",
     "ConnectionState",
+    "GapCallback",
+    "HistoryGap",
     "ReconnectPolicy",
     "SessionClient",
     "StateCallback",
@@ -185,6 +195,52 @@ StateCallback = Callable[[ConnectionEvent], None]
 
 
 @dataclass(frozen=True)
+class HistoryGap:
+    """Messages of the room a session cannot deliver: the server no longer keeps them (its
+    history retention deleted them while the session was away or behind).
+
+    Given to the `on_gap` callback when the session's iterator reaches it: after the last
+    message before the gap was returned, before the first one after it. The session then goes
+    on from `first_sequence`.
+    """
+
+    room: str
+    resume_after: int
+    """The last sequence the session had: the messages after it are missing."""
+    first_sequence: int
+    """The first message the room still keeps: the session continues with it."""
+
+    @property
+    def first_missing(self) -> int:
+        """The first sequence that will never be delivered."""
+        return self.resume_after + 1
+
+    @property
+    def last_missing(self) -> int:
+        """The last sequence that will never be delivered."""
+        return self.first_sequence - 1
+
+    @property
+    def missing(self) -> int:
+        """How many messages are missing."""
+        return self.first_sequence - self.resume_after - 1
+
+    def describe(self) -> str:
+        """One line, e.g. `history gap: messages 41-99 of room general are no longer kept;
+        continuing from 100`."""
+        if self.missing == 1:
+            span = f"message {self.first_missing} of room {self.room} is"
+        else:
+            span = f"messages {self.first_missing}-{self.last_missing} of room {self.room} are"
+        return f"history gap: {span} no longer kept; continuing from {self.first_sequence}"
+
+
+GapCallback = Callable[[HistoryGap], None]
+"""Called in the event loop, from the session's iterator, at each `HistoryGap`; must not
+block."""
+
+
+@dataclass(frozen=True)
 class ReconnectPolicy:
     """How a session reconnects.
 
@@ -269,6 +325,7 @@ class ChatSession:
         on_state: StateCallback | None,
         buffer_size: int,
         flush_timeout: float,
+        on_gap: GapCallback | None = None,
     ) -> None:
         if resume_after is not None and history:
             raise ValueError("give history or resume_after, not both")
@@ -286,10 +343,13 @@ class ChatSession:
         self._history = history
         self._policy = policy
         self._on_state = on_state
+        self._on_gap = on_gap
         self._buffer_size = buffer_size
         self._flush_timeout = flush_timeout
 
-        self._buffer: deque[chat_pb2.ChatMessage] = deque()
+        # Messages taken off the stream, and the gaps among them, in the caller's order.
+        self._buffer: deque[chat_pb2.ChatMessage | HistoryGap] = deque()
+        self._gaps: list[HistoryGap] = []
         self._pending: OrderedDict[str, str] = OrderedDict()  # client id -> text, in send order
         # The stored form of recently acknowledged messages, for wait_stored().
         self._acknowledged: OrderedDict[str, chat_pb2.ChatMessage] = OrderedDict()
@@ -353,6 +413,11 @@ class ChatSession:
     def pending(self) -> tuple[str, ...]:
         """Client message ids sent but not yet acknowledged, oldest first."""
         return tuple(self._pending)
+
+    @property
+    def gaps(self) -> tuple[HistoryGap, ...]:
+        """The history gaps the iterator has reached so far, oldest first."""
+        return tuple(self._gaps)
 
     @property
     def error(self) -> ParleyError | None:
@@ -493,11 +558,17 @@ class ChatSession:
             if self._closed:
                 raise StopAsyncIteration
             if self._buffer:
-                message = self._buffer.popleft()
-                self._delivered = message.sequence
-                self._delivered_room_id = message.room_id or self._delivered_room_id
+                item = self._buffer.popleft()
                 self._notify()  # room in the buffer again
-                return message
+                if isinstance(item, HistoryGap):
+                    # What the server no longer keeps counts as seen: a later session that
+                    # resumes from `last_sequence` goes on after the gap.
+                    self._delivered = item.last_missing
+                    self._report_gap(item)
+                    continue
+                self._delivered = item.sequence
+                self._delivered_room_id = item.room_id or self._delivered_room_id
+                return item
             if self._failure is not None:
                 raise self._failure
             await self._wait_change()
@@ -527,6 +598,9 @@ class ChatSession:
                 delivered = await self._stream(channel, settle=settle)
             except grpc.RpcError as rpc_error:
                 error = self._stream_error(rpc_error)
+            if error is not None and await self._skip_gap(error):
+                attempt, lost_since, settle = 0, None, False
+                continue  # at once, from the first message still kept
             settle = error is not None and _masked(error)
             if delivered or time.monotonic() - opened_at >= self._policy.max_delay:
                 attempt, lost_since = 0, None
@@ -641,6 +715,31 @@ class ChatSession:
         self._room_id = message.room_id
         self._buffer.append(message)
         self._notify()
+
+    async def _skip_gap(self, error: ParleyError) -> bool:
+        """For RESUME_POINT_EXPIRED, puts a HistoryGap after what was received and moves the
+        resume point to just before the first message kept; False for any other error (and
+        for a first_sequence that would not move the session forward)."""
+        if not isinstance(error, OutOfRange) or error.reason != RESUME_EXPIRED:
+            return False
+        first = error.first_sequence
+        if first is None or first <= self._received + 1:
+            return False
+        while len(self._buffer) >= self._buffer_size:
+            await self._wait_change()  # the caller is behind: the gap waits its turn
+        self._buffer.append(HistoryGap(self._room, self._received, first))
+        self._received = first - 1
+        self._notify()
+        return True
+
+    def _report_gap(self, gap: HistoryGap) -> None:
+        self._gaps.append(gap)
+        if self._on_gap is None:
+            return
+        try:
+            self._on_gap(gap)
+        except Exception:  # a faulty callback must not take the session down
+            _log.exception("the chat session's on_gap callback failed")
 
     def _stream_error(self, error: grpc.RpcError) -> ParleyError:
         return error_from_rpc(

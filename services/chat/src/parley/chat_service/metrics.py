@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ChatMetrics"]
+__all__ = ["RETENTION_REASONS", "ChatMetrics", "RetentionMetrics"]
 
 
 class ChatMetrics:
@@ -100,3 +100,49 @@ class ChatMetrics:
         )
         for outcome in ("changed", "unchanged"):
             self.access_checks.labels(outcome)
+        self.retention = RetentionMetrics(registry)
+
+
+# Why the retention sweeper deleted a message: older than PARLEY_CHAT_RETENTION_MAX_AGE, or
+# beyond PARLEY_CHAT_RETENTION_MAX_MESSAGES of its room (a message over both counts as count).
+RETENTION_REASONS = ("age", "count")
+
+
+class RetentionMetrics:
+    """What the history retention sweeper (retention.py) did on this replica."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deleted = Counter(
+            "parley_chat_retention_deleted_messages_total",
+            "Chat messages deleted by history retention on this replica, by reason: older than "
+            "PARLEY_CHAT_RETENTION_MAX_AGE (age), or beyond PARLEY_CHAT_RETENTION_MAX_MESSAGES "
+            "of their room (count).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in RETENTION_REASONS:
+            self.deleted.labels(reason)
+        self.batch_seconds = Histogram(
+            "parley_chat_retention_batch_duration_seconds",
+            "Duration of one retention batch: one short transaction deleting at most "
+            "PARLEY_CHAT_RETENTION_BATCH messages of one room.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        self.failures = Counter(
+            "parley_chat_retention_sweep_failures_total",
+            "Retention sweeps that failed (Postgres unavailable, a statement timeout); the "
+            "next one starts after PARLEY_CHAT_RETENTION_INTERVAL.",
+            registry=registry,
+        )
+        self.yielded = Counter(
+            "parley_chat_retention_sweeps_yielded_total",
+            "Retention sweeps this replica left to another one, which held the sweep lock.",
+            registry=registry,
+        )
+        self.last_sweep = Gauge(
+            "parley_chat_retention_last_sweep_timestamp_seconds",
+            "When this replica last completed a retention sweep (seconds since the epoch; 0: "
+            "never). Alert when the newest across replicas is older than a few intervals.",
+            registry=registry,
+        )

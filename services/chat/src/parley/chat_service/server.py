@@ -18,6 +18,7 @@ from .hub import RoomHub
 from .metrics import ChatMetrics
 from .migrations import MIGRATIONS
 from .presence import Presence
+from .retention import RetentionSweeper
 from .room_store import RoomStore
 from .senders import SenderCheck
 from .servicer import CHAT_LIMITS, ChatServicer
@@ -81,6 +82,7 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         feed,
         metrics,
         settings.resync_interval,
+        cluster=settings.redis_cluster,
         linger=settings.subscription_linger,
     )
     bus.check_access_with(rooms.versions)
@@ -107,6 +109,8 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     # Streams whose token expired end within the interval; those of users deleted from
     # UserService within PARLEY_USER_CACHE_TTL plus the interval.
     senders = SenderCheck(hub, users, interval=settings.resync_interval)
+    # Bounded history: one replica at a time deletes what is over the limits, in batches.
+    retention = RetentionSweeper(db, settings.retention, metrics.retention)
 
     async def drain() -> None:
         # Ends every stream so its client reconnects to another replica and resumes.
@@ -115,7 +119,9 @@ def create_server(settings: ChatSettings) -> GrpcApp:
     app.on_start(bus.start)
     app.on_start(presence.start)
     app.on_start(senders.start)
+    app.on_start(retention.start)
     app.on_drain(drain)
+    app.on_stop(retention.stop)
     app.on_stop(senders.stop)
     app.on_stop(presence.stop)
     app.on_stop(bus.stop)

@@ -31,7 +31,14 @@ from parley.chassis.errors import LimitExceeded
 from parley.chassis.limits import Quota
 from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
-from parley.proto.contract import CHAT_SERVICE, RESUME_KEY, ROOM_ID_KEY, ROOM_KEY
+from parley.proto.contract import (
+    CHAT_SERVICE,
+    FIRST_SEQUENCE_KEY,
+    RESUME_EXPIRED,
+    RESUME_KEY,
+    ROOM_ID_KEY,
+    ROOM_KEY,
+)
 
 from .bus import RedisBus
 from .hub import RoomHub, Subscriber, denied, outgoing
@@ -49,6 +56,7 @@ __all__ = [
     "STREAMS_PER_USER",
     "ChatServicer",
     "RateLimited",
+    "resume_expired",
 ]
 
 DEFAULT_PAGE_SIZE = 50
@@ -93,6 +101,26 @@ def _resume_point(
     if len(digits) > len(str(_MAX_SEQUENCE)) or int(digits or "0") > _MAX_SEQUENCE:
         raise InvalidArgument([FieldViolation(key, f"must be a {what} of at most {_MAX_SEQUENCE}")])
     return int(digits or "0")
+
+
+def resume_expired(room: str, after: int, first: int, *, behind: bool = False) -> OutOfRange:
+    """The refusal of a stream that would have to go on after `after`, when history retention
+    has deleted the room's messages up to `first` - 1 (see retention.py)."""
+    gone = (
+        f"message {after + 1} is" if after + 2 == first else f"messages {after + 1}-{first - 1} are"
+    )
+    why = (
+        "this stream fell behind the history the room keeps"
+        if behind
+        else f"{RESUME_KEY} {after} is older than the history the room keeps"
+    )
+    return OutOfRange(
+        f"{why}: {gone} no longer stored in room {room!r}, the first kept message is "
+        f"{first}; resume after {first - 1} to go on from there (a gap), or read what is kept "
+        "with ListMessages",
+        reason=RESUME_EXPIRED,
+        metadata={FIRST_SEQUENCE_KEY: str(first)},
+    )
 
 
 def _token(context: Context) -> str:
@@ -238,6 +266,11 @@ class ChatServicer:
                     reason="RESUME_POINT_NOT_IN_ROOM",
                 )
             else:
+                # History retention deletes from the front of a room: refuse a point whose
+                # next message is gone rather than skip what was deleted.
+                first = await self._store.first_sequence(room, timeout=context.time_remaining())
+                if resume_after + 1 < first:
+                    raise resume_expired(room, resume_after, first)
                 last = resume_after
                 subscriber.catch_up()
             await self._presence.announce(room, subscriber.id, user_id, subscriber.user_name)
@@ -295,6 +328,10 @@ class ChatServicer:
             )
             if not page.allowed or page.room_id != subscriber.room_id:
                 raise denied(room)  # removed, or the room deleted (and made again)
+            if after + 1 < page.first_sequence:
+                # The next message was deleted by history retention while the stream was
+                # behind: it ends, never skipping a gap silently.
+                raise resume_expired(room, after, page.first_sequence, behind=True)
             more = page.more
             for message in page.messages:
                 if until is not None and message.sequence > until:
@@ -399,11 +436,15 @@ class ChatServicer:
             timeout=context.time_remaining(),
         )
         if not page.exists and self._made_on_first_use(room):
-            return chat_pb2.ListMessagesResponse()  # made on first use: empty until then
+            # Made on first use: empty until then.
+            return chat_pb2.ListMessagesResponse(first_sequence=1)
         if not page.allowed:
             raise denied(room)
         return chat_pb2.ListMessagesResponse(
-            messages=page.messages, has_more=page.more, last_sequence=page.last_sequence
+            messages=page.messages,
+            has_more=page.more,
+            last_sequence=page.last_sequence,
+            first_sequence=page.first_sequence,
         )
 
     def _counted(

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env, ServerSettings
 from parley.chassis.config import read_pem
 from parley.chassis.sample_secrets import SAMPLE_PASSWORD_PROBLEM, has_sample_password
 
-__all__ = ["DEFAULT_GRPC_PORT", "DEFAULT_METRICS_PORT", "ChatSettings", "UserServiceTls"]
+__all__ = [
+    "DEFAULT_GRPC_PORT",
+    "DEFAULT_METRICS_PORT",
+    "ChatSettings",
+    "RetentionSettings",
+    "UserServiceTls",
+]
 
 DEFAULT_GRPC_PORT = 50052
 DEFAULT_METRICS_PORT = 9102
@@ -51,6 +58,42 @@ class UserServiceTls:
         )
 
 
+_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """Bounded chat history: what the sweeper deletes (see retention.py), and how."""
+
+    max_age: float = 30 * _DAY
+    """Seconds a message is kept; 0: no age limit."""
+    max_messages: int = 100_000
+    """Messages kept per room (the newest); 0: no count limit."""
+    interval: float = 60.0
+    """Seconds between the starts of two sweeps."""
+    batch: int = 1000
+    """Rows one DELETE (one short transaction) removes at most."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_age > 0 or self.max_messages > 0
+
+    @classmethod
+    def from_env(cls, env: Env) -> RetentionSettings:
+        return cls(
+            max_age=env.seconds(
+                "PARLEY_CHAT_RETENTION_MAX_AGE", 30 * _DAY, minimum=0, maximum=3650 * _DAY
+            ),
+            max_messages=env.integer(
+                "PARLEY_CHAT_RETENTION_MAX_MESSAGES", 100_000, minimum=0, maximum=1_000_000_000
+            ),
+            interval=env.seconds(
+                "PARLEY_CHAT_RETENTION_INTERVAL", 60.0, minimum=0.05, maximum=_DAY
+            ),
+            batch=env.integer("PARLEY_CHAT_RETENTION_BATCH", 1000, minimum=1, maximum=10_000),
+        )
+
+
 @dataclass(frozen=True)
 class ChatSettings:
     server: ServerSettings
@@ -70,6 +113,8 @@ class ChatSettings:
     resync_interval: float
     presence_ttl: float
     user_tls: UserServiceTls | None = None
+    redis_cluster: bool = False
+    """PARLEY_REDIS_URL names one node of a Redis Cluster: rooms use sharded pub/sub."""
     auto_create_rooms: bool = True
     """A room that does not exist is made (public, no owner) when a stream first names it."""
     max_rooms_per_user: int = 1000
@@ -79,6 +124,8 @@ class ChatSettings:
     cannot answer."""
     subscription_linger: float = 2.0
     """How long a room stays subscribed on Redis after its last stream here left."""
+    retention: RetentionSettings = RetentionSettings()
+    """How much chat history is kept, and how the sweeper deletes the rest."""
 
     @classmethod
     def from_env(cls, env: Env | None = None) -> ChatSettings:
@@ -88,6 +135,21 @@ class ChatSettings:
             raise ConfigError("PARLEY_REDIS_URL", "must be a redis://, rediss:// or unix:// URL")
         if has_sample_password(redis_url):
             raise ConfigError("PARLEY_REDIS_URL", SAMPLE_PASSWORD_PROBLEM)
+        redis_cluster = (
+            env.choice("PARLEY_REDIS_CLUSTER", "false", ("true", "false"), ignore_case=True).lower()
+            == "true"
+        )
+        if redis_cluster and not redis_url.startswith(("redis://", "rediss://")):
+            raise ConfigError(
+                "PARLEY_REDIS_URL",
+                "must be a redis:// or rediss:// URL of a node when PARLEY_REDIS_CLUSTER is true",
+            )
+        if redis_cluster and urlsplit(redis_url).path.strip("/") not in ("", "0"):
+            raise ConfigError(
+                "PARLEY_REDIS_URL",
+                "must name database 0 (or none) when "
+                "PARLEY_REDIS_CLUSTER is true: a cluster has no other",
+            )
         prefix = env.string("PARLEY_REDIS_PREFIX", "parley")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", prefix):
             raise ConfigError("PARLEY_REDIS_PREFIX", "must be 1 to 64 of A-Z a-z 0-9 _ . -")
@@ -113,6 +175,7 @@ class ChatSettings:
             ),
             presence_ttl=env.seconds("PARLEY_CHAT_PRESENCE_TTL", 30.0, minimum=0.3, maximum=3600),
             user_tls=UserServiceTls.from_env(env),
+            redis_cluster=redis_cluster,
             auto_create_rooms=env.choice(
                 "PARLEY_CHAT_AUTO_CREATE_ROOMS", "true", ("true", "false"), ignore_case=True
             ).lower()
@@ -125,4 +188,5 @@ class ChatSettings:
             subscription_linger=env.seconds(
                 "PARLEY_CHAT_SUBSCRIPTION_LINGER", 2.0, minimum=0, maximum=3600
             ),
+            retention=RetentionSettings.from_env(env),
         )

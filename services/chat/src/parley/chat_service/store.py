@@ -79,12 +79,17 @@ ORDER BY sequence {order}
 """
 # The page, read only when `reader` may read the room, from the same snapshot as that check:
 # no row when the room does not exist; one row of NULLs when the reader may not read it or the
-# page is empty.
+# page is empty. With it the room's first stored sequence (history retention deletes from the
+# front: see retention.py), last_sequence + 1 when it holds none: one probe of the primary key.
 _CHECKED_PAGE = """
-SELECT r.access_version, r.last_sequence, r.room_id, allowed, page.* FROM chat_rooms r
+SELECT r.access_version, r.last_sequence, r.room_id, kept.first, allowed, page.*
+FROM chat_rooms r
 CROSS JOIN LATERAL (SELECT NOT r.private OR EXISTS (
     SELECT FROM chat_room_members m WHERE m.room = r.name AND m.user_id = %(reader)s
 ) AS allowed) AS access
+CROSS JOIN LATERAL (SELECT coalesce(
+    (SELECT min(f.sequence) FROM chat_messages f WHERE f.room = r.name), r.last_sequence + 1
+) AS first) AS kept
 LEFT JOIN LATERAL ({page}) AS page ON allowed
 WHERE r.name = %(room)s
 ORDER BY page.sequence {order}
@@ -120,6 +125,8 @@ class Page(NamedTuple):
     version: int
     last_sequence: int  # the room's highest sequence when the page was read
     room_id: int = 0  # which room the name stood for
+    # The room's lowest stored sequence when the page was read (last_sequence + 1: none).
+    first_sequence: int = 0
 
 
 def _message(row: tuple[Any, ...], room_id: int) -> chat_pb2.ChatMessage:
@@ -216,6 +223,19 @@ class MessageStore:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def first_sequence(self, room: str, *, timeout: float | None = None) -> int:
+        """The room's lowest stored sequence (history retention deletes from the front), or
+        its last_sequence + 1 when it holds none; 1 for a room that does not exist."""
+        async with self._db.connection(timeout) as conn:
+            cur = await conn.execute(
+                "SELECT coalesce((SELECT min(sequence) FROM chat_messages WHERE room = %(room)s),"
+                " (SELECT last_sequence FROM chat_rooms WHERE name = %(room)s) + 1, 1)",
+                {"room": room},
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
     async def after(
         self, room: str, after_sequence: int, limit: int, *, timeout: float | None = None
     ) -> tuple[list[chat_pb2.ChatMessage], tuple[int, int] | None]:
@@ -267,8 +287,9 @@ class MessageStore:
         if not rows:
             return Page([], False, exists=False, allowed=False, version=0, last_sequence=0)
         version, last, room_id = int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
-        allowed = bool(rows[0][3])
-        found = [row[4:] for row in rows if row[4] is not None]
+        first = int(rows[0][3])
+        allowed = bool(rows[0][4])
+        found = [row[5:] for row in rows if row[5] is not None]
         kept = found[:size]
         more = bool(found) and int(found[0][7]) > len(kept)
         messages = [_message(row, room_id) for row in kept]
@@ -282,4 +303,5 @@ class MessageStore:
             version=version,
             last_sequence=last,
             room_id=room_id,
+            first_sequence=first,
         )

@@ -14,7 +14,12 @@ from rich.table import Table
 
 from parley.client import ConnectionEvent, DeadlineExceeded, ReconnectPolicy
 from parley.client.chat import DEFAULT_ROOM, check_text
-from parley.client.cli.chat_connection import async_chat_client, chat_client, reconnect_notices
+from parley.client.cli.chat_connection import (
+    async_chat_client,
+    chat_client,
+    gap_notices,
+    reconnect_notices,
+)
 from parley.client.cli.context import Settings, command, examples, positive
 from parley.client.cli.errors import EXIT_USAGE
 from parley.client.cli.output import (
@@ -153,7 +158,13 @@ async def _send(settings: Settings, room: str, texts: Sequence[str]) -> None:
     in_flight: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(maxsize=64)
     async with (
         async_chat_client(settings) as client,
-        client.session(room, policy=policy, flush_timeout=0, on_state=_stderr_notices()) as session,
+        client.session(
+            room,
+            policy=policy,
+            flush_timeout=0,
+            on_state=_stderr_notices(),
+            on_gap=gap_notices(notice),
+        ) as session,
     ):
 
         async def produce() -> None:
@@ -317,7 +328,8 @@ def tail(
     """Print the messages of a room as they arrive, until Ctrl-C or --count.
 
     The stream reconnects by itself and resumes after the last message printed, so nothing
-    is missed or printed twice.
+    is missed or printed twice. Messages the server no longer keeps (its history retention
+    deleted them) are reported by one `history gap` line on stderr.
     """
     if history is not None and after is not None:
         raise typer.BadParameter("give --history or --after, not both")
@@ -347,6 +359,7 @@ async def _tail(
                 resume_after=after,
                 resume_room_id=room_id,
                 on_state=_stderr_notices(),
+                on_gap=gap_notices(notice),
             ) as session,
         ):
             async for message in session:

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from parley.client import AsyncChatClient, ChatClient, ConnectionEvent, ConnectionState
+from parley.client import (
+    AsyncChatClient,
+    ChatClient,
+    ConnectionEvent,
+    ConnectionState,
+    HistoryGap,
+)
 from parley.client.cli.context import Settings, address_errors
 
-__all__ = ["CHAT_ADDRESS_FLAG", "async_chat_client", "chat_client", "reconnect_notices"]
+__all__ = [
+    "CHAT_ADDRESS_FLAG",
+    "async_chat_client",
+    "chat_client",
+    "gap_notices",
+    "reconnect_notices",
+]
 
 CHAT_ADDRESS_FLAG = "--chat-addr / PARLEY_CHAT_ADDR"
 
@@ -47,3 +59,14 @@ def reconnect_notices(print_notice: Callable[[str], None]) -> Callable[[Connecti
             print_notice(f"reconnected to {event.target}{resent}")
 
     return on_state
+
+
+def gap_notices(print_notice: Callable[[str], None]) -> Callable[[HistoryGap], None]:
+    """An `on_gap` callback printing one line for each history gap, in its place among the
+    messages: `history gap: messages 41-99 of room general are no longer kept; continuing
+    from 100`."""
+
+    def on_gap(gap: HistoryGap) -> None:
+        print_notice(gap.describe())
+
+    return on_gap

@@ -21,7 +21,7 @@ from prompt_toolkit.styles import Style
 
 from parley.client import ChatSession, ParleyError
 from parley.client.chat import AsyncChatClient, check_text
-from parley.client.cli.chat_connection import async_chat_client, reconnect_notices
+from parley.client.cli.chat_connection import async_chat_client, gap_notices, reconnect_notices
 from parley.client.cli.context import Settings
 from parley.client.cli.output import message_parts, printable
 from parley.proto import chat_pb2
@@ -138,7 +138,9 @@ async def run_chat(settings: Settings, room: str, history: int) -> None:
     on_state = reconnect_notices(_print_notice)
     async with (
         async_chat_client(settings) as client,
-        client.session(room, history=history, on_state=on_state) as session,
+        client.session(
+            room, history=history, on_state=on_state, on_gap=gap_notices(_print_notice)
+        ) as session,
     ):
         _print_notice(f"joined #{room} on {session.target}: {_HELP}")
         with patch_stdout(raw=True):
