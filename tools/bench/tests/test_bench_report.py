@@ -52,3 +52,11 @@ def test_formats_seconds() -> None:
     assert format_seconds(2.5) == "2.50 s"
     assert format_seconds(0.0125) == "12.50 ms"
     assert format_seconds(0.000250) == "250 µs"
+
+
+def test_selects_sections() -> None:
+    report = Report("Parley benchmarks", settings={})
+    assert report.selected("hot room")
+    report.only = frozenset({"hot room"})
+    assert report.selected("hot room")
+    assert not report.selected("unary")

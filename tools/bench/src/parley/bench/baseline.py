@@ -82,6 +82,9 @@ class _BroadcastHandler(grpc.GenericRpcHandler):
     async def _stream(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         inbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._streams.add(inbox)
+        # Headers at once, as Parley sends them once a stream has joined its room: a client
+        # awaiting them knows the stream is open.
+        await context.send_initial_metadata(())
 
         async def read() -> None:
             async for message in requests:
@@ -103,7 +106,15 @@ class _BroadcastHandler(grpc.GenericRpcHandler):
 
 
 async def _serve(handler: grpc.GenericRpcHandler, ports: Any, stop: Any) -> None:
-    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100_000)])
+    # As Parley's servers in the bench stack: no limit on streams a connection, and a burst
+    # of calls waits for its handler instead of being cancelled by grpc's default (1,000).
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_concurrent_streams", 100_000),
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 100_000),
+        ]
+    )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -23,10 +23,13 @@ from pathlib import Path
 
 from parley.bench.baseline import start_broadcast_server, start_echo_server
 from parley.bench.chat import measure_chat
+from parley.bench.cluster import measure_cluster
+from parley.bench.hotroom import measure_hot_room
 from parley.bench.idle import measure_idle
 from parley.bench.listusers import fill_users, measure_listusers, user_item_size
 from parley.bench.plan import FULL, SMOKE, Plan, close_workers
 from parley.bench.report import Report, Row
+from parley.bench.retention import measure_retention
 from parley.bench.rooms import measure_foreign_rooms
 from parley.bench.startup import measure_startup
 from parley.bench.target import Target, started_stack
@@ -49,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-streams", type=int, help="listening chat streams")
     parser.add_argument("--chat-senders", type=int, help="sending chat streams")
     parser.add_argument("--idle-streams", type=int, help="idle chat streams for the memory row")
+    parser.add_argument("--hot-senders", type=int, help="writers for the hot-room row")
+    parser.add_argument(
+        "--only",
+        help="comma-separated sections to run (default: all), e.g. 'idle streams,hot room'",
+    )
     parser.add_argument("--user-addr", help="a running UserService instead of a started stack")
     parser.add_argument("--chat-addr", help="its two chat replicas, comma-separated")
     parser.add_argument(
@@ -82,6 +90,8 @@ def _say(message: str) -> None:
 
 
 def _section(report: Report, name: str, body: Callable[[], object]) -> None:
+    if not report.selected(name):
+        return
     started = time.monotonic()
     _say(f"{name} ...")
     try:
@@ -103,6 +113,7 @@ def run(args: argparse.Namespace) -> Report:
         chat_streams=args.chat_streams,
         chat_senders=args.chat_senders,
         idle_streams=args.idle_streams,
+        hot_senders=args.hot_senders,
     )
     title = "Parley benchmarks" + (" (smoke run)" if args.smoke else "")
     report = Report(
@@ -113,6 +124,9 @@ def run(args: argparse.Namespace) -> Report:
             "table": f"{plan.users:,} users",
         },
     )
+    if args.only:
+        report.only = frozenset(name.strip() for name in args.only.split(",") if name.strip())
+        report.settings["sections"] = ", ".join(sorted(report.only)) + " (the others not run)"
     started = time.monotonic()
     with ExitStack() as stack:
         stack.callback(close_workers)
@@ -153,7 +167,10 @@ def run(args: argparse.Namespace) -> Report:
 
         _section(report, "chat fan-out", chat)
         _section(report, "rooms not served", lambda: measure_foreign_rooms(target, plan, report))
+        _section(report, "redis cluster", lambda: measure_cluster(target, plan, report))
         _section(report, "idle streams", lambda: measure_idle(target, plan, report))
+        _section(report, "retention", lambda: measure_retention(target, plan, report))
+        _section(report, "hot room", lambda: measure_hot_room(target, plan, report))
     report.elapsed = time.monotonic() - started
     report.load_after = os.getloadavg()[0]
     return report
@@ -165,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--user-addr needs --chat-addr and --token")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     report = run(args)
+    if args.only and not report.rows:
+        _parser().error(f"--only {args.only!r} names no section that ran")
     name = args.name or ("smoke" if args.smoke else "latest")
     markdown, data = report.write(args.out, name)
     print(report.markdown())

@@ -34,9 +34,11 @@ class Plan:
     chat_senders: int = 2
     chat_window: int = 8  # messages each sender has in flight at saturation
     chat_load: float = 0.5  # fraction of the saturated rate for the latency phase
-    idle_streams: int = 2000
+    idle_streams: int = 10_000  # on one replica, for the memory and fan-out rows
+    hot_senders: int = 16  # writers, each its own user, for the hot-room row
     foreign_messages: int = 4000  # each way, for the rooms-not-served row
     startup_runs: int = 3
+    retention_backlog: int = 400_000  # old messages the retention row's sweep deletes
 
     def load(self, workload: Workload, *, concurrency: int | None = None) -> LoadResult:
         in_flight = self.concurrency if concurrency is None else concurrency
@@ -67,8 +69,10 @@ SMOKE = Plan(
     chat_streams=10,
     chat_senders=1,
     idle_streams=200,
+    hot_senders=4,
     foreign_messages=400,
     startup_runs=1,
+    retention_backlog=20_000,
 )
 
 

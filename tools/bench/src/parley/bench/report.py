@@ -112,6 +112,10 @@ class Report:
     # machine shows here, and every figure of a loaded machine is noisier.
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
     load_after: float | None = None
+    only: frozenset[str] | None = None  # the sections to run (None: all)
+
+    def selected(self, section: str) -> bool:
+        return self.only is None or section in self.only
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)

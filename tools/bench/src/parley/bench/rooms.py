@@ -13,33 +13,25 @@ second kind too; with per-room subscriptions it never receives them.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import grpc
 
 from parley.bench.chat import chat_tokens
 from parley.bench.idle import Listening, wait_until
 from parley.bench.plan import Plan
+from parley.bench.procfs import cpu_seconds
 from parley.bench.report import Report, Row
 from parley.bench.target import Target
 from parley.proto import chat_pb2
 from parley.proto.contract import ROOM_KEY
 
-__all__ = ["cpu_seconds", "measure_foreign_rooms"]
+__all__ = ["measure_foreign_rooms"]
 
 SENDERS = 8  # sender streams on replica A (within the default streams-per-user limit)
 TARGET_RATIO = 0.05
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
 
 
 class _Phase:

@@ -98,11 +98,18 @@ def started_stack() -> Iterator[Target]:
                 # Senders here are machines, and the listeners share one user (and, through
                 # grpc's shared subchannels, one connection): lift chat's per-user rate and
                 # stream limits, the rooms one user may make, and the per-connection call limit.
+                # The idle row holds 10,000 streams (the default PARLEY_MAX_STREAMS) and a
+                # sender on one replica.
                 PARLEY_CHAT_RATE_LIMIT="100000",
                 PARLEY_CHAT_RATE_BURST="100000",
                 PARLEY_CHAT_MAX_STREAMS_PER_USER="100000",
                 PARLEY_CHAT_MAX_ROOMS_PER_USER="100000",
                 PARLEY_MAX_STREAMS_PER_CONNECTION="100000",
+                PARLEY_MAX_STREAMS="100000",
+                # No history retention on these replicas: the retention row starts a sweeping
+                # replica of its own, and no other sweep may run during its baseline.
+                PARLEY_CHAT_RETENTION_MAX_AGE="0",
+                PARLEY_CHAT_RETENTION_MAX_MESSAGES="0",
             )
             stack = Stack(StackConfig.throwaway(data_dir, environ))
             try:
