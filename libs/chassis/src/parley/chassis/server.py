@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -225,6 +226,7 @@ class GrpcApp:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stopping.set)
         await self.start()
+        settle_garbage_collector()
         _log.info(
             "serving gRPC on %s:%d, metrics on %s:%d%s%s",
             self.settings.host,
@@ -240,6 +242,24 @@ class GrpcApp:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await self.stop()
+
+
+# Allocations of container objects between two young-generation collections (CPython's
+# default is 700). A chat message fanned out to 10,000 streams makes tens of thousands of
+# short-lived objects; with the default, collections ran all through it and every tenth
+# one went on into the older generations, which hold every open stream's objects.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def settle_garbage_collector() -> None:
+    """Once a service has started: what start-up made (modules, settings, pools, handlers)
+    lives as long as the process, so it is moved out of the collector's reach (gc.freeze), and
+    young collections run less often. Measured in `make bench` (10,000 idle streams on one
+    replica, one message to all): p99 1.01-1.31 s before, 0.43-0.48 s after, memory per
+    stream unchanged (28.9 kB)."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def _bind(address: str, add_port: Callable[[str], int]) -> int:
