@@ -261,9 +261,11 @@ async def _drive(
     listeners: int,
     ready: Any,
     alive: Any,
+    offered_rate: float | None = None,
 ) -> tuple[dict[str, int], float, int]:
     """The senders' side; returns the phases' measured windows (monotonic ns), the saturated
-    message rate and the number of latency-phase messages sent."""
+    message rate and the number of latency-phase messages sent. The latency phase offers
+    `offered_rate` messages a second when given, else `plan.chat_load` of the saturated rate."""
     seen = [0] * listeners
     channels = [grpc.aio.insecure_channel(address) for address in setup.addresses]
     senders = [_Sender(i, setup, channels[i % len(channels)]) for i in range(senders_count)]
@@ -313,7 +315,7 @@ async def _drive(
         await all_saw_probe()  # the backlog has drained
 
         # Latency: a fixed schedule at `load` times the saturated rate.
-        offered = max(1.0, rate * plan.chat_load)
+        offered = offered_rate or max(1.0, rate * plan.chat_load)
         interval = senders_count / offered
         begin = time.monotonic_ns()
         lat_window = (begin + warm, begin + warm + span)
@@ -356,8 +358,9 @@ def _latencies(recv: array[int], sent: array[int], low: int, high: int) -> list[
     return sorted((r - s) / 1e9 for r, s in zip(recv, sent, strict=True) if low <= s <= high)
 
 
-def run_fan_out(setup: ChatSetup, plan: Plan) -> FanOutResult:
-    """Runs both phases with `plan.chat_streams` listeners; raises when the harness fails."""
+def run_fan_out(setup: ChatSetup, plan: Plan, offered_rate: float | None = None) -> FanOutResult:
+    """Runs both phases with `plan.chat_streams` listeners, the latency phase at
+    `offered_rate` messages a second when given; raises when the harness fails."""
     senders = len(setup.sender_metadata)
     context = multiprocessing.get_context("spawn")
     ready: Any = context.Queue()
@@ -384,7 +387,9 @@ def run_fan_out(setup: ChatSetup, plan: Plan) -> FanOutResult:
         def alive() -> bool:
             return all(p.is_alive() for p in workers)
 
-        windows, rate, sent = asyncio.run(_drive(setup, senders, plan, count, ready, alive))
+        windows, rate, sent = asyncio.run(
+            _drive(setup, senders, plan, count, ready, alive, offered_rate)
+        )
         # Listeners end once they have every sender's end message; those that have not
         # within a few seconds are told to stop.
         stop_listeners_at = time.monotonic() + 10
@@ -440,7 +445,7 @@ def run_fan_out(setup: ChatSetup, plan: Plan) -> FanOutResult:
         saturated_deliveries=delivered / plan.duration,
         saturated_p50=percentile(saturated, 0.5),
         saturated_p99=percentile(saturated, 0.99),
-        load_rate=max(1.0, rate * plan.chat_load),
+        load_rate=offered_rate or max(1.0, rate * plan.chat_load),
         load_deliveries=delivered_load / plan.duration,
         p50=percentile(loaded, 0.5),
         p99=percentile(loaded, 0.99),
