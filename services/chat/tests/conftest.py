@@ -5,10 +5,16 @@ parley.testing plugin.
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import pytest
+from grpc_health.v1 import health_pb2
 
+from parley.proto.contract import CHAT_SERVICE
+from parley.testing import health_status, wait_until
 from parley.testing.chat_client import (
     Channels,
     Chat,
@@ -99,3 +105,37 @@ def streams_joined(channels: Channels) -> Callable[..., Awaitable[None]]:
 def stream_counts() -> Callable[[Sequence[ChatClient]], dict[int, int]]:
     """`stream_counts(clients)`: {user_id: number of clients}, as presence should list them."""
     return expected_counts
+
+
+@pytest.fixture
+def redis_not_ready(
+    make_stack: Callable[..., Awaitable[Any]], launcher: Launcher
+) -> Callable[..., Awaitable[tuple[str, str, str]]]:
+    """`await redis_not_ready(**env)`: starts a chat replica with `env`, waits until it
+    reports Redis not ready and is NOT_SERVING, stops it. Returns its readiness line about
+    Redis, its log and its metrics."""
+
+    async def start(**env: str) -> tuple[str, str, str]:
+        stack = await make_stack(replicas=0, people=())
+        replica = await launcher.process("chat", stack.chat_env(**env), ready=False)
+
+        def reported() -> bool:
+            text = replica.log_text()
+            assert replica.alive(), text
+            return "not ready: redis: " in text
+
+        await wait_until(reported, 30, "the replica to report Redis not ready")
+        status = await health_status(replica.port, CHAT_SERVICE)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        metrics_text = await asyncio.to_thread(_metrics_text, replica.metrics_port)
+        await launcher.stop(replica)
+        text = replica.log_text()
+        line = next(line for line in text.splitlines() if "not ready: redis: " in line)
+        return line, text, metrics_text
+
+    return start
+
+
+def _metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())

@@ -452,3 +452,36 @@ async def test_a_subscription_redis_does_not_confirm_is_made_again_and_misses_no
         assert reconnects is not None and reconnects >= 1
     finally:
         await redis.aclose()
+
+
+async def test_a_unix_socket_url_subscribes_like_any_other(
+    parts: Parts, make_bus: Any, private_redis: Any, redis_prefix: str
+) -> None:
+    server = await private_redis(unix_socket=True)
+    await make_bus(server.unix_url)  # waits for the subscription
+    parts.hub.join(ROOM, 7)
+    await wait_until(lambda: _subscribed_rooms(parts) == 1, 10, "the room's subscription")
+    async with aioredis.Redis.from_url(server.url, socket_timeout=5) as client:
+        [(_, count)] = await client.pubsub_numsub(room_channel(redis_prefix, ROOM))
+    assert count == 1
+
+
+async def test_a_redis_that_stops_answering_is_left_and_every_room_read_again(
+    parts: Parts, make_bus: Any, private_redis: Any
+) -> None:
+    """Redis hangs (CLIENT PAUSE) with the connection open, so nothing but the liveness PINGs
+    can notice: the bus gives the connection up, subscribes anew once Redis answers, and
+    offers a message stored meanwhile that was never announced."""
+    server = await private_redis()
+    redis = aioredis.Redis.from_url(server.url, socket_timeout=10)
+    try:
+        await make_bus(server.url, liveness_interval=0.5)
+        subscriber = parts.hub.join(ROOM, 7)
+        await wait_until(lambda: _subscribed_rooms(parts) == 1, 10, "the room's subscription")
+        await redis.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+        await parts.postgres.store(ROOM, "while redis hung")  # no hint for it, ever
+        await expect(subscriber, [(1, "while redis hung")], timeout=20)
+        reconnects = parts.registry.get_sample_value("parley_chat_redis_reconnects_total")
+        assert reconnects is not None and reconnects >= 1
+    finally:
+        await redis.aclose()

@@ -20,8 +20,7 @@ from grpc_health.v1 import health_pb2
 from redis.exceptions import NoPermissionError
 
 from parley.chat_service.bus import presence_key, room_channel
-from parley.proto.contract import CHAT_SERVICE
-from parley.testing import RedisServer, health_status, wait_until
+from parley.testing import RedisServer, wait_until
 
 PASSWORD = "redis-pw-" + uuid.uuid4().hex
 ROOM = "secured"
@@ -72,26 +71,6 @@ async def converse(
     assert len(rows) == total
     conversation_intact(clients, rows)
     return stack
-
-
-async def not_ready(make_stack: Any, launcher: Any, **env: str) -> tuple[str, str, str]:
-    """Starts a chat replica with `env`, waits until it reports Redis not ready and is
-    NOT_SERVING, stops it. Returns its readiness line about Redis, its log and its metrics."""
-    stack = await make_stack(replicas=0, people=())
-    replica = await launcher.process("chat", stack.chat_env(**env), ready=False)
-
-    def reported() -> bool:
-        text = replica.log_text()
-        assert replica.alive(), text
-        return "not ready: redis: " in text
-
-    await wait_until(reported, 30, "the replica to report Redis not ready")
-    assert await health_status(replica.port, CHAT_SERVICE) == NOT_SERVING
-    metrics_text = await asyncio.to_thread(_metrics_text, replica.metrics_port)
-    await launcher.stop(replica)
-    text = replica.log_text()
-    line = next(line for line in text.splitlines() if "not ready: redis: " in line)
-    return line, text, metrics_text
 
 
 async def assert_no_password(stack: Any, launcher: Any, *secrets: str) -> None:
@@ -197,8 +176,7 @@ async def test_tls_with_a_client_certificate(
 )
 async def test_wrong_credentials_keep_the_replica_not_ready_and_say_why(
     tmp_path: Path,
-    make_stack: Any,
-    launcher: Any,
+    redis_not_ready: Any,
     credentials: tuple[str, str] | None,
     refusal: str,
 ) -> None:
@@ -207,8 +185,8 @@ async def test_wrong_credentials_keep_the_replica_not_ready_and_say_why(
     await server.start()
     try:
         url = server.url_for(*credentials) if credentials else server.url_for()
-        line, text, metrics_text = await not_ready(
-            make_stack, launcher, PARLEY_REDIS_URL=url, PARLEY_LOG_LEVEL="DEBUG"
+        line, text, metrics_text = await redis_not_ready(
+            PARLEY_REDIS_URL=url, PARLEY_LOG_LEVEL="DEBUG"
         )
     finally:
         await server.stop()
@@ -220,7 +198,7 @@ async def test_wrong_credentials_keep_the_replica_not_ready_and_say_why(
 
 
 async def test_an_acl_user_that_may_not_subscribe_keeps_the_replica_not_ready(
-    tmp_path: Path, redis_prefix: str, make_stack: Any, launcher: Any
+    tmp_path: Path, redis_prefix: str, redis_not_ready: Any
 ) -> None:
     """The ACL that sufficed when replicas subscribed by pattern (no +subscribe): the replica
     says so and stays out of service, instead of delivering across replicas only at the
@@ -234,8 +212,8 @@ async def test_an_acl_user_that_may_not_subscribe_keeps_the_replica_not_ready(
     )
     await server.start()
     try:
-        line, text, _ = await not_ready(
-            make_stack, launcher, PARLEY_REDIS_URL=server.url_for("parley-chat", PASSWORD)
+        line, text, _ = await redis_not_ready(
+            PARLEY_REDIS_URL=server.url_for("parley-chat", PASSWORD)
         )
     finally:
         await server.stop()

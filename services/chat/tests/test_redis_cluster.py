@@ -253,3 +253,66 @@ async def test_the_readme_acl_is_enough_on_a_cluster(
     await wait_for(everyone_has(everyone, 2 * EACH), 20, "every message on both replicas")
     for replica in stack.replicas:
         assert "refused" not in replica.log_text()
+
+
+async def test_a_slot_handed_to_another_node_loses_and_duplicates_nothing(
+    cluster,
+    make_stack,
+    redis_prefix,
+    chat,
+    stored,
+    metrics,
+    streams_joined,
+    stream_counts,
+    conversation_intact,
+    wait_for,
+):
+    """A manual failover: no node fails and no connection drops, Redis ends the shard
+    subscriptions of the slots that moved (an unasked SUNSUBSCRIBE)."""
+    stack = await make_stack(
+        replicas=2,
+        people=("Ada", "Grace"),
+        redis_url=cluster.url,
+        PARLEY_REDIS_CLUSTER="true",
+        PARLEY_CHAT_RESYNC_INTERVAL="3600s",
+    )
+    a, b = stack.replicas
+    room, _, _ = await rooms_on_two_primaries(cluster, redis_prefix)
+    talk = [await chat(stack.people["Ada"], a, room=room),
+            await chat(stack.people["Grace"], b, room=room)]  # fmt: skip
+    await streams_joined(b, stack.people["Grace"], room, stream_counts(talk))
+    await send_round(talk, "before")
+    await wait_for(everyone_has(talk, 2 * EACH), 20, "the messages before the hand-over")
+
+    new_primary = await cluster.hand_over(room_channel(redis_prefix, room))
+    channel = room_channel(redis_prefix, room)
+    await wait_for(
+        lambda: _equals(shard_subscribers(new_primary, channel), 2),
+        20,
+        "both replicas subscribed on the new primary",
+    )
+    await send_round(talk, "after")
+    await wait_for(everyone_has(talk, 4 * EACH), 20, "the messages after the hand-over")
+    conversation_intact(talk, await stored(stack.database, room))
+    for replica in stack.replicas:
+        counted = (await metrics(replica.metrics_port))["parley_chat_redis_reconnects_total"]
+        assert counted >= 1, "each replica subscribed anew"
+
+
+async def test_an_acl_without_cluster_slots_says_so_in_readiness(
+    cluster, redis_prefix, redis_not_ready
+):
+    password = os.urandom(16).hex()
+    rules = acl_rules(redis_prefix).replace(" +cluster|slots", "")
+    for node in cluster.nodes:
+        async with aioredis.Redis.from_url(node.url, socket_timeout=5) as client:
+            await client.execute_command(
+                "ACL", "SETUSER", "parley-chat", "on", f">{password}", *rules.split()
+            )
+    line, text, _ = await redis_not_ready(
+        PARLEY_REDIS_URL=cluster.nodes[0].url_for("parley-chat", password),
+        PARLEY_REDIS_CLUSTER="true",
+        PARLEY_HEALTH_CHECK_INTERVAL="0.2s",
+    )
+    assert "Redis refused a command chat needs" in line and "+cluster|slots" in line
+    assert "Traceback" not in text

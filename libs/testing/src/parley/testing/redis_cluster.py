@@ -46,6 +46,13 @@ class LocalRedisCluster:
         """Kills `node` (SIGKILL) and waits for its process to end."""
         await asyncio.to_thread(node.kill)
 
+    async def hand_over(self, key: str) -> ClusterNode:
+        """A manual failover of `key`'s slot (no node fails); the new primary."""
+        try:
+            return await asyncio.to_thread(self._cluster.hand_over, key)
+        except DevstackError as exc:
+            pytest.fail(str(exc))
+
     async def wait_for_failover(self, timeout: float = 30.0) -> None:
         try:
             await asyncio.to_thread(self._cluster.wait_for_failover, timeout)

@@ -41,7 +41,8 @@ class RedisServer:
     switches the default user off. With `tls` the port
     speaks only TLS and requires a client certificate; `url` carries the CA and the client's
     certificate and key as redis-py query parameters. Secrets go in a 0600 configuration file,
-    never on the command line. `executable` overrides the redis-server binary.
+    never on the command line. `executable` overrides the redis-server binary. With
+    `unix_socket` it also listens on a unix socket in `directory` (`unix_url`).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class RedisServer:
         user_rules: str | Mapping[str, str] = "~* &* +@all",
         tls: bool = False,
         executable: str | Path | None = None,
+        unix_socket: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.directory = directory
@@ -87,6 +89,9 @@ class RedisServer:
             ]
         else:
             lines.append(f"port {self.port}")
+        self.socket_path = directory / "redis.sock" if unix_socket else None
+        if self.socket_path is not None:
+            lines += [f"unixsocket {config_value(self.socket_path)}", "unixsocketperm 700"]
         if password is not None:
             lines.append(f"requirepass {config_value(password)}")
         elif users:
@@ -116,6 +121,12 @@ class RedisServer:
     def url(self) -> str:
         """The URL of the server as its default user (with `password` when there is one)."""
         return self.url_for(password=self.password)
+
+    @property
+    def unix_url(self) -> str:
+        """A unix:// URL of the server's socket (as its default user, without a password)."""
+        assert self.socket_path is not None, "the server has no unix socket"
+        return f"unix://{self.socket_path}?db=0"
 
     def url_for(self, username: str | None = None, password: str | None = None) -> str:
         """A URL of the server with these credentials (and the TLS files when it uses TLS)."""

@@ -42,11 +42,18 @@ import redis.asyncio as redis
 from google.protobuf.message import DecodeError
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    MovedError,
+    NoPermissionError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
@@ -104,6 +111,34 @@ _CONFIRM_SLICE = 0.5
 # once a connection had worked for _HEALTHY_FOR seconds.
 _BACKOFF_FIRST, _BACKOFF_LAST = 0.1, 2.0
 _HEALTHY_FOR = 10.0
+# Every connection is PINGed this often; one whose node has not answered for twice as long
+# is taken for dead (a node that hangs, or is cut off, keeps its TCP connection open: nothing
+# else would notice). On a cluster, the topology is read again as often: a slot served by
+# another primary now ends the round.
+_LIVENESS_INTERVAL = 5.0
+_LIVENESS_MESSAGE = b"parley-liveness"
+
+
+def _explained(exc: BaseException) -> Exception:
+    """What went wrong with Redis, in words: redis-py's cluster client wraps what a node
+    answered (a refused command, refused credentials) in an exception that hides it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, NoPermissionError) or (
+            isinstance(seen, ResponseError) and str(seen).startswith("NOPERM")
+        ):
+            return ConnectionError(
+                f"Redis refused a command chat needs: {seen} (an ACL user on a Redis Cluster "
+                "also needs +cluster|slots +spublish +ssubscribe +sunsubscribe)"
+            )
+        if isinstance(seen, AuthenticationError):
+            return ConnectionError(f"Redis refused the credentials in PARLEY_REDIS_URL: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, MovedError):
+        return ConnectionError(
+            f"the cluster serves slot {exc.slot_id} from {exc.host}:{exc.port} now"
+        )
+    return exc if isinstance(exc, Exception) else ConnectionError(str(exc))
 
 
 class _Room:
@@ -135,7 +170,16 @@ class _Links:
     def __init__(self, route: Callable[[str], str] | None) -> None:
         self.pubsubs: dict[str, PubSub] = {}
         self.clients: list[redis.Redis] = []
+        self.answered: dict[str, float] = {}
+        """When each connection's node last answered a liveness PING (monotonic)."""
         self._route = route
+
+    def add(self, name: str, options: dict[str, Any]) -> None:
+        """A connection named `name`, made with redis-py connection `options`."""
+        client = redis.Redis(connection_pool=ConnectionPool(**options))
+        self.clients.append(client)
+        self.pubsubs[name] = client.pubsub()
+        self.answered[name] = time.monotonic()
 
     @property
     def first(self) -> PubSub:
@@ -172,6 +216,7 @@ class RedisBus:
         cluster: bool = False,
         linger: float = SUBSCRIPTION_LINGER,
         confirm_timeout: float = _CONFIRM_TIMEOUT,
+        liveness_interval: float = _LIVENESS_INTERVAL,
     ) -> None:
         self._prefix = prefix
         self._cluster = cluster
@@ -184,22 +229,20 @@ class RedisBus:
         self._resync_interval = resync_interval
         self._linger = linger
         self._confirm_timeout = confirm_timeout
+        self._liveness_interval = liveness_interval
         self.client: redis.Redis | RedisCluster
         if cluster:
             self.client = RedisCluster.from_url(url, socket_connect_timeout=2, socket_timeout=5)
         else:
             self.client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-        # The subscription connections' options: the URL's credentials and TLS, and no
-        # retries inside redis-py (it would reconnect and resubscribe silently, missing what
-        # was published meanwhile): any error ends the subscription round, which subscribes
-        # afresh and reads every room.
-        options: dict[str, Any] = dict(parse_url(url))
-        if options.pop("connection_class", None) is SSLConnection:
-            options["ssl"] = True
-        self._subscriber_options = {
-            **options,
+        # The subscription connections' options: the URL's (credentials, TLS, a unix
+        # socket), and no retries inside redis-py (it would reconnect and resubscribe
+        # silently, missing what was published meanwhile): any error ends the subscription
+        # round, which subscribes afresh and reads every room.
+        self._subscriber_options: dict[str, Any] = {
+            **parse_url(url),
             "socket_connect_timeout": 2,
-            "health_check_interval": 5,
+            "health_check_interval": liveness_interval,
             "retry": Retry(NoBackoff(), 0, supported_errors=()),
         }
         self._tasks: list[asyncio.Task[None]] = []
@@ -252,6 +295,8 @@ class RedisBus:
             )
         try:
             await self.client.ping()
+        except RedisClusterException as exc:
+            raise _explained(exc) from None
         except (AuthenticationError, ResponseError) as exc:
             if isinstance(exc, ResponseError) and not str(exc).startswith(("NOAUTH", "NOPERM")):
                 raise
@@ -361,9 +406,7 @@ class RedisBus:
         command). On a cluster, the topology is read afresh first."""
         if not isinstance(self.client, RedisCluster):
             links = _Links(None)
-            client = redis.Redis(**self._subscriber_options)
-            links.clients.append(client)
-            links.pubsubs["redis"] = client.pubsub()
+            links.add("redis", self._subscriber_options)
             return links
         cluster = self.client
         await cluster.nodes_manager.initialize()
@@ -376,12 +419,30 @@ class RedisBus:
 
         links = _Links(route)
         for node in cluster.get_primaries():
-            client = redis.Redis(
-                **{**self._subscriber_options, "host": node.host, "port": node.port}
-            )
-            links.clients.append(client)
-            links.pubsubs[node.name] = client.pubsub()
+            links.add(node.name, {**self._subscriber_options, "host": node.host, "port": node.port})
         return links
+
+    async def _watch(self, links: _Links) -> None:
+        """PINGs every connection, and ends the round when one has not answered for two
+        rounds of PINGs; on a cluster, also when a subscribed room's slot has another
+        primary."""
+        while True:
+            await asyncio.sleep(self._liveness_interval)
+            now = time.monotonic()
+            for name, pubsub in links.pubsubs.items():
+                silent = now - links.answered[name]
+                if silent > 2 * self._liveness_interval:
+                    raise ConnectionError(f"redis at {name} has not answered for {silent:.0f}s")
+                await pubsub.ping(_LIVENESS_MESSAGE)
+            if isinstance(self.client, RedisCluster):
+                await self.client.nodes_manager.initialize()
+                for room, state in self._rooms.items():
+                    if state.sent is True and state.link:
+                        owner = links.of(self.channel(room))  # raises for a new primary
+                        if owner != state.link:
+                            raise ConnectionError(
+                                f"room {room}'s slot moved from {state.link} to {owner}"
+                            )
 
     async def _subscribe_forever(self) -> None:
         first = True
@@ -407,10 +468,11 @@ class RedisBus:
                 self._restart_rooms()
                 tasks = [
                     *(
-                        asyncio.create_task(self._listen(pubsub), name=f"chat-redis-{name}")
-                        for name, pubsub in links.pubsubs.items()
+                        asyncio.create_task(self._listen(links, name), name=f"chat-redis-{name}")
+                        for name in links.pubsubs
                     ),
                     asyncio.create_task(self._send_commands(links), name="chat-redis-commands"),
+                    asyncio.create_task(self._watch(links), name="chat-redis-watch"),
                     asyncio.create_task(self._stuck.wait(), name="chat-redis-stuck"),
                 ]
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -419,7 +481,7 @@ class RedisBus:
                 raise ConnectionError("a subscription went unconfirmed, or redis ended them")
             except Exception as exc:  # a bug must not end the subscription for good
                 error: Exception = exc
-                if not isinstance(exc, RedisError | OSError):
+                if not isinstance(exc, RedisError | OSError | RedisClusterException):
                     _log.error("the redis subscription failed", exc_info=exc)
             finally:
                 self._lost()  # first: the awaits below may be cancelled again (shutdown)
@@ -430,15 +492,17 @@ class RedisBus:
                 self._refused = str(error)
                 _log.error("redis refused a subscription: %s", error)
             else:
-                _log.warning("redis subscription lost: %s; retrying in %.1fs", error, backoff)
+                _log.warning(
+                    "redis subscription lost: %s; retrying in %.1fs", _explained(error), backoff
+                )
             if time.monotonic() - began >= _HEALTHY_FOR:
                 backoff = _BACKOFF_FIRST  # it had worked for a while: try again soon
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_LAST)
 
-    async def _listen(self, pubsub: PubSub) -> None:
+    async def _listen(self, links: _Links, name: str) -> None:
         handled = 0
-        async for item in pubsub.listen():
+        async for item in links.pubsubs[name].listen():
             kind = item["type"]
             if kind in ("message", "smessage"):
                 self._on_message(item["channel"], item["data"])
@@ -453,6 +517,8 @@ class RedisBus:
                         f"redis ended the subscription to {item['channel']!r} unasked"
                         " (its slot moved to another node)"
                     )
+            elif kind == "pong" and item["data"] == _LIVENESS_MESSAGE:
+                links.answered[name] = time.monotonic()
             elif kind == "psubscribe":
                 # Connected. Rooms wait for their own confirmations (see subscription).
                 self.subscribed.set()

@@ -165,6 +165,25 @@ class LocalRedisCluster:
                     return self._node(int(primary[1]))
         raise DevstackError(f"no node serves slot {slot}")
 
+    def hand_over(self, key: str, timeout: float = 30.0) -> ClusterNode:
+        """A manual failover (CLUSTER FAILOVER on a replica) of `key`'s slot: no node fails,
+        the replica and its primary swap roles. Returns the new primary once it serves."""
+        old = self.primary_for(key)
+        with self._any_running().client() as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, _primary, *replicas in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    successor = self._node(int(replicas[0][1]))
+        with successor.client() as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        wait_until(
+            lambda: self.primary_for(key) is successor and self.served(require_replicas=True),
+            timeout=timeout,
+            what=f"node {successor.port} to take over from {old.port}",
+            interval=0.1,
+        )
+        return successor
+
     def wait_for_failover(self, timeout: float = 30.0) -> None:
         """Waits until the running nodes serve every slot again, each from a running primary."""
         wait_until(
