@@ -253,6 +253,8 @@ WORLDS: dict[str, World] = {
         not_prometheus=[],
     ),  # fmt: skip
     "monitoring-values.yaml": World([KUBE_DNS], address("10.1.2.3"), address("10.1.2.4")),
+    # One node of the Redis Cluster; the policy allows the cluster's whole /24.
+    "redis-cluster-values.yaml": World([KUBE_DNS], DATABASES_POSTGRES, address("10.30.0.12")),
 }
 
 
