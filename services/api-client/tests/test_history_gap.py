@@ -22,6 +22,7 @@ from parley.client import (
     HistoryGap,
     OutOfRange,
     ParleyError,
+    ReconnectPolicy,
 )
 from parley.client.errors import CallContext, error_from_rpc
 from parley.proto import chat_pb2, chat_pb2_grpc
@@ -173,3 +174,99 @@ def test_a_gap_of_one_message_reads_as_one() -> None:
 
 def test_chat_pb2_list_messages_response_has_first_sequence() -> None:
     assert chat_pb2.ListMessagesResponse(first_sequence=7).first_sequence == 7
+
+
+async def _waiting_for_chat_messages(url: str, query: str) -> int:
+    """How many sessions whose statement starts with `query` wait for a lock on
+    chat_messages."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
+            " WHERE NOT l.granted AND l.relation = 'chat_messages'::regclass"
+            " AND a.datname = current_database() AND a.query LIKE %s",
+            (query + "%",),
+        )
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+# The chat server's read of where a room's kept history starts (MessageStore.kept).
+_KEPT_QUERY = "SELECT coalesce((SELECT min(sequence) FROM chat_messages WHERE room"
+
+
+async def test_refusals_in_a_row_make_one_gap(
+    stack: RunningStack, person: Callable[[str], Person], room: str
+) -> None:
+    """A sweep deletes the room's front while the session reconnects: the server refuses its
+    resume point (first kept: 11), and refuses the next one too (a batch later, first kept:
+    31). No message came between the two refusals, so the caller sees one gap, 6-30, once.
+
+    Two table locks, taken one after the other, hold each of the server's reads of the first
+    kept message until the test has deleted what it should see."""
+    ada = person("Ada")
+    url = stack.database_url
+    store(url, room, 1, 50)
+    forget(url, room, 10)
+    seen: list[Any] = []
+    first_lock = await psycopg.AsyncConnection.connect(url)
+    second_lock = await psycopg.AsyncConnection.connect(url)
+    try:
+        await first_lock.execute("LOCK TABLE chat_messages IN ACCESS EXCLUSIVE MODE")
+        async with (
+            AsyncChatClient(stack.chat, token=ada.token) as chat,
+            # A stream let in for `settle` seconds would report the gap as whole: here the
+            # server takes as long as the test holds its read.
+            chat.session(
+                room, resume_after=5, on_gap=seen.append, policy=ReconnectPolicy(settle=120.0)
+            ) as session,
+        ):
+            await wait_until(
+                lambda: _waiting_for_chat_messages(url, _KEPT_QUERY), 20, "the first read"
+            )
+            locking = asyncio.create_task(
+                second_lock.execute("LOCK TABLE chat_messages IN ACCESS EXCLUSIVE MODE")
+            )
+            await wait_until(
+                lambda: _waiting_for_chat_messages(url, "LOCK TABLE"), 20, "the second lock"
+            )
+            await first_lock.commit()  # the first read goes (first kept: 11), then the lock
+            await asyncio.wait_for(locking, 20)
+            await wait_until(
+                lambda: _waiting_for_chat_messages(url, _KEPT_QUERY), 20, "the second read"
+            )
+            await second_lock.execute(
+                "DELETE FROM chat_messages WHERE room = %s AND sequence <= 30", (room,)
+            )
+            await second_lock.commit()  # the second read: first kept 31, refused again
+            async with asyncio.timeout(30):
+                while len(seen) < 21:
+                    seen.append((await anext(session)).sequence)
+            assert seen == [HistoryGap(room, 5, 31), *range(31, 51)]
+            assert session.gaps == (HistoryGap(room, 5, 31),)
+            assert session.last_sequence == 50
+            assert session.error is None
+    finally:
+        await first_lock.close()
+        await second_lock.close()
+
+
+async def test_a_gap_in_a_room_where_nothing_follows_is_still_reported(
+    stack: RunningStack, person: Callable[[str], Person], room: str
+) -> None:
+    """Every message went: no message will follow the gap, which the session reports once
+    its next stream is let in."""
+    ada = person("Ada")
+    store(stack.database_url, room, 1, 8)
+    forget(stack.database_url, room, 8)
+    gaps: list[HistoryGap] = []
+    async with (
+        AsyncChatClient(stack.chat, token=ada.token) as chat,
+        chat.session(room, resume_after=2, on_gap=gaps.append) as session,
+    ):
+        reading = asyncio.create_task(anext(session))
+        try:
+            await wait_until(lambda: gaps, 20, "the gap to be reported")
+        finally:
+            reading.cancel()
+        assert gaps == [HistoryGap(room, 2, 9)]
+        assert session.last_sequence == 8

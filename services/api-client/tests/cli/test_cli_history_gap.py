@@ -60,3 +60,21 @@ def test_tail_prints_text_lines_after_the_gap_line(
     assert ran.stderr.splitlines() == [
         f"parley: history gap: message 11 of room {room} is no longer kept; continuing from 12"
     ]
+
+
+def test_history_after_a_deleted_point_prints_the_gap_line(
+    parley: Run, stack: RunningStack, person: Callable[[str], Person], room: str
+) -> None:
+    ada = person("Ada")
+    _room_with_front_deleted(stack.database_url, room, 50, 40)
+    ran = parley("chat", "history", "--room", room, "--after", "3", "-o", "json", token=ada.token)
+    assert ran.code == 0, ran
+    assert [m["sequence"] for m in ran.json_lines()] == list(range(41, 51))
+    assert ran.stderr.splitlines() == [
+        f"parley: history gap: messages 4-40 of room {room} are no longer kept; continuing from 41"
+    ]
+    # From the first kept message on, or after the last: no line.
+    for after in ("40", "50"):
+        quiet = parley("chat", "history", "--room", room, "--after", after, token=ada.token)
+        assert quiet.code == 0, quiet
+        assert quiet.stderr == ""

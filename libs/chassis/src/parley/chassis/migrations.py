@@ -2,6 +2,16 @@
 
 Each service owns a component (`user`, `chat`) whose numbered files `NNNN_name.sql` live
 in its package's `migrations/` folder; one ledger table records what was applied.
+
+A migration runs in one transaction with its ledger row, unless its first line is
+`-- parley:no-transaction` (for `CREATE INDEX CONCURRENTLY`, which builds an index without
+blocking writers and cannot run in a transaction). Such a migration runs one statement at a
+time (statements end with `;` at the end of a line; none may hold `;` inside), each committing
+by itself, and its ledger row is written only after the last succeeds, so a failed one runs
+again, whole, next time: every statement must be safe to repeat (`IF NOT EXISTS`). A failed
+concurrent build leaves its index behind INVALID (unused by queries, yet kept up to date by
+every write), which `IF NOT EXISTS` would take as done: before running such a migration the
+runner drops, concurrently, each index it creates that exists and is INVALID.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from parley.chassis.database import redact_url
 
@@ -22,6 +33,17 @@ __all__ = ["Migration", "MigrationSet", "connect_when_ready"]
 
 _log = logging.getLogger("parley.migrate")
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+NO_TRANSACTION = "-- parley:no-transaction"
+# The indexes a no-transaction migration builds concurrently, by name.
+_CONCURRENT_INDEX = re.compile(
+    r"\bCREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+    r"([a-z_][a-z0-9_]*)",
+    re.IGNORECASE,
+)
+# A statement's end in a no-transaction migration: `;` at the end of a line.
+_STATEMENT_END = re.compile(r";[ \t]*(?:--[^\n]*)?$", re.MULTILINE)
+# How often a migrator waiting for another one tries the lock again (doubling to the last).
+_LOCK_POLL_FIRST, _LOCK_POLL_MAX = 0.05, 1.0
 # One lock for every component, so concurrent migrations of a database never interleave.
 _ADVISORY_LOCK_KEY = 0x5041524C4559  # "PARLEY"
 
@@ -55,6 +77,34 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def transactional(self) -> bool:
+        """False for a migration marked `-- parley:no-transaction` on its first line."""
+        first = self.sql.lstrip().split("\n", 1)[0].strip()
+        return first != NO_TRANSACTION
+
+    def statements(self) -> list[str]:
+        """A no-transaction migration's statements, in order, comments kept."""
+        parts: list[str] = []
+        start = 0
+        for end in _STATEMENT_END.finditer(self.sql):
+            parts.append(self.sql[start : end.end()])
+            start = end.end()
+        parts.append(self.sql[start:])
+        return [part for part in parts if _has_sql(part)]
+
+    def concurrent_indexes(self) -> list[str]:
+        """The indexes this migration creates concurrently."""
+        return [match.group(1) for match in _CONCURRENT_INDEX.finditer(_without_comments(self.sql))]
+
+
+def _without_comments(text: str) -> str:
+    return re.sub(r"--[^\n]*", "", text)
+
+
+def _has_sql(text: str) -> bool:
+    return bool(_without_comments(text).strip(" \t\r\n;"))
 
 
 class MigrationSet:
@@ -110,24 +160,27 @@ class MigrationSet:
         (see `connect_when_ready`).
 
         Safe when several replicas run it at once: the advisory lock serialises them and the
-        ledger, read under the lock, makes each migration run exactly once.
+        ledger, read under the lock, makes each migration run exactly once. A migrator waits
+        for the lock by trying it again and again, never inside a statement: a waiting
+        statement would hold a snapshot, which a concurrent index build of the lock's holder
+        waits for (a deadlock that Postgres would break by failing the build).
         """
         applied: list[int] = []
         async with await connect_when_ready(url, wait=wait) as conn:
-            await conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
+            await _take_lock(conn)
             try:
                 await conn.execute(_LEDGER)
                 current = await self.schema_version(conn)
                 for migration in self.load():
                     if migration.version <= current:
                         continue
-                    async with conn.transaction():
-                        await conn.execute(migration.sql.encode())
-                        await conn.execute(
-                            "INSERT INTO parley_schema_migrations (component, version, name)"
-                            " VALUES (%s, %s, %s)",
-                            (self.component, migration.version, migration.name),
-                        )
+                    if migration.transactional:
+                        async with conn.transaction():
+                            await conn.execute(migration.sql.encode())
+                            await self._record(conn, migration)
+                    else:
+                        await _run_outside_a_transaction(conn, migration)
+                        await self._record(conn, migration)
                     _log.info(
                         "applied %s migration %04d_%s",
                         self.component,
@@ -138,6 +191,51 @@ class MigrationSet:
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
         return applied
+
+    async def _record(self, conn: psycopg.AsyncConnection[Any], migration: Migration) -> None:
+        await conn.execute(
+            "INSERT INTO parley_schema_migrations (component, version, name) VALUES (%s, %s, %s)",
+            (self.component, migration.version, migration.name),
+        )
+
+
+async def _take_lock(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Takes the migrations' session lock, trying again while another migrator holds it."""
+    pause = _LOCK_POLL_FIRST
+    waited = False
+    while True:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            return
+        if not waited:
+            _log.info("another migrator holds the migrations' lock; waiting for it")
+            waited = True
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, _LOCK_POLL_MAX)
+
+
+async def _run_outside_a_transaction(
+    conn: psycopg.AsyncConnection[Any], migration: Migration
+) -> None:
+    """Runs a no-transaction migration one statement at a time (the connection is in
+    autocommit), first dropping what a failed run of it left: its INVALID indexes."""
+    for index in migration.concurrent_indexes():
+        cur = await conn.execute(
+            "SELECT NOT i.indisvalid FROM pg_index AS i WHERE i.indexrelid = to_regclass(%s)",
+            (index,),
+        )
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            _log.warning(
+                "index %s was left INVALID by a failed build; dropping it to build it again",
+                index,
+            )
+            await conn.execute(
+                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(index))
+            )
+    for statement in migration.statements():
+        await conn.execute(statement.encode())
 
 
 async def connect_when_ready(url: str, *, wait: float) -> psycopg.AsyncConnection[Any]:

@@ -129,8 +129,10 @@ class ChatServiceServicer:
         are deleted from the front of a room, never from its middle. A resume point older than
         what the room keeps (the message right after it was deleted) is refused with
         OUT_OF_RANGE, google.rpc.ErrorInfo reason RESUME_POINT_EXPIRED, and ErrorInfo metadata
-        `first_sequence`: the first sequence still stored, as a decimal string (the room's last
-        sequence + 1 when none is). Resume after `first_sequence` - 1 to accept the gap. An open
+        `first_sequence`, a decimal string: where the room's kept history starts, the first
+        sequence still stored or, when the room is over its count limit, the first one that
+        limit keeps (older ones are about to go); the room's last sequence + 1 when it holds
+        none. Resume after `first_sequence` - 1 to accept the gap. An open
         stream whose catch-up from storage finds the next message it needs deleted meanwhile (a
         reader far behind) ends with the same status: a stream never skips a message silently
         and never delivers one twice.

@@ -688,17 +688,24 @@ class AsyncChatClient(AsyncClientBase):
         """A live session in `room`, joined by `async with` (or `await session.open()`).
 
         - `history=N` first delivers the room's last N messages, then live ones.
-        - `resume_after=S` delivers every message after sequence S, then live ones (use the
-          `last_sequence` of an earlier session to continue it). Not together with `history`.
-          With its `room_id` as `resume_room_id`, a room deleted and made again under its
-          name meanwhile refuses the point (OUT_OF_RANGE) instead of skipping messages.
+        - `resume_after=S` delivers every message after sequence S that the server still
+          keeps, then live ones (use the `last_sequence` of an earlier session to continue
+          it). Not together with `history`. With its `room_id` as `resume_room_id`, a room
+          deleted and made again under its name meanwhile refuses the point (OUT_OF_RANGE)
+          instead of skipping messages.
         - Neither: the messages stored after joining.
 
         The session reconnects by itself (see `ReconnectPolicy`); `on_state` is called with a
-        `ConnectionEvent` at each change of its connection. When the server no longer keeps
-        messages the session has not delivered yet (history retention), `on_gap` is called
-        with a `HistoryGap` in their place and the session goes on from the first message
-        kept. See `ChatSession`.
+        `ConnectionEvent` at each change of its connection. When the message after the
+        session's resume point is no longer kept (the server's history retention deleted it,
+        as after a long time away or while the caller read far behind), the session does not
+        fail: its iterator reaches one `HistoryGap` in place of the missing messages (given
+        to `on_gap` then, and listed in `gaps`), after the last message before them and
+        before the first after them, and goes on from the gap's `first_sequence`. That is
+        the first message the server still keeps, or, in a room over its count limit, the
+        first one the limit keeps (the few before it were about to be deleted); refusals in a
+        row with no message between them (a sweep still deleting) make one gap. See
+        `ChatSession`.
         """
         return ChatSession(
             self,

@@ -35,9 +35,13 @@ What the session does so that its caller does not have to:
   after the session's resume point (the deployment's history retention deleted them, e.g.
   after a long time away, or while the caller read far behind). The session reports the gap
   as a `HistoryGap` (to the `on_gap` callback, and in `gaps`) in its place among the
-  messages, after the last one delivered before it, then continues from the first message
-  still kept (`first_sequence` in the error): nothing is skipped silently, nothing comes
-  twice.
+  messages, after the last one delivered before it, then continues from `first_sequence` in
+  the error (the first message kept, or the count limit's horizon): nothing is skipped
+  silently, nothing comes twice. Refusals in a row with no message between them (a sweep
+  still deleting the room's front) widen one gap rather than make another, and the second
+  one in a row waits a first reconnect delay before the next stream; the gap goes to the
+  caller before the next message, or once a stream has stayed open for `settle` seconds (a
+  room where nothing follows).
 - Any other error (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION,
   ...) ends the session: the iterator raises it as the typed `ParleyError` after the messages
   already received, and `send()` raises it too. In particular PERMISSION_DENIED (a private
@@ -350,6 +354,10 @@ class ChatSession:
         # Messages taken off the stream, and the gaps among them, in the caller's order.
         self._buffer: deque[chat_pb2.ChatMessage | HistoryGap] = deque()
         self._gaps: list[HistoryGap] = []
+        # A gap not in the buffer yet: a refusal right after it (a sweep still deleting) widens
+        # it, so one gap is reported once. It goes in before the next message received, or
+        # once a stream has stayed open for `settle` seconds, or when the session fails.
+        self._held_gap: HistoryGap | None = None
         self._pending: OrderedDict[str, str] = OrderedDict()  # client id -> text, in send order
         # The stored form of recently acknowledged messages, for wait_stored().
         self._acknowledged: OrderedDict[str, chat_pb2.ChatMessage] = OrderedDict()
@@ -588,6 +596,7 @@ class ChatSession:
         attempt = 0
         lost_since: float | None = None
         settle = False
+        gaps_in_row = 0
         while True:
             target, channel = self._client.stream_channel()
             self._target = target
@@ -598,9 +607,14 @@ class ChatSession:
                 delivered = await self._stream(channel, settle=settle)
             except grpc.RpcError as rpc_error:
                 error = self._stream_error(rpc_error)
-            if error is not None and await self._skip_gap(error):
+            if error is not None and self._skip_gap(error):
                 attempt, lost_since, settle = 0, None, False
-                continue  # at once, from the first message still kept
+                gaps_in_row = 1 if delivered else gaps_in_row + 1
+                if gaps_in_row > 1:
+                    # Refused again at once: a sweep is deleting this room's front as we go.
+                    await asyncio.sleep(self._policy.delay(gaps_in_row - 1))
+                continue  # from the first message kept
+            gaps_in_row = 0
             settle = error is not None and _masked(error)
             if delivered or time.monotonic() - opened_at >= self._policy.max_delay:
                 attempt, lost_since = 0, None
@@ -657,6 +671,7 @@ class ChatSession:
         ended = asyncio.Event()
         call.add_done_callback(lambda _call: ended.set())
         delivered = False
+        gap_flush: asyncio.Task[None] | None = None
         try:
             await call.initial_metadata()
             if settle or self._pending:
@@ -677,6 +692,8 @@ class ChatSession:
             if self._state is not ConnectionState.CONNECTING:
                 self._reconnects += 1
             self._set_state(ConnectionEvent(ConnectionState.CONNECTED, self._target, resent=resent))
+            if self._held_gap is not None:
+                gap_flush = asyncio.create_task(self._flush_gap_when_settled(ended))
             while True:
                 message = await call.read()
                 if not isinstance(message, chat_pb2.ChatMessage):  # grpc.aio.EOF
@@ -684,6 +701,8 @@ class ChatSession:
                 delivered = True
                 await self._receive(message)
         finally:
+            if gap_flush is not None:
+                gap_flush.cancel()
             self._call = None
             call.cancel()
 
@@ -709,6 +728,7 @@ class ChatSession:
             self._notify()
         if message.sequence <= self._received:
             return  # seen before this reconnect
+        await self._flush_gap()  # its place: just before the first message after it
         while len(self._buffer) >= self._buffer_size:
             await self._wait_change()  # the caller is behind: stop reading the stream
         self._received = message.sequence
@@ -716,21 +736,38 @@ class ChatSession:
         self._buffer.append(message)
         self._notify()
 
-    async def _skip_gap(self, error: ParleyError) -> bool:
-        """For RESUME_POINT_EXPIRED, puts a HistoryGap after what was received and moves the
-        resume point to just before the first message kept; False for any other error (and
-        for a first_sequence that would not move the session forward)."""
+    def _skip_gap(self, error: ParleyError) -> bool:
+        """For RESUME_POINT_EXPIRED, holds a HistoryGap after what was received (widening the
+        one held, when no message came since) and moves the resume point to just before the
+        first message kept; False for any other error (and for a first_sequence that would not
+        move the session forward)."""
         if not isinstance(error, OutOfRange) or error.reason != RESUME_EXPIRED:
             return False
         first = error.first_sequence
         if first is None or first <= self._received + 1:
             return False
-        while len(self._buffer) >= self._buffer_size:
-            await self._wait_change()  # the caller is behind: the gap waits its turn
-        self._buffer.append(HistoryGap(self._room, self._received, first))
+        held = self._held_gap
+        after = self._received if held is None else held.resume_after
+        self._held_gap = HistoryGap(self._room, after, first)
         self._received = first - 1
-        self._notify()
         return True
+
+    async def _flush_gap(self) -> None:
+        """Puts the held gap in the buffer, in its place after what was received."""
+        while self._held_gap is not None and len(self._buffer) >= self._buffer_size:
+            await self._wait_change()  # the caller is behind: the gap waits its turn
+        if self._held_gap is not None:
+            self._buffer.append(self._held_gap)
+            self._held_gap = None
+            self._notify()
+
+    async def _flush_gap_when_settled(self, ended: asyncio.Event) -> None:
+        """A stream that stays open `settle` seconds was let in: the gap before it is whole
+        (in a room where nothing new comes, no message would report it)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), self._policy.settle)
+        if not ended.is_set():
+            await self._flush_gap()
 
     def _report_gap(self, gap: HistoryGap) -> None:
         self._gaps.append(gap)
@@ -788,6 +825,9 @@ class ChatSession:
             raise RuntimeError("open the chat session first (async with ... or await open())")
 
     def _fail(self, error: ParleyError) -> None:
+        if self._held_gap is not None:  # reported before the error, in its place
+            self._buffer.append(self._held_gap)
+            self._held_gap = None
         self._failure = error
         self._set_state(ConnectionEvent(ConnectionState.FAILED, self._target, error=error))
 

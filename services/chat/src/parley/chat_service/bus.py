@@ -176,7 +176,7 @@ class _Links:
 
     def add(self, name: str, options: dict[str, Any]) -> None:
         """A connection named `name`, made with redis-py connection `options`."""
-        client = redis.Redis(connection_pool=ConnectionPool(**options))
+        client = redis.Redis.from_pool(ConnectionPool(**options))  # closes the pool too
         self.clients.append(client)
         self.pubsubs[name] = client.pubsub()
         self.answered[name] = time.monotonic()

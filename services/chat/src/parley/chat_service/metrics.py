@@ -131,8 +131,9 @@ class RetentionMetrics:
         )
         self.failures = Counter(
             "parley_chat_retention_sweep_failures_total",
-            "Retention sweeps that failed (Postgres unavailable, a statement timeout); the "
-            "next one starts after PARLEY_CHAT_RETENTION_INTERVAL.",
+            "Retention batches and scans that failed (Postgres unavailable, a statement "
+            "timeout), and sweeps that could not start; the sweep goes on with the other rooms, "
+            "and the next one, after PARLEY_CHAT_RETENTION_INTERVAL, tries again.",
             registry=registry,
         )
         self.yielded = Counter(

@@ -40,7 +40,12 @@ def create_server(settings: ChatSettings) -> GrpcApp:
         verifier=TokenVerifier(settings.auth),
     )
     db = app.use_database(settings.database, application_name="parley-chat", migrations=MIGRATIONS)
-    store = MessageStore(db, rate=settings.rate_limit, burst=settings.rate_burst)
+    store = MessageStore(
+        db,
+        rate=settings.rate_limit,
+        burst=settings.rate_burst,
+        max_messages=settings.retention.max_messages,
+    )
     rooms = RoomStore(db, max_rooms_per_user=settings.max_rooms_per_user)
     users = UserDirectory(
         settings.user_service,

@@ -105,7 +105,8 @@ def _resume_point(
 
 def resume_expired(room: str, after: int, first: int, *, behind: bool = False) -> OutOfRange:
     """The refusal of a stream that would have to go on after `after`, when history retention
-    has deleted the room's messages up to `first` - 1 (see retention.py)."""
+    has deleted the message after it: `first` is where it may go on (the first kept message,
+    or the count limit's horizon when that is later: see MessageStore.horizon)."""
     gone = (
         f"message {after + 1} is" if after + 2 == first else f"messages {after + 1}-{first - 1} are"
     )
@@ -115,7 +116,7 @@ def resume_expired(room: str, after: int, first: int, *, behind: bool = False) -
         else f"{RESUME_KEY} {after} is older than the history the room keeps"
     )
     return OutOfRange(
-        f"{why}: {gone} no longer stored in room {room!r}, the first kept message is "
+        f"{why}: {gone} no longer kept in room {room!r}, the first kept message is "
         f"{first}; resume after {first - 1} to go on from there (a gap), or read what is kept "
         "with ListMessages",
         reason=RESUME_EXPIRED,
@@ -268,9 +269,9 @@ class ChatServicer:
             else:
                 # History retention deletes from the front of a room: refuse a point whose
                 # next message is gone rather than skip what was deleted.
-                first = await self._store.first_sequence(room, timeout=context.time_remaining())
+                first, horizon = await self._store.kept(room, timeout=context.time_remaining())
                 if resume_after + 1 < first:
-                    raise resume_expired(room, resume_after, first)
+                    raise resume_expired(room, resume_after, horizon)
                 last = resume_after
                 subscriber.catch_up()
             await self._presence.announce(room, subscriber.id, user_id, subscriber.user_name)
@@ -331,7 +332,8 @@ class ChatServicer:
             if after + 1 < page.first_sequence:
                 # The next message was deleted by history retention while the stream was
                 # behind: it ends, never skipping a gap silently.
-                raise resume_expired(room, after, page.first_sequence, behind=True)
+                horizon = self._store.horizon(page.first_sequence, page.last_sequence)
+                raise resume_expired(room, after, horizon, behind=True)
             more = page.more
             for message in page.messages:
                 if until is not None and message.sequence > until:

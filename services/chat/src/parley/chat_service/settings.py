@@ -69,6 +69,10 @@ class RetentionSettings:
     """Seconds a message is kept; 0: no age limit."""
     max_messages: int = 100_000
     """Messages kept per room (the newest); 0: no count limit."""
+    min_age: float = 3600.0
+    """Seconds no message is deleted for, by age or by count: a client_message_id resend is
+    deduplicated for at least this long (so a room busier than max_messages per min_age keeps
+    more than max_messages)."""
     interval: float = 60.0
     """Seconds between the starts of two sweeps."""
     batch: int = 1000
@@ -80,10 +84,20 @@ class RetentionSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> RetentionSettings:
+        max_age = env.seconds(
+            "PARLEY_CHAT_RETENTION_MAX_AGE", 30 * _DAY, minimum=0, maximum=3650 * _DAY
+        )
+        min_age = env.seconds(
+            "PARLEY_CHAT_RETENTION_MIN_AGE", 3600.0, minimum=60.0, maximum=30 * _DAY
+        )
+        if 0 < max_age < min_age:
+            raise ConfigError(
+                "PARLEY_CHAT_RETENTION_MIN_AGE",
+                f"must not exceed PARLEY_CHAT_RETENTION_MAX_AGE ({max_age:g}s), got {min_age:g}s",
+            )
         return cls(
-            max_age=env.seconds(
-                "PARLEY_CHAT_RETENTION_MAX_AGE", 30 * _DAY, minimum=0, maximum=3650 * _DAY
-            ),
+            max_age=max_age,
+            min_age=min_age,
             max_messages=env.integer(
                 "PARLEY_CHAT_RETENTION_MAX_MESSAGES", 100_000, minimum=0, maximum=1_000_000_000
             ),

@@ -9,6 +9,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from parley.chassis import Database
+from parley.chassis.errors import Unavailable
 from parley.proto import chat_pb2
 
 __all__ = ["Appended", "MessageStore", "Page"]
@@ -150,8 +151,9 @@ class MessageStore:
     every stream and replica (the budget lives in Postgres, next to the messages).
     """
 
-    def __init__(self, db: Database, *, rate: float, burst: int) -> None:
+    def __init__(self, db: Database, *, rate: float, burst: int, max_messages: int = 0) -> None:
         self._db = db
+        self._max_messages = max_messages  # PARLEY_CHAT_RETENTION_MAX_MESSAGES (0: none)
         self._interval = timedelta(seconds=1 / rate)
         self._tolerance = timedelta(seconds=(burst - 1) / rate)
 
@@ -185,35 +187,26 @@ class MessageStore:
             "tolerance": self._tolerance,
             "version": version,
         }
-        try:
-            async with self._db.connection(timeout) as conn:
-                cur = await conn.execute(_APPEND, params, prepare=True)
-                row = await cur.fetchone()
-        except pg_errors.UniqueViolation:
-            # The same client id raced in from another stream (a retry); it is stored once.
-            existing = await self._by_client_id(room, user_id, client_message_id, timeout)
-            assert existing is not None
-            return Appended("resent", existing, 0)
-        assert row is not None
-        outcome = row[7]
-        if outcome in ("rate", "stale"):
-            return Appended(outcome, None, 0)
-        return Appended(outcome, _message(row, int(row[9] or 0)), int(row[8] or 0))
-
-    async def _by_client_id(
-        self, room: str, user_id: int, client_message_id: str, timeout: float | None
-    ) -> chat_pb2.ChatMessage | None:
-        async with self._db.connection(timeout) as conn:
-            cur = await conn.execute(
-                sql.SQL(
-                    "SELECT {}, (SELECT room_id FROM chat_rooms WHERE name = room)"
-                    " FROM chat_messages"
-                    " WHERE room = %s AND user_id = %s AND client_message_id = %s"
-                ).format(_COLUMNS),
-                (room, user_id, client_message_id),
-            )
-            row = await cur.fetchone()
-        return None if row is None else _message(row, int(row[7]))
+        for _attempt in range(2):
+            try:
+                async with self._db.connection(timeout) as conn:
+                    cur = await conn.execute(_APPEND, params, prepare=True)
+                    row = await cur.fetchone()
+            except pg_errors.UniqueViolation:
+                # The same client id raced in from another stream (a retry) and committed
+                # first: the statement again, which now finds it ('resent').
+                continue
+            assert row is not None
+            outcome = row[7]
+            if outcome in ("rate", "stale"):
+                return Appended(outcome, None, 0)
+            return Appended(outcome, _message(row, int(row[9] or 0)), int(row[8] or 0))
+        # Raced twice in a row: never INTERNAL, the client resends and is answered then.
+        raise Unavailable(
+            "postgres",
+            "another send with the same client_message_id was being stored at the same moment;"
+            " send it again",
+        )
 
     async def last_sequence(self, room: str, *, timeout: float | None = None) -> int:
         async with self._db.connection(timeout) as conn:
@@ -223,18 +216,30 @@ class MessageStore:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def first_sequence(self, room: str, *, timeout: float | None = None) -> int:
+    async def kept(self, room: str, *, timeout: float | None = None) -> tuple[int, int]:
         """The room's lowest stored sequence (history retention deletes from the front), or
-        its last_sequence + 1 when it holds none; 1 for a room that does not exist."""
+        its last_sequence + 1 when it holds none (1 for a room that does not exist); and the
+        first sequence to tell a stream refused for what was deleted (see `horizon`)."""
         async with self._db.connection(timeout) as conn:
             cur = await conn.execute(
                 "SELECT coalesce((SELECT min(sequence) FROM chat_messages WHERE room = %(room)s),"
-                " (SELECT last_sequence FROM chat_rooms WHERE name = %(room)s) + 1, 1)",
+                " (SELECT last_sequence FROM chat_rooms WHERE name = %(room)s) + 1, 1),"
+                " coalesce((SELECT last_sequence FROM chat_rooms WHERE name = %(room)s), 0)",
                 {"room": room},
             )
             row = await cur.fetchone()
         assert row is not None
-        return int(row[0])
+        first = int(row[0])
+        return first, self.horizon(first, int(row[1]))
+
+    def horizon(self, first: int, last: int) -> int:
+        """Where a stream refused for deleted history goes on: the first kept sequence, or,
+        with a count limit, the first one the limit keeps when it is later (those below it are
+        about to go, and the sweep under way never deletes at or past it: see retention.py),
+        so one gap is told once rather than again for each batch of a sweep."""
+        if self._max_messages <= 0:
+            return first
+        return max(first, last - self._max_messages + 1)
 
     async def after(
         self, room: str, after_sequence: int, limit: int, *, timeout: float | None = None

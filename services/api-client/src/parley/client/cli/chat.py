@@ -6,14 +6,14 @@ import asyncio
 import dataclasses
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Annotated, TypeVar
 
 import typer
 from rich.table import Table
 
-from parley.client import ConnectionEvent, DeadlineExceeded, ReconnectPolicy
-from parley.client.chat import DEFAULT_ROOM, check_text
+from parley.client import ConnectionEvent, DeadlineExceeded, HistoryGap, ReconnectPolicy
+from parley.client.chat import DEFAULT_ROOM, ChatClient, check_text
 from parley.client.cli.chat_connection import (
     async_chat_client,
     chat_client,
@@ -398,12 +398,16 @@ def history(
         typer.Option("--after", min=0, help="Instead, every message after this sequence."),
     ] = None,
 ) -> None:
-    """Show a room's stored messages, oldest first: the last 20, or all after a sequence."""
+    """Show a room's stored messages, oldest first: the last 20, or all after a sequence.
+
+    With --after, messages the server no longer keeps (its history retention deleted them)
+    are reported by one `history gap` line on stderr.
+    """
     name = _room(settings, room)
     with chat_client(settings) as client:
         found: Iterable[chat_pb2.ChatMessage]
         if after is not None:
-            found = client.list_messages(name, after=after)
+            found = _messages_after(client, name, after)
         else:
             found = client.recent_messages(name, last)
         if settings.json:
@@ -424,6 +428,18 @@ def history(
                 safe_text(message.text),
             )
         print_table(table)
+
+
+def _messages_after(client: ChatClient, room: str, after: int) -> Iterator[chat_pb2.ChatMessage]:
+    """Every stored message after `after`, with the one `history gap` line on stderr when
+    the next one was deleted by the server's history retention (the first page says where
+    the room's kept history starts)."""
+    page = client.list_messages_page(room, after=after)
+    if page.first_sequence > after + 1:
+        notice(HistoryGap(room, after, page.first_sequence).describe())
+    yield from page.messages
+    if page.has_more and page.messages:
+        yield from client.list_messages(room, after=page.messages[-1].sequence)
 
 
 @chat_app.command(
