@@ -16,6 +16,8 @@ from redis.crc import key_slot
 from parley.chassis import ConfigError, Env
 from parley.chat_service.bus import presence_key, room_channel
 from parley.chat_service.settings import ChatSettings
+from parley.testing import chat_client
+from parley.testing.chat_client import everyone_has
 from parley.testing.redis_cluster import ClusterNode, LocalRedisCluster
 
 EACH = 8
@@ -58,15 +60,7 @@ async def classic_subscribers(node: ClusterNode, channel: str) -> int:
 
 
 async def send_round(senders, label: str) -> None:
-    async def talk(sender) -> None:
-        for k in range(EACH):
-            await sender.send(f"{label} {k} from {sender.person.name}")
-
-    await asyncio.gather(*(talk(sender) for sender in senders))
-
-
-def everyone_has(clients, count: int):
-    return lambda: all(len(c.received) >= count for c in clients)
+    await chat_client.send_round(senders, label, EACH)
 
 
 async def test_rooms_use_shard_channels_and_keep_their_keys_in_one_slot(

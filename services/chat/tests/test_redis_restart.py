@@ -3,7 +3,8 @@ Postgres keeps every message and every stream catches up, with nothing lost or d
 
 from __future__ import annotations
 
-import asyncio
+from parley.testing import chat_client
+from parley.testing.chat_client import everyone_has
 
 ROOM = "weather"
 EACH = 10
@@ -11,11 +12,7 @@ NOT_SERVING = 2
 
 
 async def send_round(senders, round_name: str) -> None:
-    async def talk(sender) -> None:
-        for k in range(EACH):
-            await sender.send(f"{round_name} {k} from {sender.person.name}")
-
-    await asyncio.gather(*(talk(sender) for sender in senders))
+    await chat_client.send_round(senders, round_name, EACH)
 
 
 async def conversation(make_stack, private_redis, chat, streams_joined, stream_counts, resync):
@@ -33,10 +30,6 @@ async def conversation(make_stack, private_redis, chat, streams_joined, stream_c
     listeners = [await chat(linus, replica, room=ROOM) for replica in (a, b, a, b)]
     await streams_joined(a, linus, ROOM, stream_counts(senders + listeners))
     return redis, stack, senders, listeners
-
-
-def everyone_has(clients, count: int):
-    return lambda: all(len(c.received) >= count for c in clients)
 
 
 async def status_is(status, expected: int) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -30,9 +30,27 @@ __all__ = [
     "ChatClient",
     "check_clients",
     "expected_counts",
+    "everyone_has",
     "presence",
+    "send_round",
     "wait_for_streams",
 ]
+
+
+async def send_round(senders: Sequence[ChatClient], label: str, each: int) -> None:
+    """Every sender sends `each` messages (`label k from NAME`), all senders at once."""
+
+    async def talk(sender: ChatClient) -> None:
+        for k in range(each):
+            await sender.send(f"{label} {k} from {sender.person.name}")
+
+    await asyncio.gather(*(talk(sender) for sender in senders))
+
+
+def everyone_has(clients: Sequence[ChatClient], count: int) -> Callable[[], bool]:
+    """A condition: every client has received at least `count` messages."""
+    return lambda: all(len(c.received) >= count for c in clients)
+
 
 # What writing to a stream that has ended raises.
 WRITE_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)

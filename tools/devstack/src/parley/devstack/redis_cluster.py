@@ -158,22 +158,21 @@ class LocalRedisCluster:
 
     def primary_for(self, key: str) -> ClusterNode:
         """The running node that serves `key`'s slot as its primary."""
+        return self._serving(key)[0]
+
+    def _serving(self, key: str) -> list[ClusterNode]:
+        """The nodes that serve `key`'s slot: its primary first, then its replicas."""
         with self._any_running().client() as client:
             slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
-            for start, end, primary, *_replicas in client.execute_command("CLUSTER SLOTS"):
+            for start, end, *nodes in client.execute_command("CLUSTER SLOTS"):
                 if start <= slot <= end:
-                    return self._node(int(primary[1]))
+                    return [self._node(int(node[1])) for node in nodes]
         raise DevstackError(f"no node serves slot {slot}")
 
     def hand_over(self, key: str, timeout: float = 30.0) -> ClusterNode:
         """A manual failover (CLUSTER FAILOVER on a replica) of `key`'s slot: no node fails,
         the replica and its primary swap roles. Returns the new primary once it serves."""
-        old = self.primary_for(key)
-        with self._any_running().client() as client:
-            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
-            for start, end, _primary, *replicas in client.execute_command("CLUSTER SLOTS"):
-                if start <= slot <= end:
-                    successor = self._node(int(replicas[0][1]))
+        old, successor, *_ = self._serving(key)
         with successor.client() as client:
             client.execute_command("CLUSTER", "FAILOVER")
         wait_until(
