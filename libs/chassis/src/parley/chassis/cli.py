@@ -15,17 +15,24 @@ from parley.chassis.database import redact_url
 from parley.chassis.logs import configure_logging
 from parley.chassis.migrations import MigrationSet
 from parley.chassis.server import GrpcApp
+from parley.chassis.tracing import TracingSettings, start_tracing, stop_tracing
 
 __all__ = ["run_service_command"]
 
 _log = logging.getLogger("parley.cli")
 
 
-async def _serve(build: Callable[[Env], GrpcApp]) -> int:
+async def _serve(prog: str, build: Callable[[Env], GrpcApp]) -> int:
     env = Env()
     configure_logging(*log_settings(env))
-    app = build(env)
-    await app.run()
+    # Before the service is built: its pools' connections are instrumented as they are made.
+    start_tracing(TracingSettings.from_env(env), service_name=prog)
+    try:
+        app = build(env)
+        await app.run()
+    finally:
+        # The spans of the last calls; the exporter's own timeout bounds the wait.
+        await asyncio.to_thread(stop_tracing)
     return 0
 
 
@@ -69,7 +76,7 @@ def run_service_command(
         if args.command == "migrate":
             assert migrations is not None
             return asyncio.run(_migrate(migrations))
-        return asyncio.run(_serve(build))
+        return asyncio.run(_serve(prog, build))
     except ConfigError as error:
         return fail(f"configuration error: {error}")
     except OSError as error:

@@ -77,6 +77,19 @@ class Env:
             raise ConfigError(name, f"must be between {minimum} and {maximum}, got {number}")
         return number
 
+    def ratio(self, name: str, default: float) -> float:
+        """A fraction from 0 to 1, such as `0.25`."""
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(name, f"must be a number from 0 to 1, got {value!r}") from None
+        if not 0.0 <= number <= 1.0:
+            raise ConfigError(name, f"must be a number from 0 to 1, got {value!r}")
+        return number
+
     def port(self, name: str, default: int) -> int:
         return self.integer(name, default, minimum=0, maximum=65535)
 
@@ -190,6 +203,8 @@ class ServerSettings:
     health_max_service_name: int = 256
     health_max_watches_per_connection: int = 8
     health_max_watches: int = 1_000
+    # The share of successful calls whose access log line is written (1: all of them).
+    access_log_sample: float = 1.0
 
     @classmethod
     def from_env(cls, env: Env, *, default_port: int, default_metrics_port: int) -> ServerSettings:
@@ -237,6 +252,7 @@ class ServerSettings:
             health_max_watches=env.integer(
                 "PARLEY_HEALTH_MAX_WATCHES", 1_000, minimum=1, maximum=1_000_000
             ),
+            access_log_sample=env.ratio("PARLEY_ACCESS_LOG_SAMPLE", 1.0),
         )
 
     @property

@@ -1,4 +1,5 @@
-"""Logging: one line per event, plain or JSON, tagged with the current request id."""
+"""Logging: one line per event, plain or JSON, tagged with the current request id and, when
+tracing is on and there is a span, its `trace_id` and `span_id`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
+from parley.chassis import tracing
+
 __all__ = ["configure_logging", "request_id_var"]
 
 request_id_var: ContextVar[str] = ContextVar("parley_request_id", default="-")
 
-_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "trace_id",
+    "span_id",
+}
 
 
 class _SecondCache:
@@ -45,7 +54,17 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        ids = tracing.current_ids() if tracing.active() else None
+        if ids is not None:
+            record.trace_id, record.span_id = ids
         return True
+
+
+def _trace_fields(record: logging.LogRecord) -> str:
+    trace_id = getattr(record, "trace_id", None)
+    if trace_id is None:
+        return ""
+    return f" trace_id={trace_id} span_id={getattr(record, 'span_id', '')}"
 
 
 class _PlainFormatter(logging.Formatter):
@@ -63,6 +82,7 @@ class _PlainFormatter(logging.Formatter):
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        line += _trace_fields(record)
         # One event, one line: fold tracebacks and multi-line messages.
         return line.replace("\n", " | ")
 
@@ -80,6 +100,10 @@ class _JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id is not None:
+            event["trace_id"] = trace_id
+            event["span_id"] = getattr(record, "span_id", "")
         event.update(_extras(record))
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from types import TracebackType
@@ -11,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from parley.chassis import tracing
 from parley.chassis._handlers import CallScope, WrappingInterceptor, wrap_handler
 from parley.chassis.errors import LimitExceeded, ServiceError, to_status
 from parley.chassis.logs import request_id_var
@@ -18,10 +20,40 @@ from parley.chassis.malformed import MalformedRequest
 from parley.chassis.metrics import GrpcServerMetrics, MethodMetrics, grpc_type
 from parley.proto.contract import REQUEST_ID_KEY
 
-__all__ = ["REQUEST_ID_KEY", "ObservabilityInterceptor"]
+__all__ = ["QUIET_SERVICES", "REQUEST_ID_KEY", "AccessLog", "ObservabilityInterceptor"]
 
 
 _log = logging.getLogger("parley.rpc")
+
+# Services whose calls are logged at DEBUG unless they fail on the server's side: the probes
+# and the tools that list methods, which would otherwise fill the log.
+QUIET_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+
+class AccessLog:
+    """Which calls get an access log line: every failed one, and `sample` of the successful
+    ones (PARLEY_ACCESS_LOG_SAMPLE). The line of a sampled call says so: `sampled=<share>`."""
+
+    __slots__ = ("fields", "sample")
+
+    def __init__(self, sample: float = 1.0) -> None:
+        self.sample = sample
+        self.fields = {"sampled": f"{sample:g}"} if sample < 1.0 else None
+
+    def drops(self) -> bool:
+        """Whether to leave out the line of one more successful call."""
+        return self.fields is not None and random.random() >= self.sample
+
+    def describe(self) -> str:
+        if self.fields is None:
+            return "every call"
+        return f"every failed call and {self.sample:.0%} of successful ones"
 
 
 def _request_id(metadata: Any) -> str:
@@ -44,10 +76,12 @@ class _ObservedCall(CallScope):
     """
 
     __slots__ = (
+        "_access",
         "_context",
         "_headers_sent",
         "_method",
         "_metrics",
+        "_quiet",
         "_request_id",
         "_defer_headers",
         "_start",
@@ -60,7 +94,11 @@ class _ObservedCall(CallScope):
         context: grpc.aio.ServicerContext[Any, Any],
         *,
         defer_headers: bool,
+        quiet: bool,
+        access: AccessLog,
     ) -> None:
+        self._quiet = quiet
+        self._access = access
         self._metrics = metrics
         self._method = method
         self._context = context
@@ -137,19 +175,32 @@ class _ObservedCall(CallScope):
         elapsed = time.perf_counter() - self._start
         method = self._method
         method.handled[code].inc()
-        method.handling_seconds.observe(elapsed)
-        level = logging.WARNING if code in _SERVER_FAULTS else logging.INFO
-        if _log.isEnabledFor(level):
-            labels = method.labels
-            _log.log(
-                level,
-                "rpc /%s/%s %s %.1fms%s",
-                labels[1],
-                labels[2],
-                code.name,
-                elapsed * 1000,
-                f" {message}" if message else "",
-            )
+        if tracing.active():
+            method.handling_seconds.observe(elapsed, tracing.exemplar())
+        else:
+            method.handling_seconds.observe(elapsed)
+        if code in _SERVER_FAULTS:
+            level = logging.WARNING
+        else:
+            level = logging.DEBUG if self._quiet else logging.INFO
+        if not _log.isEnabledFor(level):
+            return
+        extra = None
+        if level == logging.INFO and code is grpc.StatusCode.OK:
+            if self._access.drops():
+                return
+            extra = self._access.fields
+        labels = method.labels
+        _log.log(
+            level,
+            "rpc /%s/%s %s %.1fms%s",
+            labels[1],
+            labels[2],
+            code.name,
+            elapsed * 1000,
+            f" {message}" if message else "",
+            extra=extra,
+        )
 
 
 _SERVER_FAULTS = frozenset(
@@ -165,16 +216,24 @@ _SERVER_FAULTS = frozenset(
 class ObservabilityInterceptor(WrappingInterceptor):
     """Tags each call with a request id, logs it, counts it and maps domain errors to statuses."""
 
-    def __init__(self, metrics: GrpcServerMetrics, max_request_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        metrics: GrpcServerMetrics,
+        max_request_bytes: int = 0,
+        access: AccessLog | None = None,
+    ) -> None:
         super().__init__()
         self._metrics = metrics
         self._max_request_bytes = max_request_bytes
+        self._access = access if access is not None else AccessLog()
 
     def wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
         service, _, name = method.lstrip("/").partition("/")
         metrics = self._metrics
+        access = self._access
+        quiet = service in QUIET_SERVICES
         method_metrics = metrics.method(
             grpc_type(handler.request_streaming, handler.response_streaming), service, name
         )
@@ -185,6 +244,8 @@ class ObservabilityInterceptor(WrappingInterceptor):
                 method_metrics,
                 context,
                 defer_headers=handler.request_streaming and not handler.response_streaming,
+                quiet=quiet,
+                access=access,
             ),
             tolerant=True,
             max_request_bytes=self._max_request_bytes,

@@ -16,6 +16,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from parley.chassis import tracing
 from parley.chassis.auth import AuthInterceptor, TokenVerifier
 from parley.chassis.config import DatabaseSettings, ServerSettings
 from parley.chassis.database import Database
@@ -24,7 +25,7 @@ from parley.chassis.limits import CHASSIS_LIMITS, LimitsInterceptor
 from parley.chassis.malformed import MESSAGE_BYTES
 from parley.chassis.metrics import GrpcServerMetrics, start_metrics_server
 from parley.chassis.migrations import MigrationSet
-from parley.chassis.observability import ObservabilityInterceptor
+from parley.chassis.observability import QUIET_SERVICES, AccessLog, ObservabilityInterceptor
 
 __all__ = ["GrpcApp", "ShutdownHook", "http2_stream_ceiling", "server_options"]
 
@@ -96,9 +97,15 @@ class GrpcApp:
         self.monitor = DependencyMonitor(
             self.health, service_names, checks, self.metrics, settings.health_check_interval
         )
-        observability = ObservabilityInterceptor(self.metrics, settings.max_message_bytes)
+        self.access_log = AccessLog(settings.access_log_sample)
+        observability = ObservabilityInterceptor(
+            self.metrics, settings.max_message_bytes, self.access_log
+        )
+        # Outermost when tracing is on, so the call's span is current in every other
+        # interceptor (log lines and exemplars carry its ids); health and reflection untraced.
+        traced = _tracing_interceptors(self.metrics)
         self.server = grpc.aio.server(
-            interceptors=[observability, self.limits, AuthInterceptor(verifier)],
+            interceptors=[*traced, observability, self.limits, AuthInterceptor(verifier)],
             options=server_options(settings),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -228,7 +235,7 @@ class GrpcApp:
         await self.start()
         settle_garbage_collector()
         _log.info(
-            "serving gRPC on %s:%d, metrics on %s:%d%s%s",
+            "serving gRPC on %s:%d, metrics on %s:%d%s%s; access log: %s",
             self.settings.host,
             self.port,
             self.settings.metrics_host,
@@ -237,6 +244,7 @@ class GrpcApp:
             f", health only on {self.settings.host}:{self.health_port}"
             if self.health_server is not None
             else "",
+            self.access_log.describe(),
         )
         await stopping.wait()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -260,6 +268,21 @@ def settle_garbage_collector() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
+def _tracing_interceptors(metrics: GrpcServerMetrics) -> list[grpc.aio.ServerInterceptor]:
+    """OpenTelemetry's server interceptor when tracing is on (it reads the caller's W3C
+    `traceparent` from the metadata), else none: tracing off costs a call nothing."""
+    if not tracing.active():
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+    tracing.register_metrics(metrics.registry)
+    untraced = filters.any_of(*(filters.service_name(name) for name in sorted(QUIET_SERVICES)))
+    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+        filter_=filters.negate(untraced)
+    )
+    return [interceptor]
 
 
 def _bind(address: str, add_port: Callable[[str], int]) -> int:

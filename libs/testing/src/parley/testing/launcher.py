@@ -150,8 +150,8 @@ def run_to_exit(
 ) -> subprocess.CompletedProcess[str]:
     """Runs `parley-<kind> serve` that is meant to refuse to start, until it exits, with its
     stdout and stderr apart (for tests of what a misconfigured service says). The environment
-    is the test's without the developer's PARLEY_* settings, plus `env`. The test fails if
-    the service is still running after `timeout`."""
+    is the test's without the developer's PARLEY_* and OTEL_* settings, plus `env`. The test
+    fails if the service is still running after `timeout`."""
     try:
         return devstack_run_to_exit(f"parley-{kind}", "serve", _child_environ(env), timeout=timeout)
     except DevstackError as exc:
@@ -159,8 +159,9 @@ def run_to_exit(
 
 
 def _child_environ(env: Mapping[str, str]) -> dict[str, str]:
-    """The test's environment without the developer's PARLEY_* settings, plus `env`."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
+    """The test's environment without the developer's PARLEY_* and OTEL_* settings, plus
+    `env`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PARLEY_", "OTEL_"))}
     return {**base, **env}
 
 

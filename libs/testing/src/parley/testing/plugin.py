@@ -45,6 +45,7 @@ from parley.testing.errors import RichError, rich_error
 from parley.testing.launcher import JWT_SECRET, Launcher
 from parley.testing.metrics import scrape_metrics
 from parley.testing.network import free_port, health_status
+from parley.testing.otlp import OtlpReceiver
 from parley.testing.processes import rss_bytes
 from parley.testing.redis_server import RedisServer
 from parley.testing.schemas import migrate_both_sync
@@ -193,6 +194,17 @@ def _background_stops() -> Iterator[list[threading.Thread]]:
     yield threads
     for thread in threads:
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP trace receiver on a loopback port; `otlp_receiver.env()` points a service
+    at it."""
+    receiver = OtlpReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
 
 
 @pytest.fixture

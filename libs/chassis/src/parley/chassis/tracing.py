@@ -1,0 +1,280 @@
+"""Distributed tracing with OpenTelemetry: off unless the standard `OTEL_*` variables say so.
+
+Tracing is process-wide, as OpenTelemetry's instrumentations are: `start_tracing` runs once,
+before the service builds its pools, and sets the global tracer provider. While it has not
+run, `active()` is False and nothing else here is on any call's path: no interceptor, no
+exemplar, no log field, no trace context on the chat bus.
+
+What is turned on (`TracingSettings.from_env` reads, and checks, every variable):
+
+- `OTEL_TRACES_EXPORTER`: `otlp` turns tracing on, `none` (or `OTEL_SDK_DISABLED=true`)
+  keeps it off. When unset, tracing is on exactly when an OTLP endpoint is set.
+- `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: where spans go, an
+  `http://` or `https://` URL; `OTEL_EXPORTER_OTLP_PROTOCOL` (or `..._TRACES_PROTOCOL`):
+  `grpc` (the default, port 4317) or `http/protobuf` (port 4318). The exporters read their
+  other variables themselves (headers, certificates, timeout, compression).
+- `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`: the standard samplers; the default is
+  `parentbased_always_on`. A caller's `traceparent` decides for parent-based samplers, so a
+  service exposed to untrusted callers should use `traceidratio`, which ignores it.
+- `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`: the service's name (default
+  `parley-user` or `parley-chat`) and further resource attributes.
+- `OTEL_BSP_*`: the batch span processor's queue (2,048 spans) and batch sizes; spans
+  beyond a full queue are dropped, never waited for.
+
+Only spans of a request are kept: a root span that is neither a server nor a consumer span (a
+health check's query, a background sweep's, a readiness PING) is never sampled, so probes and
+timers do not flood the trace store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import CollectorRegistry, Counter
+
+from parley.chassis.config import ConfigError, Env
+
+__all__ = [
+    "SAMPLERS",
+    "TracingSettings",
+    "active",
+    "current_ids",
+    "exemplar",
+    "register_metrics",
+    "start_tracing",
+    "stop_tracing",
+    "tracer",
+]
+
+_log = logging.getLogger("parley.tracing")
+
+SAMPLERS = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+PROTOCOLS = ("grpc", "http/protobuf")
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """What the `OTEL_*` variables ask for; `enabled` False means no tracing at all."""
+
+    enabled: bool
+    protocol: str = "grpc"
+    endpoint: str | None = None
+    sampler: str = "parentbased_always_on"
+    ratio: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Env) -> TracingSettings:
+        disabled = env.choice("OTEL_SDK_DISABLED", "false", ("true", "false"), ignore_case=True)
+        exporter = env.raw("OTEL_TRACES_EXPORTER")
+        if exporter is not None and exporter.lower() not in ("otlp", "none"):
+            raise ConfigError(
+                "OTEL_TRACES_EXPORTER",
+                f"must be otlp or none (Parley exports OTLP), got {exporter!r}",
+            )
+        endpoint_name = (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+            if env.raw("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") is not None
+            else "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        endpoint = env.raw(endpoint_name)
+        if endpoint is not None:
+            parts = urlsplit(endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    endpoint_name, f"must be an http:// or https:// URL, got {endpoint!r}"
+                )
+        protocol_name = (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+            if env.raw("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") is not None
+            else "OTEL_EXPORTER_OTLP_PROTOCOL"
+        )
+        protocol = env.choice(protocol_name, "grpc", PROTOCOLS)
+        sampler = env.choice("OTEL_TRACES_SAMPLER", "parentbased_always_on", SAMPLERS)
+        ratio = env.ratio("OTEL_TRACES_SAMPLER_ARG", 1.0) if sampler.endswith("ratio") else 1.0
+        if disabled == "true" or (exporter or "").lower() == "none":
+            enabled = False
+        else:
+            enabled = exporter is not None or endpoint is not None
+        return cls(enabled, protocol, endpoint, sampler, ratio)
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        if not self.enabled:
+            return "tracing off"
+        sampler = self.sampler + (f" {self.ratio:g}" if self.sampler.endswith("ratio") else "")
+        endpoint = self.endpoint or "the default endpoint"
+        return f"tracing on: OTLP {self.protocol} to {endpoint}, sampler {sampler}"
+
+
+_provider: TracerProvider | None = None
+_exported: Counter | None = None
+
+
+def active() -> bool:
+    """Whether `start_tracing` has turned tracing on in this process."""
+    return _provider is not None
+
+
+def tracer(name: str) -> trace.Tracer:
+    """A tracer for spans written by hand (where no instrumentation covers the work)."""
+    return trace.get_tracer(name)
+
+
+def current_ids() -> tuple[str, str] | None:
+    """The current span's trace id and span id in hex, or None when there is no span."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
+
+
+def exemplar() -> dict[str, str] | None:
+    """The exemplar for a histogram observation: the current trace id when it is sampled."""
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid or not context.trace_flags.sampled:
+        return None
+    return {"trace_id": format(context.trace_id, "032x")}
+
+
+def register_metrics(registry: CollectorRegistry) -> None:
+    """`parley_trace_spans_exported_total{result}` in `registry` (the server's)."""
+    global _exported
+    _exported = Counter(
+        "parley_trace_spans_exported_total",
+        "Spans handed to the OTLP exporter, by result (ok, failed); spans dropped from a full "
+        "queue (OTEL_BSP_MAX_QUEUE_SIZE) never get here.",
+        ["result"],
+        registry=registry,
+    )
+    _exported.labels("ok")
+    _exported.labels("failed")
+
+
+def start_tracing(settings: TracingSettings, service_name: str, version: str = "0.1.0") -> bool:
+    """Turns tracing on as `settings` say, process-wide; returns whether it is on.
+
+    Instruments gRPC servers (through GrpcApp, which asks `active()`), psycopg and, for a
+    service that imports redis, redis-py. Call it once, before any pool is made."""
+    global _provider
+    if not settings.enabled or _provider is not None:
+        return _provider is not None
+    from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+
+    resource = Resource.create({SERVICE_NAME: service_name, SERVICE_VERSION: version})
+    provider = TracerProvider(resource=resource, sampler=_RequestsOnly(_sampler(settings)))
+    provider.add_span_processor(BatchSpanProcessor(_CountingExporter(_exporter(settings))))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    # No SQL comments: they would make every statement text unique to Postgres' statistics.
+    PsycopgInstrumentor().instrument(tracer_provider=provider, enable_commenter=False)
+    try:
+        from opentelemetry.instrumentation.redis import RedisInstrumentor
+    except ImportError:  # a service without Redis does not install its instrumentation
+        pass
+    else:
+        RedisInstrumentor().instrument(tracer_provider=provider)
+    _log.info("%s", settings.describe())
+    return True
+
+
+def stop_tracing(timeout: float = 5.0) -> None:
+    """Exports the spans still queued (for up to `timeout` seconds) and stops tracing."""
+    global _provider
+    provider, _provider = _provider, None
+    if provider is None:
+        return
+    provider.force_flush(int(timeout * 1000))
+    provider.shutdown()
+
+
+def _sampler(settings: TracingSettings) -> sampling.Sampler:
+    """The standard sampler `settings.sampler` names (the SDK's own names and classes)."""
+    name, ratio = settings.sampler, settings.ratio
+    root: sampling.Sampler
+    if name.endswith("always_on"):
+        root = sampling.ALWAYS_ON
+    elif name.endswith("always_off"):
+        root = sampling.ALWAYS_OFF
+    else:
+        root = sampling.TraceIdRatioBased(ratio)
+    return sampling.ParentBased(root) if name.startswith("parentbased_") else root
+
+
+class _RequestsOnly(sampling.Sampler):
+    """`inner`, except that a root span other than a server or consumer span is dropped."""
+
+    def __init__(self, inner: sampling.Sampler) -> None:
+        self._inner = inner
+
+    def should_sample(
+        self,
+        parent_context: Any,
+        trace_id: int,
+        name: str,
+        kind: trace.SpanKind | None = None,
+        attributes: Any = None,
+        links: Sequence[trace.Link] | None = None,
+        trace_state: Any = None,
+    ) -> sampling.SamplingResult:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        if not parent.is_valid and kind not in _ROOT_KINDS:
+            return sampling.SamplingResult(sampling.Decision.DROP)
+        return self._inner.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"RequestsOnly{{{self._inner.get_description()}}}"
+
+
+_ROOT_KINDS = (trace.SpanKind.SERVER, trace.SpanKind.CONSUMER)
+
+
+def _exporter(settings: TracingSettings) -> SpanExporter:
+    # The exporters read the endpoint, headers, certificates and timeout from OTEL_* themselves.
+    if settings.protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return HttpExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcExporter,
+    )
+
+    return GrpcExporter()
+
+
+class _CountingExporter(SpanExporter):
+    """Counts what the wrapped exporter sent and what it failed to send."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner = inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = self._inner.export(spans)
+        if _exported is not None:
+            ok = result is SpanExportResult.SUCCESS
+            _exported.labels("ok" if ok else "failed").inc(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
