@@ -29,15 +29,23 @@ timers do not flood the trace store.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.resources import (
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    Resource,
+)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter
 
 from parley.chassis.config import ConfigError, Env
@@ -46,8 +54,11 @@ __all__ = [
     "SAMPLERS",
     "TracingSettings",
     "active",
+    "client_interceptors",
     "current_ids",
     "exemplar",
+    "linked_context",
+    "trace_context",
     "register_metrics",
     "start_tracing",
     "stop_tracing",
@@ -151,6 +162,40 @@ def exemplar() -> dict[str, str] | None:
     return {"trace_id": format(context.trace_id, "032x")}
 
 
+def client_interceptors() -> list[Any]:
+    """Interceptors for a service's grpc.aio channel to another service: a client span per
+    call, its W3C trace context in the metadata; none when tracing is off, and none on
+    health checks (a replica's readiness probe of its dependency)."""
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
+
+    probes = filters.negate(filters.health_check())
+    interceptors: list[Any] = aio_client_interceptors(  # type: ignore[no-untyped-call]
+        tracer_provider=_provider, filter_=probes
+    )
+    return interceptors
+
+
+# W3C trace context only: a caller's baggage is not carried into messages between replicas.
+_W3C = TraceContextTextMapPropagator()
+
+
+def trace_context() -> dict[str, str]:
+    """The current span's W3C trace context (`traceparent`, `tracestate`), to carry inside a
+    message; empty when there is no span."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    return carrier
+
+
+def linked_context(carrier: dict[str, str]) -> trace.SpanContext | None:
+    """The span context a message carried (see `trace_context`), to link a span to; None
+    when it carried none or a malformed one."""
+    context = trace.get_current_span(_W3C.extract(carrier)).get_span_context()
+    return context if context.is_valid else None
+
+
 def register_metrics(registry: CollectorRegistry) -> None:
     """`parley_trace_spans_exported_total{result}` in `registry` (the server's)."""
     global _exported
@@ -175,7 +220,11 @@ def start_tracing(settings: TracingSettings, service_name: str, version: str = "
         return _provider is not None
     from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 
-    resource = Resource.create({SERVICE_NAME: service_name, SERVICE_VERSION: version})
+    # The instance is the host (a pod's name) and the process: replicas tell apart in a trace.
+    instance = f"{socket.gethostname()}:{os.getpid()}"
+    resource = Resource.create(
+        {SERVICE_NAME: service_name, SERVICE_VERSION: version, SERVICE_INSTANCE_ID: instance}
+    )
     provider = TracerProvider(resource=resource, sampler=_RequestsOnly(_sampler(settings)))
     provider.add_span_processor(BatchSpanProcessor(_CountingExporter(_exporter(settings))))
     trace.set_tracer_provider(provider)

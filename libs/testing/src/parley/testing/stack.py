@@ -101,14 +101,17 @@ async def start_stack(
     replicas: int = 2,
     people: Sequence[str] = ("Ada", "Grace"),
     in_process: bool = False,
+    user_overrides: Mapping[str, str] | None = None,
     **overrides: str,
 ) -> Stack:
-    """Starts a UserService and `replicas` chat replicas (child processes unless
-    `in_process`), waits until every replica has reached UserService, creates `people`."""
+    """Starts a UserService (with `user_overrides` to its settings) and `replicas` chat
+    replicas (child processes unless `in_process`, with `overrides`), waits until every
+    replica has reached UserService, creates `people`."""
+    user_env = service_env(database, **(user_overrides or {}))
     if in_process:
-        users = await launcher.app("user", service_env(database))
+        users = await launcher.app("user", user_env)
     else:
-        users = await launcher.process("user", service_env(database))
+        users = await launcher.process("user", user_env)
     stack = Stack(launcher, database, redis_url, prefix, users, [], {}, in_process, overrides)
     if in_process:
         for _ in range(replicas):

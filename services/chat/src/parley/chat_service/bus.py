@@ -55,8 +55,9 @@ from redis.exceptions import (
     ResponseError,
 )
 
+from parley.chassis import tracing
 from parley.chassis.tasks import cancel_and_wait
-from parley.proto import chat_pb2
+from parley.proto import chat_bus_pb2
 
 from .feed import BAD_SEQUENCE, TOO_LARGE, UNREADABLE, WRONG_ROOM, RoomFeed
 from .hub import Outgoing, RoomHub
@@ -314,11 +315,17 @@ class RedisBus:
         key = (item.message.room, item.message.sequence)
         self._publishing.add(key)
         channel = self.channel(item.message.room)
+        payload = item.payload
+        if tracing.active():
+            # The send's trace context rides along (see proto/chat_bus.proto).
+            carried = tracing.trace_context()
+            if carried:
+                payload += chat_bus_pb2.RoomHint(trace_context=carried).SerializeToString()
         try:
             if self._cluster:
-                await self.client.spublish(channel, item.payload)
+                await self.client.spublish(channel, payload)
             else:
-                await self.client.publish(channel, item.payload)
+                await self.client.publish(channel, payload)
         except (RedisError, OSError) as exc:
             self._metrics.publish_errors.inc()
             _log.warning("publish to redis failed, replicas will catch up: %s", exc)
@@ -657,7 +664,7 @@ class RedisBus:
         if len(data) > MAX_HINT_BYTES:
             feed.reject(TOO_LARGE)
             return
-        message = chat_pb2.ChatMessage()
+        message = chat_bus_pb2.RoomHint()
         try:
             message.ParseFromString(data)
         except DecodeError:
@@ -673,7 +680,10 @@ class RedisBus:
             return
         if (room, sequence) in self._publishing:
             return  # this replica's own message, on its way to the local streams
-        feed.hint(room, sequence)
+        sent = None
+        if message.trace_context and tracing.active():
+            sent = tracing.linked_context(dict(message.trace_context))
+        feed.hint(room, sequence, sent)
 
     async def _resync_forever(self) -> None:
         """A safety net for messages that were stored but never published."""

@@ -15,11 +15,16 @@ not a read per hint or per stream; a round that disproved a hint pauses before t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
+from opentelemetry import trace
+
+from parley.chassis import tracing
 from parley.chassis.tasks import cancel_and_wait
 from parley.proto import chat_pb2
 
@@ -53,6 +58,8 @@ PAGE = 100
 FORGERY_PAUSE = 0.02
 # How far ahead of a room's position its waiting hints are kept exactly (see _Hints).
 _HINTS_KEPT = 1024
+# The sends a delivery span links to at most (the spans of further hints are not linked).
+MAX_LINKS = 32
 # At most one warning in this many seconds about dropped messages, with the counts since the last.
 _REJECT_LOG_INTERVAL = 30.0
 _RETRY_FIRST, _RETRY_LAST = 0.1, 2.0
@@ -73,9 +80,11 @@ class _Hints:
     _HINTS_KEPT distinct ones further ahead; beyond those, only a count and the lowest.
     """
 
-    __slots__ = ("extra", "extra_low", "far", "highest", "near", "wake")
+    __slots__ = ("extra", "extra_low", "far", "highest", "near", "sent", "wake")
 
     def __init__(self) -> None:
+        # The traced sends the hints came from (tracing on only), up to MAX_LINKS.
+        self.sent: list[trace.SpanContext] = []
         self.near: Counter[int] = Counter()
         self.far: Counter[int] = Counter()
         self.extra = 0
@@ -109,6 +118,7 @@ class _Hints:
             self._summarise(other.extra_low, other.extra)
         self.highest = max(self.highest, other.highest)
         self.wake = self.wake or other.wake
+        self.sent = (self.sent + other.sent)[:MAX_LINKS]
 
     def above(self, confirmed: int) -> int:
         """How many hints named a sequence above `confirmed` (summarised ones only when all of
@@ -154,6 +164,22 @@ class _RejectLog:
         self._next = now + self._interval
 
 
+_tracer = tracing.tracer("parley.chat.feed")
+
+
+def _delivering(room: str, sent: list[trace.SpanContext]) -> contextlib.AbstractContextManager[Any]:
+    """A consumer span around a read prompted by traced sends, linked to each of them; the
+    read's Postgres queries are its children. Nothing without such sends."""
+    if not sent:
+        return contextlib.nullcontext()
+    return _tracer.start_as_current_span(
+        "chat deliver",
+        kind=trace.SpanKind.CONSUMER,
+        links=[trace.Link(context) for context in sent],
+        attributes={"chat.room": room, "messaging.system": "redis"},
+    )
+
+
 class RoomFeed:
     """Reads rooms' new messages from Postgres and offers them to the hub, one room at a time."""
 
@@ -194,8 +220,9 @@ class RoomFeed:
         """Counts messages from Redis dropped for `reason` (one of REJECT_REASONS)."""
         self._rejects.add(reason, count)
 
-    def hint(self, room: str, sequence: int) -> None:
-        """Redis says `room` may have a message numbered `sequence` (a positive integer)."""
+    def hint(self, room: str, sequence: int, sent: trace.SpanContext | None = None) -> None:
+        """Redis says `room` may have a message numbered `sequence` (a positive integer);
+        `sent` is the span of its send when that was traced (see proto/chat_bus.proto)."""
         if not self._hub.has_streams(room):
             return  # nobody here to deliver to, so nothing to check
         position = self._hub.position(room)
@@ -203,6 +230,8 @@ class RoomFeed:
             return  # already offered (this replica's own message, or a repeat)
         state = self._room(room)
         state.hints.add(sequence, position)
+        if sent is not None and len(state.hints.sent) < MAX_LINKS:
+            state.hints.sent.append(sent)
         self._start(room, state)
 
     def wake(self, rooms: Iterable[str]) -> None:
@@ -250,7 +279,8 @@ class RoomFeed:
                         return
                     if not hints.wake and hints.highest <= (hub.position(room) or 0):
                         continue  # offered meanwhile (read along with an earlier hint's message)
-                    confirmed = await self._read(room, 2**63 if hints.wake else hints.highest)
+                    with _delivering(room, hints.sent):
+                        confirmed = await self._read(room, 2**63 if hints.wake else hints.highest)
                 except Exception as exc:  # Postgres unavailable: keep the hints, try again
                     if hints is not None:
                         hints.merge(state.hints)

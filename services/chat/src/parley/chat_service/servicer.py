@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from parley.chassis import (
@@ -26,6 +27,7 @@ from parley.chassis import (
     ServiceError,
     Unavailable,
     current_identity,
+    tracing,
 )
 from parley.chassis.errors import LimitExceeded
 from parley.chassis.limits import Quota
@@ -77,6 +79,19 @@ _SEQUENCE = re.compile(r"[0-9]+")
 _MAX_SEQUENCE = 2**63 - 1
 
 _log = logging.getLogger("parley.chat")
+_tracer = tracing.tracer("parley.chat")
+
+
+def _sending(room: str) -> contextlib.AbstractContextManager[trace.Span]:
+    """The span of one message sent on a stream (a child of the stream's server span): the
+    user lookup, the store and the publish are its children, and the replicas that deliver
+    the message link their spans to it."""
+    return _tracer.start_as_current_span(
+        "chat send",
+        kind=trace.SpanKind.PRODUCER,
+        attributes={"chat.room": room, "messaging.system": "redis"},
+    )
+
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -352,23 +367,11 @@ class ChatServicer:
         """Stores and publishes what the client sends; an error ends the whole stream."""
         try:
             async for request in requests:
-                check_text(request.text)
-                check_client_message_id(request.client_message_id)
-                name = await self._users.display_name(subscriber.user_id, token)
-                appended = await self._append(subscriber, name, request)
-                assert appended.message is not None
-                self._metrics.received.inc()
-                item = outgoing(
-                    appended.message, version=appended.version, room_id=subscriber.room_id
-                )
-                # A resend is not delivered again: every stream had the message when it was
-                # stored, or reads it from Postgres (with its access checked) as it resumes.
-                if appended.outcome != "new":
-                    continue
-                # Publish before the local fan-out: the streams it wakes would otherwise run
-                # first, and the other replicas would wait for this one's delivery work.
-                await self._bus.publish(item)
-                self._hub.deliver(item)
+                if tracing.active():
+                    with _sending(subscriber.room):
+                        await self._send(request, subscriber, token)
+                else:
+                    await self._send(request, subscriber, token)
         except ServiceError as error:
             subscriber.close(error)
         except asyncio.CancelledError:
@@ -376,6 +379,30 @@ class ChatServicer:
         except Exception:
             _log.exception("reading a chat stream failed")
             subscriber.close(Internal("internal error while reading the stream"))
+
+    async def _send(
+        self, request: chat_pb2.ChatMessage, subscriber: Subscriber, token: str
+    ) -> None:
+        """Stores one message the client sent and hands it to every replica's streams."""
+        check_text(request.text)
+        check_client_message_id(request.client_message_id)
+        name = await self._users.display_name(subscriber.user_id, token)
+        appended = await self._append(subscriber, name, request)
+        assert appended.message is not None
+        self._metrics.received.inc()
+        item = outgoing(appended.message, version=appended.version, room_id=subscriber.room_id)
+        # A resend is not delivered again: every stream had the message when it was
+        # stored, or reads it from Postgres (with its access checked) as it resumes.
+        if tracing.active():
+            span = trace.get_current_span()
+            span.set_attribute("chat.sequence", appended.message.sequence)
+            span.set_attribute("chat.outcome", appended.outcome)
+        if appended.outcome != "new":
+            return
+        # Publish before the local fan-out: the streams it wakes would otherwise run
+        # first, and the other replicas would wait for this one's delivery work.
+        await self._bus.publish(item)
+        self._hub.deliver(item)
 
     async def _append(
         self, subscriber: Subscriber, name: str, request: chat_pb2.ChatMessage

@@ -13,7 +13,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2
 
-from parley.chassis import FailedPrecondition, NotFound, Unavailable
+from parley.chassis import FailedPrecondition, NotFound, Unavailable, tracing
 from parley.proto import contract, user_pb2, user_pb2_grpc
 from parley.proto.contract import service_config
 
@@ -55,10 +55,11 @@ class UserDirectory:
             ("grpc.initial_reconnect_backoff_ms", 250),
             ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
+        traced = tracing.client_interceptors()
         self._channel = (
-            grpc.aio.insecure_channel(target, options=options)
+            grpc.aio.insecure_channel(target, options=options, interceptors=traced)
             if credentials is None
-            else grpc.aio.secure_channel(target, credentials, options=options)
+            else grpc.aio.secure_channel(target, credentials, options=options, interceptors=traced)
         )
         self._stub = user_pb2_grpc.UserServiceStub(self._channel)
 

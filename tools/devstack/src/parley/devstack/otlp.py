@@ -9,6 +9,7 @@ traced services send their spans to.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -53,11 +54,13 @@ class ReceivedSpan:
     attributes: dict[str, Any] = field(default_factory=dict)
     links: tuple[tuple[str, str], ...] = ()  # (trace id, span id) of each link
     status_code: int = 0  # 0 unset, 1 ok, 2 error
+    resource: dict[str, Any] = field(default_factory=dict)  # the exporting process's
 
     @classmethod
-    def decode(cls, service: str, span: trace_pb2.Span) -> ReceivedSpan:
+    def decode(cls, resource: dict[str, Any], span: trace_pb2.Span) -> ReceivedSpan:
         return cls(
-            service=service,
+            service=str(resource.get("service.name", "")),
+            resource=resource,
             name=span.name,
             kind=SPAN_KIND.get(span.kind, "unspecified"),
             trace_id=span.trace_id.hex(),
@@ -79,9 +82,8 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         spans: list[ReceivedSpan] = []
         for resource_spans in request.resource_spans:
             resource = _attributes(resource_spans.resource.attributes)
-            service = str(resource.get("service.name", ""))
             for scope_spans in resource_spans.scope_spans:
-                spans.extend(ReceivedSpan.decode(service, span) for span in scope_spans.spans)
+                spans.extend(ReceivedSpan.decode(resource, span) for span in scope_spans.spans)
         self._receiver.add(spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -140,6 +142,12 @@ class OtlpReceiver:
                     f"{len(self._spans)} arrived:\n{arrived}"
                 )
             return result
+
+    async def arrival(
+        self, found: Callable[[list[ReceivedSpan]], Any], timeout: float = 20.0
+    ) -> Any:
+        """`wait_for` without blocking the event loop."""
+        return await asyncio.to_thread(self.wait_for, found, timeout)
 
     def stop(self) -> None:
         self._server.stop(grace=None)
