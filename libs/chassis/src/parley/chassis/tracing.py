@@ -16,10 +16,13 @@ What is turned on (`TracingSettings.from_env` reads, and checks, every variable)
 - `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`: the standard samplers; the default is
   `parentbased_always_on`. A caller's `traceparent` decides for parent-based samplers, so a
   service exposed to untrusted callers should use `traceidratio`, which ignores it.
+- Only W3C trace context (`traceparent`, `tracestate`) is read from calls and passed on;
+  baggage is not (`OTEL_PROPAGATORS` is not read).
 - `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`: the service's name (default
   `parley-user` or `parley-chat`) and further resource attributes.
-- `OTEL_BSP_*`: the batch span processor's queue (2,048 spans) and batch sizes; spans
-  beyond a full queue are dropped, never waited for.
+- `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`: the
+  batch span processor's queue (2,048 spans), how often it exports (5,000 ms) and its batch
+  size (512); spans beyond a full queue are dropped, never waited for.
 
 Only spans of a request are kept: a root span that is neither a server nor a consumer span (a
 health check's query, a background sweep's, a readiness PING) is never sampled, so probes and
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import (
     SERVICE_INSTANCE_ID,
     SERVICE_NAME,
@@ -87,6 +90,10 @@ class TracingSettings:
     endpoint: str | None = None
     sampler: str = "parentbased_always_on"
     ratio: float = 1.0
+    # The batch span processor: spans waiting at most, how often a batch goes (ms), its size.
+    queue: int = 2048
+    delay_ms: int = 5000
+    batch: int = 512
 
     @classmethod
     def from_env(cls, env: Env) -> TracingSettings:
@@ -117,11 +124,16 @@ class TracingSettings:
         protocol = env.choice(protocol_name, "grpc", PROTOCOLS)
         sampler = env.choice("OTEL_TRACES_SAMPLER", "parentbased_always_on", SAMPLERS)
         ratio = env.ratio("OTEL_TRACES_SAMPLER_ARG", 1.0) if sampler.endswith("ratio") else 1.0
+        queue = env.integer("OTEL_BSP_MAX_QUEUE_SIZE", 2048, minimum=1, maximum=1_000_000)
+        delay_ms = env.integer("OTEL_BSP_SCHEDULE_DELAY", 5000, minimum=1, maximum=3_600_000)
+        batch = env.integer(
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", min(512, queue), minimum=1, maximum=queue
+        )
         if disabled == "true" or (exporter or "").lower() == "none":
             enabled = False
         else:
             enabled = exporter is not None or endpoint is not None
-        return cls(enabled, protocol, endpoint, sampler, ratio)
+        return cls(enabled, protocol, endpoint, sampler, ratio, queue, delay_ms, batch)
 
     def describe(self) -> str:
         """One line for the start-up log."""
@@ -226,8 +238,17 @@ def start_tracing(settings: TracingSettings, service_name: str, version: str = "
         {SERVICE_NAME: service_name, SERVICE_VERSION: version, SERVICE_INSTANCE_ID: instance}
     )
     provider = TracerProvider(resource=resource, sampler=_RequestsOnly(_sampler(settings)))
-    provider.add_span_processor(BatchSpanProcessor(_CountingExporter(_exporter(settings))))
+    processor = BatchSpanProcessor(
+        _CountingExporter(_exporter(settings)),
+        max_queue_size=settings.queue,
+        schedule_delay_millis=settings.delay_ms,
+        max_export_batch_size=settings.batch,
+    )
+    provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
+    # W3C trace context only, in and out: a caller's baggage (up to 8 KiB of it) is neither
+    # believed nor forwarded to UserService with chat's calls (OTEL_PROPAGATORS is not read).
+    propagate.set_global_textmap(_W3C)
     _provider = provider
     # No SQL comments: they would make every statement text unique to Postgres' statistics.
     PsycopgInstrumentor().instrument(tracer_provider=provider, enable_commenter=False)
