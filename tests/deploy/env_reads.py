@@ -1,14 +1,23 @@
-"""What the services read: the PARLEY_* variables of each command, found by running the
-settings code itself."""
+"""What the services read: the PARLEY_* and OTEL_* variables of each command, found by
+running the settings code itself (and, for the OpenTelemetry SDK's own reads, by seeing what
+changes the resource a service makes)."""
 
 from __future__ import annotations
 
 import functools
 import os
 from collections.abc import Callable, Iterator, Mapping
+from typing import NoReturn
+from unittest import mock
 
-from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env
+# Imported before start_tracing runs below, so that its import there reads nothing.
+import opentelemetry.instrumentation.psycopg  # noqa: F401
+from opentelemetry.sdk import environment_variables
+from opentelemetry.sdk.resources import Resource
+
+from parley.chassis import AuthSettings, ConfigError, DatabaseSettings, Env, tracing
 from parley.chassis.config import log_settings
+from parley.chassis.tracing import TracingSettings
 from parley.chat_service.settings import ChatSettings
 from parley.user_service.settings import UserSettings
 
@@ -48,23 +57,69 @@ _REQUIRED = {
 _RS256 = {**_REQUIRED, "PARLEY_JWT_ALGORITHM": "RS256"}
 
 
-def _serve_reads(settings: Callable[[Env], object]) -> frozenset[str]:
+def _serve_reads(settings: Callable[[Env], object], program: str) -> frozenset[str]:
     names: set[str] = set()
     for values in (_REQUIRED, _RS256):
         names |= _reads(settings, values)
-    # `serve` reads the log settings before it builds the settings object.
-    return frozenset(names | _reads(log_settings, _REQUIRED))
+    # `serve` reads the log settings and then the tracing settings (OTEL_TRACES_SAMPLER_ARG
+    # only for a ratio sampler) before it builds the settings object.
+    names |= _reads(log_settings, _REQUIRED)
+    for sampler in ("parentbased_always_on", "parentbased_traceidratio"):
+        names |= _reads(TracingSettings.from_env, {"OTEL_TRACES_SAMPLER": sampler})
+    return frozenset(names | _resource_reads(program))
+
+
+class _Made(Exception):
+    """Raised in place of making the TracerProvider: tracing is never started here."""
+
+    def __init__(self, resource: Resource) -> None:
+        self.resource = resource
+
+
+def service_resource(program: str) -> Resource:
+    """The resource `start_tracing` makes for `program` in the current environment."""
+
+    def provider(*, resource: Resource, **_: object) -> NoReturn:
+        raise _Made(resource)
+
+    with mock.patch.object(tracing, "TracerProvider", provider):
+        try:
+            tracing.start_tracing(TracingSettings(enabled=True), service_name=program)
+        except _Made as made:
+            return made.resource
+    raise AssertionError("start_tracing made no TracerProvider (is tracing on in this process?)")
+
+
+_MARK = "parley.probe=" + os.urandom(8).hex()
+
+
+def _resource_reads(program: str) -> frozenset[str]:
+    """The SDK's variables that change the resource the service makes: each is set to a mark
+    in turn and kept when the mark shows up. A variable the service overrides (it names
+    itself, so OTEL_SERVICE_NAME has no effect) is not one it reads."""
+    # Experimental ones (OTEL_EXPERIMENTAL_RESOURCE_DETECTORS) are no settings of Parley's.
+    names = {getattr(environment_variables, n) for n in dir(environment_variables)
+             if n.startswith("OTEL_") and "_EXPERIMENTAL_" not in n}  # fmt: skip
+    mark = _MARK.partition("=")[2]
+    found = set()
+    for name in sorted(names):
+        with mock.patch.dict(os.environ, {name: _MARK}):
+            attributes = service_resource(program).attributes
+        if any(mark in str(value) for value in attributes.values()):
+            found.add(name)
+    return frozenset(found)
 
 
 @functools.cache
 def env_reads() -> dict[str, frozenset[str]]:
-    """PARLEY_* variables each command reads, found by running the settings code itself.
+    """Variables each command reads, found by running the settings code itself.
 
-    Keys: "user" and "chat" (`serve`), "migrate" (`parley-user migrate`, `parley-chat migrate`).
+    Keys: "user" and "chat" (`serve`), "migrate" (`parley-user migrate`, `parley-chat migrate`,
+    which are not traced).
     """
     reads = {
-        "user": _serve_reads(UserSettings.from_env),
-        "chat": _serve_reads(ChatSettings.from_env),
+        "user": _serve_reads(UserSettings.from_env, "parley-user"),
+        "chat": _serve_reads(ChatSettings.from_env, "parley-chat"),
         "migrate": frozenset(
             _reads(DatabaseSettings.from_env, _REQUIRED) | _reads(log_settings, _REQUIRED)
         ),
@@ -73,4 +128,7 @@ def env_reads() -> dict[str, frozenset[str]]:
     assert {"PARLEY_GRPC_PORT", "PARLEY_JWT_SECRET"} <= reads["user"]
     assert {"PARLEY_REDIS_URL", "PARLEY_USER_SERVICE_ADDR"} <= reads["chat"]
     assert _reads(AuthSettings.from_env, _RS256) <= reads["user"] & reads["chat"]
+    traced = {"OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER_ARG"}
+    assert traced | {"OTEL_RESOURCE_ATTRIBUTES"} <= reads["user"] & reads["chat"]
+    assert not traced & reads["migrate"]
     return reads

@@ -217,12 +217,18 @@ class World:
     not_prometheus: list[Endpoint] = field(
         default_factory=lambda: [pod("stranger", "elsewhere", app="x")]
     )
+    # The OTLP collector user and chat send traces to, and its port; None: tracing is off.
+    tracing: tuple[Endpoint, int] | None = None
 
 
 KUBE_DNS = pod("kube-dns", "kube-system", **{"k8s-app": "kube-dns"})
 GKE_DNS = [address("169.254.20.10"), address("169.254.169.254")]
 DATABASES_POSTGRES = pod("postgres", "databases", app="postgres")
 DATABASES_REDIS = pod("redis", "databases", app="redis")
+COLLECTOR = pod(
+    "otel-collector", "observability", **{"app.kubernetes.io/name": "opentelemetry-collector"}
+)
+OTLP_GRPC = 4317
 
 WORLDS: dict[str, World] = {
     "default-deny-values.yaml": World([KUBE_DNS], DATABASES_POSTGRES, DATABASES_REDIS),
@@ -255,6 +261,9 @@ WORLDS: dict[str, World] = {
     "monitoring-values.yaml": World([KUBE_DNS], address("10.1.2.3"), address("10.1.2.4")),
     # One node of the Redis Cluster; the policy allows the cluster's whole /24.
     "redis-cluster-values.yaml": World([KUBE_DNS], DATABASES_POSTGRES, address("10.30.0.12")),
+    "tracing-values.yaml": World(
+        [KUBE_DNS], DATABASES_POSTGRES, DATABASES_REDIS, tracing=(COLLECTOR, OTLP_GRPC)
+    ),
 }
 
 
@@ -293,6 +302,8 @@ def needs(pods: dict[str, Endpoint], world: World) -> list[Need]:
     for service in ("user", "chat"):
         for scraper in world.prometheus:
             result.append(Need(scraper, pods[service], dict(pods[service].ports)["metrics"]))
+        if world.tracing is not None:
+            result.append(Need(pods[service], *world.tracing))
     return result
 
 
@@ -316,6 +327,13 @@ def forbidden(pods: dict[str, Endpoint], world: World) -> list[Need]:
     for service in ("user", "chat"):
         for source in world.not_prometheus:
             result.append(Need(source, pods[service], dict(pods[service].ports)["metrics"]))
+    # The collector: for user and chat only while tracing is on, and only on its port.
+    collector, port = world.tracing or (COLLECTOR, OTLP_GRPC)
+    if world.tracing is None:
+        result += [Need(pods[service], collector, port) for service in ("user", "chat")]
+    else:
+        result.append(Need(pods["user"], collector, port + 1))
+    result += [Need(pods[c], collector, port) for c in ("migrations", "test") if c in pods]
     return result
 
 
@@ -536,6 +554,47 @@ def test_prometheus_peers_replace_the_default(helm: str) -> None:
         assert "from" not in rule  # any source
         (grpc,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "grpc"]
         assert grpc["from"], "the gRPC port must stay closed to strangers"
+
+
+# --- Tests: the OTLP collector ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "protocol", "port", "expected"),
+    [
+        ("http://otel-collector.observability:4317", "grpc", "", 4317),
+        ("http://otel-collector.observability:4318", "http/protobuf", "", 4318),
+        ("http://[fd00::7]:4317", "grpc", "", 4317),
+        ("https://otlp.example.com", "grpc", "", 443),
+        ("https://otlp.example.com/otlp", "http/protobuf", "", 443),
+        ("http://otel-collector.observability", "http/protobuf", "", 80),
+        # gRPC dials 443 when the target names no port, whatever the scheme.
+        ("http://otel-collector.observability", "grpc", "", 443),
+        # A Service in between that maps 4317 to another targetPort.
+        ("http://otel-collector.observability:4317", "grpc", 14317, 14317),
+    ],
+)
+def test_user_and_chat_reach_the_collector_on_its_port(
+    helm: str, endpoint: str, protocol: str, port: int | str, expected: int, tmp_path: Path
+) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "tracing": {"enabled": True, "endpoint": endpoint, "protocol": protocol},
+                "networkPolicy": {"tracing": {"port": port, "to": []}},
+            }
+        )
+    )
+    manifests = render(helm, values)
+    pods = pod_templates(manifests)
+    policies = [DENY_ALL, *chart_policies(manifests)]
+    collector = address("10.40.0.7")
+    for component in ("user", "chat"):
+        assert allowing(policies, pods[component], collector, expected), component
+        assert allowing(policies, pods[component], collector, expected + 1) is None, component
+    for component in ("migrations", "test"):
+        assert allowing(policies, pods[component], collector, expected) is None, component
 
 
 # --- Tests: GitOps renders and the checksum of the Secret -------------------------------------

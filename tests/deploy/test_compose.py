@@ -1,8 +1,8 @@
 """docker-compose.yml is a valid compose file that starts a working stack: migrations before
 the services, health-checked dependencies, settings the services really read, Prometheus on
-every metrics port, secrets only from .env and ports on 127.0.0.1. Interpolation uses the
-.env that `make secrets` makes from .env.example (the script is run for real), as `docker
-compose` would."""
+every metrics port, Jaeger for traces only with its profile (and tracing off without it),
+secrets only from .env and ports on 127.0.0.1. Interpolation uses the .env that `make
+secrets` makes from .env.example (the script is run for real), as `docker compose` would."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import yaml
 
 from parley.chassis import DatabaseSettings, Env
 from parley.chassis.sample_secrets import url_password
+from parley.chassis.tracing import TracingSettings
 from parley.chat_service.server import SERVICE_NAME as CHAT_SERVICE
 from parley.chat_service.settings import ChatSettings
 from parley.user_service.server import SERVICE_NAME as USER_SERVICE
@@ -39,6 +40,7 @@ IMAGES = {
     "postgres": ("PARLEY_POSTGRES_IMAGE", "docker.io/library/postgres:17.12-bookworm"),
     "redis": ("PARLEY_REDIS_IMAGE", "docker.io/library/redis:7.4.11-bookworm"),
     "prometheus": ("PARLEY_PROMETHEUS_IMAGE", "docker.io/prom/prometheus:v3.5.0"),
+    "jaeger": ("PARLEY_JAEGER_IMAGE", "docker.io/jaegertracing/jaeger:2.21.0"),
 }
 IMAGE_VARIABLES = {variable for variable, _ in IMAGES.values()}
 COMPOSE_CHECK = REPO / "deploy" / "compose-check"
@@ -254,8 +256,8 @@ def test_ports_are_published_on_loopback_unless_told_otherwise(compose: dict[str
             host_ip, host_port, container_port = port.split(":")
             assert host_ip == "127.0.0.1", f"{name}: {port}"
             published.append(name)
-    # user, chat-1 and chat-2 (gRPC and metrics each) and Prometheus.
-    assert sorted(published) == sorted(["user", "chat-1", "chat-2"] * 2 + ["prometheus"])
+    # user, chat-1 and chat-2 (gRPC and metrics each), Prometheus and Jaeger's UI.
+    assert sorted(published) == sorted(["user", "chat-1", "chat-2"] * 2 + ["prometheus", "jaeger"])
     everywhere = _interpolate(raw, _read_env(ENV_EXAMPLE) | dict.fromkeys(SECRETS, "x")
                               | {"PARLEY_BIND_ADDRESS": "0.0.0.0"})  # fmt: skip
     assert all(port.startswith("0.0.0.0:") for port in everywhere["services"]["user"]["ports"])
@@ -339,6 +341,91 @@ def test_prometheus_scrapes_every_metrics_port(compose: dict[str, Any]) -> None:
     expected = {f"{name}:{settings.server.metrics_port}"
                 for name, (_, settings, _) in _serving(compose).items()}  # fmt: skip
     assert targets == expected
+
+
+def test_prometheus_stores_exemplars(compose: dict[str, Any]) -> None:
+    """The latency histogram's exemplars (trace ids) are kept only with exemplar storage."""
+    prometheus = compose["services"]["prometheus"]
+    command = prometheus["command"]
+    assert "--enable-feature=exemplar-storage" in command
+    # `command` replaces the image's arguments: the config must still be the mounted file.
+    mounted = {v.split(":")[1] for v in prometheus["volumes"]}
+    (config,) = [a.split("=", 1)[1] for a in command if a.startswith("--config.file=")]
+    assert config in mounted
+    assert "--storage.tsdb.path=/prometheus" in command
+
+
+# What every serving Parley service gets, so that tracing is off unless OTEL_TRACES_EXPORTER
+# says otlp, and then goes to Jaeger's OTLP gRPC port.
+TRACING_ENV = {
+    "OTEL_TRACES_EXPORTER": "${OTEL_TRACES_EXPORTER:-none}",
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "${OTEL_EXPORTER_OTLP_ENDPOINT:-http://jaeger:4317}",
+    "OTEL_EXPORTER_OTLP_PROTOCOL": "${OTEL_EXPORTER_OTLP_PROTOCOL:-grpc}",
+    "OTEL_TRACES_SAMPLER": "${OTEL_TRACES_SAMPLER:-parentbased_always_on}",
+    "OTEL_TRACES_SAMPLER_ARG": "${OTEL_TRACES_SAMPLER_ARG:-1}",
+    "PARLEY_ACCESS_LOG_SAMPLE": "${PARLEY_ACCESS_LOG_SAMPLE:-1}",
+}
+OTLP_PORTS = {"grpc": 4317, "http/protobuf": 4318}
+
+
+def test_jaeger_runs_only_in_the_tracing_profile() -> None:
+    raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    services = raw["services"]
+    tracing = {name for name, s in services.items() if "tracing" in s.get("profiles", [])}
+    assert tracing == {"jaeger"}
+    assert services["jaeger"]["profiles"] == ["tracing"]
+    # An exact release, never a moving tag such as latest or 2.
+    official = IMAGES["jaeger"][1]
+    assert re.fullmatch(r"docker\.io/jaegertracing/jaeger:\d+\.\d+\.\d+", official)
+    # Nothing of the default profile waits for it, so the stack starts without it.
+    for name, service in services.items():
+        assert "jaeger" not in service.get("depends_on", {}), name
+    # It receives OTLP on both ports inside the network and shows its UI on 16686.
+    jaeger = services["jaeger"]
+    assert {int(p) for p in jaeger["expose"]} == set(OTLP_PORTS.values())
+    assert [p.rsplit(":", 1)[1] for p in jaeger["ports"]] == ["16686"]
+    # Hardened as the Parley services are (its image runs as a non-root user).
+    assert jaeger["read_only"] is True and jaeger["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in jaeger["security_opt"]
+
+
+def test_every_serving_service_is_wired_to_jaeger_and_tracing_is_off_by_default(
+    compose: dict[str, Any],
+) -> None:
+    raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    services = _parley(compose)
+    for name, (_, command, service) in services.items():
+        environment = raw["services"][name]["environment"]
+        if command == "migrate":  # `migrate` is not traced
+            assert not {k for k in environment if k.startswith("OTEL_")}, name
+            continue
+        assert {k: environment.get(k) for k in TRACING_ENV} == TRACING_ENV, name
+        # Without OTEL_TRACES_EXPORTER=otlp (the .env of `make secrets`, and no profile),
+        # no service tries to export to a jaeger host that is not there.
+        settings = TracingSettings.from_env(Env(service["environment"]))
+        assert service["environment"]["OTEL_TRACES_EXPORTER"] == "none", name
+        assert not settings.enabled, name
+
+
+@pytest.mark.parametrize("protocol", sorted(OTLP_PORTS))
+def test_with_the_exporter_on_the_services_send_to_jaeger(
+    dot_env: dict[str, str], protocol: str
+) -> None:
+    raw = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    turned_on = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+    if protocol != "grpc":
+        turned_on["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://jaeger:{OTLP_PORTS[protocol]}"
+    compose = _interpolate(raw, dot_env | turned_on)
+    jaeger = compose["services"]["jaeger"]
+    serving = [s for _, command, s in _parley(compose).values() if command == "serve"]
+    assert serving
+    for service in serving:
+        settings = TracingSettings.from_env(Env(service["environment"]))
+        assert settings.enabled and settings.protocol == protocol
+        assert settings.endpoint is not None
+        host, port = settings.endpoint.removeprefix("http://").split(":")
+        assert host == "jaeger" and int(port) == OTLP_PORTS[protocol]
+        assert port in jaeger["expose"]
 
 
 def test_the_redis_command_requires_the_password_when_run(

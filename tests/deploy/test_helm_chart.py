@@ -159,6 +159,23 @@ BAD_VALUES = {
     "DNS port with a bad protocol": ["--set", "networkPolicy.dns.ports[0].protocol=ICMP"],
     "no DNS ports": ["--set-json", "networkPolicy.dns.ports=[]"],
     "gitops not a boolean": ["--set-string", "gitops=yes"],
+    "tracing not a boolean": ["--set-string", "tracing.enabled=yes"],
+    "unknown tracing sampler": ["--set", "tracing.sampler=sometimes"],
+    "tracing sampler in upper case": ["--set", "tracing.sampler=TRACEIDRATIO"],
+    "tracing ratio above 1": ["--set-json", "tracing.samplerRatio=1.5"],
+    "negative tracing ratio": ["--set-json", "tracing.samplerRatio=-0.1"],
+    "tracing ratio as a string": ["--set-string", "tracing.samplerRatio=0.5"],
+    "unknown tracing protocol": ["--set", "tracing.protocol=http/json"],
+    "tracing endpoint without a scheme": ["--set", "tracing.endpoint=collector:4317"],
+    "tracing endpoint over gRPC's own scheme": ["--set", "tracing.endpoint=grpc://collector:4317"],
+    "resource attribute with a comma": [
+        "--set-json",
+        'tracing.resourceAttributes={"team": "chat,user"}',
+    ],
+    "resource attribute not a string": ["--set-json", 'tracing.resourceAttributes={"n": 1}'],
+    "unknown tracing key": ["--set", "tracing.serviceName=parley"],
+    "tracing egress port above 65535": ["--set", "networkPolicy.tracing.port=70000"],
+    "access log sample above 1": ["--set-json", "config.accessLogSample=2"],
 }
 
 

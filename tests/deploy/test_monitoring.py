@@ -1,5 +1,6 @@
 """The PrometheusRule alerts and the Grafana dashboard: every query parses as PromQL, and every
-metric it reads is one the services really export, so no alert or panel is silently empty.
+metric it reads is one the services really export, so no alert or panel is silently empty;
+the latency panel with exemplars reads the histogram the services put trace ids on.
 
 The exported metrics are read from the servers' own registries (created, not started); the
 queries from the chart rendered with the monitoring variant.
@@ -66,7 +67,8 @@ def alert_expressions(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, st
                 yield item.get("alert") or item.get("record"), item["expr"]
 
 
-def dashboard_expressions(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
+def dashboards(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, dashboard) of every dashboard ConfigMap of the render."""
     maps = [
         m
         for m in manifests
@@ -75,15 +77,19 @@ def dashboard_expressions(manifests: list[dict[str, Any]]) -> Iterator[tuple[str
     assert maps, "the monitoring variant renders no dashboard ConfigMap"
     for config_map in maps:
         for key, text in config_map["data"].items():
-            dashboard = json.loads(text)
-            for panel in dashboard["panels"]:
-                for target in panel.get("targets", []):
-                    yield f"{key}: {panel['title']}", _substitute(target["expr"])
-            for variable in dashboard.get("templating", {}).get("list", []):
-                query = variable.get("query")
-                if isinstance(query, dict) and "label_values(" in query.get("query", ""):
-                    inner = query["query"].removeprefix("label_values(").rsplit(",", 1)[0]
-                    yield f"{key}: variable {variable['name']}", _substitute(inner)
+            yield key, json.loads(text)
+
+
+def dashboard_expressions(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
+    for key, dashboard in dashboards(manifests):
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                yield f"{key}: {panel['title']}", _substitute(target["expr"])
+        for variable in dashboard.get("templating", {}).get("list", []):
+            query = variable.get("query")
+            if isinstance(query, dict) and "label_values(" in query.get("query", ""):
+                inner = query["query"].removeprefix("label_values(").rsplit(",", 1)[0]
+                yield f"{key}: variable {variable['name']}", _substitute(inner)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +174,26 @@ def test_the_dashboard_shows_the_chat_metrics(monitoring: list[dict[str, Any]]) 
         if name not in shown and not name.endswith(("_count", "_sum", "_publish_errors_total"))
     }
     assert not missing, f"the dashboard has no panel for {sorted(missing)}"
+
+
+# The histogram whose observations carry the trace id as an exemplar while tracing is on.
+EXEMPLAR_HISTOGRAM = "grpc_server_handling_seconds"
+
+
+def test_a_latency_panel_shows_the_trace_exemplars(monitoring: list[dict[str, Any]]) -> None:
+    exported = exported_metrics()
+    shown = []
+    for key, dashboard in dashboards(monitoring):
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                if not target.get("exemplar"):
+                    continue
+                assert panel["type"] == "timeseries", f"{key}: {panel['title']}"
+                # Grafana shows exemplars of the buckets a query reads.
+                names = metric_names(_substitute(target["expr"]))
+                assert names <= exported, f"{key}: {panel['title']} reads {sorted(names)}"
+                shown += [n for n in names if n == f"{EXEMPLAR_HISTOGRAM}_bucket"]
+    assert shown, f"no dashboard panel shows the exemplars of {EXEMPLAR_HISTOGRAM}"
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ PARLEY_HEALTH_CHECK_INTERVAL: {{ $c.healthCheckInterval | quote }}
 PARLEY_JWT_ISSUER: {{ $c.jwtIssuer | quote }}
 PARLEY_JWT_AUDIENCE: {{ $c.jwtAudience | quote }}
 PARLEY_JWT_LEEWAY: {{ $c.jwtLeeway | quote }}
+PARLEY_ACCESS_LOG_SAMPLE: {{ include "parley.configValue" $c.accessLogSample }}
 PARLEY_DB_POOL_MIN: {{ include "parley.configValue" $v.config.dbPoolMin }}
 PARLEY_DB_POOL_MAX: {{ include "parley.configValue" $v.config.dbPoolMax }}
 PARLEY_DB_POOL_TIMEOUT: {{ $v.config.dbPoolTimeout | quote }}
@@ -50,6 +51,48 @@ PARLEY_TLS_KEY_FILE: {{ include "parley.tls.file" "tls.key" | quote }}
 PARLEY_TLS_CLIENT_CA_FILE: {{ include "parley.tls.file" "ca.crt" | quote }}
 {{- end }}
 PARLEY_HEALTH_PORT: {{ $t.healthPort | quote }}
+{{- end }}
+{{- include "parley.tracingConfig" .root }}
+{{- end }}
+
+{{/*
+The standard OTEL_* variables of tracing, as ConfigMap data (with a leading newline), or
+nothing while tracing is off. OTEL_TRACES_SAMPLER_ARG only for the samplers that read it.
+Refuses, in one line, to turn tracing on without an endpoint. Call with the top-level context.
+*/}}
+{{- define "parley.tracingConfig" -}}
+{{- $t := .Values.tracing }}
+{{- if $t.enabled }}
+{{- if not $t.endpoint }}
+{{- fail "tracing.enabled is true but tracing.endpoint is empty: set it to the OTLP URL of your collector, e.g. http://otel-collector.observability.svc.cluster.local:4317" }}
+{{- end }}
+OTEL_TRACES_EXPORTER: "otlp"
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ $t.endpoint | quote }}
+OTEL_EXPORTER_OTLP_PROTOCOL: {{ $t.protocol | quote }}
+OTEL_TRACES_SAMPLER: {{ $t.sampler | quote }}
+{{- if hasSuffix "traceidratio" $t.sampler }}
+OTEL_TRACES_SAMPLER_ARG: {{ include "parley.configValue" $t.samplerRatio }}
+{{- end }}
+{{- with $t.resourceAttributes }}
+{{- $pairs := list }}
+{{- range $key, $value := . }}
+{{- $pairs = append $pairs (printf "%s=%s" $key $value) }}
+{{- end }}
+OTEL_RESOURCE_ATTRIBUTES: {{ join "," $pairs | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The port the OTLP collector listens on, for the NetworkPolicies: the one tracing.endpoint
+names; without one, gRPC's default (443), or HTTP's (80) for http:// with http/protobuf.
+*/}}
+{{- define "parley.tracing.port" -}}
+{{- $t := .Values.tracing }}
+{{- $host := (urlParse $t.endpoint).host }}
+{{- if regexMatch ":[0-9]+$" $host }}{{ regexFind "[0-9]+$" $host }}
+{{- else if and (eq $t.protocol "http/protobuf") (hasPrefix "http://" $t.endpoint) }}80
+{{- else }}443
 {{- end }}
 {{- end }}
 
@@ -400,6 +443,24 @@ networkPolicy.dns.ports) and Postgres. Call with the top-level context.
     - port: {{ $np.postgres.port }}
       protocol: TCP
   {{- with $np.postgres.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The egress rule of user and chat to the OTLP collector while tracing is on: the peers of
+networkPolicy.tracing.to (an empty list leaves `to` out: any destination) on
+networkPolicy.tracing.port, or the endpoint's port. Nothing while tracing is off.
+*/}}
+{{- define "parley.networkPolicy.tracingEgress" -}}
+{{- if .Values.tracing.enabled }}
+{{- $np := .Values.networkPolicy.tracing -}}
+- ports:
+    - port: {{ $np.port | default (include "parley.tracing.port" .) }}
+      protocol: TCP
+  {{- with $np.to }}
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}

@@ -234,9 +234,11 @@ def start_tracing(settings: TracingSettings, service_name: str, version: str = "
 
     # The instance is the host (a pod's name) and the process: replicas tell apart in a trace.
     instance = f"{socket.gethostname()}:{os.getpid()}"
-    resource = Resource.create(
-        {SERVICE_NAME: service_name, SERVICE_VERSION: version, SERVICE_INSTANCE_ID: instance}
-    )
+    resource = Resource.create({SERVICE_VERSION: version, SERVICE_INSTANCE_ID: instance})
+    # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) wins over the default.
+    named = str(resource.attributes.get(SERVICE_NAME, ""))
+    if not named or named.startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
     provider = TracerProvider(resource=resource, sampler=_RequestsOnly(_sampler(settings)))
     processor = BatchSpanProcessor(
         _CountingExporter(_exporter(settings)),
