@@ -26,9 +26,12 @@ async def _serve(prog: str, build: Callable[[Env], GrpcApp]) -> int:
     env = Env()
     configure_logging(*log_settings(env))
     # Before the service is built: its pools' connections are instrumented as they are made.
-    start_tracing(TracingSettings.from_env(env), service_name=prog)
+    tracing = TracingSettings.from_env(env)
+    start_tracing(tracing, service_name=prog)
     try:
         app = build(env)
+        # Once every setting has been read: a bad one is the only line on stderr.
+        _log.info("%s", tracing.describe())
         await app.run()
     finally:
         # The spans of the last calls; the exporter's own timeout bounds the wait.

@@ -53,7 +53,7 @@ class AccessLog:
     def describe(self) -> str:
         if self.fields is None:
             return "every call"
-        return f"every failed call and {self.sample:.0%} of successful ones"
+        return f"every failed call and {self.sample * 100:g}% of successful ones"
 
 
 def _request_id(metadata: Any) -> str:

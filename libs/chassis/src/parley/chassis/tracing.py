@@ -31,7 +31,6 @@ timers do not flood the trace store.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -68,7 +67,6 @@ __all__ = [
     "tracer",
 ]
 
-_log = logging.getLogger("parley.tracing")
 
 SAMPLERS = (
     "always_on",
@@ -110,12 +108,10 @@ class TracingSettings:
             else "OTEL_EXPORTER_OTLP_ENDPOINT"
         )
         endpoint = env.raw(endpoint_name)
-        if endpoint is not None:
-            parts = urlsplit(endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(
-                    endpoint_name, f"must be an http:// or https:// URL, got {endpoint!r}"
-                )
+        if endpoint is not None and not _is_endpoint(endpoint):
+            raise ConfigError(
+                endpoint_name, f"must be an http:// or https:// URL, got {endpoint!r}"
+            )
         protocol_name = (
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
             if env.raw("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") is not None
@@ -142,6 +138,16 @@ class TracingSettings:
         sampler = self.sampler + (f" {self.ratio:g}" if self.sampler.endswith("ratio") else "")
         endpoint = self.endpoint or "the default endpoint"
         return f"tracing on: OTLP {self.protocol} to {endpoint}, sampler {sampler}"
+
+
+def _is_endpoint(url: str) -> bool:
+    """An http(s) URL with a host and, if any, a port from 1 to 65535."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
 
 
 _provider: TracerProvider | None = None
@@ -260,7 +266,6 @@ def start_tracing(settings: TracingSettings, service_name: str, version: str = "
         pass
     else:
         RedisInstrumentor().instrument(tracer_provider=provider)
-    _log.info("%s", settings.describe())
     return True
 
 
