@@ -28,6 +28,7 @@ from parley.testing.tokens import bearer
 
 ROOM = "traced"
 STREAM_CHAT = "/chat.ChatService/StreamChat"
+GET_USER = "/user.UserService/GetUser"
 
 
 @pytest.fixture
@@ -110,6 +111,9 @@ async def test_a_message_sent_on_one_replica_is_traced_to_its_delivery_on_the_ot
         ]
 
     (deliver,) = await otlp_receiver.arrival(the_delivery)
+    await otlp_receiver.arrival(
+        lambda spans: [s for s in spans if s.trace_id == trace_id and s.service == "parley-user"]
+    )
     (client,) = await otlp_receiver.arrival(
         lambda spans: [s for s in spans if s.service == "chat-test-client" and s.kind == "client"]
     )
@@ -133,6 +137,13 @@ async def test_a_message_sent_on_one_replica_is_traced_to_its_delivery_on_the_ot
     assert any("INSERT" in str(s.attributes.get("db.statement", "")) for s in statements)
     publishes = [s for s in children if s.attributes.get("db.system") == "redis"]
     assert [s.name for s in publishes] == ["PUBLISH"], children
+
+    # Chat's call to UserService for the sender's name: a client span in the stream's trace,
+    # and UserService's server span under it.
+    lookup = _one(in_trace, "GetUser client span", kind="client", name=GET_USER)
+    assert lookup.service == "parley-chat" and lookup.parent_span_id == server.span_id
+    answered = _one(in_trace, "GetUser server span", kind="server", name=GET_USER)
+    assert answered.service == "parley-user" and answered.parent_span_id == lookup.span_id
 
     # The receiver's side: replica B's delivery span is linked to the send and reads Postgres.
     assert deliver.kind == "consumer" and deliver.service == "parley-chat"
