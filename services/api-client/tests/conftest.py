@@ -1,5 +1,10 @@
 """Fixtures for the SDK tests: one real Parley stack (parley.devstack's Stack) for the whole
-run, and helpers; tests that kill a chat replica start one of their own (`extra_chat`)."""
+run, and helpers; tests that kill a chat replica start one of their own (`extra_chat`).
+
+With PARLEY_TEST_CLIENT_TRACING=1 the whole suite runs with a global tracer provider installed,
+so that every channel the SDK opens in this process carries the tracing interceptors; after
+the run, every span they started must have ended.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from opentelemetry import context, trace
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 
 from parley.client import ChatSession, UserClient
 from parley.devstack.services import Service
@@ -23,6 +30,39 @@ from parley.testing import DatabaseFactory, free_port
 # Variables a developer's shell may carry that would change what a client talks to.
 _CLIENT_ENV = ("PARLEY_TOKEN", "PARLEY_USER_ADDR", "PARLEY_CHAT_ADDR")
 Messages = list[chat_pb2.ChatMessage]
+
+CLIENT_TRACING = os.environ.get("PARLEY_TEST_CLIENT_TRACING", "") == "1"
+"""Whether this run has a global tracer provider (see the module's docstring)."""
+
+
+class _OpenSpans(SpanProcessor):
+    """The spans started and not yet ended, by span id."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, str] = {}
+        self.started = 0
+
+    def on_start(self, span: Span, parent_context: context.Context | None = None) -> None:
+        self.started += 1
+        self.open[span.context.span_id] = span.name
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.context is not None:
+            self.open.pop(span.context.span_id, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _client_tracing() -> Iterator[None]:
+    if not CLIENT_TRACING:
+        yield
+        return
+    spans = _OpenSpans()
+    provider = TracerProvider()
+    provider.add_span_processor(spans)
+    trace.set_tracer_provider(provider)
+    yield
+    assert spans.started > 0, "no call was traced"
+    assert spans.open == {}, f"spans never ended: {sorted(spans.open.values())}"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Dependencies inside parley.client run one way: no import cycles, and the SDK never imports the
 command line (`parley.client.cli`) or what only the command line needs (typer, rich,
-prompt_toolkit).
+prompt_toolkit, and OpenTelemetry's SDK and exporters: the SDK uses OpenTelemetry's API only).
 
 The graph is read from the source with `ast`: every `import` a module writes, inside functions
 and `if TYPE_CHECKING:` blocks too (a cycle hidden there is still a cycle of the design).
@@ -22,8 +22,16 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "parley.client"
 CLI = "parley.client.cli"
-# What only the command line may import: the `cli` extra's packages.
-CLI_ONLY = frozenset({"typer", "rich", "prompt_toolkit"})
+# What only the command line may import: the `cli` extra's packages (and their modules).
+CLI_ONLY = frozenset(
+    {"typer", "rich", "prompt_toolkit", "opentelemetry.sdk", "opentelemetry.exporter"}
+)
+# What the command line loads only for `--trace`.
+TRACE_ONLY = frozenset({"opentelemetry.sdk", "opentelemetry.exporter"})
+
+
+def _within(name: str, packages: frozenset[str]) -> bool:
+    return any(name == package or name.startswith(f"{package}.") for package in packages)
 
 
 @dataclass
@@ -34,7 +42,7 @@ class ImportGraph:
     internal: dict[str, set[str]] = field(default_factory=dict)
     """Module -> the modules of the package it imports."""
     external: dict[str, set[str]] = field(default_factory=dict)
-    """Module -> the top-level names of other packages it imports."""
+    """Module -> the modules of other packages it imports (full dotted names)."""
 
     def cycles(self) -> list[list[str]]:
         """Each set of modules that import each other (directly or round a loop), sorted."""
@@ -66,7 +74,7 @@ def read_graph(source: Path, package: str) -> ImportGraph:
                 if target in modules:
                     internal.add(target)
                 else:
-                    external.add(target.partition(".")[0])
+                    external.add(target)
     return graph
 
 
@@ -174,7 +182,7 @@ def test_only_the_cli_imports_the_cli_and_its_extra(graph: ImportGraph) -> None:
     wrong = {
         module: sorted(
             {target for target in graph.internal[module] if _in_cli(target)}
-            | (graph.external[module] & CLI_ONLY)
+            | {target for target in graph.external[module] if _within(target, CLI_ONLY)}
         )
         for module in graph.modules
         if not _in_cli(module)
@@ -196,15 +204,14 @@ import importlib, json, sys
 importlib.import_module(sys.argv[1])
 print(json.dumps(sorted(
     name for name in sys.modules
-    if name.partition(".")[0] in sys.argv[2].split(",")
-    or name == sys.argv[3] or name.startswith(sys.argv[3] + ".")
+    if any(name == p or name.startswith(p + ".") for p in [*sys.argv[2].split(","), sys.argv[3]])
 )))
 """
 
 
 def _loaded_by(module: str) -> list[str]:
     """The modules of the cli extra and of parley.client.cli that a fresh interpreter holds
-    after importing `module` (typer, rich and prompt_toolkit are installed here)."""
+    after importing `module` (the whole extra is installed here)."""
     done = subprocess.run(
         [sys.executable, "-c", _LOADED, module, ",".join(sorted(CLI_ONLY)), CLI],
         capture_output=True,
@@ -233,3 +240,6 @@ def test_the_import_check_sees_the_cli_extra() -> None:
     loaded = _loaded_by(f"{CLI}.root")
     assert {"typer", "rich"} <= set(loaded)
     assert f"{CLI}.root" in loaded
+    # The commands start without OpenTelemetry's SDK: only --trace loads it.
+    assert [name for name in loaded if _within(name, TRACE_ONLY)] == []
+    assert "opentelemetry.sdk.trace" in _loaded_by(f"{CLI}.tracing")

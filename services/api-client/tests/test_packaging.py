@@ -22,7 +22,14 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[3]
 MEMBER = Path(__file__).resolve().parents[1]
-CLI_EXTRA = {"typer", "rich", "prompt-toolkit"}
+CLI_EXTRA = {
+    "typer",
+    "rich",
+    "prompt-toolkit",
+    "opentelemetry-sdk",
+    "opentelemetry-exporter-otlp-proto-grpc",
+    "opentelemetry-exporter-otlp-proto-http",
+}
 INSTALL_HINT = "pip install 'parley-client[cli]'"
 
 
@@ -63,7 +70,7 @@ def test_the_wheel_puts_the_cli_dependencies_under_the_cli_extra(tmp_path: Path)
     assert metadata.get_all("Provides-Extra") == ["cli"]
     requirements = [Requirement(text) for text in metadata.get_all("Requires-Dist") or []]
     plain = {canonicalize_name(r.name) for r in requirements if r.marker is None}
-    assert {"grpcio", "parley-proto", "pyjwt"} <= plain
+    assert {"grpcio", "parley-proto", "pyjwt", "opentelemetry-api"} <= plain
     assert not plain & CLI_EXTRA
     for requirement in requirements:
         marker = requirement.marker
@@ -83,7 +90,8 @@ def test_the_wheel_puts_the_cli_dependencies_under_the_cli_extra(tmp_path: Path)
 _EXTRA_FOUND = """
 import importlib.util, sys
 import parley.client, parley.client.chat, parley.client.session, parley.client.users
-print(",".join(n for n in ("typer", "rich", "prompt_toolkit") if importlib.util.find_spec(n)))
+extra = ("typer", "rich", "prompt_toolkit", "opentelemetry.sdk")
+print(",".join(n for n in extra if importlib.util.find_spec(n)))
 """
 
 

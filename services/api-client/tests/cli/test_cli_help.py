@@ -59,7 +59,8 @@ def test_root_help_documents_exit_codes_and_environment() -> None:
     for line in ("0    success", "2    usage error", "3    partly done", "10+N", "15 NOT_FOUND",
                  "24 UNAVAILABLE", "26 UNAUTHENTICATED", "130  interrupted"):  # fmt: skip
         assert line in text
-    for variable in ("PARLEY_USER_ADDR", "PARLEY_CHAT_ADDR", "PARLEY_TOKEN", "PARLEY_TIMEOUT"):
+    for variable in ("PARLEY_USER_ADDR", "PARLEY_CHAT_ADDR", "PARLEY_TOKEN", "PARLEY_TIMEOUT",
+                     "OTEL_EXPORTER_OTLP_ENDPOINT"):  # fmt: skip
         assert variable in text
 
 
@@ -67,6 +68,7 @@ def test_global_options_after_the_command_too() -> None:
     for path in (["users", "get"], ["chat", "tail"], ["health"]):
         text = help_of(*path)
         assert "--timeout" in text and "--output" in text and "--debug" in text
+        assert "--trace" in text
 
 
 def test_token_prints_a_signed_jwt() -> None:

@@ -30,6 +30,22 @@ Every call carries `authorization: Bearer <token>` (from `token=`, a `TokenProvi
 $PARLEY_TOKEN), has a deadline (10 s unless `timeout=` says otherwise), and raises a
 `ParleyError` subclass with a hint when it fails. Idempotent calls are retried on
 UNAVAILABLE; channels use round_robin and keepalive.
+
+Tracing (OpenTelemetry): a client makes a CLIENT span of every call, named
+`package.Service/Method`, and sends its W3C trace context (`traceparent`) in the call's
+metadata, so that the server's span joins the trace, when
+
+- it was given a provider: `UserClient(..., tracer_provider=provider)`, or
+- the application has installed a global one (`opentelemetry.trace.set_tracer_provider`, or
+  the `opentelemetry-instrument` launcher) before the client's first call.
+
+Otherwise its channels get no tracing interceptor at all, and calls cost nothing more. Spans
+are children of the span current where the call is made (a root when there is none), and
+end when their call does, streams included. The SDK needs only opentelemetry-api; the
+application brings the SDK and an exporter (opentelemetry-sdk,
+opentelemetry-exporter-otlp). Under `opentelemetry-instrument`, set
+`OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=grpc_client,grpc_aio_client`: OpenTelemetry's own gRPC
+client instrumentation wraps the SDK's channels too, and breaks paging and the asyncio import.
 """
 
 from parley.client._base import HealthStatus

@@ -15,7 +15,7 @@ import grpc.aio
 
 from parley.client.tokens import TokenProvider
 
-__all__ = ["AuthInterceptor", "async_auth_interceptors"]
+__all__ = ["AuthInterceptor", "CallDetails", "async_auth_interceptors"]
 
 _AUTHORIZATION = "authorization"
 
@@ -27,7 +27,7 @@ def _has_authorization(metadata: Iterable[tuple[str, Any]] | None) -> bool:
     return any(key == _AUTHORIZATION for key, _ in metadata or ())
 
 
-class _CallDetails(grpc.ClientCallDetails):
+class CallDetails(grpc.ClientCallDetails):
     """grpc.ClientCallDetails is abstract; interceptors hand on their own implementation."""
 
     def __init__(
@@ -62,7 +62,7 @@ class AuthInterceptor(
         if _has_authorization(details.metadata):
             return details
         metadata = (*(details.metadata or ()), (_AUTHORIZATION, f"Bearer {self._token()}"))
-        return _CallDetails(
+        return CallDetails(
             details.method,
             details.timeout,
             metadata,

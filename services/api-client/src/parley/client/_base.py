@@ -12,6 +12,7 @@ from typing import Generic, Self, TypeVar
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
+from opentelemetry import trace
 
 from parley.client._channel import (
     DEFAULT_TIMEOUT,
@@ -115,6 +116,7 @@ class _ClientCore:
         wait_for_ready: bool,
         tls: bool | grpc.ChannelCredentials,
         options: Sequence[tuple[str, str | int]],
+        tracer_provider: trace.TracerProvider | None,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
@@ -124,9 +126,12 @@ class _ClientCore:
         self._wait_for_ready = wait_for_ready
         self._credentials = credentials_for(tls)
         self._options = channel_options(self._service, options)
+        self._tracer_provider = tracer_provider
 
     def _spec(self, target: str) -> ChannelSpec:
-        return ChannelSpec(target, self._options, self._credentials, self._token)
+        return ChannelSpec(
+            target, self._options, self._credentials, self._token, self._tracer_provider
+        )
 
     @property
     def timeout(self) -> float | None:
@@ -166,6 +171,7 @@ class SyncClientBase(_ClientCore):
         wait_for_ready: bool = False,
         tls: bool | grpc.ChannelCredentials = False,
         options: Sequence[tuple[str, str | int]] = (),
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -174,6 +180,7 @@ class SyncClientBase(_ClientCore):
             wait_for_ready=wait_for_ready,
             tls=tls,
             options=options,
+            tracer_provider=tracer_provider,
         )
         self._targets: _Targets[grpc.Channel] = _Targets(
             self._text, lambda t: open_sync_channel(self._spec(t))
@@ -282,6 +289,7 @@ class AsyncClientBase(_ClientCore):
         wait_for_ready: bool = False,
         tls: bool | grpc.ChannelCredentials = False,
         options: Sequence[tuple[str, str | int]] = (),
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -290,6 +298,7 @@ class AsyncClientBase(_ClientCore):
             wait_for_ready=wait_for_ready,
             tls=tls,
             options=options,
+            tracer_provider=tracer_provider,
         )
         self._targets: _Targets[grpc.aio.Channel] = _Targets(
             self._text, lambda t: open_async_channel(self._spec(t))

@@ -1,4 +1,5 @@
-"""Channels with the defaults a Parley client needs: retries, round_robin, keepalive, auth.
+"""Channels with the defaults a Parley client needs: retries, round_robin, keepalive, auth,
+tracing.
 
 - Retries: idempotent methods are retried on UNAVAILABLE (and on a CANCELLED sent by a server
   that is stopping), with exponential back-off, by gRPC
@@ -10,6 +11,9 @@
 - Keepalive: pings every 30 s while calls are open, so a dead peer is noticed on long streams.
 - Reconnects: gRPC's connection back-off is capped at 10 s (default 120 s), so a restarted
   server is found again quickly.
+- Tracing: a CLIENT span per call, its W3C trace context in the metadata, when the client
+  was given a tracer provider or the application installed a global one; else no tracing
+  interceptor at all (see parley.client._tracing).
 
 Timeouts are passed on every call rather than put into the service config: grpcio starts a
 service-config timeout before the call is made (grpc/grpc#34547).
@@ -24,8 +28,10 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from opentelemetry import trace
 
 from parley.client._auth import AuthInterceptor, async_auth_interceptors
+from parley.client._tracing import TracingInterceptor, async_tracing_interceptors, tracer_for
 from parley.client.tokens import TokenProvider
 from parley.proto import contract
 
@@ -155,6 +161,8 @@ class ChannelSpec:
     options: Sequence[tuple[str, str | int]]
     credentials: grpc.ChannelCredentials | None
     token: TokenProvider | None
+    tracer_provider: trace.TracerProvider | None = None
+    """The provider of the calls' spans; None: the global one, when the application set one."""
 
 
 def credentials_for(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredentials | None:
@@ -167,23 +175,36 @@ def credentials_for(tls: bool | grpc.ChannelCredentials) -> grpc.ChannelCredenti
 
 
 def open_sync_channel(spec: ChannelSpec) -> grpc.Channel:
-    """A sync channel to `spec.target`, with the auth interceptor when there is a token."""
+    """A sync channel to `spec.target`, with the tracing interceptor (outermost) when its calls
+    are traced and the auth interceptor when there is a token."""
     if spec.credentials is None:
         channel = grpc.insecure_channel(spec.target, options=spec.options)
     else:
         channel = grpc.secure_channel(spec.target, spec.credentials, options=spec.options)
-    if spec.token is None:
+    interceptors: list[TracingInterceptor | AuthInterceptor] = []
+    tracer = tracer_for(spec.tracer_provider, _VERSION)
+    if tracer is not None:
+        interceptors.append(TracingInterceptor(tracer, spec.target))
+    if spec.token is not None:
+        interceptors.append(AuthInterceptor(spec.token))
+    if not interceptors:
         return channel
-    return grpc.intercept_channel(channel, AuthInterceptor(spec.token))
+    return grpc.intercept_channel(channel, *interceptors)
 
 
 def open_async_channel(spec: ChannelSpec) -> grpc.aio.Channel:
-    """A `grpc.aio` channel to `spec.target`, with the auth interceptor when there is a token."""
-    interceptors = async_auth_interceptors(spec.token) if spec.token is not None else None
+    """A `grpc.aio` channel to `spec.target`, with the tracing interceptors (outermost) when its
+    calls are traced and the auth interceptors when there is a token."""
+    interceptors: list[grpc.aio.ClientInterceptor] = []
+    tracer = tracer_for(spec.tracer_provider, _VERSION)
+    if tracer is not None:
+        interceptors += async_tracing_interceptors(tracer, spec.target)
+    if spec.token is not None:
+        interceptors += async_auth_interceptors(spec.token)
     if spec.credentials is None:
         return grpc.aio.insecure_channel(
-            spec.target, options=spec.options, interceptors=interceptors
+            spec.target, options=spec.options, interceptors=interceptors or None
         )
     return grpc.aio.secure_channel(
-        spec.target, spec.credentials, options=spec.options, interceptors=interceptors
+        spec.target, spec.credentials, options=spec.options, interceptors=interceptors or None
     )

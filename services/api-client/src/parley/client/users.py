@@ -213,7 +213,9 @@ class UserClient(SyncClientBase):
     their deadline) for an unreachable server instead of failing at once with `Unavailable`:
     useful for scripts that run while the stack starts, wrong for interactive use. `tls` is
     False (plain text), True (TLS with the system's roots) or `grpc.ChannelCredentials`.
-    `options` are extra gRPC channel arguments.
+    `options` are extra gRPC channel arguments. `tracer_provider` makes a CLIENT span of every
+    call, its W3C trace context sent along; None uses the application's global provider when it
+    has installed one, and traces nothing otherwise (see `parley.client`).
 
     Use it as a context manager, or call `close()`. Safe to share between threads.
     """

@@ -31,14 +31,22 @@ CHAT_ADDRESS_FLAG = "--chat-addr / PARLEY_CHAT_ADDR"
 def chat_client(settings: Settings) -> ChatClient:
     """A sync ChatService client for the run's addresses, token and timeout."""
     with address_errors(CHAT_ADDRESS_FLAG):
-        return ChatClient(settings.chat_addr, token=settings.token, timeout=settings.call_timeout)
+        return ChatClient(
+            settings.chat_addr,
+            token=settings.token,
+            timeout=settings.call_timeout,
+            tracer_provider=settings.tracer_provider,
+        )
 
 
 def async_chat_client(settings: Settings) -> AsyncChatClient:
     """An asyncio ChatService client for the run's addresses, token and timeout."""
     with address_errors(CHAT_ADDRESS_FLAG):
         return AsyncChatClient(
-            settings.chat_addr, token=settings.token, timeout=settings.call_timeout
+            settings.chat_addr,
+            token=settings.token,
+            timeout=settings.call_timeout,
+            tracer_provider=settings.tracer_provider,
         )
 
 

@@ -2,8 +2,8 @@
 turns failures into one line on stderr and an exit code.
 
 The global options (`--user-addr`, `--chat-addr`, `--token`, `--timeout`, `--output`,
-`--debug`) are accepted before the command (`parley -o json users list`) and after it
-(`parley users list -o json`); a value given after the command wins. Environment variables
+`--debug`, `--trace`) are accepted before the command (`parley -o json users list`) and after
+it (`parley users list -o json`); a value given after the command wins. Environment variables
 (`PARLEY_USER_ADDR`, `PARLEY_CHAT_ADDR`, `PARLEY_TOKEN`, `PARLEY_TIMEOUT`) are read by the root
 options only, so that they never override a flag given before the command.
 """
@@ -15,6 +15,7 @@ import enum
 import functools
 import inspect
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import typer
+from opentelemetry.trace import TracerProvider
 
 from parley.client import DEFAULT_TIMEOUT
 from parley.client.cli.errors import EXIT_FAILED, EXIT_USAGE, describe, exit_code
@@ -65,8 +67,11 @@ class Settings:
     timeout: float | None = None
     output: Output = Output.TABLE
     debug: bool = False
+    trace: bool = False
     room: str | None = None
     """The room given to `parley chat` itself, the default of its subcommands."""
+    tracer_provider: TracerProvider | None = None
+    """The provider of the calls' spans once `--trace` has started tracing (see cli.tracing)."""
 
     @property
     def call_timeout(self) -> float:
@@ -85,9 +90,14 @@ class Settings:
     def merged(self, **given: Any) -> Settings:
         """These settings with the values that were given (not None) replaced."""
         changes = {name: value for name, value in given.items() if value is not None}
-        if given.get("debug") is False:
-            changes.pop("debug", None)  # a flag left off after the command keeps the root's
+        for flag in _FLAGS:
+            if given.get(flag) is False:
+                changes.pop(flag, None)  # a flag left off after the command keeps the root's
         return dataclasses.replace(self, **changes)
+
+
+_FLAGS = ("debug", "trace")
+"""The global options that are flags: given after the command, they can only turn on."""
 
 
 def examples(*commands: str, note: str = "") -> str:
@@ -121,6 +131,10 @@ _HELP = {
     ),
     "output": "table for people, json for scripts (JSON Lines: one object per line).",
     "debug": "Show tracebacks and the SDK's debug log.",
+    "trace": (
+        "Trace every call: print `trace <trace id> <method>` on stderr as each starts, and "
+        "export the spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."
+    ),
 }
 
 _COMMAND_OPTIONS: dict[str, Any] = {
@@ -156,6 +170,10 @@ _COMMAND_OPTIONS: dict[str, Any] = {
         bool,
         typer.Option("--debug", help=_HELP["debug"], rich_help_panel=GLOBAL_PANEL),
     ],
+    "trace": Annotated[
+        bool,
+        typer.Option("--trace", help=_HELP["trace"], rich_help_panel=GLOBAL_PANEL),
+    ],
 }
 
 _CONTEXT_PARAMETER = "parley_context"
@@ -173,13 +191,13 @@ def command(
     global options after its name, and runs inside `guard`.
 
     `user`, `chat` and `token` say which of `--user-addr`, `--chat-addr` and `--token` the
-    command uses; `--timeout`, `--output` and `--debug` come with every command.
+    command uses; `--timeout`, `--output`, `--debug` and `--trace` come with every command.
     """
     names = [
         name
         for name, wanted in (("user_addr", user), ("chat_addr", chat), ("token", token))
         if wanted
-    ] + ["timeout", "output", "debug"]
+    ] + ["timeout", "output", "debug", "trace"]
 
     def decorate(func: Callable[Concatenate[Settings, P], R]) -> Callable[P, R]:
         signature = inspect.signature(func, eval_str=True)
@@ -194,7 +212,7 @@ def command(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 annotation=_COMMAND_OPTIONS[name],
-                default=False if name == "debug" else None,
+                default=False if name in _FLAGS else None,
             )
             for name in names
         ]
@@ -220,6 +238,8 @@ def command(
             ctx.obj = settings  # subcommands of a group see what the group was given
             configure_logging(settings)
             with guard(settings):
+                if settings.trace and settings.tracer_provider is None:
+                    settings = ctx.obj = start_tracing(ctx, settings)
                 return func(settings, *args, **kwargs)
 
         # typer reads the parameters from the signature and the type hints.
@@ -230,6 +250,18 @@ def command(
         return wrapper
 
     return decorate
+
+
+def start_tracing(ctx: typer.Context, settings: Settings) -> Settings:
+    """Turns `--trace` on for the rest of the run (see parley.client.cli.tracing): `settings`
+    with the provider the clients are to use. The spans are sent when the whole command ends.
+    Raises ValueError for an OTEL_* variable that is not valid."""
+    # Imported here: the OpenTelemetry SDK only loads for --trace.
+    from parley.client.cli.tracing import Export, Tracing
+
+    tracing = Tracing(Export.from_env(os.environ))
+    ctx.find_root().call_on_close(tracing.finish)
+    return dataclasses.replace(settings, tracer_provider=tracing.provider)
 
 
 @contextmanager

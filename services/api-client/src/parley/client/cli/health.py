@@ -73,12 +73,16 @@ async def _all_checks(settings: Settings) -> list[Check]:
         parse_targets(user_address)
     with address_errors("--chat-addr / PARLEY_CHAT_ADDR"):
         chat_addresses = parse_targets(resolve_target(settings.chat_addr, CHAT_SERVICE))
-    timeout = settings.call_timeout
+    timeout, provider = settings.call_timeout, settings.tracer_provider
     async with contextlib.AsyncExitStack() as stack:
-        user = await stack.enter_async_context(AsyncUserClient(user_address, timeout=timeout))
+        user = await stack.enter_async_context(
+            AsyncUserClient(user_address, timeout=timeout, tracer_provider=provider)
+        )
         pending = [_check(user, "UserService", user_address, name) for name in USER_CHECKS]
         for address in chat_addresses:
-            chat = await stack.enter_async_context(AsyncChatClient(address, timeout=timeout))
+            chat = await stack.enter_async_context(
+                AsyncChatClient(address, timeout=timeout, tracer_provider=provider)
+            )
             pending += [_check(chat, "ChatService", address, name) for name in CHAT_CHECKS]
         return list(await asyncio.gather(*pending))
 

@@ -35,6 +35,7 @@ ROOT_EPILOG = f"""
   parley rooms create team --visibility private && parley rooms add team 2
   parley dm 2
   parley health
+  parley --trace users get 42
 
 [bold]Environment[/bold]
 
@@ -42,6 +43,9 @@ ROOT_EPILOG = f"""
   PARLEY_CHAT_ADDR   ChatService address(es), comma-separated (like --chat-addr)
   PARLEY_TOKEN       bearer token (like --token)
   PARLEY_TIMEOUT     deadline of each call in seconds (like --timeout)
+  OTEL_EXPORTER_OTLP_ENDPOINT
+                     where --trace exports its spans, an http:// or https:// URL
+                     (OTEL_EXPORTER_OTLP_PROTOCOL: grpc, the default, or http/protobuf)
 
 {EXIT_CODES_HELP}"""
 
@@ -112,6 +116,10 @@ def main(
         bool,
         typer.Option("--debug", help=root_options_help("debug"), rich_help_panel=GLOBAL_PANEL),
     ] = False,
+    trace: Annotated[
+        bool,
+        typer.Option("--trace", help=root_options_help("trace"), rich_help_panel=GLOBAL_PANEL),
+    ] = False,
 ) -> None:
     """Talk to a Parley deployment from the command line: users, chat, rooms and health.
 
@@ -126,6 +134,7 @@ def main(
         timeout=timeout,
         output=output,
         debug=debug,
+        trace=trace,
     )
     ctx.obj = settings
     configure_logging(settings)

@@ -57,7 +57,12 @@ UserId = Annotated[
 def user_client(settings: Settings) -> UserClient:
     """A UserService client for the run's address, token and timeout."""
     with address_errors("--user-addr / PARLEY_USER_ADDR"):
-        return UserClient(settings.user_addr, token=settings.token, timeout=settings.call_timeout)
+        return UserClient(
+            settings.user_addr,
+            token=settings.token,
+            timeout=settings.call_timeout,
+            tracer_provider=settings.tracer_provider,
+        )
 
 
 def _show(settings: Settings, user: user_pb2.User) -> None:
