@@ -33,6 +33,7 @@ from parley.bench.retention import measure_retention
 from parley.bench.rooms import measure_foreign_rooms
 from parley.bench.startup import measure_startup
 from parley.bench.target import Target, started_stack
+from parley.bench.tracing import measure_tracing
 from parley.bench.unary import Reader, make_reader, measure_unary
 
 __all__ = ["main"]
@@ -55,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hot-senders", type=int, help="writers for the hot-room row")
     parser.add_argument(
         "--only",
-        help="comma-separated sections to run (default: all), e.g. 'idle streams,hot room'",
+        help="comma-separated sections to run (default: all), e.g. 'idle streams,hot room'; "
+        "the sections: start-up, unary, ListUsers, chat fan-out, tracing, rooms not served, "
+        "redis cluster, idle streams, retention, hot room",
     )
     parser.add_argument("--user-addr", help="a running UserService instead of a started stack")
     parser.add_argument("--chat-addr", help="its two chat replicas, comma-separated")
@@ -166,6 +169,7 @@ def run(args: argparse.Namespace) -> Report:
                 measure_chat(target, broadcast.address, plan, report)
 
         _section(report, "chat fan-out", chat)
+        _section(report, "tracing", lambda: measure_tracing(target, plan, report))
         _section(report, "rooms not served", lambda: measure_foreign_rooms(target, plan, report))
         _section(report, "redis cluster", lambda: measure_cluster(target, plan, report))
         _section(report, "idle streams", lambda: measure_idle(target, plan, report))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from parley.bench.chat import STREAM_CHAT, chat_tokens
 from parley.bench.loadgen import percentile
 from parley.bench.plan import Plan
 from parley.bench.report import Report, Row, format_seconds
+from parley.bench.scrape import metric_samples
 from parley.bench.target import Target
 from parley.devstack.ports import free_ports
 from parley.devstack.services import Service, ServiceSpec
@@ -100,18 +100,6 @@ def _seed(database_url: str, room: str, backlog: int) -> None:
         conn.execute("ANALYZE chat_messages")
 
 
-def _samples(metrics_address: str) -> dict[str, float]:
-    """The samples of a metrics endpoint, by their name with labels."""
-    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
-
-
 def _deleted(samples: dict[str, float]) -> float:
     return sum(
         value
@@ -176,7 +164,7 @@ async def _measure(target: Target, plan: Plan, database_url: str, environ: dict[
         deadline = time.monotonic() + SWEEP_TIMEOUT
         samples: dict[str, float] = {}
         while time.monotonic() < deadline and load.ended is None:
-            samples = await asyncio.to_thread(_samples, address)
+            samples = await asyncio.to_thread(metric_samples, address)
             now = time.perf_counter()
             if not sweep_start and _deleted(samples) > 0:
                 sweep_start = now - _POLL  # it began within the last poll

@@ -90,7 +90,12 @@ def started_stack() -> Iterator[Target]:
     data_dir = Path(tempfile.mkdtemp(prefix="parley-bench-"))
     try:
         with private_database() as database_url:
-            environ = {k: v for k, v in os.environ.items() if k not in _DROPPED}
+            # Tracing stays off in every row but the tracing section's, which sets OTEL_* itself.
+            environ = {
+                k: v
+                for k, v in os.environ.items()
+                if k not in _DROPPED and not k.startswith("OTEL_")
+            }
             environ.update(
                 PARLEY_DATABASE_URL=database_url,
                 PARLEY_REDIS_URL=REDIS_URL,
