@@ -3,8 +3,10 @@
 Every process exports its spans to a real OTLP receiver in this test process: the two chat
 replicas, UserService, and the test's own client (OpenTelemetry's gRPC client instrumentation
 with a tracer provider of the test's). The send is followed from the client's StreamChat span
-through the replica's server span, its "chat send" span, Postgres and Redis; the other
-replica's "chat deliver" span is linked to that send, and its read from Postgres is its child.
+to the replica's server span; the message's "chat send" span (a trace of its own, linked to
+the stream's server span) has the store in Postgres and the publish on Redis under it; the
+other replica's "chat deliver" span is linked to that send, and its read from Postgres is its
+child.
 """
 
 from __future__ import annotations
@@ -103,19 +105,21 @@ async def test_a_message_sent_on_one_replica_is_traced_to_its_delivery_on_the_ot
         return sends[0] if sends else None
 
     send = await otlp_receiver.arrival(the_send)
-    trace_id = send.trace_id
 
     def the_delivery(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
         return [
-            s for s in spans if s.name == "chat deliver" and (trace_id, send.span_id) in s.links
+            s
+            for s in spans
+            if s.name == "chat deliver" and (send.trace_id, send.span_id) in s.links
         ]
 
     (deliver,) = await otlp_receiver.arrival(the_delivery)
-    await otlp_receiver.arrival(
-        lambda spans: [s for s in spans if s.trace_id == trace_id and s.service == "parley-user"]
-    )
     (client,) = await otlp_receiver.arrival(
         lambda spans: [s for s in spans if s.service == "chat-test-client" and s.kind == "client"]
+    )
+    trace_id = client.trace_id  # the stream's
+    await otlp_receiver.arrival(
+        lambda spans: [s for s in spans if s.trace_id == trace_id and s.service == "parley-user"]
     )
     # The stream's server span ends (and is exported) once the stream has.
     await otlp_receiver.arrival(
@@ -123,15 +127,18 @@ async def test_a_message_sent_on_one_replica_is_traced_to_its_delivery_on_the_ot
     )
     spans = otlp_receiver.spans
 
-    # The sender's side: client -> replica A's server span -> the send -> Postgres and Redis.
+    # The sender's side: client -> replica A's server span; the send -> Postgres and Redis.
     assert (client.trace_id, client.parent_span_id, client.name) == (trace_id, "", STREAM_CHAT)
     in_trace = [s for s in spans if s.trace_id == trace_id]
     server = _one(in_trace, "StreamChat server span", kind="server", name=STREAM_CHAT)
     assert server.parent_span_id == client.span_id
     assert server.service == "parley-chat" and _instance(a.pid, server)
-    assert send.parent_span_id == server.span_id and send.kind == "producer"
+    # The message: a trace of its own, linked to the stream's server span.
+    assert (send.parent_span_id, send.kind) == ("", "producer")
+    assert send.trace_id != trace_id and send.links == ((trace_id, server.span_id),)
     assert _instance(a.pid, send)
-    children = [s for s in in_trace if s.parent_span_id == send.span_id]
+    children = [s for s in spans if s.parent_span_id == send.span_id]
+    assert {s.trace_id for s in children} == {send.trace_id}
     statements = [s for s in children if s.attributes.get("db.system") == "postgresql"]
     assert statements, f"no Postgres span under the send: {children}"
     assert any("INSERT" in str(s.attributes.get("db.statement", "")) for s in statements)
@@ -148,6 +155,6 @@ async def test_a_message_sent_on_one_replica_is_traced_to_its_delivery_on_the_ot
     # The receiver's side: replica B's delivery span is linked to the send and reads Postgres.
     assert deliver.kind == "consumer" and deliver.service == "parley-chat"
     assert _instance(b.pid, deliver)
-    assert deliver.trace_id != trace_id and deliver.parent_span_id == ""
+    assert deliver.trace_id not in (trace_id, send.trace_id) and deliver.parent_span_id == ""
     reads = [s for s in spans if s.parent_span_id == deliver.span_id]
     assert any(s.attributes.get("db.system") == "postgresql" for s in reads), reads

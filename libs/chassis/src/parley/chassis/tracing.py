@@ -24,9 +24,9 @@ What is turned on (`TracingSettings.from_env` reads, and checks, every variable)
   batch span processor's queue (2,048 spans), how often it exports (5,000 ms) and its batch
   size (512); spans beyond a full queue are dropped, never waited for.
 
-Only spans of a request are kept: a root span that is neither a server nor a consumer span (a
-health check's query, a background sweep's, a readiness PING) is never sampled, so probes and
-timers do not flood the trace store.
+Only spans of a request are kept: a root span that is not a server, producer or consumer span
+(a health check's query, a background sweep's, a readiness PING) is never sampled, so probes
+and timers do not flood the trace store.
 """
 
 from __future__ import annotations
@@ -293,7 +293,8 @@ def _sampler(settings: TracingSettings) -> sampling.Sampler:
 
 
 class _RequestsOnly(sampling.Sampler):
-    """`inner`, except that a root span other than a server or consumer span is dropped."""
+    """`inner`, except that a root span other than a server, producer (a chat message sent)
+    or consumer (its delivery) span is dropped."""
 
     def __init__(self, inner: sampling.Sampler) -> None:
         self._inner = inner
@@ -319,7 +320,7 @@ class _RequestsOnly(sampling.Sampler):
         return f"RequestsOnly{{{self._inner.get_description()}}}"
 
 
-_ROOT_KINDS = (trace.SpanKind.SERVER, trace.SpanKind.CONSUMER)
+_ROOT_KINDS = (trace.SpanKind.SERVER, trace.SpanKind.PRODUCER, trace.SpanKind.CONSUMER)
 
 
 def _exporter(settings: TracingSettings) -> SpanExporter:

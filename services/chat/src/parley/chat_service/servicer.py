@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
@@ -83,12 +84,18 @@ _tracer = tracing.tracer("parley.chat")
 
 
 def _sending(room: str) -> contextlib.AbstractContextManager[trace.Span]:
-    """The span of one message sent on a stream (a child of the stream's server span): the
-    user lookup, the store and the publish are its children, and the replicas that deliver
-    the message link their spans to it."""
+    """The span of one message sent on a stream: the user lookup, the store and the publish
+    are its children, and the replicas that deliver the message link their spans to it.
+
+    It starts a trace of its own, linked to the stream's server span: a stream lives for hours,
+    and its messages as children would make one trace that grows without end, exported only
+    when the stream closes. Each message is sampled on its own."""
+    stream = trace.get_current_span().get_span_context()
     return _tracer.start_as_current_span(
         "chat send",
+        context=otel_context.Context(),
         kind=trace.SpanKind.PRODUCER,
+        links=[trace.Link(stream)] if stream.is_valid else None,
         attributes={"chat.room": room, "messaging.system": "redis"},
     )
 
