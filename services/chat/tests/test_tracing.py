@@ -158,3 +158,7 @@ async def test_a_message_sent_on_one_replica_is_traced_to_its_delivery_on_the_ot
     assert deliver.trace_id not in (trace_id, send.trace_id) and deliver.parent_span_id == ""
     reads = [s for s in spans if s.parent_span_id == deliver.span_id]
     assert any(s.attributes.get("db.system") == "postgresql" for s in reads), reads
+
+    # Streams the clients left (cancelled) end their spans without an error line.
+    for replica in (a, b):
+        assert " ERROR " not in replica.log_text(), replica.log_text()[-3000:]

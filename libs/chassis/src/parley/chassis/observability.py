@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from opentelemetry.trace import Span
 
 from parley.chassis import tracing
 from parley.chassis._handlers import CallScope, WrappingInterceptor, wrap_handler
@@ -84,7 +85,9 @@ class _ObservedCall(CallScope):
         "_quiet",
         "_request_id",
         "_defer_headers",
+        "_span",
         "_start",
+        "_traced",
     )
 
     def __init__(
@@ -96,8 +99,11 @@ class _ObservedCall(CallScope):
         defer_headers: bool,
         quiet: bool,
         access: AccessLog,
+        traced: bool,
     ) -> None:
         self._quiet = quiet
+        self._traced = traced
+        self._span: Span | None = None
         self._access = access
         self._metrics = metrics
         self._method = method
@@ -109,6 +115,11 @@ class _ObservedCall(CallScope):
 
     async def __aenter__(self) -> None:
         request_id_var.set(self._request_id)
+        if self._traced:
+            labels = self._method.labels
+            self._span = tracing.start_server_span(
+                f"/{labels[1]}/{labels[2]}", self._context.invocation_metadata()
+            )
         self._start = time.perf_counter()
         self._method.started.inc()
         if not self._defer_headers:
@@ -175,10 +186,16 @@ class _ObservedCall(CallScope):
         elapsed = time.perf_counter() - self._start
         method = self._method
         method.handled[code].inc()
-        if tracing.active():
-            method.handling_seconds.observe(elapsed, tracing.exemplar())
-        else:
+        span = self._span
+        if span is None:
             method.handling_seconds.observe(elapsed)
+            self._log_line(code, message, elapsed)
+            return
+        method.handling_seconds.observe(elapsed, tracing.exemplar())
+        self._log_line(code, message, elapsed)
+        tracing.end_server_span(span, code, message)
+
+    def _log_line(self, code: grpc.StatusCode, message: str, elapsed: float) -> None:
         if code in _SERVER_FAULTS:
             level = logging.WARNING
         else:
@@ -190,7 +207,7 @@ class _ObservedCall(CallScope):
             if self._access.drops():
                 return
             extra = self._access.fields
-        labels = method.labels
+        labels = self._method.labels
         _log.log(
             level,
             "rpc /%s/%s %s %.1fms%s",
@@ -234,6 +251,8 @@ class ObservabilityInterceptor(WrappingInterceptor):
         metrics = self._metrics
         access = self._access
         quiet = service in QUIET_SERVICES
+        # Health and reflection are not traced: the probes would be most of the traces.
+        traced = tracing.active() and not quiet
         method_metrics = metrics.method(
             grpc_type(handler.request_streaming, handler.response_streaming), service, name
         )
@@ -246,6 +265,7 @@ class ObservabilityInterceptor(WrappingInterceptor):
                 defer_headers=handler.request_streaming and not handler.response_streaming,
                 quiet=quiet,
                 access=access,
+                traced=traced,
             ),
             tolerant=True,
             max_request_bytes=self._max_request_bytes,

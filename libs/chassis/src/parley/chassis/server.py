@@ -25,7 +25,7 @@ from parley.chassis.limits import CHASSIS_LIMITS, LimitsInterceptor
 from parley.chassis.malformed import MESSAGE_BYTES
 from parley.chassis.metrics import GrpcServerMetrics, start_metrics_server
 from parley.chassis.migrations import MigrationSet
-from parley.chassis.observability import QUIET_SERVICES, AccessLog, ObservabilityInterceptor
+from parley.chassis.observability import AccessLog, ObservabilityInterceptor
 
 __all__ = ["GrpcApp", "ShutdownHook", "http2_stream_ceiling", "server_options"]
 
@@ -101,11 +101,10 @@ class GrpcApp:
         observability = ObservabilityInterceptor(
             self.metrics, settings.max_message_bytes, self.access_log
         )
-        # Outermost when tracing is on, so the call's span is current in every other
-        # interceptor (log lines and exemplars carry its ids); health and reflection untraced.
-        traced = _tracing_interceptors(self.metrics)
+        if tracing.active():
+            tracing.register_metrics(self.metrics.registry)
         self.server = grpc.aio.server(
-            interceptors=[*traced, observability, self.limits, AuthInterceptor(verifier)],
+            interceptors=[observability, self.limits, AuthInterceptor(verifier)],
             options=server_options(settings),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -268,21 +267,6 @@ def settle_garbage_collector() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
-
-
-def _tracing_interceptors(metrics: GrpcServerMetrics) -> list[grpc.aio.ServerInterceptor]:
-    """OpenTelemetry's server interceptor when tracing is on (it reads the caller's W3C
-    `traceparent` from the metadata), else none: tracing off costs a call nothing."""
-    if not tracing.active():
-        return []
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
-
-    tracing.register_metrics(metrics.registry)
-    untraced = filters.any_of(*(filters.service_name(name) for name in sorted(QUIET_SERVICES)))
-    interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-        filter_=filters.negate(untraced)
-    )
-    return [interceptor]
 
 
 def _bind(address: str, add_port: Callable[[str], int]) -> int:

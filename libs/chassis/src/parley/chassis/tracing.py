@@ -15,7 +15,8 @@ What is turned on (`TracingSettings.from_env` reads, and checks, every variable)
   other variables themselves (headers, certificates, timeout, compression).
 - `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`: the standard samplers; the default is
   `parentbased_always_on`. A caller's `traceparent` decides for parent-based samplers, so a
-  service exposed to untrusted callers should use `traceidratio`, which ignores it.
+  service exposed to untrusted callers should use `traceidratio`: a call that continues a
+  caller's trace is then sampled by a draw of this process (see `_otel_sdk._RequestsOnly`).
 - Only W3C trace context (`traceparent`, `tracestate`) is read from calls and passed on;
   baggage is not (`OTEL_PROPAGATORS` is not read).
 - `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`: the service's name (default
@@ -27,26 +28,26 @@ What is turned on (`TracingSettings.from_env` reads, and checks, every variable)
 Only spans of a request are kept: a root span that is not a server, producer or consumer span
 (a health check's query, a background sweep's, a readiness PING) is never sampled, so probes
 and timers do not flood the trace store.
+
+Server spans are written here, by the chassis' observability interceptor, not by
+OpenTelemetry's grpc.aio server interceptor: that one attaches and detaches the span's context
+inside a streaming handler's generator, which grpc.aio closes from another context when a
+client leaves a stream, and each such stream then logged two ERROR lines ("Failed to detach
+context"). A call's span is made current for its task only, and ended with its status.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Sequence
+import logging
+import re
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import (
-    SERVICE_INSTANCE_ID,
-    SERVICE_NAME,
-    SERVICE_VERSION,
-    Resource,
-)
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter
 
@@ -58,9 +59,11 @@ __all__ = [
     "active",
     "client_interceptors",
     "current_ids",
+    "end_server_span",
+    "start_server_span",
     "exemplar",
     "linked_context",
-    "trace_context",
+    "traceparent",
     "register_metrics",
     "start_tracing",
     "stop_tracing",
@@ -86,6 +89,9 @@ class TracingSettings:
     enabled: bool
     protocol: str = "grpc"
     endpoint: str | None = None
+    # Whether `endpoint` came from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (a full URL for HTTP)
+    # rather than OTEL_EXPORTER_OTLP_ENDPOINT (a base URL, to which HTTP adds /v1/traces).
+    traces_endpoint: bool = False
     sampler: str = "parentbased_always_on"
     ratio: float = 1.0
     # The batch span processor: spans waiting at most, how often a batch goes (ms), its size.
@@ -120,8 +126,8 @@ class TracingSettings:
         protocol = env.choice(protocol_name, "grpc", PROTOCOLS)
         sampler = env.choice("OTEL_TRACES_SAMPLER", "parentbased_always_on", SAMPLERS)
         ratio = env.ratio("OTEL_TRACES_SAMPLER_ARG", 1.0) if sampler.endswith("ratio") else 1.0
-        queue = env.integer("OTEL_BSP_MAX_QUEUE_SIZE", 2048, minimum=1, maximum=1_000_000)
-        delay_ms = env.integer("OTEL_BSP_SCHEDULE_DELAY", 5000, minimum=1, maximum=3_600_000)
+        queue = env.integer("OTEL_BSP_MAX_QUEUE_SIZE", 2048, minimum=1, maximum=100_000)
+        delay_ms = env.integer("OTEL_BSP_SCHEDULE_DELAY", 5000, minimum=10, maximum=60_000)
         batch = env.integer(
             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", min(512, queue), minimum=1, maximum=queue
         )
@@ -129,19 +135,38 @@ class TracingSettings:
             enabled = False
         else:
             enabled = exporter is not None or endpoint is not None
-        return cls(enabled, protocol, endpoint, sampler, ratio, queue, delay_ms, batch)
+        traces_endpoint = endpoint_name == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        return cls(
+            enabled, protocol, endpoint, traces_endpoint, sampler, ratio, queue, delay_ms, batch
+        )
 
     def describe(self) -> str:
         """One line for the start-up log."""
         if not self.enabled:
             return "tracing off"
         sampler = self.sampler + (f" {self.ratio:g}" if self.sampler.endswith("ratio") else "")
-        endpoint = self.endpoint or "the default endpoint"
+        endpoint = _redacted(self.endpoint) if self.endpoint else "the default endpoint"
         return f"tracing on: OTLP {self.protocol} to {endpoint}, sampler {sampler}"
+
+    def http_traces_url(self) -> str | None:
+        """The URL the HTTP exporter posts to (None: its default, localhost:4318)."""
+        if self.endpoint is None or self.traces_endpoint:
+            return self.endpoint
+        return self.endpoint.rstrip("/") + "/v1/traces"
+
+
+def _redacted(url: str) -> str:
+    """`url` without the user and password it may hold."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _is_endpoint(url: str) -> bool:
-    """An http(s) URL with a host and, if any, a port from 1 to 65535."""
+    """An http(s) URL with a host and, if any, a port from 1 to 65535, and no white space."""
+    if re.search(r"\s", url):
+        return False
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a port that is not a number in range
@@ -150,8 +175,9 @@ def _is_endpoint(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
 
 
-_provider: TracerProvider | None = None
-_exported: Counter | None = None
+_provider: Any = None  # the SDK's TracerProvider, once start_tracing has run
+_counts: Counter | None = None
+_server_tracer: trace.Tracer | None = None
 
 
 def active() -> bool:
@@ -199,65 +225,69 @@ def client_interceptors() -> list[Any]:
 _W3C = TraceContextTextMapPropagator()
 
 
-def trace_context() -> dict[str, str]:
-    """The current span's W3C trace context (`traceparent`, `tracestate`), to carry inside a
-    message; empty when there is no span."""
+def traceparent() -> str:
+    """The current span's W3C `traceparent`, to carry inside a message; "" when there is no
+    span. Its `tracestate` (a caller's, up to 8 KiB) is not carried."""
     carrier: dict[str, str] = {}
     _W3C.inject(carrier)
-    return carrier
+    return carrier.get("traceparent", "")
 
 
-def linked_context(carrier: dict[str, str]) -> trace.SpanContext | None:
-    """The span context a message carried (see `trace_context`), to link a span to; None
-    when it carried none or a malformed one."""
-    context = trace.get_current_span(_W3C.extract(carrier)).get_span_context()
-    return context if context.is_valid else None
+def linked_context(traceparent: str) -> trace.SpanContext | None:
+    """The span context a message carried (see `traceparent`), to link a span to; None when
+    it is malformed."""
+    context = trace.get_current_span(_W3C.extract({"traceparent": traceparent}))
+    span_context = context.get_span_context()
+    return span_context if span_context.is_valid else None
 
 
 def register_metrics(registry: CollectorRegistry) -> None:
-    """`parley_trace_spans_exported_total{result}` in `registry` (the server's)."""
-    global _exported
-    _exported = Counter(
-        "parley_trace_spans_exported_total",
-        "Spans handed to the OTLP exporter, by result (ok, failed); spans dropped from a full "
-        "queue (OTEL_BSP_MAX_QUEUE_SIZE) never get here.",
+    """`parley_trace_spans_total{result}` in `registry` (the server's)."""
+    global _counts
+    _counts = Counter(
+        "parley_trace_spans_total",
+        "Sampled spans by what became of them: ended (handed to the export queue), ok and "
+        "failed (exported or not by the OTLP exporter); ended minus ok and failed is what a "
+        "full queue (OTEL_BSP_MAX_QUEUE_SIZE) dropped, or still waits.",
         ["result"],
         registry=registry,
     )
-    _exported.labels("ok")
-    _exported.labels("failed")
+    for result in ("ended", "ok", "failed"):
+        _counts.labels(result)
+
+
+def _count(result: str, spans: int) -> None:
+    if _counts is not None:
+        _counts.labels(result).inc(spans)
 
 
 def start_tracing(settings: TracingSettings, service_name: str, version: str = "0.1.0") -> bool:
     """Turns tracing on as `settings` say, process-wide; returns whether it is on.
 
-    Instruments gRPC servers (through GrpcApp, which asks `active()`), psycopg and, for a
-    service that imports redis, redis-py. Call it once, before any pool is made."""
-    global _provider
+    Instruments psycopg and, for a service that imports redis, redis-py; GrpcApp adds server
+    spans when `active()`. Call it once, before any pool is made. A value OpenTelemetry's SDK
+    refuses (one of the variables it reads itself) is a one-line ConfigError."""
+    global _provider, _server_tracer
     if not settings.enabled or _provider is not None:
         return _provider is not None
     from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 
-    # The instance is the host (a pod's name) and the process: replicas tell apart in a trace.
-    instance = f"{socket.gethostname()}:{os.getpid()}"
-    resource = Resource.create({SERVICE_VERSION: version, SERVICE_INSTANCE_ID: instance})
-    # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) wins over the default.
-    named = str(resource.attributes.get(SERVICE_NAME, ""))
-    if not named or named.startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
-    provider = TracerProvider(resource=resource, sampler=_RequestsOnly(_sampler(settings)))
-    processor = BatchSpanProcessor(
-        _CountingExporter(_exporter(settings)),
-        max_queue_size=settings.queue,
-        schedule_delay_millis=settings.delay_ms,
-        max_export_batch_size=settings.batch,
-    )
-    provider.add_span_processor(processor)
+    from parley.chassis._otel_sdk import build_provider
+
+    try:
+        provider = build_provider(settings, service_name, version, _count)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("OTEL_*", f"OpenTelemetry refused a setting: {exc}") from None
     trace.set_tracer_provider(provider)
     # W3C trace context only, in and out: a caller's baggage (up to 8 KiB of it) is neither
     # believed nor forwarded to UserService with chat's calls (OTEL_PROPAGATORS is not read).
     propagate.set_global_textmap(_W3C)
+    # A malformed `tracestate` from a caller would be a WARNING per call, with its text.
+    logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)
+    # "Queue full, dropping Span", per span: parley_trace_spans_total counts them instead.
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
     _provider = provider
+    _server_tracer = provider.get_tracer("parley.chassis")
     # No SQL comments: they would make every statement text unique to Postgres' statistics.
     PsycopgInstrumentor().instrument(tracer_provider=provider, enable_commenter=False)
     try:
@@ -269,90 +299,58 @@ def start_tracing(settings: TracingSettings, service_name: str, version: str = "
     return True
 
 
-def stop_tracing(timeout: float = 5.0) -> None:
-    """Exports the spans still queued (for up to `timeout` seconds) and stops tracing."""
+def stop_tracing(timeout: float = 2.0) -> None:
+    """Exports the spans still queued, for at most `timeout` seconds, and stops tracing.
+
+    The SDK's flush and shutdown wait for the exporter's retries (up to its timeout per
+    batch, and 30 s more), so they run on a thread of their own that the process does not
+    wait for: a collector that is down never holds a stopping service past its grace."""
     global _provider
     provider, _provider = _provider, None
     if provider is None:
         return
-    provider.force_flush(int(timeout * 1000))
-    provider.shutdown()
+
+    def flush() -> None:
+        provider.force_flush(int(timeout * 1000))
+        provider.shutdown()
+
+    flushing = threading.Thread(target=flush, name="trace-flush", daemon=True)
+    flushing.start()
+    flushing.join(timeout)
 
 
-def _sampler(settings: TracingSettings) -> sampling.Sampler:
-    """The standard sampler `settings.sampler` names (the SDK's own names and classes)."""
-    name, ratio = settings.sampler, settings.ratio
-    root: sampling.Sampler
-    if name.endswith("always_on"):
-        root = sampling.ALWAYS_ON
-    elif name.endswith("always_off"):
-        root = sampling.ALWAYS_OFF
-    else:
-        root = sampling.TraceIdRatioBased(ratio)
-    return sampling.ParentBased(root) if name.startswith("parentbased_") else root
+# The status codes that make a server span an error (the server failed, not the caller).
+_SERVER_ERRORS = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
 
 
-class _RequestsOnly(sampling.Sampler):
-    """`inner`, except that a root span other than a server, producer (a chat message sent)
-    or consumer (its delivery) span is dropped."""
-
-    def __init__(self, inner: sampling.Sampler) -> None:
-        self._inner = inner
-
-    def should_sample(
-        self,
-        parent_context: Any,
-        trace_id: int,
-        name: str,
-        kind: trace.SpanKind | None = None,
-        attributes: Any = None,
-        links: Sequence[trace.Link] | None = None,
-        trace_state: Any = None,
-    ) -> sampling.SamplingResult:
-        parent = trace.get_current_span(parent_context).get_span_context()
-        if not parent.is_valid and kind not in _ROOT_KINDS:
-            return sampling.SamplingResult(sampling.Decision.DROP)
-        return self._inner.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
-
-    def get_description(self) -> str:
-        return f"RequestsOnly{{{self._inner.get_description()}}}"
-
-
-_ROOT_KINDS = (trace.SpanKind.SERVER, trace.SpanKind.PRODUCER, trace.SpanKind.CONSUMER)
-
-
-def _exporter(settings: TracingSettings) -> SpanExporter:
-    # The exporters read the endpoint, headers, certificates and timeout from OTEL_* themselves.
-    if settings.protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpExporter,
-        )
-
-        return HttpExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-        OTLPSpanExporter as GrpcExporter,
+def start_server_span(method: str, metadata: Iterable[tuple[str, Any]] | None) -> trace.Span:
+    """The server span of one call to `method` (`/package.Service/Method`), continuing the
+    caller's W3C trace context from `metadata`, and made current for the rest of the call's
+    task (grpc.aio runs each call in a task of its own, so it is never detached)."""
+    assert _server_tracer is not None
+    carrier = {
+        key: value for key, value in metadata or () if key in _W3C_KEYS and isinstance(value, str)
+    }
+    parent = _W3C.extract(carrier) if carrier else otel_context.Context()
+    service, _, name = method.lstrip("/").partition("/")
+    span = _server_tracer.start_span(
+        method,
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
     )
+    otel_context.attach(trace.set_span_in_context(span))
+    return span
 
-    return GrpcExporter()
+
+def end_server_span(span: trace.Span, code: Any, message: str) -> None:
+    """Ends a server span with the call's status (`code`, a grpc.StatusCode)."""
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code.name in _SERVER_ERRORS:
+        span.set_status(trace.StatusCode.ERROR, message or code.name)
+    span.end()
 
 
-class _CountingExporter(SpanExporter):
-    """Counts what the wrapped exporter sent and what it failed to send."""
-
-    def __init__(self, inner: SpanExporter) -> None:
-        self._inner = inner
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result = self._inner.export(spans)
-        if _exported is not None:
-            ok = result is SpanExportResult.SUCCESS
-            _exported.labels("ok" if ok else "failed").inc(len(spans))
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
+_W3C_KEYS = frozenset({"traceparent", "tracestate"})

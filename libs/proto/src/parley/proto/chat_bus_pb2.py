@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bparley/proto/chat_bus.proto\x12\x08\x63hat.bus\"\x9c\x01\n\x08RoomHint\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12;\n\rtrace_context\x18\x64 \x03(\x0b\x32$.chat.bus.RoomHint.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42=\n\x13\x64\x65v.parley.chat.busP\x01Z$parley.dev/gen/go/chat/bus;chatbuspbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bparley/proto/chat_bus.proto\x12\x08\x63hat.bus\"?\n\x08RoomHint\x12\x0c\n\x04room\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x13\n\x0btraceparent\x18\x64 \x01(\tB=\n\x13\x64\x65v.parley.chat.busP\x01Z$parley.dev/gen/go/chat/bus;chatbuspbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,6 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'parley.proto.chat_bus_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.parley.chat.busP\001Z$parley.dev/gen/go/chat/bus;chatbuspb'
-  _globals['_ROOMHINT_TRACECONTEXTENTRY']._loaded_options = None
-  _globals['_ROOMHINT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_ROOMHINT']._serialized_start=42
-  _globals['_ROOMHINT']._serialized_end=198
-  _globals['_ROOMHINT_TRACECONTEXTENTRY']._serialized_start=147
-  _globals['_ROOMHINT_TRACECONTEXTENTRY']._serialized_end=198
+  _globals['_ROOMHINT']._serialized_start=41
+  _globals['_ROOMHINT']._serialized_end=104
 # @@protoc_insertion_point(module_scope)

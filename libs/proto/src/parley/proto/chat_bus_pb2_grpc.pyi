@@ -5,9 +5,10 @@ What a chat replica publishes on a room's Redis channel for the other replicas. 
 Parley's replicas: no client ever sends or receives it.
 
 A replica publishes the stored ChatMessage's wire form, followed, when the send was traced,
-by a RoomHint holding only `trace_context`: protobuf merges the two, so the published bytes
-are one RoomHint (and one ChatMessage, to a replica that reads them as one). A reader uses
-`room` and `sequence` as a hint and reads the message itself from Postgres.
+by a RoomHint holding only `traceparent`: protobuf merges the two, so the published bytes
+are one RoomHint (and one ChatMessage, to a replica that reads them as one, as replicas
+without tracing do). A reader uses `room` and `sequence` as a hint and reads the message
+itself from Postgres.
 """
 
 from collections import abc as _abc

@@ -40,6 +40,7 @@ from typing import Any
 
 import redis.asyncio as redis
 from google.protobuf.message import DecodeError
+from opentelemetry.trace import SpanContext
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
@@ -57,7 +58,7 @@ from redis.exceptions import (
 
 from parley.chassis import tracing
 from parley.chassis.tasks import cancel_and_wait
-from parley.proto import chat_bus_pb2
+from parley.proto import chat_bus_pb2, chat_pb2
 
 from .feed import BAD_SEQUENCE, TOO_LARGE, UNREADABLE, WRONG_ROOM, RoomFeed
 from .hub import Outgoing, RoomHub
@@ -74,6 +75,17 @@ __all__ = [
 ]
 
 _log = logging.getLogger("parley.chat.bus")
+
+
+def _sent(data: bytes) -> SpanContext | None:
+    """The span of the send a published message came from, when it carried one (tracing on
+    only: a second parse, of a message already read as a ChatMessage)."""
+    hint = chat_bus_pb2.RoomHint()
+    try:
+        hint.ParseFromString(data)
+    except DecodeError:
+        return None
+    return tracing.linked_context(hint.traceparent) if hint.traceparent else None
 
 
 def room_channel(prefix: str, room: str) -> str:
@@ -318,9 +330,9 @@ class RedisBus:
         payload = item.payload
         if tracing.active():
             # The send's trace context rides along (see proto/chat_bus.proto).
-            carried = tracing.trace_context()
-            if carried:
-                payload += chat_bus_pb2.RoomHint(trace_context=carried).SerializeToString()
+            traceparent = tracing.traceparent()
+            if traceparent:
+                payload += chat_bus_pb2.RoomHint(traceparent=traceparent).SerializeToString()
         try:
             if self._cluster:
                 await self.client.spublish(channel, payload)
@@ -664,7 +676,7 @@ class RedisBus:
         if len(data) > MAX_HINT_BYTES:
             feed.reject(TOO_LARGE)
             return
-        message = chat_bus_pb2.RoomHint()
+        message = chat_pb2.ChatMessage()
         try:
             message.ParseFromString(data)
         except DecodeError:
@@ -680,10 +692,7 @@ class RedisBus:
             return
         if (room, sequence) in self._publishing:
             return  # this replica's own message, on its way to the local streams
-        sent = None
-        if message.trace_context and tracing.active():
-            sent = tracing.linked_context(dict(message.trace_context))
-        feed.hint(room, sequence, sent)
+        feed.hint(room, sequence, _sent(data) if tracing.active() else None)
 
     async def _resync_forever(self) -> None:
         """A safety net for messages that were stored but never published."""

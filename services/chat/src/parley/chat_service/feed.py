@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections import Counter
@@ -45,7 +46,7 @@ _log = logging.getLogger("parley.chat.feed")
 
 # Why a message from Redis was dropped: the `reason` label of parley_chat_bus_rejected_total.
 TOO_LARGE = "too_large"  # longer than any message Parley publishes
-UNREADABLE = "unreadable"  # not a ChatMessage
+UNREADABLE = "unreadable"  # not a ChatMessage (proto/chat_bus.proto)
 WRONG_ROOM = "wrong_room"  # its room is not its channel's
 BAD_SEQUENCE = "bad_sequence"  # not a positive sequence number
 UNCONFIRMED = "unconfirmed"  # its sequence is above what Postgres holds for the room
@@ -257,7 +258,11 @@ class RoomFeed:
 
     def _start(self, room: str, state: _Room) -> None:
         if state.task is None:
-            state.task = asyncio.create_task(self._run(room, state), name=f"chat-feed-{room}")
+            # In a context of its own: not the stream's (its request id, its trace) that
+            # happened to open the room.
+            state.task = asyncio.create_task(
+                self._run(room, state), name=f"chat-feed-{room}", context=contextvars.Context()
+            )
 
     async def _run(self, room: str, state: _Room) -> None:
         hub = self._hub

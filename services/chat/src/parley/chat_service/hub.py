@@ -11,6 +11,7 @@ stream that the change shut out, whatever order Redis and Postgres answer in.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 from collections import defaultdict, deque
@@ -237,8 +238,9 @@ class RoomHub:
         if room in self._checks:
             self._again.add(room)
         else:
+            # In a context of its own, not that of the stream that asked for the check.
             self._checks[room] = asyncio.create_task(
-                self._run_checks(room), name=f"chat-access-{room}"
+                self._run_checks(room), name=f"chat-access-{room}", context=contextvars.Context()
             )
 
     async def _run_checks(self, room: str) -> None:

@@ -66,7 +66,7 @@ __all__ = ["ChatRun", "UnaryRun", "chat_rows", "measure_tracing", "unary_rows"]
 OFF_A, ON, OFF_B = "off A", "on", "off B"
 ORDER = (OFF_A, ON, OFF_B)
 # The counter a service registers once it has started its span exporter.
-EXPORTER_METRIC = "parley_trace_spans_exported_total"
+EXPORTER_METRIC = "parley_trace_spans_total"
 _START_TIMEOUT = 60.0
 _SETTLE = 0.3  # seconds with no new span before a run's spans are counted (exports: 100 ms)
 _SETTLE_TIMEOUT = 15.0
