@@ -123,7 +123,11 @@ async def test_a_message_sent_on_one_replica_is_traced_to_its_delivery_on_the_ot
     )
     # The stream's server span ends (and is exported) once the stream has.
     await otlp_receiver.arrival(
-        lambda spans: [s for s in spans if s.trace_id == trace_id and s.name == STREAM_CHAT]
+        lambda spans: [
+            s
+            for s in spans
+            if s.trace_id == trace_id and (s.kind, s.name) == ("server", STREAM_CHAT)
+        ]
     )
     spans = otlp_receiver.spans
 
