@@ -436,7 +436,7 @@ def chat_rows(runs: dict[str, ChatRun], plan: Plan) -> list[Row]:
     second.ratio, second.ratio_basis = comparisons[2].aa, "delivery p99 vs off A"
     second.target = "off within noise"
     _note(second, _AA.format(ratios=", ".join(c.aa_text() for c in comparisons)))
-    third = row(f"{label}, tracing on (every stream sampled, exported over OTLP)", on)
+    third = row(f"{label}, tracing on (every span sampled, exported over OTLP)", on)
     third.ratio, third.ratio_basis = comparisons[2].on, "delivery p99 vs off A and B"
     spans = on.observed.spans
     off_cpu = math.sqrt(a.cpu_per_delivery * b.cpu_per_delivery)
