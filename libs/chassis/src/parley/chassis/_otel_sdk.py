@@ -79,8 +79,10 @@ class _RequestsOnly(sampling.Sampler):
 
     - a root span other than a server, producer (a chat message sent) or consumer (its
       delivery) span is dropped: a health check's query, a sweep, a PING;
-    - a consumer root with links (a chat delivery) is sampled when a send it is linked to
-      was, so a path is whole or absent;
+    - a consumer root with links (a chat delivery) is dropped unless a send it is linked to
+      was sampled; then a parent-based sampler samples it (a path is whole or absent), and
+      another one decides as for any root (a hint forged on Redis cannot force a span);
+    - a span with a parent in this process follows it;
     - with plain `traceidratio`, a call that continues a caller's trace is sampled by a draw
       of this process, not by the trace id: a caller picks the trace id, and could pick ids
       the ratio always samples.
@@ -89,6 +91,7 @@ class _RequestsOnly(sampling.Sampler):
     def __init__(self, inner: sampling.Sampler, settings: Any) -> None:
         self._inner = inner
         self._draw = settings.ratio if settings.sampler == "traceidratio" else None
+        self._parent_based = settings.sampler.startswith("parentbased_")
 
     def should_sample(
         self,
@@ -105,9 +108,25 @@ class _RequestsOnly(sampling.Sampler):
             if kind not in _ROOT_KINDS:
                 return _DROP
             if kind is trace.SpanKind.CONSUMER and links:
-                return _SAMPLE if any(link.context.trace_flags.sampled for link in links) else _DROP
-        elif parent.is_remote and self._draw is not None:
-            return _SAMPLE if random.random() < self._draw else _DROP
+                if not any(link.context.trace_flags.sampled for link in links):
+                    return _DROP
+                if self._parent_based:
+                    return _SAMPLE  # the send's decision, as a parent's would be followed
+        elif not parent.is_remote:
+            # Within this process every span follows its parent (the plain samplers would
+            # decide each child by the trace id again, and tear traces apart).
+            return sampling.SamplingResult(
+                sampling.Decision.RECORD_AND_SAMPLE
+                if parent.trace_flags.sampled
+                else sampling.Decision.DROP,
+                trace_state=parent.trace_state,
+            )
+        elif self._draw is not None:
+            sampled = random.random() < self._draw
+            return sampling.SamplingResult(
+                sampling.Decision.RECORD_AND_SAMPLE if sampled else sampling.Decision.DROP,
+                trace_state=parent.trace_state,
+            )
         return self._inner.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )

@@ -34,7 +34,7 @@ async def _serve(prog: str, build: Callable[[Env], GrpcApp]) -> int:
         _log.info("%s", tracing.describe())
         await app.run()
     finally:
-        # The spans of the last calls; the exporter's own timeout bounds the wait.
+        # The spans of the last calls, for at most 2 s whatever the collector does.
         await asyncio.to_thread(stop_tracing)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import weakref
@@ -154,8 +155,11 @@ class Database:
     def _check_reachability(self) -> None:
         """Starts a direct connection attempt in the background, unless one is under way."""
         if self._reachability_check is None or self._reachability_check.done():
+            # In a context of its own: it outlives the call that started it.
             self._reachability_check = asyncio.get_running_loop().create_task(
-                self._connect_directly(), name="postgres-reachability"
+                self._connect_directly(),
+                name="postgres-reachability",
+                context=contextvars.Context(),
             )
 
     async def _connect_directly(self) -> None:

@@ -118,6 +118,12 @@ class TracingSettings:
             raise ConfigError(
                 endpoint_name, f"must be an http:// or https:// URL, got {endpoint!r}"
             )
+        if endpoint is not None and "@" in urlsplit(endpoint).netloc:
+            raise ConfigError(
+                endpoint_name,
+                "must not hold a user or password (they would be logged, and gRPC cannot use "
+                "them); give credentials in OTEL_EXPORTER_OTLP_HEADERS",
+            )
         protocol_name = (
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
             if env.raw("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") is not None
@@ -145,7 +151,7 @@ class TracingSettings:
         if not self.enabled:
             return "tracing off"
         sampler = self.sampler + (f" {self.ratio:g}" if self.sampler.endswith("ratio") else "")
-        endpoint = _redacted(self.endpoint) if self.endpoint else "the default endpoint"
+        endpoint = self.endpoint or "the default endpoint"
         return f"tracing on: OTLP {self.protocol} to {endpoint}, sampler {sampler}"
 
     def http_traces_url(self) -> str | None:
@@ -153,14 +159,6 @@ class TracingSettings:
         if self.endpoint is None or self.traces_endpoint:
             return self.endpoint
         return self.endpoint.rstrip("/") + "/v1/traces"
-
-
-def _redacted(url: str) -> str:
-    """`url` without the user and password it may hold."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _is_endpoint(url: str) -> bool:
@@ -270,22 +268,33 @@ def start_tracing(settings: TracingSettings, service_name: str, version: str = "
     global _provider, _server_tracer
     if not settings.enabled or _provider is not None:
         return _provider is not None
+    try:
+        # The SDK reads some variables as it is imported (the span limits), others as the
+        # exporter is built (timeout, compression): whatever it refuses, one line.
+        from parley.chassis._otel_sdk import build_provider
+
+        provider = build_provider(settings, service_name, version, _count)
+    except Exception as exc:
+        raise ConfigError("OTEL_*", f"OpenTelemetry refused a setting: {exc}") from None
     from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 
-    from parley.chassis._otel_sdk import build_provider
-
-    try:
-        provider = build_provider(settings, service_name, version, _count)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError("OTEL_*", f"OpenTelemetry refused a setting: {exc}") from None
     trace.set_tracer_provider(provider)
     # W3C trace context only, in and out: a caller's baggage (up to 8 KiB of it) is neither
     # believed nor forwarded to UserService with chat's calls (OTEL_PROPAGATORS is not read).
     propagate.set_global_textmap(_W3C)
     # A malformed `tracestate` from a caller would be a WARNING per call, with its text.
     logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)
-    # "Queue full, dropping Span", per span: parley_trace_spans_total counts them instead.
-    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
+    # Warnings that would repeat per span, per statement or per retry, and that
+    # parley_trace_spans_total counts instead: "Queue full, dropping Span", an attribute cut
+    # to MAX_ATTRIBUTE_LENGTH (a long statement's text), an export retried. A batch that
+    # failed is still one ERROR line.
+    for name in (
+        "opentelemetry.sdk._shared_internal",
+        "opentelemetry.attributes",
+        "opentelemetry.exporter.otlp.proto.grpc.exporter",
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
     _provider = provider
     _server_tracer = provider.get_tracer("parley.chassis")
     # No SQL comments: they would make every statement text unique to Postgres' statistics.

@@ -97,6 +97,8 @@ def _sending(room: str) -> contextlib.AbstractContextManager[trace.Span]:
         kind=trace.SpanKind.PRODUCER,
         links=[trace.Link(stream)] if stream.is_valid else None,
         attributes={"chat.room": room, "messaging.system": "redis"},
+        # A refused message is the caller's mistake, recorded as an event, not an error.
+        set_status_on_exception=False,
     )
 
 
