@@ -90,7 +90,7 @@ def test_chat_rows_compare_delivery_p99_and_sender_throughput() -> None:
     assert [row.name for row in rows] == [
         "chat fan-out, 100 streams on 2 replicas, tracing off (A)",
         "chat fan-out, 100 streams on 2 replicas, tracing off again (B): the noise band",
-        "chat fan-out, 100 streams on 2 replicas, tracing on (every stream sampled, "
+        "chat fan-out, 100 streams on 2 replicas, tracing on (every span sampled, "
         "exported over OTLP)",
     ]
     first, second, third = rows
