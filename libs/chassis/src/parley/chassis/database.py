@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
 import weakref
@@ -21,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from parley.chassis.config import DatabaseSettings
 from parley.chassis.errors import DeadlineExceeded, Unavailable
-from parley.chassis.tasks import cancel_and_wait
+from parley.chassis.tasks import cancel_and_wait, detached_task
 
 __all__ = ["Database", "redact_url"]
 
@@ -155,11 +154,8 @@ class Database:
     def _check_reachability(self) -> None:
         """Starts a direct connection attempt in the background, unless one is under way."""
         if self._reachability_check is None or self._reachability_check.done():
-            # In a context of its own: it outlives the call that started it.
-            self._reachability_check = asyncio.get_running_loop().create_task(
-                self._connect_directly(),
-                name="postgres-reachability",
-                context=contextvars.Context(),
+            self._reachability_check = detached_task(
+                self._connect_directly(), name="postgres-reachability"
             )
 
     async def _connect_directly(self) -> None:

@@ -1,11 +1,21 @@
-"""Stopping background tasks for good."""
+"""Starting background tasks apart from the call that needed them, and stopping them."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextvars
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-__all__ = ["cancel_and_wait"]
+__all__ = ["cancel_and_wait", "detached_task"]
+
+_T = TypeVar("_T")
+
+
+def detached_task(work: Coroutine[Any, Any, _T], *, name: str) -> asyncio.Task[_T]:
+    """A task for `work` in a context of its own: a task started by a call outlives it or
+    serves others, so it takes neither the call's request id nor its trace span."""
+    return asyncio.get_running_loop().create_task(work, name=name, context=contextvars.Context())
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:

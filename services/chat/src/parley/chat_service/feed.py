@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ from typing import Any
 from opentelemetry import trace
 
 from parley.chassis import tracing
-from parley.chassis.tasks import cancel_and_wait
+from parley.chassis.tasks import cancel_and_wait, detached_task
 from parley.proto import chat_pb2
 
 from .hub import Outgoing, RoomHub, outgoing
@@ -258,11 +257,8 @@ class RoomFeed:
 
     def _start(self, room: str, state: _Room) -> None:
         if state.task is None:
-            # In a context of its own: not the stream's (its request id, its trace) that
-            # happened to open the room.
-            state.task = asyncio.create_task(
-                self._run(room, state), name=f"chat-feed-{room}", context=contextvars.Context()
-            )
+            # Not in the context of the stream that happened to open the room.
+            state.task = detached_task(self._run(room, state), name=f"chat-feed-{room}")
 
     async def _run(self, room: str, state: _Room) -> None:
         hub = self._hub

@@ -11,7 +11,6 @@ stream that the change shut out, whatever order Redis and Postgres answer in.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import logging
 from collections import defaultdict, deque
@@ -19,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from parley.chassis import PermissionDenied, ServiceError
-from parley.chassis.tasks import cancel_and_wait
+from parley.chassis.tasks import cancel_and_wait, detached_task
 from parley.proto import chat_pb2
 
 from .metrics import ChatMetrics
@@ -238,10 +237,8 @@ class RoomHub:
         if room in self._checks:
             self._again.add(room)
         else:
-            # In a context of its own, not that of the stream that asked for the check.
-            self._checks[room] = asyncio.create_task(
-                self._run_checks(room), name=f"chat-access-{room}", context=contextvars.Context()
-            )
+            # Not in the context of the stream that asked for the check.
+            self._checks[room] = detached_task(self._run_checks(room), name=f"chat-access-{room}")
 
     async def _run_checks(self, room: str) -> None:
         assert self._readers is not None
